@@ -29,8 +29,8 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 EMBEDDED_PATH = Path(__file__).parent / "models" / "fashion_mnist_embedded.npz"
-# sha256 of the embedded subset's images then labels bytes; checked on every load.
-EMBEDDED_SHA256 = None  # filled in when the subset is generated (see make_embedded_subset)
+# sha256 of the embedded subset's image bytes then int64 label bytes; checked on every load.
+EMBEDDED_SHA256 = "f903fa49bb0924940b1bfa2696b5285b1b9870455e50d9ec8ec6916e8733c303"
 EMBEDDED_PER_CLASS = 200
 
 
@@ -118,16 +118,16 @@ def _digest(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def load_embedded():
+def load_embedded(path: str | os.PathLike = EMBEDDED_PATH, expected_sha256: str = EMBEDDED_SHA256):
     """The committed evaluation subset, verified against its recorded checksum."""
-    if not EMBEDDED_PATH.exists():
-        raise DatasetNotFoundError(f"embedded subset missing at {EMBEDDED_PATH}; reinstall pyzeroq")
-    with np.load(EMBEDDED_PATH) as archive:
+    path = Path(path)
+    if not path.exists():
+        raise DatasetNotFoundError(f"embedded subset missing at {path}; reinstall pyzeroq")
+    with np.load(path) as archive:
         images, labels = archive["images"], archive["labels"].astype(np.int64)
-        recorded = str(archive["sha256"])
     actual = _digest(images, labels)
-    if actual != recorded:
-        raise DatasetNotFoundError(f"embedded subset checksum mismatch: {actual} != {recorded}")
+    if actual != expected_sha256:
+        raise DatasetNotFoundError(f"embedded subset {path} checksum mismatch: {actual} != {expected_sha256}")
     return images, labels
 
 
@@ -141,5 +141,5 @@ def make_embedded_subset(per_class: int = EMBEDDED_PER_CLASS, seed: int = 0, roo
     picks.sort()
     sub_images, sub_labels = images[picks], labels[picks]
     digest = _digest(sub_images, sub_labels)
-    np.savez_compressed(path, images=sub_images, labels=sub_labels, sha256=np.array(digest))
+    np.savez_compressed(path, images=sub_images, labels=sub_labels)
     return digest

@@ -1,5 +1,287 @@
+// pybind11 bindings of the asymmetric quantization kernels (csrc/kernels/quantize.hpp).
+// All argument validation happens here; the kernels trust their inputs. User errors are
+// ValueError / TypeError naming the argument.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
 #include "bindings/register.hpp"
+#include "kernels/quantize.hpp"
+
+namespace py = pybind11;
 
 namespace pyzeroq {
-void register_quantize(pybind11::module_& /*m*/) {}  // placeholder: filled in by its issue
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+constexpr double kMaxPercentile = 100.0;
+constexpr double kMinPercentile = 50.0;  // clipping to [100 - p, p] needs p >= 50
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+std::string type_name(const py::handle& h) { return py::str(py::type::of(h).attr("__name__")).cast<std::string>(); }
+
+py::array as_array(const py::handle& obj, const char* name) {
+  py::array arr = py::array::ensure(obj);
+  if (!arr) {
+    PyErr_Clear();
+    throw py::type_error(std::string(name) + " must be array-like, got " + type_name(obj));
+  }
+  return arr;
+}
+
+// Float data (x): any floating dtype, converted to C-contiguous native float32 only if needed.
+FloatArray float_data(const py::handle& obj, const char* name) {
+  py::array arr = as_array(obj, name);
+  if (arr.dtype().kind() != 'f')
+    throw py::type_error(std::string(name) + " must be a floating-point array, got dtype " + dtype_name(arr));
+  return FloatArray::ensure(arr);
+}
+
+long long index_arg(const py::handle& obj, const char* name) {
+  if (py::isinstance<py::bool_>(obj) || !PyIndex_Check(obj.ptr()))
+    throw py::type_error(std::string(name) + " must be an int, got " + type_name(obj));
+  int overflow = 0;
+  py::object idx = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!idx) throw py::error_already_set();
+  const long long v = PyLong_AsLongLongAndOverflow(idx.ptr(), &overflow);
+  if (overflow) throw py::value_error(std::string(name) + " is out of range");
+  return v;
+}
+
+int bits_arg(const py::handle& obj) {
+  const long long b = index_arg(obj, "bits");
+  if (b < quant::kMinBits || b > quant::kMaxBits)
+    throw py::value_error("bits must be in " + std::to_string(quant::kMinBits) + ".." +
+                          std::to_string(quant::kMaxBits) + ", got " + std::to_string(b));
+  return static_cast<int>(b);
+}
+
+// [outer, channels, inner] view of `shape` for `axis` (None: per tensor).
+quant::Layout layout_for(const py::array& x, const py::object& axis) {
+  quant::Layout l;
+  const auto ndim = static_cast<long long>(x.ndim());
+  std::size_t n = 1;
+  for (py::ssize_t d = 0; d < x.ndim(); ++d) n *= static_cast<std::size_t>(x.shape(d));
+  if (axis.is_none()) {
+    l.inner = n;
+    return l;
+  }
+  long long a = index_arg(axis, "axis");
+  if (a < -ndim || a >= ndim)
+    throw py::value_error("axis " + std::to_string(a) + " is out of range for an array of " + std::to_string(ndim) +
+                          " dimension(s)");
+  if (a < 0) a += ndim;
+  for (long long d = 0; d < a; ++d) l.outer *= static_cast<std::size_t>(x.shape(d));
+  l.channels = static_cast<std::size_t>(x.shape(a));
+  for (long long d = a + 1; d < ndim; ++d) l.inner *= static_cast<std::size_t>(x.shape(d));
+  return l;
+}
+
+// Validated per-channel parameters, size-1 inputs broadcast to every channel.
+struct Params {
+  std::vector<float> scale;
+  std::vector<std::int32_t> zero_point;
+  quant::AffineParams view(std::int32_t qmax) const { return {scale.data(), zero_point.data(), qmax}; }
+};
+
+void check_count(std::size_t got, const quant::Layout& l, bool per_channel, const char* name) {
+  if (per_channel ? (got == 1 || got == l.channels) : got == 1) return;
+  throw py::value_error(std::string(name) + " has " + std::to_string(got) + " values; expected " +
+                        (per_channel ? "1 or " + std::to_string(l.channels) + " (the length of x along axis)"
+                                     : std::string("1 (per tensor: axis is None)")));
+}
+
+Params params_arg(const py::handle& scale_obj, const py::handle& zp_obj, const quant::Layout& l, bool per_channel,
+                  std::int32_t qmax) {
+  py::array s_arr = as_array(scale_obj, "scale");
+  const char sk = s_arr.dtype().kind();
+  if (sk != 'f' && sk != 'i' && sk != 'u')
+    throw py::type_error("scale must be real numbers, got dtype " + dtype_name(s_arr));
+  py::array z_arr = as_array(zp_obj, "zero_point");
+  const char zk = z_arr.dtype().kind();
+  if (zk != 'f' && zk != 'i' && zk != 'u')
+    throw py::type_error("zero_point must be integers, got dtype " + dtype_name(z_arr));
+  const FloatArray s = FloatArray::ensure(s_arr);
+  const DoubleArray z = DoubleArray::ensure(z_arr);
+  const auto ns = static_cast<std::size_t>(s.size()), nz = static_cast<std::size_t>(z.size());
+  check_count(ns, l, per_channel, "scale");
+  check_count(nz, l, per_channel, "zero_point");
+  Params p;
+  p.scale.resize(l.channels);
+  p.zero_point.resize(l.channels);
+  const float* sp = s.data();
+  const double* zp = z.data();
+  for (std::size_t i = 0; i < ns; ++i) {
+    if (!std::isfinite(sp[i])) throw py::value_error("scale must be finite (float32), got " + std::to_string(sp[i]));
+    if (!(sp[i] > 0.0f)) throw py::value_error("scale must be > 0, got " + std::to_string(sp[i]));
+  }
+  for (std::size_t i = 0; i < nz; ++i) {
+    if (!std::isfinite(zp[i]) || std::floor(zp[i]) != zp[i])
+      throw py::value_error("zero_point must be integer-valued, got " + std::to_string(zp[i]));
+    if (zp[i] < 0 || zp[i] > qmax)
+      throw py::value_error("zero_point must be in the code range [0, " + std::to_string(qmax) + "], got " +
+                            std::to_string(static_cast<long long>(zp[i])));
+  }
+  for (std::size_t c = 0; c < l.channels; ++c) {
+    p.scale[c] = sp[ns == 1 ? 0 : c];
+    p.zero_point[c] = static_cast<std::int32_t>(zp[nz == 1 ? 0 : c]);
+  }
+  return p;
+}
+
+std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
+
+const char* const kNonFinite = "x contains NaN or Inf";
+
+template <class Code, bool Reference>
+py::array quantize_as(const FloatArray& x, const quant::Layout& l, const Params& p, std::int32_t qmax) {
+  py::array_t<Code> q(shape_of(x));
+  bool bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = Reference ? quant::quantize_reference(x.data(), q.mutable_data(), l, p.view(qmax))
+                    : quant::quantize(x.data(), q.mutable_data(), l, p.view(qmax));
+  }
+  if (bad) throw py::value_error(kNonFinite);
+  return std::move(q);
+}
+
+template <bool Reference>
+py::array quantize_py(const py::handle& x_obj, const py::handle& scale, const py::handle& zero_point,
+                      const py::handle& bits_obj, const py::object& axis) {
+  const FloatArray x = float_data(x_obj, "x");
+  const int bits = bits_arg(bits_obj);
+  const std::int32_t qmax = quant::qmax_for_bits(bits);
+  const quant::Layout l = layout_for(x, axis);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
+  if (bits <= quant::kMaxBitsUint8) return quantize_as<std::uint8_t, Reference>(x, l, p, qmax);
+  return quantize_as<std::uint16_t, Reference>(x, l, p, qmax);
+}
+
+template <class Code, bool Reference>
+py::array dequantize_as(const py::array& q_arr, const py::handle& scale, const py::handle& zero_point,
+                        const py::object& axis) {
+  using CodeArray = py::array_t<Code, py::array::c_style | py::array::forcecast>;
+  const CodeArray q = CodeArray::ensure(q_arr);
+  const auto qmax = static_cast<std::int32_t>(std::numeric_limits<Code>::max());
+  const quant::Layout l = layout_for(q, axis);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
+  py::array_t<float> y(shape_of(q));
+  {
+    py::gil_scoped_release nogil;
+    if (Reference)
+      quant::dequantize_reference(q.data(), y.mutable_data(), l, p.view(qmax));
+    else
+      quant::dequantize(q.data(), y.mutable_data(), l, p.view(qmax));
+  }
+  return std::move(y);
+}
+
+template <bool Reference>
+py::array dequantize_py(const py::handle& q_obj, const py::handle& scale, const py::handle& zero_point,
+                        const py::object& axis) {
+  py::array q = as_array(q_obj, "q");
+  const py::dtype dt = q.dtype();
+  if (dt.kind() == 'u' && dt.itemsize() == 1) return dequantize_as<std::uint8_t, Reference>(q, scale, zero_point, axis);
+  if (dt.kind() == 'u' && dt.itemsize() == 2)
+    return dequantize_as<std::uint16_t, Reference>(q, scale, zero_point, axis);
+  throw py::type_error("q must hold unsigned codes (uint8 or uint16), got dtype " + dtype_name(q));
+}
+
+template <bool Reference>
+py::array fake_quantize_py(const py::handle& x_obj, const py::handle& scale, const py::handle& zero_point,
+                           const py::handle& bits_obj, const py::object& axis) {
+  const FloatArray x = float_data(x_obj, "x");
+  const int bits = bits_arg(bits_obj);
+  const std::int32_t qmax = quant::qmax_for_bits(bits);
+  const quant::Layout l = layout_for(x, axis);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
+  py::array_t<float> y(shape_of(x));
+  bool bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = Reference ? quant::fake_quantize_reference(x.data(), y.mutable_data(), l, p.view(qmax))
+                    : quant::fake_quantize(x.data(), y.mutable_data(), l, p.view(qmax));
+  }
+  if (bad) throw py::value_error(kNonFinite);
+  return std::move(y);
+}
+
+py::array ste_grad_py(const py::handle& grad_obj, const py::handle& x_obj, const py::handle& scale,
+                      const py::handle& zero_point, const py::handle& bits_obj, const py::object& axis) {
+  const FloatArray g = float_data(grad_obj, "grad");
+  const FloatArray x = float_data(x_obj, "x");
+  if (shape_of(g) != shape_of(x)) throw py::value_error("grad must have the shape of x");
+  const int bits = bits_arg(bits_obj);
+  const std::int32_t qmax = quant::qmax_for_bits(bits);
+  const quant::Layout l = layout_for(x, axis);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
+  py::array_t<float> dx(shape_of(x));
+  {
+    py::gil_scoped_release nogil;
+    quant::ste_grad(g.data(), x.data(), dx.mutable_data(), l, p.view(qmax));
+  }
+  return std::move(dx);
+}
+
+py::tuple asymmetric_params_py(const py::handle& x_obj, const py::handle& bits_obj, const py::object& axis,
+                               const py::object& percentile_obj) {
+  const FloatArray x = float_data(x_obj, "x");
+  const int bits = bits_arg(bits_obj);
+  const quant::Layout l = layout_for(x, axis);
+  double percentile = quant::kNoPercentile;
+  if (!percentile_obj.is_none()) {
+    if (py::isinstance<py::bool_>(percentile_obj) ||
+        !(py::isinstance<py::float_>(percentile_obj) || PyIndex_Check(percentile_obj.ptr()) ||
+          PyFloat_Check(percentile_obj.ptr()) || py::hasattr(percentile_obj, "__float__")))
+      throw py::type_error("percentile must be a number or None, got " + type_name(percentile_obj));
+    percentile = py::float_(percentile_obj).cast<double>();
+    if (!(percentile >= kMinPercentile && percentile <= kMaxPercentile))
+      throw py::value_error("percentile must be in [50, 100], got " + std::to_string(percentile));
+  }
+  std::vector<py::ssize_t> out_shape;
+  if (!axis.is_none()) out_shape.push_back(static_cast<py::ssize_t>(l.channels));
+  py::array_t<float> scale(out_shape);
+  py::array_t<std::int32_t> zero_point(out_shape);
+  bool bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = quant::asymmetric_params(x.data(), l, bits, percentile, scale.mutable_data(), zero_point.mutable_data());
+  }
+  if (bad) throw py::value_error(kNonFinite);
+  return py::make_tuple(scale, zero_point);
+}
+
+}  // namespace
+
+void register_quantize(pybind11::module_& m) {
+  using py::arg;
+  m.def("quantize", &quantize_py<false>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
+        arg("axis") = py::none(),
+        "q = clamp(rne(x / scale) + zero_point, 0, 2^bits - 1) as uint8 (bits <= 8) or uint16.");
+  m.def("dequantize", &dequantize_py<false>, arg("q"), arg("scale"), arg("zero_point"), arg("axis") = py::none(),
+        "real = scale * (q - zero_point) as float32; q uint8 or uint16.");
+  m.def("fake_quantize", &fake_quantize_py<false>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
+        arg("axis") = py::none(), "dequantize(quantize(x)) in one pass, float32.");
+  m.def("ste_grad", &ste_grad_py, arg("grad"), arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
+        arg("axis") = py::none(),
+        "Straight-through gradient: grad where scale*(0-zp) <= x <= scale*(2^bits-1-zp), else 0.");
+  m.def("asymmetric_params", &asymmetric_params_py, arg("x"), arg("bits"), arg("axis") = py::none(),
+        arg("percentile") = py::none(),
+        "(scale float32, zero_point int32) from the min/max (or [100-p, p] percentile) range of x, "
+        "per tensor (0-d arrays) or per channel along axis (shape [C]).");
+  m.def("_quantize_reference", &quantize_py<true>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
+        arg("axis") = py::none(), "Plain-loop reference of quantize (tests only).");
+  m.def("_dequantize_reference", &dequantize_py<true>, arg("q"), arg("scale"), arg("zero_point"),
+        arg("axis") = py::none(), "Plain-loop reference of dequantize (tests only).");
+  m.def("_fake_quantize_reference", &fake_quantize_py<true>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
+        arg("axis") = py::none(), "Plain-loop reference of fake_quantize (tests only).");
+}
+
 }  // namespace pyzeroq

@@ -1,0 +1,80 @@
+// Integer ALU simulator: QLinearConv / QLinearMatMul (pure C++).
+//
+// Accumulator of output (n, o, oh, ow), group g = o / Og, Cg input channels per group:
+//   acc = bias[o] + sum_{ci < Cg} sum_{ki < KH} sum_{kj < KW}
+//           (x[n, g*Cg+ci, oh*sh - pt + ki*dh, ow*sw - pl + kj*dw] - zx) * (w[o, ci, ki, kj] - zw[o])
+// where positions outside the input contribute 0 (padding holds the input zero point).
+// The exact value is kept in int64; the AccModel turns it into the acc_bits
+// accumulator (wrap / saturate / error) and the Requantizer maps it to the code.
+//
+// Saturate order (order dependent): acc = sat(bias), then for ci (outermost),
+// ki, kj (innermost): acc = sat(acc + product). Matmul: sat(bias), then k ascending.
+#pragma once
+#include <cstdint>
+
+#include "kernels/integer_requant.hpp"
+
+namespace pyzeroq {
+namespace integer {
+
+struct ConvGeom {
+  int64_t N = 1, C = 1, H = 1, W = 1;  // input NCHW
+  int64_t O = 1, KH = 1, KW = 1;       // weight OIHW (I = C / groups)
+  int64_t groups = 1;
+  int64_t sh = 1, sw = 1;              // stride
+  int64_t pt = 0, pl = 0, pb = 0, pr = 0;  // padding top/left/bottom/right
+  int64_t dh = 1, dw = 1;              // dilation
+  int64_t OH = 1, OW = 1;              // output size (derived)
+  // Input element (n, c, h, w) lives at x[n*in_sn + c*in_sc + h*in_sh + w*in_sw]:
+  // NCHW for conv; matmul a[R, K] is the 1x1 conv with C = K, H = R, W = 1
+  // (in_sc = 1, in_sh = K).
+  int64_t in_sn = 0, in_sc = 0, in_sh = 0, in_sw = 0;
+  int64_t Cg() const { return C / groups; }
+  int64_t Og() const { return O / groups; }
+  // Output element (n, o, p) lives at y[n*out_sn + o*out_so + p*out_sp].
+  // Conv: NCHW (so = OH*OW, sp = 1). Matmul (1x1 "conv" over rows): so = 1, sp = O.
+  int64_t out_sn = 0, out_so = 0, out_sp = 0;
+};
+
+struct QConvArgs {
+  ConvGeom g;
+  const uint8_t* x = nullptr;  // [N, C, H, W]
+  int32_t x_zero_point = 0;
+  const uint8_t* w = nullptr;  // [O, Cg, KH, KW]
+  const int32_t* w_zero_point = nullptr;  // [O]
+  const int32_t* bias = nullptr;          // [O] or null
+  Requantizer rq;                         // ch.size() == O
+  AccModel acc;
+  void* y = nullptr;                      // uint8 (out_bits <= 8) or uint16
+  bool y16 = false;
+};
+
+enum class Impl { Reference, Fast, FastGeneric };
+
+// Reference: plain loops in the documented order, single thread.
+AccStats qconv_reference(const QConvArgs& a);
+// Fast: packed int16 implicit GEMM (AVX2 _mm256_madd_epi16 when the CPU has it,
+// `force_generic` picks the portable kernel), depthwise kernel, parallel_for.
+// Saturate mode and huge reductions run the reference per-output loop in parallel.
+AccStats qconv_fast(const QConvArgs& a, bool force_generic);
+
+inline AccStats qconv(const QConvArgs& a, Impl impl) {
+  return impl == Impl::Reference ? qconv_reference(a) : qconv_fast(a, impl == Impl::FastGeneric);
+}
+
+// Shared by both paths: one output (n, o, p = oh*OW + ow) by the plain loop
+// in the saturate order above; updates `st` and stores the code.
+void conv_output_sequential(const QConvArgs& a, int64_t n, int64_t o, int64_t p, AccStats& st);
+
+// Epilogue shared by both paths: exact accumulator -> acc model -> code -> store.
+inline void finish_output(const QConvArgs& a, int64_t exact, int64_t o, int64_t idx, AccStats& st) {
+  const int32_t acc = model_accumulator(exact, a.acc, st);
+  const int32_t code = a.rq.apply(acc, static_cast<std::size_t>(o));
+  if (a.y16)
+    static_cast<uint16_t*>(a.y)[idx] = static_cast<uint16_t>(code);
+  else
+    static_cast<uint8_t*>(a.y)[idx] = static_cast<uint8_t>(code);
+}
+
+}  // namespace integer
+}  // namespace pyzeroq

@@ -1,0 +1,321 @@
+// Fast QLinearConv / QLinearMatMul: same results as qconv_reference, bit for bit.
+//
+// Layout: each image is copied once into a zero-padded int16 "HWC" buffer holding
+// x - zx (padding = 0, i.e. the input zero point), channels innermost; the
+// weights are packed as int16 w - zw[o]. Then an implicit GEMM: for MR output
+// positions x NR output channels, for every tap and every input-channel pair,
+//   acc[i][j] += x_i[c] * w_j[c] + x_i[c+1] * w_j[c+1]
+// which is one _mm256_madd_epi16 of a broadcast activation pair with a vector of
+// NR/8 weight pairs. |x - zx|, |w - zw| <= 255, so a pair is below 2^17 and an
+// int32 lane holds kMaxPairs pairs exactly; larger reductions take the
+// per-output reference loop. int32 sums of exact products are order
+// independent, so every kernel below gives the reference's exact value.
+// Depthwise (one input and one output channel per group) vectorizes over
+// channels instead. Saturate mode is order dependent: it runs the reference
+// loop (conv_output_sequential) in parallel.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "kernels/integer_conv.hpp"
+#include "kernels/parallel.hpp"
+
+namespace pyzeroq {
+namespace integer {
+namespace {
+
+constexpr int64_t kMR = 6;    // output positions per micro-tile
+constexpr int64_t kNR = 16;   // output channels per micro-tile (two 8-lane int32 vectors)
+constexpr int64_t kDwC = 16;  // channels per depthwise vector block
+// Pairs per int32 lane: 16384 * 2 * 255 * 255 < 2^31.
+constexpr int64_t kMaxPairs = 16384;
+constexpr int64_t kBlocksPerTask = 8;  // micro-tiles of positions per parallel task
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+bool has_avx2() {
+  static const bool v = __builtin_cpu_supports("avx2");
+  return v;
+}
+
+// ---- general micro-kernels ------------------------------------------------
+// xp[i]: position i's top-left in the padded buffer (group channel offset
+// included); tapoff[t]: offset of tap t; wp: [taps][cpairs][kNR][2] int16.
+using MicroKernel = void (*)(const int16_t* const* xp, const int64_t* tapoff, int64_t taps, int64_t cpairs,
+                             const int16_t* wp, int32_t* out);
+
+void micro_generic(const int16_t* const* xp, const int64_t* tapoff, int64_t taps, int64_t cpairs,
+                   const int16_t* wp, int32_t* out) {
+  int32_t acc[kMR * kNR] = {};
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t cp = 0; cp < cpairs; ++cp) {
+      const int16_t* w = wp + (t * cpairs + cp) * kNR * 2;
+      for (int64_t i = 0; i < kMR; ++i) {
+        const int16_t* x = xp[i] + tapoff[t] + 2 * cp;
+        const int32_t x0 = x[0], x1 = x[1];
+        for (int64_t j = 0; j < kNR; ++j) acc[i * kNR + j] += x0 * w[2 * j] + x1 * w[2 * j + 1];
+      }
+    }
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+__attribute__((target("avx2"))) inline __m256i bcast_pair(const int16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
+__attribute__((target("avx2"))) void micro_avx2(const int16_t* const* xp, const int64_t* tapoff, int64_t taps,
+                                                 int64_t cpairs, const int16_t* wp, int32_t* out) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t t = 0; t < taps; ++t) {
+    const int16_t* x0 = xp[0] + tapoff[t];
+    const int16_t* x1 = xp[1] + tapoff[t];
+    const int16_t* x2 = xp[2] + tapoff[t];
+    const int16_t* x3 = xp[3] + tapoff[t];
+    const int16_t* x4 = xp[4] + tapoff[t];
+    const int16_t* x5 = xp[5] + tapoff[t];
+    const int16_t* w = wp + t * cpairs * kNR * 2;
+    for (int64_t cp = 0; cp < cpairs; ++cp, w += kNR * 2) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kNR));
+      __m256i a = bcast_pair(x0 + 2 * cp);
+      c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, w0));
+      c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, w1));
+      a = bcast_pair(x1 + 2 * cp);
+      c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, w0));
+      c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, w1));
+      a = bcast_pair(x2 + 2 * cp);
+      c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(a, w0));
+      c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(a, w1));
+      a = bcast_pair(x3 + 2 * cp);
+      c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(a, w0));
+      c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(a, w1));
+      a = bcast_pair(x4 + 2 * cp);
+      c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(a, w0));
+      c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(a, w1));
+      a = bcast_pair(x5 + 2 * cp);
+      c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(a, w0));
+      c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(a, w1));
+    }
+  }
+  __m256i* o = reinterpret_cast<__m256i*>(out);
+  _mm256_storeu_si256(o + 0, c00); _mm256_storeu_si256(o + 1, c01);
+  _mm256_storeu_si256(o + 2, c10); _mm256_storeu_si256(o + 3, c11);
+  _mm256_storeu_si256(o + 4, c20); _mm256_storeu_si256(o + 5, c21);
+  _mm256_storeu_si256(o + 6, c30); _mm256_storeu_si256(o + 7, c31);
+  _mm256_storeu_si256(o + 8, c40); _mm256_storeu_si256(o + 9, c41);
+  _mm256_storeu_si256(o + 10, c50); _mm256_storeu_si256(o + 11, c51);
+}
+
+// ---- depthwise micro-kernels: one position, kDwC channels --------------------
+// x: position's top-left + channel block offset; wp: [taps][kDwC] int32.
+using DwKernel = void (*)(const int16_t* x, const int64_t* tapoff, int64_t taps, const int32_t* wp, int32_t* out);
+
+void dw_generic(const int16_t* x, const int64_t* tapoff, int64_t taps, const int32_t* wp, int32_t* out) {
+  int32_t acc[kDwC] = {};
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t c = 0; c < kDwC; ++c) acc[c] += static_cast<int32_t>(x[tapoff[t] + c]) * wp[t * kDwC + c];
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+__attribute__((target("avx2"))) void dw_avx2(const int16_t* x, const int64_t* tapoff, int64_t taps,
+                                              const int32_t* wp, int32_t* out) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+  for (int64_t t = 0; t < taps; ++t) {
+    const int16_t* xt = x + tapoff[t];
+    const __m256i x0 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt)));
+    const __m256i x1 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt + 8)));
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + t * kDwC));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + t * kDwC + 8));
+    a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(x0, w0));
+    a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(x1, w1));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), a0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), a1);
+}
+
+// ---- packing ----------------------------------------------------------------
+struct Padded {
+  int64_t Hp, Wp, Ctot;
+  int64_t image_size() const { return Hp * Wp * Ctot; }
+};
+
+// buf[(h + pt) * Wp + (w + pl)][chan(c)] = x[n, c, h, w] - zx; everything else 0.
+// chan(c) = (c / Cg) * Cgp + c % Cg.
+void pack_image(const QConvArgs& a, const Padded& pd, int64_t Cgp, int64_t n, int16_t* buf) {
+  const ConvGeom& g = a.g;
+  std::fill(buf, buf + pd.image_size(), int16_t{0});
+  const int64_t Cg = g.Cg();
+  const uint8_t* xn = a.x + n * g.in_sn;
+  for (int64_t c = 0; c < g.C; ++c) {
+    const int64_t chan = (c / Cg) * Cgp + c % Cg;
+    for (int64_t h = 0; h < g.H; ++h) {
+      const uint8_t* src = xn + c * g.in_sc + h * g.in_sh;
+      int16_t* dst = buf + ((h + g.pt) * pd.Wp + g.pl) * pd.Ctot + chan;
+      for (int64_t w = 0; w < g.W; ++w)
+        dst[w * pd.Ctot] = static_cast<int16_t>(static_cast<int32_t>(src[w * g.in_sw]) - a.x_zero_point);
+    }
+  }
+}
+
+std::vector<int64_t> tap_offsets(const ConvGeom& g, const Padded& pd) {
+  std::vector<int64_t> off;
+  for (int64_t ki = 0; ki < g.KH; ++ki)
+    for (int64_t kj = 0; kj < g.KW; ++kj) off.push_back((ki * g.dh * pd.Wp + kj * g.dw) * pd.Ctot);
+  return off;
+}
+
+const int16_t* position_ptr(const ConvGeom& g, const Padded& pd, const int16_t* img, int64_t p) {
+  const int64_t oh = p / g.OW, ow = p % g.OW;
+  return img + (oh * g.sh * pd.Wp + ow * g.sw) * pd.Ctot;
+}
+
+class StatsSink {
+ public:
+  void merge(const AccStats& s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    total_.merge(s);
+  }
+  AccStats total() const { return total_; }
+
+ private:
+  std::mutex mu_;
+  AccStats total_;
+};
+
+AccStats run_sequential_parallel(const QConvArgs& a) {
+  StatsSink sink;
+  const int64_t P = a.g.OH * a.g.OW;
+  parallel_for(static_cast<std::size_t>(a.g.N * a.g.O), 1, [&](std::size_t b, std::size_t e) {
+    AccStats st;
+    for (std::size_t r = b; r < e; ++r)
+      for (int64_t p = 0; p < P; ++p)
+        conv_output_sequential(a, static_cast<int64_t>(r) / a.g.O, static_cast<int64_t>(r) % a.g.O, p, st);
+    sink.merge(st);
+  });
+  return sink.total();
+}
+
+AccStats run_general(const QConvArgs& a, bool force_generic) {
+  const ConvGeom& g = a.g;
+  const int64_t G = g.groups, Cg = g.Cg(), Og = g.Og();
+  const int64_t Cgp = round_up(Cg, 2), CP = Cgp / 2;
+  const int64_t T = g.KH * g.KW;
+  const int64_t OB = (Og + kNR - 1) / kNR;
+  const Padded pd{g.H + g.pt + g.pb, g.W + g.pl + g.pr, G * Cgp};
+  const int64_t P = g.OH * g.OW;
+  const int64_t PB = (P + kMR - 1) / kMR;
+
+  // weights: [G][OB][T][CP][kNR][2]
+  const int64_t panel = T * CP * kNR * 2;
+  std::vector<int16_t> wpk(static_cast<std::size_t>(G * OB * panel), 0);
+  for (int64_t o = 0; o < g.O; ++o) {
+    const int64_t grp = o / Og, ol = o % Og, ob = ol / kNR, j = ol % kNR;
+    int16_t* dst = wpk.data() + (grp * OB + ob) * panel;
+    for (int64_t ci = 0; ci < Cg; ++ci)
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t v = static_cast<int32_t>(a.w[(o * Cg + ci) * T + t]) - a.w_zero_point[o];
+        dst[((t * CP + ci / 2) * kNR + j) * 2 + ci % 2] = static_cast<int16_t>(v);
+      }
+  }
+  std::vector<int16_t> xbuf(static_cast<std::size_t>(g.N * pd.image_size()));
+  parallel_for(static_cast<std::size_t>(g.N), 1, [&](std::size_t b, std::size_t e) {
+    for (std::size_t n = b; n < e; ++n)
+      pack_image(a, pd, Cgp, static_cast<int64_t>(n), xbuf.data() + n * pd.image_size());
+  });
+  const std::vector<int64_t> tapoff = tap_offsets(g, pd);
+  const MicroKernel kernel = (!force_generic && has_avx2()) ? micro_avx2 : micro_generic;
+
+  const int64_t chunks = (PB + kBlocksPerTask - 1) / kBlocksPerTask;
+  StatsSink sink;
+  parallel_for(static_cast<std::size_t>(g.N * G * chunks), 1, [&](std::size_t b, std::size_t e) {
+    AccStats st;
+    alignas(32) int32_t acc[kMR * kNR];
+    const int16_t* xp[kMR];
+    for (std::size_t task = b; task < e; ++task) {
+      const int64_t n = static_cast<int64_t>(task) / (G * chunks);
+      const int64_t grp = (static_cast<int64_t>(task) / chunks) % G;
+      const int64_t chunk = static_cast<int64_t>(task) % chunks;
+      const int16_t* img = xbuf.data() + n * pd.image_size() + grp * Cgp;
+      const int64_t pb_end = std::min(PB, (chunk + 1) * kBlocksPerTask);
+      for (int64_t pb = chunk * kBlocksPerTask; pb < pb_end; ++pb) {
+        const int64_t p0 = pb * kMR;
+        const int64_t np = std::min(kMR, P - p0);
+        for (int64_t i = 0; i < kMR; ++i) xp[i] = position_ptr(g, pd, img, p0 + std::min(i, np - 1));
+        for (int64_t ob = 0; ob < OB; ++ob) {
+          kernel(xp, tapoff.data(), T, CP, wpk.data() + (grp * OB + ob) * panel, acc);
+          const int64_t nj = std::min(kNR, Og - ob * kNR);
+          for (int64_t j = 0; j < nj; ++j) {
+            const int64_t o = grp * Og + ob * kNR + j;
+            const int64_t bias = a.bias ? a.bias[o] : 0;
+            const int64_t base = n * g.out_sn + o * g.out_so;
+            for (int64_t i = 0; i < np; ++i)
+              finish_output(a, static_cast<int64_t>(acc[i * kNR + j]) + bias, o, base + (p0 + i) * g.out_sp, st);
+          }
+        }
+      }
+    }
+    sink.merge(st);
+  });
+  return sink.total();
+}
+
+AccStats run_depthwise(const QConvArgs& a, bool force_generic) {
+  const ConvGeom& g = a.g;
+  const int64_t C = g.C, T = g.KH * g.KW;
+  const int64_t CB = (C + kDwC - 1) / kDwC;
+  const Padded pd{g.H + g.pt + g.pb, g.W + g.pl + g.pr, CB * kDwC};
+  const int64_t P = g.OH * g.OW;
+  std::vector<int32_t> wpk(static_cast<std::size_t>(CB * T * kDwC), 0);  // [CB][T][kDwC]
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < T; ++t)
+      wpk[((c / kDwC) * T + t) * kDwC + c % kDwC] = static_cast<int32_t>(a.w[c * T + t]) - a.w_zero_point[c];
+  std::vector<int16_t> xbuf(static_cast<std::size_t>(g.N * pd.image_size()));
+  parallel_for(static_cast<std::size_t>(g.N), 1, [&](std::size_t b, std::size_t e) {
+    for (std::size_t n = b; n < e; ++n)
+      pack_image(a, pd, 1, static_cast<int64_t>(n), xbuf.data() + n * pd.image_size());
+  });
+  const std::vector<int64_t> tapoff = tap_offsets(g, pd);
+  const DwKernel kernel = (!force_generic && has_avx2()) ? dw_avx2 : dw_generic;
+  StatsSink sink;
+  parallel_for(static_cast<std::size_t>(g.N * CB), 1, [&](std::size_t b, std::size_t e) {
+    AccStats st;
+    alignas(32) int32_t acc[kDwC];
+    for (std::size_t task = b; task < e; ++task) {
+      const int64_t n = static_cast<int64_t>(task) / CB, cb = static_cast<int64_t>(task) % CB;
+      const int16_t* img = xbuf.data() + n * pd.image_size() + cb * kDwC;
+      const int32_t* wp = wpk.data() + cb * T * kDwC;
+      const int64_t nc = std::min(kDwC, C - cb * kDwC);
+      for (int64_t p = 0; p < P; ++p) {
+        kernel(position_ptr(g, pd, img, p), tapoff.data(), T, wp, acc);
+        for (int64_t j = 0; j < nc; ++j) {
+          const int64_t o = cb * kDwC + j;
+          const int64_t bias = a.bias ? a.bias[o] : 0;
+          finish_output(a, static_cast<int64_t>(acc[j]) + bias, o, n * g.out_sn + o * g.out_so + p * g.out_sp, st);
+        }
+      }
+    }
+    sink.merge(st);
+  });
+  return sink.total();
+}
+
+}  // namespace
+
+AccStats qconv_fast(const QConvArgs& a, bool force_generic) {
+  const ConvGeom& g = a.g;
+  const int64_t T = g.KH * g.KW;
+  if (a.acc.mode == Overflow::Saturate) return run_sequential_parallel(a);
+  if (g.Cg() == 1 && g.Og() == 1 && T <= 2 * kMaxPairs) return run_depthwise(a, force_generic);
+  if (T * ((g.Cg() + 1) / 2) <= kMaxPairs) return run_general(a, force_generic);
+  return run_sequential_parallel(a);
+}
+
+}  // namespace integer
+}  // namespace pyzeroq

@@ -1,0 +1,128 @@
+"""Command line: ``pyzeroq eval`` / ``pyzeroq quantize`` / ``pyzeroq detect-quantize``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data import fashion_mnist_available, load_fashion_mnist
+
+
+def _eval_split(choice: str) -> str | None:
+    if choice == "auto":
+        return "test" if fashion_mnist_available() else "embedded"
+    return None if choice == "none" else choice
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mixed expects comma-separated integers such as 2,4,8, got {text!r}")
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate, models
+    split = _eval_split(args.split)
+    images, labels = load_fashion_mnist(split)
+    model = models.load_pretrained(args.model)
+    result = evaluate(model, images, labels, progress=True)
+    print(f"{args.model} on Fashion-MNIST {split} ({result.num_images} images)\n")
+    print(result.table())
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from . import QuantConfig, evaluate, models, quantize
+    if args.mixed:
+        weight_bits = args.mixed
+        if args.avg_weight_bits is None:
+            raise SystemExit("--mixed needs --avg-weight-bits")
+    else:
+        weight_bits = args.weight_bits
+    config = QuantConfig(weight_bits=weight_bits, avg_weight_bits=args.avg_weight_bits,
+                         act_bits=None if args.act_bits == 0 else args.act_bits, calibration=args.calibration,
+                         num_samples=args.num_samples, distill_iters=args.distill_iters,
+                         percentile=args.percentile, mp_relaxation=not args.no_relaxation,
+                         mp_method=args.mp_method, seed=args.seed, device=args.device)
+    model = models.load_pretrained(args.model)
+    qmodel = quantize(model, config, input_shape=(1, 28, 28))
+    report = qmodel.report
+    print(f"\n{args.model}: weights {weight_bits if not args.mixed else 'MP' + str(args.avg_weight_bits)}"
+          f" over {config.weight_candidates}, activations {config.act_bits or 'float'}, "
+          f"calibration {config.calibration}\n")
+    print("| layer | params | weight bits | sensitivity at chosen bits |")
+    print("|---|---|---|---|")
+    for name in report.layers:
+        bits = qmodel.bit_widths[name]
+        print(f"| {name} | {report.params[name]} | {bits} | {report.sensitivity[name][bits]:.3e} |")
+    print(f"\nsize: {report.size_bytes / 1e6:.4f} MB (FP32: {report.fp_size_bytes / 1e6:.4f} MB)")
+    if report.relaxation:
+        print(f"Appendix-A refinement: exact KL {report.relaxation['exact_kl']:.4e} "
+              f"(independent DP choice: {report.relaxation['independent_choice_exact_kl']:.4e}), "
+              f"{report.relaxation['evaluations']} configurations re-evaluated")
+    print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items()))
+    if report.float_ops:
+        print("left in float: " + ", ".join(report.float_ops))
+    split = _eval_split(args.eval)
+    if split:
+        images, labels = load_fashion_mnist(split)
+        fp = evaluate(model, images, labels, progress=True)
+        q = evaluate(qmodel, images, labels, progress=True)
+        agree = (fp.predictions == q.predictions).mean()
+        print(f"\n| model | top-1 on {split} ({q.num_images}) |\n|---|---|")
+        print(f"| FP32 | {fp.top1 * 100:.2f} % |\n| quantized | {q.top1 * 100:.2f} % |")
+        print(f"\nprediction agreement with FP32: {agree * 100:.2f} %")
+    if args.plot:
+        report.plot_pareto(args.plot)
+        print(f"Pareto plot written to {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyzeroq", description="Zero-shot quantization for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="evaluate a reference model on Fashion-MNIST")
+    p.add_argument("--model", default="resnet20", choices=("resnet20", "mobilenetv2"))
+    p.add_argument("--split", default="auto", choices=("auto", "test", "embedded"))
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize a reference model with ZeroQ and print the result table")
+    p.add_argument("--model", default="resnet20", choices=("resnet20", "mobilenetv2"))
+    p.add_argument("--weight-bits", type=int, default=8)
+    p.add_argument("--act-bits", type=int, default=8, help="0 keeps activations in float")
+    p.add_argument("--mixed", type=_bits_list, default=None, help="candidate weight bits, e.g. 2,4,8")
+    p.add_argument("--avg-weight-bits", type=float, default=None)
+    p.add_argument("--calibration", default="distilled", choices=("distilled", "gaussian"))
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--distill-iters", type=int, default=500)
+    p.add_argument("--percentile", type=float, default=None)
+    p.add_argument("--mp-method", default="zeroq", choices=("zeroq", "random", "inverse"))
+    p.add_argument("--no-relaxation", action="store_true", help="skip the Appendix-A grouped refinement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval", default="auto", choices=("auto", "test", "embedded", "none"))
+    p.add_argument("--plot", default=None, help="write the Pareto frontier plot to this PNG")
+    p.set_defaults(func=cmd_quantize)
+
+    try:
+        from .detection.cli import add_parsers
+    except ImportError:
+        add_parsers = None
+    if add_parsers is not None:
+        add_parsers(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"pyzeroq: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

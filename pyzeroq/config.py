@@ -1,0 +1,140 @@
+"""QuantConfig: every knob of ``pyzeroq.quantize``, validated on construction."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+MIN_BITS = 2
+MAX_BITS = 16
+CALIBRATIONS = ("distilled", "gaussian", "real")
+MP_METHODS = ("zeroq", "random", "inverse")
+BUDGET_METRICS = ("size", "bops")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_bits(name: str, v) -> None:
+    if not _is_int(v) or not MIN_BITS <= v <= MAX_BITS:
+        raise ValueError(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {v!r}")
+
+
+def _positive_int(name: str, v) -> None:
+    if not _is_int(v) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model.
+
+    weight_bits: one bit width (uniform), or a tuple of candidates for mixed precision
+        (then ``avg_weight_bits`` sets the size budget: the size of the uniform model at
+        that many bits; ``avg_weight_bits=4`` with candidates (2, 4, 8) is "MP4").
+    act_bits: activation bits (per tensor), or None to keep activations in float.
+    calibration: "distilled" (ZeroQ, default), "gaussian" (N(0, 1) after the model's
+        normalization) or "real" (``calibration_data``: float images [N, C, H, W] in the
+        model's input domain).
+    num_samples, distill_iters, distill_batch_size, distill_lr: distilled-data settings.
+    per_channel: weights per output channel (True) or per tensor.
+    percentile: clip activation ranges to the [100 - p, p] percentiles (None: min/max).
+    mp_method: "zeroq" (min total sensitivity), "random" (a random configuration within
+        budget, seeded), "inverse" (max total sensitivity within budget) — Table V ablation.
+    mp_relaxation: refine the independent-sensitivity Pareto choice with the grouped
+        search of the paper's Appendix A, whose four hyperparameters ("typically 10, 5,
+        200, 5") map to ``mp_keep_estimate`` (configurations kept per size bin by the
+        additive estimate), ``mp_group_size`` (consecutive layers per group),
+        ``mp_size_bins`` (size intervals up to the budget) and ``mp_keep_exact``
+        (configurations kept per bin after exact re-evaluation).
+    budget_metric: "size" (parameters x bits) or "bops" (MACs x weight bits x act bits).
+    pareto_bins: cost grid of the exact DP (None: exact integer costs).
+    seed: every random step (distillation init, random MP) derives from it.
+    device: torch device for distillation and evaluation ("cpu" or e.g. "cuda").
+    """
+
+    weight_bits: int | tuple[int, ...] = 8
+    act_bits: int | None = 8
+    avg_weight_bits: float | None = None
+    calibration: str = "distilled"
+    calibration_data: Any = field(default=None, repr=False, compare=False)
+    num_samples: int = 32
+    distill_iters: int = 500
+    distill_batch_size: int = 32
+    distill_lr: float = 0.5
+    per_channel: bool = True
+    percentile: float | None = None
+    mp_method: str = "zeroq"
+    mp_relaxation: bool = True
+    mp_keep_estimate: int = 10
+    mp_group_size: int = 5
+    mp_size_bins: int = 200
+    mp_keep_exact: int = 5
+    budget_metric: str = "size"
+    pareto_bins: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        wb = self.weight_bits
+        if isinstance(wb, (list, tuple)):
+            if len(wb) == 0:
+                raise ValueError("weight_bits must not be empty")
+            for b in wb:
+                _check_bits("weight_bits", b)
+            if len(set(wb)) != len(wb):
+                raise ValueError(f"weight_bits has duplicates: {wb!r}")
+            object.__setattr__(self, "weight_bits", tuple(sorted(int(b) for b in wb)))
+        else:
+            _check_bits("weight_bits", wb)
+        if self.act_bits is not None:
+            _check_bits("act_bits", self.act_bits)
+        candidates = self.weight_candidates
+        if len(candidates) > 1:
+            if self.avg_weight_bits is None:
+                raise ValueError("avg_weight_bits is required when weight_bits lists several candidates")
+            if not isinstance(self.avg_weight_bits, numbers.Real) or isinstance(self.avg_weight_bits, bool) or \
+                    not candidates[0] <= self.avg_weight_bits <= candidates[-1]:
+                raise ValueError(f"avg_weight_bits must lie within the candidate range "
+                                 f"[{candidates[0]}, {candidates[-1]}], got {self.avg_weight_bits!r}")
+        elif self.avg_weight_bits is not None and self.avg_weight_bits != candidates[0]:
+            raise ValueError(f"avg_weight_bits={self.avg_weight_bits!r} needs several weight_bits candidates")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if self.calibration == "real" and self.calibration_data is None:
+            raise ValueError("calibration='real' needs calibration_data")
+        if self.calibration != "real" and self.calibration_data is not None:
+            raise ValueError("calibration_data is only used with calibration='real'")
+        for name in ("num_samples", "distill_batch_size", "mp_keep_estimate", "mp_group_size",
+                     "mp_size_bins", "mp_keep_exact"):
+            _positive_int(name, getattr(self, name))
+        if not _is_int(self.distill_iters) or self.distill_iters < 0:
+            raise ValueError(f"distill_iters must be a non-negative integer, got {self.distill_iters!r}")
+        if not isinstance(self.distill_lr, numbers.Real) or not self.distill_lr > 0:
+            raise ValueError(f"distill_lr must be positive, got {self.distill_lr!r}")
+        if not isinstance(self.per_channel, bool):
+            raise ValueError(f"per_channel must be a bool, got {self.per_channel!r}")
+        if self.percentile is not None and (not isinstance(self.percentile, numbers.Real)
+                                            or not 50.0 < self.percentile <= 100.0):
+            raise ValueError(f"percentile must be in (50, 100] or None, got {self.percentile!r}")
+        if self.mp_method not in MP_METHODS:
+            raise ValueError(f"mp_method must be one of {MP_METHODS}, got {self.mp_method!r}")
+        if self.budget_metric not in BUDGET_METRICS:
+            raise ValueError(f"budget_metric must be one of {BUDGET_METRICS}, got {self.budget_metric!r}")
+        if self.pareto_bins is not None:
+            _positive_int("pareto_bins", self.pareto_bins)
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def weight_candidates(self) -> tuple[int, ...]:
+        return self.weight_bits if isinstance(self.weight_bits, tuple) else (self.weight_bits,)
+
+    @property
+    def mixed_precision(self) -> bool:
+        return len(self.weight_candidates) > 1

@@ -1,0 +1,1 @@
+"""Task-specific zero-shot QAT for object detection (placeholder, filled below)."""

@@ -1,0 +1,91 @@
+"""The detector protocol: how a user's own detector plugs into pyzeroq.detection.
+
+A detector is an ``nn.Module`` with
+
+* ``forward(x)`` -> raw head outputs: a dict whose ``"cls"`` entry is a list of
+  class-logit tensors ``[N, C, ...]`` (one per feature level; sigmoid/focal-style
+  logits). The QAT distills these logits (KL with temperature). Other entries are
+  free (box regression, centerness, ...);
+* ``loss(outputs, targets)`` -> scalar detection loss, ``targets`` a list (one per
+  image) of dicts ``{"boxes": float [M, 4] x1y1x2y2 pixels, "labels": int64 [M]}``;
+* ``decode(outputs, score_threshold=..., iou_threshold=...)`` -> per image a dict
+  ``boxes`` [K, 4], ``scores`` [K], ``labels`` [K] (after NMS);
+* optionally ``feature_modules``: names of submodules whose outputs the QAT matches
+  with a feature MSE (default: the raw head outputs), ``head_modules``: names of the
+  final prediction layers (precision set by ``head_bits``; default: the last conv),
+  ``num_classes`` and ``input_size`` (canvas side, for synthesis).
+
+Inputs are float images in [0, 1], shape [N, 1, H, W]. :func:`predict` works for
+every detector following the protocol; :class:`Detector` gives it as a method.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+PREDICT_BATCH = 256
+DEFAULT_SCORE_THRESHOLD = 0.05
+DEFAULT_IOU_THRESHOLD = 0.6
+MAX_DETECTIONS = 100
+
+
+@runtime_checkable
+class DetectorProtocol(Protocol):
+    def forward(self, x: torch.Tensor) -> dict: ...
+
+    def loss(self, outputs: dict, targets: list[dict]) -> torch.Tensor: ...
+
+    def decode(self, outputs: dict, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+               iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> list[dict]: ...
+
+
+def check_detector(detector) -> None:
+    missing = [m for m in ("forward", "loss", "decode") if not callable(getattr(detector, m, None))]
+    if missing or not isinstance(detector, nn.Module):
+        raise TypeError("detector must be an nn.Module with forward(x), loss(outputs, targets) and "
+                        f"decode(outputs) (see pyzeroq.detection.interface); missing: {missing or 'nn.Module'}")
+
+
+def as_input(images, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Float images in [0, 1] ([N, H, W] or [N, 1, H, W], numpy or torch) -> float32 [N, 1, H, W]."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.dtype == torch.uint8:
+        raise TypeError("predict expects float images in [0, 1]; divide uint8 pixels by 255 first")
+    x = x.float()
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"images must have shape [N, H, W] or [N, 1, H, W], got {tuple(x.shape)}")
+    return x.to(device)
+
+
+@torch.no_grad()
+def predict(detector: nn.Module, images, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+            iou_threshold: float = DEFAULT_IOU_THRESHOLD, batch_size: int = PREDICT_BATCH) -> list[dict]:
+    """Per image {"boxes" [K, 4] x1y1x2y2 pixels, "scores" [K], "labels" [K]} (CPU tensors)."""
+    check_detector(detector)
+    device = next(detector.parameters()).device
+    x = as_input(images, device)
+    was_training = detector.training
+    detector.eval()
+    results = []
+    try:
+        for start in range(0, len(x), batch_size):
+            out = detector(x[start:start + batch_size])
+            for det in detector.decode(out, score_threshold=score_threshold, iou_threshold=iou_threshold):
+                results.append({k: v.detach().cpu() for k, v in det.items()})
+    finally:
+        detector.train(was_training)
+    return results
+
+
+class Detector(nn.Module):
+    """Base class giving protocol detectors a ``predict`` method."""
+
+    def predict(self, images, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+                iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> list[dict]:
+        return predict(self, images, score_threshold, iou_threshold)

@@ -1,0 +1,233 @@
+"""Asymmetric uniform quantization kernels (C++ underneath, ``pyzeroq._core``).
+
+Conventions (DESIGN.md)::
+
+    q    = clamp(round_half_even(x / scale) + zero_point, 0, 2**bits - 1)   # one float32 division
+    real = scale * (q - zero_point)                                         # one float32 multiply
+
+Codes are unsigned: bits 2..8 -> uint8, 9..16 -> uint16 (``code_dtype(bits)``).
+
+Inputs are numpy arrays or CPU torch tensors; the result is of the same kind (torch in ->
+torch out; a tensor that requires grad is detached — use :func:`fake_quantize_ste` for
+gradients). ``scale`` / ``zero_point`` may be Python scalars, numpy arrays or tensors:
+
+* ``axis=None`` (per tensor): one scale and one zero point (any shape holding one value).
+* ``axis=k`` (per channel along ``x``'s axis ``k``, negative allowed): ``C = x.shape[k]``
+  values each (any shape holding C values, e.g. ``[C]`` or ``[C, 1, 1, 1]``), or one value
+  shared by all channels.
+
+Data are float32 internally: C-contiguous native float32 input is used in place (no copy);
+other floating dtypes, non-contiguous or big-endian arrays are converted first. Every
+invalid argument (NaN/Inf in data or scale, scale <= 0, bits outside 2..16, zero point
+outside [0, 2**bits - 1] or not an integer, axis out of range, parameter count not matching
+the axis length, non-float data) raises ValueError/TypeError from the C++ binding, naming
+the argument. Empty arrays are valid and give empty results.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from pyzeroq import _core
+
+__all__ = [
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "asymmetric_params",
+    "fake_quantize_ste",
+    "code_dtype",
+    "qrange",
+]
+
+_UINT8_MAX_BITS = 8
+
+
+def code_dtype(bits: int) -> type:
+    """Storage dtype of ``bits``-bit codes: ``np.uint8`` for bits <= 8, else ``np.uint16``."""
+    return np.uint8 if bits <= _UINT8_MAX_BITS else np.uint16
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Code range ``(0, 2**bits - 1)`` of unsigned ``bits``-bit codes."""
+    return 0, (1 << bits) - 1
+
+
+def _torch():
+    # torch is only looked up if already imported: a tensor argument implies it is.
+    return sys.modules.get("torch")
+
+
+def _param(p: Any) -> Any:
+    """scale / zero_point as something the binding reads (tensors -> numpy)."""
+    torch = _torch()
+    if torch is not None and isinstance(p, torch.Tensor):
+        return p.detach().cpu().numpy()
+    return p
+
+
+def _data(x: Any) -> tuple[Any, bool]:
+    """(numpy view of x, was_torch). Non-CPU tensors are rejected here (CPU kernels)."""
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"x must be a CPU tensor, got device {x.device}")
+        return x.detach().numpy(), True
+    return x, False
+
+
+def quantize(x, scale, zero_point, bits: int, axis: int | None = None):
+    """Integer codes ``clamp(rne(x / scale) + zero_point, 0, 2**bits - 1)`` (uint8 / uint16)."""
+    data, is_torch = _data(x)
+    q = _core.quantize(data, _param(scale), _param(zero_point), bits, axis)
+    return _torch().from_numpy(q) if is_torch else q
+
+
+def dequantize(q, scale, zero_point, axis: int | None = None):
+    """float32 ``scale * (q - zero_point)``; ``q`` must be uint8 or uint16 codes."""
+    data, is_torch = _data(q)
+    y = _core.dequantize(data, _param(scale), _param(zero_point), axis)
+    return _torch().from_numpy(y) if is_torch else y
+
+
+def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None):
+    """float32 ``dequantize(quantize(x))`` in one pass (non-CPU tensors: pure-torch formula)."""
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            with torch.no_grad():
+                return _fake_quantize_torch(x, scale, zero_point, bits, axis)
+        return torch.from_numpy(
+            _core.fake_quantize(x.detach().numpy(), _param(scale), _param(zero_point), bits, axis))
+    return _core.fake_quantize(x, _param(scale), _param(zero_point), bits, axis)
+
+
+def asymmetric_params(x, bits: int, axis: int | None = None, percentile: float | None = None):
+    """Asymmetric ``(scale, zero_point)`` for ``bits``-bit codes from the range of ``x``.
+
+    Range: ``[min, max]`` of the values (per channel along ``axis`` when given), or with
+    ``percentile=p`` (50 <= p <= 100) the clipping range ``[P(100 - p), P(p)]`` where ``P`` is
+    ``numpy.percentile(values, ., method="linear")`` on the values as float64 (e.g. p=99.99
+    drops the 0.01 % extreme values at each end). The range is then widened to hold 0
+    (``min <= 0 <= max``) and::
+
+        scale      = float32((max - min) / (2**bits - 1))   # computed in float64
+        zero_point = clamp(rne(-min / scale), 0, 2**bits - 1)
+
+    A channel whose range is [0, 0] (all zeros, or no elements) gets scale 1.0, zero point 0.
+
+    Returns float32 ``scale`` and int32 ``zero_point`` arrays, 0-d for ``axis=None`` and of
+    shape ``[C]`` otherwise (torch tensors for a torch input).
+    """
+    data, is_torch = _data(x)
+    scale, zp = _core.asymmetric_params(data, bits, axis, percentile)
+    if is_torch:
+        torch = _torch()
+        return torch.from_numpy(scale), torch.from_numpy(zp)
+    return scale, zp
+
+
+# ------------------------------------------------------------------ straight-through estimator
+
+
+def _broadcast_shape(x, axis: int | None) -> tuple[int, ...] | None:
+    if axis is None:
+        return None
+    ndim = x.dim()
+    shape = [1] * ndim
+    shape[axis % ndim if ndim else 0] = -1
+    return tuple(shape)
+
+
+def _fake_quantize_torch(x, scale, zero_point, bits: int, axis: int | None = None):
+    """Pure-torch equivalent of :func:`fake_quantize` (for non-CPU tensors; no data validation).
+
+    ``scale * clamp(round(x / scale), -zp, qmax - zp)``: clamping the rounded offset equals
+    clamping the code (integer bounds), torch.round is half-to-even; bit-exact to the kernel
+    on finite float32 data (tested).
+    """
+    import torch
+
+    qmax = (1 << bits) - 1
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    z = torch.as_tensor(zero_point, device=x.device).to(torch.float32)
+    shape = _broadcast_shape(x, axis)
+    if shape is not None:
+        s = s.reshape(-1).reshape(shape) if s.numel() > 1 else s.reshape(())
+        z = z.reshape(-1).reshape(shape) if z.numel() > 1 else z.reshape(())
+    else:
+        s = s.reshape(())
+        z = z.reshape(())
+    xf = x.to(torch.float32)
+    offset = torch.round(xf / s)
+    offset = torch.minimum(torch.maximum(offset, -z), qmax - z)
+    return (offset * s).to(x.dtype)
+
+
+def _ste_mask_torch(x, scale, zero_point, bits: int, axis: int | None):
+    import torch
+
+    qmax = (1 << bits) - 1
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    z = torch.as_tensor(zero_point, device=x.device).to(torch.float32)
+    shape = _broadcast_shape(x, axis)
+    if shape is not None:
+        s = s.reshape(-1).reshape(shape) if s.numel() > 1 else s.reshape(())
+        z = z.reshape(-1).reshape(shape) if z.numel() > 1 else z.reshape(())
+    else:
+        s, z = s.reshape(()), z.reshape(())
+    lo = s * (0 - z)
+    hi = s * (qmax - z)
+    xf = x.to(torch.float32)
+    return (xf >= lo) & (xf <= hi)
+
+
+_STE = None
+
+
+def _ste_function():
+    global _STE
+    if _STE is None:
+        import torch
+
+        class FakeQuantizeSTE(torch.autograd.Function):
+            """Fake quantization; backward passes the gradient where
+            ``scale*(0-zp) <= x <= scale*(2**bits-1-zp)`` and zeroes it elsewhere.
+            No gradient flows to scale or zero_point."""
+
+            @staticmethod
+            def forward(ctx, x, scale, zero_point, bits, axis):
+                s, z = _param(scale), _param(zero_point)
+                ctx.save_for_backward(x)
+                ctx.quant = (s, z, bits, axis)
+                if x.device.type != "cpu":
+                    return _fake_quantize_torch(x, s, z, bits, axis)
+                y = torch.from_numpy(_core.fake_quantize(x.detach().numpy(), s, z, bits, axis))
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+            @staticmethod
+            def backward(ctx, grad):
+                (x,) = ctx.saved_tensors
+                s, z, bits, axis = ctx.quant
+                if x.device.type != "cpu" or x.dtype != torch.float32 or grad.dtype != torch.float32:
+                    dx = grad * _ste_mask_torch(x, s, z, bits, axis).to(grad.dtype)
+                else:
+                    dx = torch.from_numpy(_core.ste_grad(grad.numpy(), x.detach().numpy(), s, z, bits, axis))
+                return dx, None, None, None, None
+
+        _STE = FakeQuantizeSTE
+    return _STE
+
+
+def fake_quantize_ste(x, scale, zero_point, bits: int, axis: int | None = None):
+    """Fake quantization of a tensor with a straight-through-estimator gradient (for QAT).
+
+    Forward: :func:`fake_quantize` (the C++ kernel on CPU, :func:`_fake_quantize_torch`
+    elsewhere); the output has x's dtype. Backward: ``grad`` where
+    ``scale * (0 - zp) <= x <= scale * (2**bits - 1 - zp)`` (closed range, float32
+    products), 0 outside. ``scale`` / ``zero_point`` get no gradient.
+    """
+    return (_STE or _ste_function()).apply(x, scale, zero_point, bits, axis)

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pyzeroq import evaluate
+
+
+class _Oracle(nn.Module):
+    """Predicts class = mean pixel bucket, so accuracy is known in advance."""
+
+    def forward(self, x):
+        bucket = (x.mean(dim=(1, 2, 3)) * 10).clamp(0, 9).long()
+        return nn.functional.one_hot(bucket, 10).float()
+
+
+def test_top1_and_per_class_against_hand_count():
+    images = np.zeros((6, 28, 28), np.uint8)
+    for i, v in enumerate([0, 30, 60, 90, 120, 250]):
+        images[i] = v
+    predicted = [0, 1, 2, 3, 4, 9]
+    labels = np.array([0, 1, 2, 0, 4, 9])
+    result = evaluate(_Oracle(), images, labels, batch_size=4)
+    assert result.predictions.tolist() == predicted
+    assert result.top1 == pytest.approx(5 / 6)
+    assert result.per_class["T-shirt/top"] == 0.5 and result.per_class["Ankle boot"] == 1.0
+    assert "Trouser" in result.table()
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(_Oracle(), np.zeros((3, 28, 28), np.uint8), [0, 1])
+    with pytest.raises(TypeError, match="images"):
+        evaluate(_Oracle(), [[0]], [0])
+    with pytest.raises(TypeError, match="images"):
+        evaluate(_Oracle(), torch.zeros(2, 28, 28, dtype=torch.int32), [0, 1])
