@@ -216,12 +216,19 @@ def _is_normalizer(module: nn.Module) -> bool:
         isinstance(getattr(module, "std", None), torch.Tensor)
 
 
+class _Tracer(fx.Tracer):
+    """Keeps input-normalization modules whole (one quantization point after them)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _is_normalizer(m) or super().is_leaf_module(m, qualname)
+
+
 def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True,
             percentile: float | None = None) -> tuple[fx.GraphModule, SurgeryInfo]:
     """Trace a copy of ``model`` (eval mode), fold BNs, insert quantized layers and QuantActs."""
     model = copy.deepcopy(model).eval()
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as exc:  # tracing errors come in many types
         raise ValueError(f"model could not be traced by torch.fx ({type(exc).__name__}: {exc}); "
                          "pyzeroq needs a symbolically traceable model") from exc
@@ -255,8 +262,7 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
     points: list[fx.Node] = []
     for node in graph.nodes:
         if node.op == "placeholder":
-            if not any(_is_module(gm, u, ()) or (u.op == "call_module" and _is_normalizer(gm.get_submodule(u.target)))
-                       for u in node.users):
+            if not any(u.op == "call_module" and _is_normalizer(gm.get_submodule(u.target)) for u in node.users):
                 points.append(node)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)

@@ -93,16 +93,22 @@ def dequantize(q, scale, zero_point, axis: int | None = None):
     return _torch().from_numpy(y) if is_torch else y
 
 
-def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None):
-    """float32 ``dequantize(quantize(x))`` in one pass (non-CPU tensors: pure-torch formula)."""
+def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, out=None):
+    """float32 ``dequantize(quantize(x))`` in one pass (non-CPU tensors: pure-torch formula).
+
+    ``out``: optional preallocated C-contiguous float32 array (or CPU tensor) of x's shape,
+    not overlapping x, that receives the result (saves the allocation on repeated calls).
+    """
     torch = _torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             with torch.no_grad():
-                return _fake_quantize_torch(x, scale, zero_point, bits, axis)
-        return torch.from_numpy(
-            _core.fake_quantize(x.detach().numpy(), _param(scale), _param(zero_point), bits, axis))
-    return _core.fake_quantize(x, _param(scale), _param(zero_point), bits, axis)
+                y = _fake_quantize_torch(x, scale, zero_point, bits, axis)
+            return y if out is None else out.copy_(y)
+        y = _core.fake_quantize(x.detach().numpy(), _param(scale), _param(zero_point), bits, axis,
+                                out=None if out is None else out.detach().numpy())
+        return torch.from_numpy(y) if out is None else out
+    return _core.fake_quantize(x, _param(scale), _param(zero_point), bits, axis, out=out)
 
 
 def asymmetric_params(x, bits: int, axis: int | None = None, percentile: float | None = None):
@@ -212,7 +218,8 @@ def _ste_function():
             def backward(ctx, grad):
                 (x,) = ctx.saved_tensors
                 s, z, bits, axis = ctx.quant
-                if x.device.type != "cpu" or x.dtype != torch.float32 or grad.dtype != torch.float32:
+                if (x.device.type != "cpu" or x.dtype != torch.float32 or grad.dtype != torch.float32
+                        or not grad.is_contiguous()):  # e.g. expanded grads: let torch broadcast
                     dx = grad * _ste_mask_torch(x, s, z, bits, axis).to(grad.dtype)
                 else:
                     dx = torch.from_numpy(_core.ste_grad(grad.numpy(), x.detach().numpy(), s, z, bits, axis))

@@ -160,7 +160,7 @@ def choose_bits(gm: nn.Module, data: torch.Tensor, config: QuantConfig, report: 
                 keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
                 keep_per_bin_exact=config.mp_keep_exact, bins=bins)
             choice = np.asarray(result.choice)
-            report.relaxation = {"exact_kl": float(result.exact), "independent_choice_exact_kl":
+            report.relaxation = {"exact_kl": float(result.total), "independent_choice_exact_kl":
                                  float(evaluator(np.asarray([np.asarray(pareto.solve(omega, cost, budget, bins=bins)[0])]))[0]),
                                  "evaluations": evaluator.configurations, "batched_calls": evaluator.calls}
         estimate = float(sum(omega[i, c] for i, c in enumerate(choice)))

@@ -194,15 +194,30 @@ py::array dequantize_py(const py::handle& q_obj, const py::handle& scale, const 
   throw py::type_error("q must hold unsigned codes (uint8 or uint16), got dtype " + dtype_name(q));
 }
 
+// `out`: None (allocate) or a writeable C-contiguous float32 array of x's shape not overlapping x.
+py::array_t<float> output_like(const FloatArray& x, const py::object& out_obj) {
+  if (out_obj.is_none()) return py::array_t<float>(shape_of(x));
+  if (!py::isinstance<py::array>(out_obj)) throw py::type_error("out must be a numpy array or None");
+  py::array out = py::reinterpret_borrow<py::array>(out_obj);
+  if (!out.dtype().is(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) || !out.writeable())
+    throw py::type_error("out must be a writeable C-contiguous float32 array, got dtype " + dtype_name(out));
+  if (shape_of(out) != shape_of(x)) throw py::value_error("out must have the shape of x");
+  const auto* o = static_cast<const char*>(out.data());
+  const auto* xb = static_cast<const char*>(static_cast<const void*>(x.data()));
+  const auto bytes = static_cast<std::size_t>(x.nbytes());
+  if (bytes != 0 && o < xb + bytes && xb < o + bytes) throw py::value_error("out must not overlap x");
+  return py::reinterpret_borrow<py::array_t<float>>(out);
+}
+
 template <bool Reference>
 py::array fake_quantize_py(const py::handle& x_obj, const py::handle& scale, const py::handle& zero_point,
-                           const py::handle& bits_obj, const py::object& axis) {
+                           const py::handle& bits_obj, const py::object& axis, const py::object& out) {
   const FloatArray x = float_data(x_obj, "x");
   const int bits = bits_arg(bits_obj);
   const std::int32_t qmax = quant::qmax_for_bits(bits);
   const quant::Layout l = layout_for(x, axis);
   const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
-  py::array_t<float> y(shape_of(x));
+  py::array_t<float> y = output_like(x, out);
   bool bad;
   {
     py::gil_scoped_release nogil;
@@ -268,7 +283,8 @@ void register_quantize(pybind11::module_& m) {
   m.def("dequantize", &dequantize_py<false>, arg("q"), arg("scale"), arg("zero_point"), arg("axis") = py::none(),
         "real = scale * (q - zero_point) as float32; q uint8 or uint16.");
   m.def("fake_quantize", &fake_quantize_py<false>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
-        arg("axis") = py::none(), "dequantize(quantize(x)) in one pass, float32.");
+        arg("axis") = py::none(), py::kw_only(), arg("out") = py::none(),
+        "dequantize(quantize(x)) in one pass, float32; `out`: optional preallocated result array.");
   m.def("ste_grad", &ste_grad_py, arg("grad"), arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
         arg("axis") = py::none(),
         "Straight-through gradient: grad where scale*(0-zp) <= x <= scale*(2^bits-1-zp), else 0.");
@@ -281,7 +297,8 @@ void register_quantize(pybind11::module_& m) {
   m.def("_dequantize_reference", &dequantize_py<true>, arg("q"), arg("scale"), arg("zero_point"),
         arg("axis") = py::none(), "Plain-loop reference of dequantize (tests only).");
   m.def("_fake_quantize_reference", &fake_quantize_py<true>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
-        arg("axis") = py::none(), "Plain-loop reference of fake_quantize (tests only).");
+        arg("axis") = py::none(), py::kw_only(), arg("out") = py::none(),
+        "Plain-loop reference of fake_quantize (tests only).");
 }
 
 }  // namespace pyzeroq

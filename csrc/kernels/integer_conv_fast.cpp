@@ -17,11 +17,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <vector>
 
 #include "kernels/integer_conv.hpp"
-#include "kernels/parallel.hpp"
 
 namespace pyzeroq {
 namespace integer {
@@ -33,6 +33,7 @@ constexpr int64_t kDwC = 16;  // channels per depthwise vector block
 // Pairs per int32 lane: 16384 * 2 * 255 * 255 < 2^31.
 constexpr int64_t kMaxPairs = 16384;
 constexpr int64_t kBlocksPerTask = 8;  // micro-tiles of positions per parallel task
+constexpr int64_t kImagesPerThread = 2;  // batch size per thread above which tasks are whole images
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -140,24 +141,137 @@ __attribute__((target("avx2"))) void dw_avx2(const int16_t* x, const int64_t* ta
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), a1);
 }
 
+// ---- epilogue: exact accumulators of consecutive channels -> codes -----------
+constexpr int64_t kMaxRow = 16;  // channels per epilogue row (kNR, kDwC)
+
+// float32_rne requantization of one row (same arithmetic as Requantizer::apply).
+__attribute__((target_clones("avx2", "default"))) void requant_row_f32(
+    const int64_t* __restrict e, const float* __restrict m, int64_t n, float flo, float fhi, int32_t zp,
+    int32_t* __restrict codes) {
+  for (int64_t j = 0; j < n; ++j) {
+    float f = static_cast<float>(static_cast<int32_t>(e[j])) * m[j];
+    f = f < flo ? flo : f;
+    f = f > fhi ? fhi : f;
+    codes[j] = static_cast<int32_t>((f + kRoundMagic) - kRoundMagic) + zp;
+  }
+}
+
+// Same, when acc + bias provably fits the accumulator: int32 throughout, one
+// vectorizable loop that also tracks the min / max for the stats.
+// `rows` rows of `n` channels, row i at acc + i * ld / codes + i * ld.
+__attribute__((target_clones("avx2", "default"))) void requant_rows_f32_safe(
+    const int32_t* __restrict acc, int64_t rows, int64_t ld, const int32_t* __restrict bias,
+    const float* __restrict m, int64_t n, float flo, float fhi, int32_t zp, int32_t* __restrict codes,
+    int32_t* mn_out, int32_t* mx_out) {
+  int32_t mn = *mn_out, mx = *mx_out;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t e = acc[i * ld + j] + bias[j];
+      mn = e < mn ? e : mn;
+      mx = e > mx ? e : mx;
+      float f = static_cast<float>(e) * m[j];
+      f = f < flo ? flo : f;
+      f = f > fhi ? fhi : f;
+      codes[i * ld + j] = static_cast<int32_t>((f + kRoundMagic) - kRoundMagic) + zp;
+    }
+  }
+  *mn_out = mn;
+  *mx_out = mx;
+}
+
+constexpr int64_t kMaxProduct = 255 * 255;  // |(x - zx) * (w - zw)| for 8-bit codes
+
+template <class T>
+void scatter(T* __restrict y, int64_t stride, const int32_t* __restrict codes, int64_t cstride, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<T>(codes[k * cstride]);
+}
+
+class Epilogue {
+ public:
+  // `reduction`: products summed per output (taps * input channels per group).
+  Epilogue(const QConvArgs& a, int64_t reduction) : a_(a), bias_(a.g.O, 0), bias32_(a.g.O, 0), m32_(a.g.O) {
+    int64_t max_bias = 0;
+    for (int64_t o = 0; o < a.g.O; ++o) {
+      if (a.bias) bias_[o] = bias32_[o] = a.bias[o];
+      max_bias = std::max<int64_t>(max_bias, bias_[o] < 0 ? -bias_[o] : bias_[o]);
+      m32_[o] = a.rq.ch[o].m32;
+    }
+    f32_ = a.rq.spec.mode == Rounding::Float32Rne;
+    safe_ = f32_ && reduction * kMaxProduct + max_bias <= a.acc.max();
+    flo_ = static_cast<float>(a.rq.lo - a.rq.zero_point);
+    fhi_ = static_cast<float>(a.rq.hi - a.rq.zero_point);
+  }
+  // codes[j] for channel o0 + j from the int32 partial sums acc[j], j < nj <= kMaxRow.
+  // `rows` rows at acc + i * ld -> codes + i * ld.
+  void tile(const int32_t* acc, int64_t rows, int64_t ld, int64_t o0, int64_t nj, int32_t* codes, AccStats& st) const {
+    if (safe_) {
+      int32_t mn = std::numeric_limits<int32_t>::max(), mx = std::numeric_limits<int32_t>::min();
+      requant_rows_f32_safe(acc, rows, ld, bias32_.data() + o0, m32_.data() + o0, nj, flo_, fhi_, a_.rq.zero_point,
+                            codes, &mn, &mx);
+      st.add(mn);
+      st.add(mx);
+      return;
+    }
+    for (int64_t i = 0; i < rows; ++i) row(acc + i * ld, o0, nj, codes + i * ld, st);
+  }
+  void row(const int32_t* acc, int64_t o0, int64_t nj, int32_t* codes, AccStats& st) const {
+    int64_t e[kMaxRow];
+    int64_t mn = std::numeric_limits<int64_t>::max(), mx = std::numeric_limits<int64_t>::min();
+    for (int64_t j = 0; j < nj; ++j) {
+      e[j] = static_cast<int64_t>(acc[j]) + bias_[o0 + j];
+      mn = e[j] < mn ? e[j] : mn;
+      mx = e[j] > mx ? e[j] : mx;
+    }
+    if (mn >= a_.acc.min() && mx <= a_.acc.max()) {
+      st.add(mn);
+      st.add(mx);
+      if (f32_) {
+        requant_row_f32(e, m32_.data() + o0, nj, flo_, fhi_, a_.rq.zero_point, codes);
+      } else {
+        for (int64_t j = 0; j < nj; ++j) codes[j] = a_.rq.apply(static_cast<int32_t>(e[j]), o0 + j);
+      }
+      return;
+    }
+    for (int64_t j = 0; j < nj; ++j)
+      codes[j] = a_.rq.apply(model_accumulator(e[j], a_.acc, st), static_cast<std::size_t>(o0 + j));
+  }
+  // y[base + k * stride] = codes[k * cstride], k < n (a local __restrict pointer:
+  // byte stores would otherwise force reloads of everything they may alias).
+  void store(int64_t base, int64_t stride, const int32_t* codes, int64_t cstride, int64_t n) const {
+    if (a_.y16)
+      scatter(static_cast<uint16_t*>(a_.y) + base, stride, codes, cstride, n);
+    else
+      scatter(static_cast<uint8_t*>(a_.y) + base, stride, codes, cstride, n);
+  }
+
+ private:
+  const QConvArgs& a_;
+  std::vector<int64_t> bias_;
+  std::vector<int32_t> bias32_;
+  std::vector<float> m32_;
+  bool f32_, safe_;
+  float flo_, fhi_;
+};
+
 // ---- packing ----------------------------------------------------------------
 struct Padded {
   int64_t Hp, Wp, Ctot;
   int64_t image_size() const { return Hp * Wp * Ctot; }
 };
 
-// buf[(h + pt) * Wp + (w + pl)][chan(c)] = x[n, c, h, w] - zx; everything else 0.
-// chan(c) = (c / Cg) * Cgp + c % Cg.
-void pack_image(const QConvArgs& a, const Padded& pd, int64_t Cgp, int64_t n, int16_t* buf) {
+// buf[(h + pt) * Wp + (w + pl)][chan(c) - chan0] = x[n, c, h, w] - zx for c in
+// [c0, c1); everything else 0. chan(c) = (c / Cg) * Cgp + c % Cg.
+void pack_image(const QConvArgs& a, const Padded& pd, int64_t Cgp, int64_t n, int64_t c0, int64_t c1, int64_t chan0,
+                int16_t* buf) {
   const ConvGeom& g = a.g;
   std::fill(buf, buf + pd.image_size(), int16_t{0});
   const int64_t Cg = g.Cg();
   const uint8_t* xn = a.x + n * g.in_sn;
-  for (int64_t c = 0; c < g.C; ++c) {
-    const int64_t chan = (c / Cg) * Cgp + c % Cg;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t chan = (c / Cg) * Cgp + c % Cg - chan0;
     for (int64_t h = 0; h < g.H; ++h) {
-      const uint8_t* src = xn + c * g.in_sc + h * g.in_sh;
-      int16_t* dst = buf + ((h + g.pt) * pd.Wp + g.pl) * pd.Ctot + chan;
+      const uint8_t* __restrict src = xn + c * g.in_sc + h * g.in_sh;
+      int16_t* __restrict dst = buf + ((h + g.pt) * pd.Wp + g.pl) * pd.Ctot + chan;
       for (int64_t w = 0; w < g.W; ++w)
         dst[w * pd.Ctot] = static_cast<int16_t>(static_cast<int32_t>(src[w * g.in_sw]) - a.x_zero_point);
     }
@@ -192,7 +306,7 @@ class StatsSink {
 AccStats run_sequential_parallel(const QConvArgs& a) {
   StatsSink sink;
   const int64_t P = a.g.OH * a.g.OW;
-  parallel_for(static_cast<std::size_t>(a.g.N * a.g.O), 1, [&](std::size_t b, std::size_t e) {
+  run_parallel(static_cast<std::size_t>(a.g.N * a.g.O), 1, [&](std::size_t b, std::size_t e) {
     AccStats st;
     for (std::size_t r = b; r < e; ++r)
       for (int64_t p = 0; p < P; ++p)
@@ -224,42 +338,59 @@ AccStats run_general(const QConvArgs& a, bool force_generic) {
         dst[((t * CP + ci / 2) * kNR + j) * 2 + ci % 2] = static_cast<int16_t>(v);
       }
   }
-  std::vector<int16_t> xbuf(static_cast<std::size_t>(g.N * pd.image_size()));
-  parallel_for(static_cast<std::size_t>(g.N), 1, [&](std::size_t b, std::size_t e) {
-    for (std::size_t n = b; n < e; ++n)
-      pack_image(a, pd, Cgp, static_cast<int64_t>(n), xbuf.data() + n * pd.image_size());
-  });
   const std::vector<int64_t> tapoff = tap_offsets(g, pd);
   const MicroKernel kernel = (!force_generic && has_avx2()) ? micro_avx2 : micro_generic;
+  const Epilogue epi(a, T * Cg);
 
-  const int64_t chunks = (PB + kBlocksPerTask - 1) / kBlocksPerTask;
-  StatsSink sink;
-  parallel_for(static_cast<std::size_t>(g.N * G * chunks), 1, [&](std::size_t b, std::size_t e) {
-    AccStats st;
+  // Positions [pb_begin, pb_end) (in micro-tiles) of group grp of image n.
+  auto compute = [&](const int16_t* image, int64_t n, int64_t grp, int64_t pb_begin, int64_t pb_end, AccStats& st) {
     alignas(32) int32_t acc[kMR * kNR];
+    int32_t codes[kMR * kNR];
     const int16_t* xp[kMR];
+    const int16_t* img = image + grp * Cgp;
+    for (int64_t pb = pb_begin; pb < pb_end; ++pb) {
+      const int64_t p0 = pb * kMR;
+      const int64_t np = std::min(kMR, P - p0);
+      for (int64_t i = 0; i < kMR; ++i) xp[i] = position_ptr(g, pd, img, p0 + std::min(i, np - 1));
+      for (int64_t ob = 0; ob < OB; ++ob) {
+        kernel(xp, tapoff.data(), T, CP, wpk.data() + (grp * OB + ob) * panel, acc);
+        const int64_t nj = std::min(kNR, Og - ob * kNR);
+        const int64_t o0 = grp * Og + ob * kNR;
+        epi.tile(acc, np, kNR, o0, nj, codes, st);
+        for (int64_t j = 0; j < nj; ++j)
+          epi.store(n * g.out_sn + (o0 + j) * g.out_so + p0 * g.out_sp, g.out_sp, codes + j, kNR, np);
+      }
+    }
+  };
+  StatsSink sink;
+  if (g.N >= kImagesPerThread * static_cast<int64_t>(hardware_threads())) {
+    // many images: one task per image, packed into a cache-resident per-thread buffer
+    run_parallel(static_cast<std::size_t>(g.N), 1, [&](std::size_t b, std::size_t e) {
+      AccStats st;
+      std::vector<int16_t> buf(static_cast<std::size_t>(pd.image_size()));
+      for (std::size_t n = b; n < e; ++n) {
+        pack_image(a, pd, Cgp, static_cast<int64_t>(n), 0, g.C, 0, buf.data());
+        for (int64_t grp = 0; grp < G; ++grp) compute(buf.data(), static_cast<int64_t>(n), grp, 0, PB, st);
+      }
+      sink.merge(st);
+    });
+    return sink.total();
+  }
+  // few images (matmul, batch 1): pack all, then split positions across threads
+  std::vector<int16_t> xbuf(static_cast<std::size_t>(g.N * pd.image_size()));
+  run_parallel(static_cast<std::size_t>(g.N), 1, [&](std::size_t b, std::size_t e) {
+    for (std::size_t n = b; n < e; ++n)
+      pack_image(a, pd, Cgp, static_cast<int64_t>(n), 0, g.C, 0, xbuf.data() + n * pd.image_size());
+  });
+  const int64_t chunks = (PB + kBlocksPerTask - 1) / kBlocksPerTask;
+  run_parallel(static_cast<std::size_t>(g.N * G * chunks), 1, [&](std::size_t b, std::size_t e) {
+    AccStats st;
     for (std::size_t task = b; task < e; ++task) {
       const int64_t n = static_cast<int64_t>(task) / (G * chunks);
       const int64_t grp = (static_cast<int64_t>(task) / chunks) % G;
       const int64_t chunk = static_cast<int64_t>(task) % chunks;
-      const int16_t* img = xbuf.data() + n * pd.image_size() + grp * Cgp;
-      const int64_t pb_end = std::min(PB, (chunk + 1) * kBlocksPerTask);
-      for (int64_t pb = chunk * kBlocksPerTask; pb < pb_end; ++pb) {
-        const int64_t p0 = pb * kMR;
-        const int64_t np = std::min(kMR, P - p0);
-        for (int64_t i = 0; i < kMR; ++i) xp[i] = position_ptr(g, pd, img, p0 + std::min(i, np - 1));
-        for (int64_t ob = 0; ob < OB; ++ob) {
-          kernel(xp, tapoff.data(), T, CP, wpk.data() + (grp * OB + ob) * panel, acc);
-          const int64_t nj = std::min(kNR, Og - ob * kNR);
-          for (int64_t j = 0; j < nj; ++j) {
-            const int64_t o = grp * Og + ob * kNR + j;
-            const int64_t bias = a.bias ? a.bias[o] : 0;
-            const int64_t base = n * g.out_sn + o * g.out_so;
-            for (int64_t i = 0; i < np; ++i)
-              finish_output(a, static_cast<int64_t>(acc[i * kNR + j]) + bias, o, base + (p0 + i) * g.out_sp, st);
-          }
-        }
-      }
+      compute(xbuf.data() + n * pd.image_size(), n, grp, chunk * kBlocksPerTask,
+              std::min(PB, (chunk + 1) * kBlocksPerTask), st);
     }
     sink.merge(st);
   });
@@ -270,35 +401,31 @@ AccStats run_depthwise(const QConvArgs& a, bool force_generic) {
   const ConvGeom& g = a.g;
   const int64_t C = g.C, T = g.KH * g.KW;
   const int64_t CB = (C + kDwC - 1) / kDwC;
-  const Padded pd{g.H + g.pt + g.pb, g.W + g.pl + g.pr, CB * kDwC};
+  // one channel block of one image at a time: [Hp][Wp][kDwC] stays in L1
+  const Padded pd{g.H + g.pt + g.pb, g.W + g.pl + g.pr, kDwC};
   const int64_t P = g.OH * g.OW;
   std::vector<int32_t> wpk(static_cast<std::size_t>(CB * T * kDwC), 0);  // [CB][T][kDwC]
   for (int64_t c = 0; c < C; ++c)
     for (int64_t t = 0; t < T; ++t)
       wpk[((c / kDwC) * T + t) * kDwC + c % kDwC] = static_cast<int32_t>(a.w[c * T + t]) - a.w_zero_point[c];
-  std::vector<int16_t> xbuf(static_cast<std::size_t>(g.N * pd.image_size()));
-  parallel_for(static_cast<std::size_t>(g.N), 1, [&](std::size_t b, std::size_t e) {
-    for (std::size_t n = b; n < e; ++n)
-      pack_image(a, pd, 1, static_cast<int64_t>(n), xbuf.data() + n * pd.image_size());
-  });
   const std::vector<int64_t> tapoff = tap_offsets(g, pd);
   const DwKernel kernel = (!force_generic && has_avx2()) ? dw_avx2 : dw_generic;
+  const Epilogue epi(a, T);
   StatsSink sink;
-  parallel_for(static_cast<std::size_t>(g.N * CB), 1, [&](std::size_t b, std::size_t e) {
+  run_parallel(static_cast<std::size_t>(g.N * CB), 1, [&](std::size_t b, std::size_t e) {
     AccStats st;
     alignas(32) int32_t acc[kDwC];
+    int32_t codes[kDwC];
+    std::vector<int16_t> buf(static_cast<std::size_t>(pd.image_size()));
     for (std::size_t task = b; task < e; ++task) {
       const int64_t n = static_cast<int64_t>(task) / CB, cb = static_cast<int64_t>(task) % CB;
-      const int16_t* img = xbuf.data() + n * pd.image_size() + cb * kDwC;
+      const int64_t c0 = cb * kDwC, nc = std::min(kDwC, C - c0);
+      pack_image(a, pd, 1, n, c0, c0 + nc, c0, buf.data());
       const int32_t* wp = wpk.data() + cb * T * kDwC;
-      const int64_t nc = std::min(kDwC, C - cb * kDwC);
       for (int64_t p = 0; p < P; ++p) {
-        kernel(position_ptr(g, pd, img, p), tapoff.data(), T, wp, acc);
-        for (int64_t j = 0; j < nc; ++j) {
-          const int64_t o = cb * kDwC + j;
-          const int64_t bias = a.bias ? a.bias[o] : 0;
-          finish_output(a, static_cast<int64_t>(acc[j]) + bias, o, n * g.out_sn + o * g.out_so + p * g.out_sp, st);
-        }
+        kernel(position_ptr(g, pd, buf.data(), p), tapoff.data(), T, wp, acc);
+        epi.tile(acc, 1, kDwC, c0, nc, codes, st);
+        epi.store(n * g.out_sn + c0 * g.out_so + p * g.out_sp, g.out_so, codes, 1, nc);
       }
     }
     sink.merge(st);

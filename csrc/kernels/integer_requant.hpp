@@ -5,6 +5,7 @@
 // No FMA target is ever enabled in the integer_* sources (a contracted
 // multiply-add would change float32_rne results).
 #pragma once
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -13,8 +14,25 @@
 #include <string>
 #include <vector>
 
+#include "kernels/parallel.hpp"
+
 namespace pyzeroq {
 namespace integer {
+
+// Thread setting of the integer kernels: 0 = all hardware threads
+// (pyzeroq::parallel_for), 1 = run inline (single-thread benchmarks, debugging).
+inline std::atomic<int>& thread_setting() {
+  static std::atomic<int> v{0};
+  return v;
+}
+template <class Fn>
+void run_parallel(std::size_t n, std::size_t grain, Fn&& fn) {
+  if (thread_setting().load() == 1) {
+    if (n > 0) fn(std::size_t{0}, n);
+    return;
+  }
+  parallel_for(n, grain, fn);
+}
 
 enum class Rounding { Float32Rne, Gemmlowp, Dyadic };
 // Tie rule of the dyadic shift: half_even (torch.round / HAWQ-V3's fixed-point
@@ -104,8 +122,9 @@ inline ChannelMultiplier make_multiplier(const RequantSpec& spec, float m32, dou
   return c;
 }
 
-// gemmlowp SaturatingRoundingDoublingHighMul: round(a*b / 2^31), ties away
-// from zero via the +/- 2^30 nudge and truncating division; INT32_MIN^2 saturates.
+// gemmlowp SaturatingRoundingDoublingHighMul: round(a*b / 2^31) via the nudge
+// (+2^30 for ab >= 0, 1 - 2^30 below) and truncating division, so ties go
+// toward +inf (9.5 -> 10, -9.5 -> -9); INT32_MIN * INT32_MIN saturates.
 inline int32_t srdhm(int32_t a, int32_t b) {
   if (a == b && a == std::numeric_limits<int32_t>::min()) return std::numeric_limits<int32_t>::max();
   const int64_t ab = static_cast<int64_t>(a) * static_cast<int64_t>(b);
@@ -135,8 +154,8 @@ inline int32_t multiply_by_quantized_multiplier(int32_t x, int32_t q31, int shif
 // Exact round(p / 2^n) for int64 p with the chosen tie rule.
 inline int64_t round_shift(int64_t p, int n, DyadicRound r) {
   if (n <= 0) return p;
-  const int64_t q = p >> n;  // floor
-  const int64_t rem = p - (q << n);
+  const int64_t q = p >> n;  // floor (arithmetic shift)
+  const int64_t rem = static_cast<int64_t>(static_cast<uint64_t>(p) & ((uint64_t{1} << n) - 1));  // p - q * 2^n
   const int64_t half = int64_t{1} << (n - 1);
   switch (r) {
     case DyadicRound::HalfUp: return q + (rem >= half ? 1 : 0);

@@ -8,9 +8,13 @@
 
 namespace pyzeroq {
 
+// Read once: hardware_concurrency() parses /sys on every call (~25 us).
 inline unsigned hardware_threads() {
-  unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1u : n;
+  static const unsigned n = [] {
+    unsigned c = std::thread::hardware_concurrency();
+    return c == 0 ? 1u : c;
+  }();
+  return n;
 }
 
 // fn(begin, end) is called on disjoint chunks covering [0, n).

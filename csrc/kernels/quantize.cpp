@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -26,7 +27,6 @@ namespace {
 
 constexpr float kRoundMagic = 12582912.0f;            // 1.5 * 2^23
 constexpr std::size_t kGrain = std::size_t{1} << 16;  // elements per thread before splitting pays
-constexpr std::size_t kLanes = 16;                    // independent accumulators in reductions
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // 1 when x is NaN or +-Inf.
@@ -182,33 +182,40 @@ PYZEROQ_SIMD_CLONES void ste_vec(const float* __restrict dy, const float* __rest
 }
 
 // ---------------------------------------------------------------- min / max
+// Min/max reductions need reassociation GCC will not do without -ffinite-math-only, so they are
+// written with GCC vector extensions (8 floats; two SSE registers on the baseline clone).
+// (v - v) != 0 is true exactly for NaN and +-Inf.
+using V8f = float __attribute__((vector_size(32)));
+using V8i = std::int32_t __attribute__((vector_size(32)));
+constexpr std::size_t kVecWidth = 8;
+
 PYZEROQ_SIMD_CLONES unsigned minmax_scalar(const float* __restrict x, std::size_t n, float* mn_out, float* mx_out) {
-  float mn[kLanes], mx[kLanes];
-  unsigned bad[kLanes];
-  for (std::size_t j = 0; j < kLanes; ++j) {
-    mn[j] = kInf;
-    mx[j] = -kInf;
-    bad[j] = 0;
-  }
+  const V8f zero = {};
+  V8f mn0 = zero + kInf, mn1 = mn0, mx0 = zero - kInf, mx1 = mx0;
+  V8i bad = {};
   std::size_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (std::size_t j = 0; j < kLanes; ++j) {
-      const float v = x[i + j];
-      bad[j] |= nonfinite(v);
-      mn[j] = v < mn[j] ? v : mn[j];
-      mx[j] = v > mx[j] ? v : mx[j];
-    }
+  for (; i + 2 * kVecWidth <= n; i += 2 * kVecWidth) {
+    V8f a, b;
+    std::memcpy(&a, x + i, sizeof a);
+    std::memcpy(&b, x + i + kVecWidth, sizeof b);
+    bad |= ((a - a) != zero) | ((b - b) != zero);
+    mn0 = a < mn0 ? a : mn0;
+    mn1 = b < mn1 ? b : mn1;
+    mx0 = a > mx0 ? a : mx0;
+    mx1 = b > mx1 ? b : mx1;
+  }
+  mn0 = mn1 < mn0 ? mn1 : mn0;
+  mx0 = mx1 > mx0 ? mx1 : mx0;
+  unsigned any_bad = 0;
+  for (std::size_t j = 0; j < kVecWidth; ++j) {
+    any_bad |= bad[j] != 0;
+    *mn_out = mn0[j] < *mn_out ? mn0[j] : *mn_out;
+    *mx_out = mx0[j] > *mx_out ? mx0[j] : *mx_out;
   }
   for (; i < n; ++i) {
-    bad[0] |= nonfinite(x[i]);
-    mn[0] = x[i] < mn[0] ? x[i] : mn[0];
-    mx[0] = x[i] > mx[0] ? x[i] : mx[0];
-  }
-  unsigned any_bad = 0;
-  for (std::size_t j = 0; j < kLanes; ++j) {
-    any_bad |= bad[j];
-    *mn_out = mn[j] < *mn_out ? mn[j] : *mn_out;
-    *mx_out = mx[j] > *mx_out ? mx[j] : *mx_out;
+    any_bad |= nonfinite(x[i]);
+    *mn_out = x[i] < *mn_out ? x[i] : *mn_out;
+    *mx_out = x[i] > *mx_out ? x[i] : *mx_out;
   }
   return any_bad;
 }
@@ -224,6 +231,17 @@ PYZEROQ_SIMD_CLONES unsigned minmax_vec(const float* __restrict x, std::size_t n
 }
 
 // ---------------------------------------------------------------- driver
+// parallel_for asks the OS for the CPU count on every call (~10 us, reads /sys); calls that fit
+// one thread anyway skip it.
+template <class Fn>
+void chunked(std::size_t n, std::size_t grain, Fn&& fn) {
+  if (n <= grain) {
+    if (n != 0) fn(std::size_t{0}, n);
+    return;
+  }
+  parallel_for(n, grain, fn);
+}
+
 // Channels == 1 means one parameter set for everything: fold outer into inner.
 Layout normalized(const Layout& l) {
   if (l.channels == 1) return Layout{1, 1, l.outer * l.inner};
@@ -237,7 +255,7 @@ template <class Scalar, class Vec>
 bool run_segments(const Layout& l, Scalar&& scalar, Vec&& vec) {
   std::atomic<bool> any_bad{false};
   const std::size_t channels = l.channels, inner = l.inner;
-  parallel_for(l.size(), kGrain, [&](std::size_t begin, std::size_t end) {
+  chunked(l.size(), kGrain, [&](std::size_t begin, std::size_t end) {
     unsigned bad = 0;
     std::size_t i = begin;
     if (inner == 1 && channels > 1) {
@@ -368,7 +386,9 @@ bool fake_quantize(const float* x, float* y, const Layout& layout, const AffineP
   const ChannelTable t(l.channels, p);
   return run_segments(
       l,
-      [&](std::size_t i, std::size_t n, std::size_t c) { return fq_scalar(x + i, y + i, n, t.scale[c], t.lo[c], t.hi[c]); },
+      [&](std::size_t i, std::size_t n, std::size_t c) {
+        return fq_scalar(x + i, y + i, n, t.scale[c], t.lo[c], t.hi[c]);
+      },
       [&](std::size_t i, std::size_t n, std::size_t c) {
         return fq_vec(x + i, y + i, n, &t.scale[c], &t.lo[c], &t.hi[c]);
       });
@@ -425,7 +445,7 @@ bool asymmetric_params(const float* x, const Layout& layout, int bits, double pe
     std::vector<float> mn(channels, kInf), mx(channels, -kInf);
     std::mutex merge;
     const std::size_t inner = l.inner;
-    parallel_for(l.size(), kGrain, [&](std::size_t begin, std::size_t end) {
+    chunked(l.size(), kGrain, [&](std::size_t begin, std::size_t end) {
       std::vector<float> lmn(channels, kInf), lmx(channels, -kInf);
       unsigned bad = 0;
       std::size_t i = begin;
@@ -460,7 +480,8 @@ bool asymmetric_params(const float* x, const Layout& layout, int bits, double pe
     const double q_hi = percentile / kPercentScale;
     const double q_lo = (kPercentScale - percentile) / kPercentScale;
     const std::size_t per_channel = l.outer * l.inner;
-    parallel_for(channels, 1, [&](std::size_t c_begin, std::size_t c_end) {
+    // one thread per group of channels, unless the whole tensor is small
+    chunked(channels, channels * per_channel <= kGrain ? channels : 1, [&](std::size_t c_begin, std::size_t c_end) {
       std::vector<double> values(per_channel);
       for (std::size_t c = c_begin; c < c_end; ++c) {
         if (per_channel == 0) continue;

@@ -38,25 +38,30 @@ def save_checkpoint(model: FCOSDetector, path: Path, meta: dict) -> None:
 
 
 def train(steps: int, batch_size: int, lr: float, weight_decay: float, seed: int, out: Path,
-          threads: int | None = None, eval_every: int = 1000, device: str = "cpu") -> dict:
+          threads: int | None = None, eval_every: int = 1000, device: str = "cpu", stop_after: int | None = None,
+          init: Path | None = None, warmup: int = WARMUP_STEPS) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.Generator(np.random.PCG64([seed, 7]))
     model = FCOSDetector().to(device)
+    if init is not None:
+        ckpt = torch.load(init, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["state_dict"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def lr_at(step: int) -> float:
-        if step < WARMUP_STEPS:
-            return (step + 1) / WARMUP_STEPS
-        t = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
         return 0.5 * (1 + np.cos(np.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     eval_images, eval_coco = make_scenes("test", EVAL_IMAGES, seed=1)
     start = time.time()
     history = []
-    bar = tqdm(range(steps), desc="detector", mininterval=PROGRESS_INTERVAL_S)
+    last = min(steps, stop_after) if stop_after else steps
+    bar = tqdm(range(last), desc="detector", mininterval=PROGRESS_INTERVAL_S)
     running = None
     for step in bar:
         model.train()
@@ -71,13 +76,15 @@ def train(steps: int, batch_size: int, lr: float, weight_decay: float, seed: int
         vals = {k: v.item() for k, v in parts.items()}
         running = vals if running is None else {k: 0.98 * running[k] + 0.02 * vals[k] for k in vals}
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        if (step + 1) % eval_every == 0 or step + 1 == last:
             m = evaluate_detector(model, eval_images, eval_coco)
             history.append({"step": step + 1, **running, **m, "elapsed_s": round(time.time() - start, 1)})
             print(json.dumps(history[-1]), flush=True)
-            save_checkpoint(model, out, {"seed": seed, "steps": step + 1, "batch_size": batch_size, "lr": lr,
-                                         "weight_decay": weight_decay, "eval": m})
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+            save_checkpoint(model, out, {"seed": seed, "steps": step + 1, "schedule_steps": steps, "batch_size":
+                                         batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
+                                         "init": str(init) if init else None, "eval": m})
+    return {"steps": last, "schedule_steps": steps, "init": str(init) if init else None, "warmup": warmup,
+            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
             "num_params": sum(p.numel() for p in model.parameters()), "history": history,
             "eval_test_seed1_500": history[-1] if history else None}
 
@@ -93,10 +100,15 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
+    parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights")
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS)
     args = parser.parse_args(argv)
     summary = train(args.steps, args.batch_size, args.lr, args.weight_decay, args.seed, args.out,
-                    args.threads, args.eval_every, args.device)
-    args.out.with_suffix(".train.json").write_text(json.dumps(summary, indent=2))
+                    args.threads, args.eval_every, args.device, args.stop_after, args.init, args.warmup)
+    log = args.out.with_suffix(".train.json")
+    phases = json.loads(log.read_text()).get("phases", []) if (args.init and log.exists()) else []
+    log.write_text(json.dumps({**summary, "phases": phases + [summary]}, indent=2))
     print(f"saved {args.out}: {summary['eval_test_seed1_500']}")
 
 

@@ -1,0 +1,112 @@
+"""Type stub of the private extension pyzeroq._core (numeric core; see pyzeroq.ops, pyzeroq.pareto, pyzeroq.integer)."""
+from typing import Any, SupportsIndex
+import numpy as np
+import numpy.typing as npt
+
+# --- quantize (csrc/bindings/quantize.cpp) ---------------------------------------------
+# Array-like arguments: numpy arrays (or anything numpy.asarray accepts). Data are float32
+# internally (C-contiguous native float32 used in place). Errors: ValueError / TypeError.
+
+
+def quantize(
+    x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
+    axis: SupportsIndex | None = None,
+) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
+def dequantize(
+    q: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], scale: npt.ArrayLike, zero_point: npt.ArrayLike,
+    axis: SupportsIndex | None = None,
+) -> npt.NDArray[np.float32]: ...
+def fake_quantize(
+    x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
+    axis: SupportsIndex | None = None, *, out: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]: ...
+def ste_grad(
+    grad: npt.ArrayLike, x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
+    axis: SupportsIndex | None = None,
+) -> npt.NDArray[np.float32]: ...
+def asymmetric_params(
+    x: npt.ArrayLike, bits: SupportsIndex, axis: SupportsIndex | None = None, percentile: float | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]: ...
+def _quantize_reference(
+    x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
+    axis: SupportsIndex | None = None,
+) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
+def _dequantize_reference(
+    q: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], scale: npt.ArrayLike, zero_point: npt.ArrayLike,
+    axis: SupportsIndex | None = None,
+) -> npt.NDArray[np.float32]: ...
+def _fake_quantize_reference(
+    x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
+    axis: SupportsIndex | None = None, *, out: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]: ...
+
+# --- pareto (csrc/bindings/pareto.cpp); private helpers behind pyzeroq.pareto ---
+
+pareto_max_options: int
+
+def pareto_frontier_dp(
+    sensitivity: npt.ArrayLike,  # float64 [L, B], finite
+    qcost: npt.ArrayLike,  # int64 [L, B], >= 0; entries > capacity are never chosen
+    capacity: int,
+    last_only: bool = False,
+    reference: bool = False,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Exact DP over integer total costs 0..capacity -> (cost[P], total[P], choice[P, L])."""
+
+def pareto_k_best(
+    sensitivity: npt.ArrayLike,
+    qcost: npt.ArrayLike,
+    capacity: int,
+    k: int,
+    reference: bool = False,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """k best per integer total cost -> (cost[M], total[M, k] inf-padded, choice[M, k, L] -1-padded, count[M])."""
+
+def pareto_top_pairs(
+    prefix_value: npt.ArrayLike,
+    prefix_cost: npt.ArrayLike,
+    cand_value: npt.ArrayLike,
+    cand_cost: npt.ArrayLike,
+    lo: float,
+    width: float,
+    nbins: int,
+    max_cost: float,
+    k: int,
+    reference: bool = False,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64],
+           npt.NDArray[np.float64]]:
+    """Per size bin the k best feasible (prefix, candidate) pairs -> (bin, prefix, cand, estimate, size)."""
+
+# --- integer ALU simulator (csrc/bindings/integer.cpp); public wrappers: pyzeroq/integer/simulate.py ---
+# Codes: numpy uint8 arrays; outputs uint8 (out_bits <= 8) or uint16. Scales are float32.
+# rounding: "float32_rne" | "gemmlowp" | "dyadic"; dyadic_rounding: "half_even" | "half_up" | "half_away";
+# overflow: "wrap" | "saturate" | "error"; impl: "reference" | "fast" | "fast_generic"; dyadic_shift -1 = none.
+# Stats dict keys: "max_abs_acc", "bits_needed", "overflow_count".
+
+def integer_qlinear_conv2d(x: np.ndarray, x_scale: float, x_zero_point: ArrayLike, w: np.ndarray,
+                           w_scale: ArrayLike, w_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike,
+                           bias: Optional[ArrayLike], stride: Sequence[int], padding: Sequence[int],
+                           dilation: Sequence[int], groups: int, rounding: str, out_bits: int, acc_bits: int,
+                           overflow: str, relu: bool, impl: str, dyadic_rounding: str, dyadic_bits: int,
+                           dyadic_shift: int) -> Tuple[np.ndarray, Dict[str, int]]: ...
+def integer_qlinear_matmul(a: np.ndarray, a_scale: float, a_zero_point: ArrayLike, b: np.ndarray,
+                           b_scale: ArrayLike, b_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike,
+                           bias: Optional[ArrayLike], rounding: str, out_bits: int, acc_bits: int, overflow: str,
+                           relu: bool, impl: str, dyadic_rounding: str, dyadic_bits: int,
+                           dyadic_shift: int) -> Tuple[np.ndarray, Dict[str, int]]: ...
+def integer_requantize(acc: np.ndarray, multiplier: ArrayLike, y_zero_point: ArrayLike, axis: int, has_axis: bool,
+                       rounding: str, out_bits: int, relu: bool, dyadic_rounding: str, dyadic_bits: int,
+                       dyadic_shift: int) -> np.ndarray: ...
+def integer_qadd(a: np.ndarray, a_scale: float, a_zero_point: ArrayLike, b: np.ndarray, b_scale: float,
+                 b_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike, rounding: str, out_bits: int,
+                 relu: bool, dyadic_rounding: str, dyadic_bits: int, dyadic_shift: int) -> np.ndarray: ...
+def integer_max_pool2d(x: np.ndarray, kernel_size: Sequence[int], stride: Sequence[int],
+                       padding: Sequence[int]) -> np.ndarray: ...
+def integer_avg_pool2d(x: np.ndarray, x_zero_point: ArrayLike, kernel_size: Sequence[int], stride: Sequence[int],
+                       padding: Sequence[int], count_include_pad: bool, rounding: str) -> np.ndarray: ...
+def integer_global_avg_pool(x: np.ndarray, x_scale: float, x_zero_point: ArrayLike, y_scale: float,
+                            y_zero_point: ArrayLike, rounding: str, out_bits: int, dyadic_rounding: str,
+                            dyadic_bits: int, dyadic_shift: int) -> np.ndarray: ...
+def integer_set_num_threads(num_threads: int) -> None: ...
+def integer_quantize_multiplier(multiplier: float) -> Tuple[int, int]: ...
+def integer_dyadic_multiplier(multiplier: float, dyadic_bits: int, dyadic_shift: int) -> Tuple[int, int]: ...

@@ -1,0 +1,213 @@
+"""Stage 2: quantization-aware training with knowledge distillation and the task loss.
+
+:func:`prepare_qat` returns a quantized copy of a detector: every ``nn.Conv2d`` /
+``nn.Linear`` is replaced (in place, in a deep copy, so the detector's own
+``loss``/``decode``/``predict`` keep working — no torch.fx rewrite needed) by an LSQ
+module quantizing its weights per output channel and its input per tensor
+(:mod:`.lsq`). The first conv and the detector's ``head_modules`` use
+``first_layer_bits`` / ``head_bits`` (None: left in float). BatchNorm stays unfolded.
+
+:func:`run_qat`: activation ranges are initialized by min/max over (up to
+``CALIBRATION_IMAGES``) calibration images, then Adam with a cosine schedule on
+
+    w_task * L_det(student(x), labels) + w_kd * tau^2 * KL(teacher || student)
+    + w_mse * sum_f MSE(teacher feature f, student feature f)
+
+KL: binary KL of the sigmoid class probabilities at temperature tau (the detector's
+classifier is sigmoid/focal style), summed over classes, averaged over locations and
+images. Features: the detector's ``feature_modules`` (FPN outputs for ours) or,
+without them, all raw head outputs. BN affine parameters are trained; the running
+statistics stay frozen unless ``train_bn_stats``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .config import QATConfig
+from .lsq import LSQQuantizer, QuantConv2d, QuantLinear
+
+CALIBRATION_IMAGES = 256
+CALIBRATION_BATCH = 64
+
+
+def _quantizable(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def layer_bits(model: nn.Module, cfg: QATConfig) -> dict:
+    """{layer name: (weight bits, act bits) or None for float} for every conv / linear."""
+    names = _quantizable(model)
+    head = set(getattr(model, "head_modules", ()) or (names[-1:] if names else ()))
+    out = {}
+    for i, n in enumerate(names):
+        if i == 0:
+            b = cfg.first_layer_bits
+            out[n] = None if b is None else (b, b)
+        elif n in head:
+            b = cfg.head_bits
+            out[n] = None if b is None else (b, b)
+        else:
+            out[n] = (cfg.weight_bits, cfg.act_bits)
+    return out
+
+
+def prepare_qat(detector: nn.Module, cfg: QATConfig) -> nn.Module:
+    """Quantized deep copy of ``detector`` (the original is untouched)."""
+    model = copy.deepcopy(detector)
+    for name, bits in layer_bits(detector, cfg).items():
+        if bits is None:
+            continue
+        m = model.get_submodule(name)
+        cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
+        _set_module(model, name, cls(m, bits[0], bits[1], cfg.act_percentile))
+    model.qat_config = cfg
+    return model
+
+
+def quant_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, images: torch.Tensor, device) -> None:
+    """Min/max activation ranges over the first CALIBRATION_IMAGES images."""
+    mods = quant_modules(model)
+    was = model.training
+    model.eval()
+    for m in mods:
+        m.observing = True
+    try:
+        for s in range(0, min(len(images), CALIBRATION_IMAGES), CALIBRATION_BATCH):
+            model(images[s:s + CALIBRATION_BATCH].to(device))
+    finally:
+        for m in mods:
+            m.observing = False
+            m.act_quant.finalize()
+        model.train(was)
+
+
+def sigmoid_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Binary KL(teacher || student) of sigmoid(logits / tau), summed over dim 1, mean over the rest."""
+    t = teacher_logits / tau
+    s = student_logits / tau
+    pt = torch.sigmoid(t)
+    # KL = pt (log pt - log ps) + (1 - pt)(log(1 - pt) - log(1 - ps))
+    kl = pt * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - pt) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.sum(1).mean()
+
+
+class _Capture:
+    def __init__(self, model: nn.Module, names):
+        self.out: dict = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def fn(module, inputs, output):
+            self.out[name] = output
+        return fn
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _flat_outputs(outputs) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        return [t for v in outputs.values() for t in _flat_outputs(v)]
+    if isinstance(outputs, (list, tuple)):
+        return [t for v in outputs for t in _flat_outputs(v)]
+    return []
+
+
+def _set_bn_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, targets: list | None, cfg: QATConfig,
+            seed: int = 0, device: torch.device | str = "cpu", progress: bool = True) -> dict:
+    """Calibrate the quantizers on ``images`` and train ``student`` in place; returns a log."""
+    calibrate(student, images, device)
+    log = {"steps": cfg.steps, "loss": []}
+    if cfg.steps == 0:
+        student.eval()
+        return log
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    step_params = [p for m in student.modules() if isinstance(m, LSQQuantizer) for p in m.parameters()]
+    step_ids = {id(p) for p in step_params}
+    other = [p for p in student.parameters() if id(p) not in step_ids]
+    opt = torch.optim.Adam([{"params": other, "lr": cfg.lr}, {"params": step_params, "lr": cfg.step_lr}])
+    base = [cfg.lr, cfg.step_lr]
+    feat_names = tuple(getattr(teacher, "feature_modules", ()) or ())
+    t_cap, s_cap = _Capture(teacher, feat_names), _Capture(student, feat_names)
+    t_flags = [p.requires_grad for p in teacher.parameters()]
+    teacher_mode = teacher.training
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    use_task = targets is not None and cfg.w_task > 0
+    order = torch.zeros(0, dtype=torch.int64)
+    pos = 0
+    try:
+        bar = tqdm(range(cfg.steps), desc="qat", disable=not progress, leave=False, mininterval=5)
+        for step in bar:
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            if pos + cfg.batch_size > len(order):
+                order, pos = torch.randperm(len(images), generator=gen), 0
+            idx = order[pos:pos + cfg.batch_size]
+            pos += cfg.batch_size
+            x = images[idx].to(device)
+            student.train()
+            if not cfg.train_bn_stats:
+                _set_bn_eval(student)
+            with torch.no_grad():
+                t_out = teacher(x)
+            s_out = student(x)
+            loss = x.new_zeros(())
+            parts = {}
+            if use_task:
+                parts["task"] = student.loss(s_out, [{k: v.to(device) for k, v in targets[i].items()}
+                                                     for i in idx.tolist()])
+                loss = loss + cfg.w_task * parts["task"]
+            if cfg.w_kd > 0:
+                parts["kd"] = sum(sigmoid_kl(t, s, cfg.tau) for t, s in zip(t_out["cls"], s_out["cls"])) \
+                    * cfg.tau ** 2
+                loss = loss + cfg.w_kd * parts["kd"]
+            if cfg.w_mse > 0:
+                if feat_names:
+                    pairs = [(t_cap.out[n], s_cap.out[n]) for n in feat_names]
+                else:
+                    pairs = list(zip(_flat_outputs(t_out), _flat_outputs(s_out)))
+                parts["mse"] = sum(F.mse_loss(s, t) for t, s in pairs)
+                loss = loss + cfg.w_mse * parts["mse"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            log["loss"].append(loss.item())
+            bar.set_postfix({k: f"{v.item():.4f}" for k, v in parts.items()}, refresh=False)
+    finally:
+        t_cap.remove()
+        s_cap.remove()
+        for p, f in zip(teacher.parameters(), t_flags):
+            p.requires_grad_(f)
+        teacher.train(teacher_mode)
+    student.eval()
+    return log

@@ -1,0 +1,223 @@
+"""Integer ALU simulator: bit-exact int8 inference arithmetic (C++ underneath).
+
+Every function takes unsigned integer codes (uint8 containers for 2..8-bit
+codes) with float32 scales and integer zero points, following the argument
+order of the ONNX QLinear* operators, and returns integer codes (uint8, or
+uint16 when ``out_bits > 8``). numpy arrays or CPU torch tensors are accepted;
+results are numpy arrays.
+
+Requantization modes (``rounding=``), each matching a real runtime:
+
+``"float32_rne"``
+    onnxruntime QLinearConv / QLinearMatMul (MLAS requantizer) and torch
+    fbgemm / qnnpack: ``M = f32(f32(x_scale * w_scale[c]) / y_scale)`` in float32,
+    ``y = clamp(round_half_even(f32(acc) * M) + y_zero_point)``.
+``"gemmlowp"``
+    TFLite reference kernels: ``QuantizeMultiplier(x_scale * w_scale[c] / y_scale)``
+    (double) -> Q31 multiplier and shift, then ``SaturatingRoundingDoublingHighMul``
+    (ties toward +inf) and ``RoundingDivideByPOT`` (ties away from zero),
+    ``+ y_zero_point``, clamp.
+``"dyadic"``
+    HAWQ-V3: ``M ~ b / 2^n`` (``b = round_half_even(M * 2^n)``; ``n`` fixed by
+    ``dyadic_shift`` or chosen so ``b`` has ``dyadic_bits`` bits),
+    ``y = clamp(round(acc * b / 2^n) + y_zero_point)`` with ``dyadic_rounding``
+    ``"half_even"`` (torch.round, HAWQ-V3), ``"half_up"`` (ties toward +inf:
+    add 2^(n-1), arithmetic shift) or ``"half_away"`` (ties away from zero).
+
+Accumulator model: ``acc = bias + sum((x - zx) * (w - zw))`` is exact in int64;
+an ``acc_bits`` register wraps (two's complement, order independent),
+saturates (after every addition, in the order: bias, then input channel,
+kernel row, kernel column -- matmul: bias, then k), or raises ``ValueError``
+("error") when a final accumulator value does not fit. Stats: ``max_abs_acc``
+and ``bits_needed`` describe the final (exact) accumulator values;
+``overflow_count`` counts outputs whose final value overflowed (wrap / error)
+or that saturated at any step (saturate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .. import _core
+
+__all__ = [
+    "AccStats",
+    "qlinear_conv2d",
+    "qlinear_matmul",
+    "requantize",
+    "qadd",
+    "max_pool2d",
+    "avg_pool2d",
+    "global_avg_pool2d",
+    "quantize_multiplier",
+    "dyadic_multiplier",
+    "requant_multiplier",
+    "set_num_threads",
+]
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class AccStats:
+    """Accumulator statistics of one integer conv / matmul call."""
+
+    max_abs_acc: int
+    bits_needed: int  # signed bits that hold every final accumulator value
+    overflow_count: int
+
+
+def _np(x, name: str):
+    if x is None:
+        return None
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # torch tensor
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (list, tuple)):
+        return np.asarray(x)
+    raise TypeError(f"{name} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
+
+
+def _pair(v: IntOrSeq, name: str) -> list:
+    if isinstance(v, (int, np.integer)):
+        return [int(v), int(v)]
+    v = [int(e) for e in v]
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {v}")
+    return v
+
+
+def _padding(v: IntOrSeq) -> list:
+    """int, (pad_h, pad_w) or (top, left, bottom, right) -> [top, left, bottom, right]."""
+    if isinstance(v, (int, np.integer)):
+        return [int(v)] * 4
+    v = [int(e) for e in v]
+    if len(v) == 2:
+        return [v[0], v[1], v[0], v[1]]
+    if len(v) == 4:
+        return v
+    raise ValueError(f"padding must be an int, a pair or a 4-tuple (top, left, bottom, right), got {v}")
+
+
+def _shift(dyadic_shift: Optional[int]) -> int:
+    if dyadic_shift is None:
+        return -1
+    if int(dyadic_shift) < 0:
+        raise ValueError("dyadic_shift must be None or >= 0")
+    return int(dyadic_shift)
+
+
+def qlinear_conv2d(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None,
+                   stride: IntOrSeq = 1, padding: IntOrSeq = 0, dilation: IntOrSeq = 1, groups: int = 1,
+                   rounding: str = "float32_rne", out_bits: int = 8, acc_bits: int = 32, overflow: str = "wrap",
+                   relu: bool = False, *, impl: str = "fast", dyadic_rounding: str = "half_even",
+                   dyadic_bits: int = 31, dyadic_shift: Optional[int] = None) -> Tuple[np.ndarray, AccStats]:
+    """ONNX QLinearConv on codes: x [N, C, H, W] uint8 (per-tensor zero point,
+    padding holds it), w [O, C/groups, KH, KW] uint8 with per-output-channel
+    (or scalar) scales and zero points, optional int32 bias at scale
+    x_scale * w_scale[o]. ``relu`` clamps below at the output zero point.
+    ``impl``: "fast" (packed SIMD, threads), "reference" (plain loops) or
+    "fast_generic" (fast layout, portable micro-kernel); all bit-identical."""
+    codes, st = _core.integer_qlinear_conv2d(
+        _np(x, "x"), float(x_scale), _np(np.asarray(x_zero_point), "x_zero_point"), _np(w, "w"),
+        _np(np.asarray(w_scale), "w_scale"), _np(np.asarray(w_zero_point), "w_zero_point"), float(y_scale),
+        _np(np.asarray(y_zero_point), "y_zero_point"), _np(bias, "bias"), _pair(stride, "stride"),
+        _padding(padding), _pair(dilation, "dilation"), int(groups), rounding, int(out_bits), int(acc_bits),
+        overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+    return codes, AccStats(**st)
+
+
+def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, bias=None,
+                   rounding: str = "float32_rne", out_bits: int = 8, acc_bits: int = 32, overflow: str = "wrap",
+                   relu: bool = False, *, impl: str = "fast", dyadic_rounding: str = "half_even",
+                   dyadic_bits: int = 31, dyadic_shift: Optional[int] = None) -> Tuple[np.ndarray, AccStats]:
+    """ONNX QLinearMatMul: a [..., M, K] uint8 (per-tensor), b [K, N] uint8 with
+    per-column (or scalar) scales / zero points, optional int32 bias [N]."""
+    codes, st = _core.integer_qlinear_matmul(
+        _np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), np.asarray(b_scale),
+        np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), _np(bias, "bias"), rounding,
+        int(out_bits), int(acc_bits), overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits),
+        _shift(dyadic_shift))
+    return codes, AccStats(**st)
+
+
+def requantize(acc, multiplier, y_zero_point, axis: Optional[int] = None, rounding: str = "float32_rne",
+               out_bits: int = 8, relu: bool = False, *, dyadic_rounding: str = "half_even", dyadic_bits: int = 31,
+               dyadic_shift: Optional[int] = None) -> np.ndarray:
+    """Requantize an int32 accumulator tensor with the real multiplier M
+    (scalar, or one per index of ``axis``): float32_rne uses f32(M), gemmlowp and
+    dyadic quantize M (as float64). Use :func:`requant_multiplier` to get the
+    M a conv uses from its scales."""
+    return _core.integer_requantize(_np(acc, "acc"), np.asarray(multiplier), np.asarray(y_zero_point),
+                                    0 if axis is None else int(axis), axis is not None, rounding, int(out_bits),
+                                    bool(relu), dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+
+
+def requant_multiplier(x_scale, w_scale, y_scale, rounding: str = "float32_rne") -> np.ndarray:
+    """M per output channel as the conv computes it: float32 ``f32(f32(sx*sw)/sy)``
+    for float32_rne, float64 ``sx*sw/sy`` (of the float32 scales) otherwise."""
+    sx, sy = np.float32(x_scale), np.float32(y_scale)
+    sw = np.atleast_1d(np.asarray(w_scale, dtype=np.float32))
+    if rounding == "float32_rne":
+        return ((sx * sw).astype(np.float32) / sy).astype(np.float32)
+    return np.float64(sx) * sw.astype(np.float64) / np.float64(sy)
+
+
+def qadd(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, rounding: str = "float32_rne",
+         relu: bool = False, out_bits: int = 8, *, dyadic_rounding: str = "half_even", dyadic_bits: int = 31,
+         dyadic_shift: Optional[int] = None) -> np.ndarray:
+    """Residual add of two same-shape code tensors with different scales
+    (formulas in csrc/kernels/integer_elementwise.hpp):
+    float32_rne ``clamp(rne(f32(f32(sa*(a-za)) + f32(sb*(b-zb))) / sy) + zy)``;
+    gemmlowp = TFLite uint8 Add (left shift 20, three Q31 multipliers);
+    dyadic ``clamp(round(((a-za)*ba + (b-zb)*bb) / 2^n) + zy)`` with one shared n."""
+    return _core.integer_qadd(_np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), float(b_scale),
+                              np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), rounding,
+                              int(out_bits), bool(relu), dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+
+
+def max_pool2d(x, kernel_size: IntOrSeq, stride: Optional[IntOrSeq] = None, padding: IntOrSeq = 0) -> np.ndarray:
+    """Max of codes over each window (padding ignored); scale and zero point unchanged."""
+    stride = kernel_size if stride is None else stride
+    return _core.integer_max_pool2d(_np(x, "x"), _pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
+                                    _padding(padding))
+
+
+def avg_pool2d(x, x_zero_point, kernel_size: IntOrSeq, stride: Optional[IntOrSeq] = None, padding: IntOrSeq = 0,
+               count_include_pad: bool = False, rounding: str = "half_up") -> np.ndarray:
+    """Integer average of codes: ``round(sum / count)``, ``half_up`` = TFLite's
+    ``(sum + count/2) / count`` or ``half_even``; padded positions are skipped,
+    or count as the zero point with ``count_include_pad``. Scale / zero point unchanged."""
+    stride = kernel_size if stride is None else stride
+    return _core.integer_avg_pool2d(_np(x, "x"), np.asarray(x_zero_point), _pair(kernel_size, "kernel_size"),
+                                    _pair(stride, "stride"), _padding(padding), bool(count_include_pad), rounding)
+
+
+def global_avg_pool2d(x, x_scale, x_zero_point, y_scale, y_zero_point, rounding: str = "float32_rne",
+                      out_bits: int = 8, *, dyadic_rounding: str = "half_even", dyadic_bits: int = 31,
+                      dyadic_shift: Optional[int] = None) -> np.ndarray:
+    """[N, C, H, W] -> [N, C, 1, 1]: ``acc = sum(x - zx)`` (exact), then one
+    requantization with ``M = sx / (sy * H * W)`` (float32: ``f32(f32(sx/sy) / f32(H*W))``)."""
+    return _core.integer_global_avg_pool(_np(x, "x"), float(x_scale), np.asarray(x_zero_point), float(y_scale),
+                                         np.asarray(y_zero_point), rounding, int(out_bits), dyadic_rounding,
+                                         int(dyadic_bits), _shift(dyadic_shift))
+
+
+def quantize_multiplier(multiplier: float) -> Tuple[int, int]:
+    """TFLite QuantizeMultiplier: ``M ~ q31 * 2^(shift - 31)``."""
+    return _core.integer_quantize_multiplier(float(multiplier))
+
+
+def dyadic_multiplier(multiplier: float, dyadic_bits: int = 31, dyadic_shift: Optional[int] = None) -> Tuple[int, int]:
+    """Dyadic ``M ~ b / 2^n``; returns (b, n)."""
+    return _core.integer_dyadic_multiplier(float(multiplier), int(dyadic_bits), _shift(dyadic_shift))
+
+
+def set_num_threads(num_threads: int) -> None:
+    """0: the integer kernels use all hardware threads (default); 1: single thread
+    (benchmarks against single-threaded runtimes, debugging)."""
+    _core.integer_set_num_threads(int(num_threads))

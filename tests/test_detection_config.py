@@ -1,0 +1,42 @@
+"""Config validation: bad values -> ValueError naming the field."""
+
+import pytest
+
+from pyzeroq.detection.config import DetectionQuantConfig, QATConfig, SynthesisConfig
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_images", 0), ("batch_size", -1), ("iters", 1.5), ("lr", 0.0), ("main_mult", -1.0),
+    ("r_feature", float("nan")), ("refine_start", 1.5), ("match_iou", -0.1), ("min_area", 0.9),
+    ("box_min_frac", 0.0), ("refine", "yes"), ("refine_every", 0), ("max_labels", 0)])
+def test_synthesis_config_errors(field, value):
+    with pytest.raises(ValueError, match=field):
+        SynthesisConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("weight_bits", 1), ("act_bits", 17), ("first_layer_bits", 0), ("head_bits", 3.0), ("steps", -1),
+    ("batch_size", 0), ("lr", -1e-3), ("tau", 0.0), ("w_kd", float("inf")), ("act_percentile", 10.0),
+    ("train_bn_stats", 1)])
+def test_qat_config_errors(field, value):
+    with pytest.raises(ValueError, match=field):
+        QATConfig(**{field: value})
+
+
+def test_detection_config_errors():
+    with pytest.raises(ValueError, match="calibration"):
+        DetectionQuantConfig(calibration="imagenet")
+    with pytest.raises(ValueError, match="calibration_data"):
+        DetectionQuantConfig(calibration="real")
+    with pytest.raises(ValueError, match="qat"):
+        DetectionQuantConfig(qat={"weight_bits": 4})
+    with pytest.raises(ValueError, match="max_area"):
+        SynthesisConfig(min_area=0.5, max_area=0.4)
+
+
+def test_defaults_valid_and_frozen():
+    cfg = DetectionQuantConfig()
+    assert cfg.qat.weight_bits == 4 and cfg.synthesis.refine
+    with pytest.raises(Exception):
+        cfg.seed = 3
+    assert QATConfig(first_layer_bits=None, head_bits=None).head_bits is None

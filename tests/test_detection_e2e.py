@@ -1,0 +1,88 @@
+"""Tiny end-to-end run: untrained tiny detector, tiny canvas, a few iterations of each stage."""
+
+import numpy as np
+import pytest
+import torch
+
+from pyzeroq.detection import (DetectionQuantConfig, FCOSDetector, QATConfig, SynthesisConfig, coco_map,
+                               load_detector, quantize_detector)
+from pyzeroq.detection.lsq import QuantConv2d
+from pyzeroq.detection.synthesis import plot_samples, save_synthetic, synthesize
+
+CANVAS = 32
+
+
+def tiny_detector():
+    torch.manual_seed(0)
+    return FCOSDetector(widths=(4, 4, 4, 4, 4), fpn_width=8, head_convs=1, input_size=CANVAS).eval()
+
+
+SYN = SynthesisConfig(num_images=4, batch_size=4, iters=4, refine_every=1, refine_start=0.0, refine_end=1.0,
+                      refine_score=0.0)
+
+
+def test_synthesis_outputs_labeled_set(tmp_path):
+    det = tiny_detector()
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    s = synthesize(det, SYN, seed=0, progress=False)
+    assert s.images.shape == (4, 1, CANVAS, CANVAS) and 0 <= s.images.min() and s.images.max() <= 1
+    assert len(s.targets) == 4 and all(len(t["labels"]) >= 1 for t in s.targets)
+    assert all(torch.equal(before[k], v) for k, v in det.state_dict().items())
+    npz, js = save_synthetic(s, tmp_path / "syn")
+    assert npz.exists() and js.exists()
+    assert plot_samples(s.images, s.targets, tmp_path / "grid.png", num=4).exists()
+    s2 = synthesize(det, SYN, seed=0, progress=False)
+    assert torch.equal(s.images, s2.images)
+
+
+@pytest.mark.parametrize("calibration", ["task_specific", "distilled", "gaussian"])
+def test_quantize_detector_end_to_end(tmp_path, calibration):
+    det = tiny_detector()
+    cfg = DetectionQuantConfig(qat=QATConfig(weight_bits=4, act_bits=8, steps=2, batch_size=2),
+                               synthesis=SYN, calibration=calibration, distill_iters=2, progress=False)
+    q = quantize_detector(det, cfg)
+    assert any(isinstance(m, QuantConv2d) for m in q.modules())
+    assert not any(isinstance(m, QuantConv2d) for m in det.modules())
+    images = np.random.default_rng(0).random((3, CANVAS, CANVAS)).astype(np.float32)
+    preds = q.predict(images, score_threshold=0.0)
+    assert len(preds) == 3 and set(preds[0]) == {"boxes", "scores", "labels"}
+    path = q.save(tmp_path / "q.pt")
+    r = load_detector(path)
+    again = r.predict(images, score_threshold=0.0)
+    for a, b in zip(preds, again):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_real_calibration_and_float_first_and_head(tmp_path):
+    det = tiny_detector()
+    images = (np.random.default_rng(1).random((4, CANVAS, CANVAS)) * 255).astype(np.uint8)
+    coco = {"images": [{"id": i + 1, "width": CANVAS, "height": CANVAS} for i in range(4)],
+            "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, 20, 20],
+                             "area": 400, "iscrowd": 0} for i in range(4)],
+            "categories": [{"id": c + 1, "name": str(c)} for c in range(10)]}
+    cfg = DetectionQuantConfig(qat=QATConfig(steps=1, batch_size=2, first_layer_bits=None, head_bits=None),
+                               calibration="real", calibration_data=(images, coco), progress=False)
+    q = quantize_detector(det, cfg)
+    assert not isinstance(q.stem[0], QuantConv2d) and not isinstance(q.cls_out, QuantConv2d)
+    assert isinstance(q.layer1.conv1[0], QuantConv2d)
+
+
+def test_coco_map_perfect_and_empty():
+    from pyzeroq.detection.scenes import make_scenes
+    _, coco = make_scenes("test", 5, seed=0)
+    preds = [{"boxes": [], "scores": [], "labels": []} for _ in coco["images"]]
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        p = preds[a["image_id"] - 1]
+        p["boxes"].append([x, y, x + w, y + h])
+        p["scores"].append(0.9)
+        p["labels"].append(a["category_id"] - 1)
+    m = coco_map(coco, preds)
+    assert m["map"] == pytest.approx(1.0) and m["map50"] == pytest.approx(1.0)
+    assert coco_map(coco, [{"boxes": [], "scores": [], "labels": []}] * 5)["map"] == 0.0
+
+
+def test_fx_traceable():
+    g = torch.fx.symbolic_trace(tiny_detector())
+    x = torch.rand(2, 1, CANVAS, CANVAS)
+    assert torch.equal(g(x)["cls"][0], tiny_detector()(x)["cls"][0])
