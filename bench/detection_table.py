@@ -72,10 +72,10 @@ def write(rows: list, meta: dict, out: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-images", type=int, default=256, help="calibration-set size (all sources)")
-    p.add_argument("--synth-iters", type=int, default=200)
-    p.add_argument("--qat-steps", type=int, default=300)
-    p.add_argument("--qat-batch", type=int, default=32)
+    p.add_argument("--num-images", type=int, default=96, help="calibration-set size (all sources)")
+    p.add_argument("--synth-iters", type=int, default=80)
+    p.add_argument("--qat-steps", type=int, default=100)
+    p.add_argument("--qat-batch", type=int, default=16)
     p.add_argument("--eval-images", type=int, default=1000)
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--skip", default="", help="comma-separated method keys to skip (e.g. 'qat_gaussian')")
@@ -85,12 +85,15 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "detection")
+    p.add_argument("--artifacts", type=Path, default=RESULTS,
+                   help="where sample grids and quantized detectors go (partial runs share it)")
     p.add_argument("--no-save-detectors", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes, results under /tmp")
     args = p.parse_args(argv)
     if args.quick:
         args.num_images, args.synth_iters, args.qat_steps, args.eval_images = 16, 5, 3, 50
         args.out = Path("/tmp/pyzeroq_detection_quick/detection")
+        args.artifacts = args.out.parent
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]
         rows = [parts[0]["rows"][0]] + [r for part in parts for r in part["rows"][1:]]
@@ -151,7 +154,7 @@ def main(argv=None) -> None:
                 cimg, ctgt, _ = cache[cache_key]
                 if calib != "real" and key in ("ours", "ours_norefine", "qat_distilled"):
                     suffix = {"ours": "", "ours_norefine": "_norefine", "qat_distilled": "_distilled"}[key]
-                    plot_samples(cimg, ctgt, args.out.parent / f"detection_samples{suffix}.png", num=16,
+                    plot_samples(cimg, ctgt, args.artifacts / f"detection_samples{suffix}.png", num=16,
                                  title=name)
             t1 = time.time()
             q = quantize_detector(fp, cfg, calibration=cache[cache_key])
@@ -162,7 +165,7 @@ def main(argv=None) -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("config", "calibration_info")}),
                   flush=True)
             if key == "ours" and not args.no_save_detectors and not args.quick:
-                q.save(args.out.parent / f"detector_{s}.pt")
+                q.save(args.artifacts / f"detector_{s}.pt")
             meta["total_s"] = time.time() - t_start
             write(rows, meta, args.out)
     meta["total_s"] = time.time() - t_start

@@ -49,6 +49,8 @@ class QuantConfig:
         additive estimate), ``mp_group_size`` (consecutive layers per group),
         ``mp_size_bins`` (size intervals up to the budget) and ``mp_keep_exact``
         (configurations kept per bin after exact re-evaluation).
+    mp_eval_samples: calibration images used for the exact re-evaluation of the grouped
+        search (its cost is bins x candidates forward passes per group); None: all.
     budget_metric: "size" (parameters x bits) or "bops" (MACs x weight bits x act bits).
     pareto_bins: cost grid of the exact DP (None: exact integer costs).
     seed: every random step (distillation init, random MP) derives from it.
@@ -72,6 +74,7 @@ class QuantConfig:
     mp_group_size: int = 5
     mp_size_bins: int = 200
     mp_keep_exact: int = 5
+    mp_eval_samples: int | None = 8
     budget_metric: str = "size"
     pareto_bins: int | None = None
     seed: int = 0
@@ -111,6 +114,8 @@ class QuantConfig:
         for name in ("num_samples", "distill_batch_size", "mp_keep_estimate", "mp_group_size",
                      "mp_size_bins", "mp_keep_exact"):
             _positive_int(name, getattr(self, name))
+        if self.mp_eval_samples is not None:
+            _positive_int("mp_eval_samples", self.mp_eval_samples)
         if not _is_int(self.distill_iters) or self.distill_iters < 0:
             raise ValueError(f"distill_iters must be a non-negative integer, got {self.distill_iters!r}")
         if not isinstance(self.distill_lr, numbers.Real) or not self.distill_lr > 0:

@@ -306,6 +306,7 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
                 # plain attribute, not a registered submodule (would duplicate it in state_dict)
                 object.__setattr__(gm.get_submodule(node.target), "input_quant", gm.get_submodule(src.target))
     graph.lint()
+    gm.delete_all_unused_submodules()  # the folded BNs
     gm.recompile()
     return gm, info
 

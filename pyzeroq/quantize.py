@@ -154,7 +154,7 @@ def choose_bits(gm: nn.Module, data: torch.Tensor, config: QuantConfig, report: 
         if unit_bytes is not None:
             report.frontier["size_bytes"] = [float(c * unit_bytes) for c in f_cost]
         if config.mp_relaxation:
-            evaluator = JointEvaluator(gm, report.layers, cand, data)
+            evaluator = JointEvaluator(gm, report.layers, cand, data[:config.mp_eval_samples])
             result = pareto.grouped_search(
                 omega, cost, budget, evaluator, group_size=config.mp_group_size,
                 keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,

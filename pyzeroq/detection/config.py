@@ -114,7 +114,7 @@ class QATConfig:
     lr: float = 1e-4                   # weights and BN parameters (paper: Adam 1e-4)
     step_lr: float = 1e-5              # LSQ step sizes (Adam moves a parameter by ~lr per step
                                        # whatever its size; 8-bit weight steps are ~1e-3)
-    w_task: float = 0.1
+    w_task: float = 0.04               # paper's YOLOv5 w_ori; with Adam the scale matters little
     w_kd: float = 1.0
     w_mse: float = 1.0
     tau: float = 4.0

@@ -1,0 +1,347 @@
+"""ONNX export of a quantized model in QOperator form (runs on onnxruntime).
+
+The graph is built from the integer plan of :func:`pyzeroq.integer.convert.to_integer`
+(``rounding="float32_rne"``), one ONNX op per integer step, so that onnxruntime computes
+the same codes as the simulator:
+
+=====================  ==========================================================================
+integer step           ONNX
+=====================  ==========================================================================
+input boundary         float input: ``Sub(mean)``, ``Div(std)`` (the model's Normalize, same float32
+                       ops), ``QuantizeLinear``; ``pixels="uint8"``: ``Cast(int32)`` [+ channel offset]
+                       ``Gather`` from the 256-entry table (integer only)
+conv                   ``QLinearConv`` (uint8 per-channel weights and zero points, int32 bias)
+linear (hidden)        ``Unsqueeze`` -> 1x1 ``QLinearConv`` -> ``Flatten`` (QLinearMatMul has no bias)
+linear (logits)        ``MatMulInteger`` (per-column weight zero points) -> ``Add`` int32 bias ->
+                       ``Cast(float)`` -> ``Mul`` by ``f32(x_scale * w_scale[c])``
+add                    ``DequantizeLinear`` x2 -> ``Add`` -> ``Div(y_scale)`` -> ``QuantizeLinear(scale 1)``
+                       (the simulator's float32_rne add, op for op; ``add_op="qlinearadd"``: the
+                       com.microsoft ``QLinearAdd`` kernel instead, see below)
+global / avg pool      depthwise ``QLinearConv`` with all-ones weights (scale 1, zero point 0),
+                       ``x_scale = f32(sx / sy)``, ``y_scale = kh * kw``: its multiplier
+                       ``f32(f32(x_scale * 1) / y_scale)`` is exactly the simulator's pooling
+                       multiplier ``f32(f32(sx / sy) / f32(kh * kw))``
+max pool               ``MaxPool`` on uint8 [+ 1x1 ones ``QLinearConv`` requantization]
+requant                1x1 depthwise ones ``QLinearConv`` (``M = f32(sx / sy)``)
+ReLU / ReLU6 clamps,   ``Clip`` on uint8 (only where it changes something: the zero point of a
+bits < 8               ReLU output is usually 0 and the code of 6.0 usually beyond 255)
+flatten / view         ``Reshape`` (batch dimension kept dynamic)
+=====================  ==========================================================================
+
+Agreement with the simulator (float32_rne): every op above is bit-exact -- QuantizeLinear,
+QLinearConv, MatMulInteger, Cast, Mul, MaxPool and Clip by construction (QLinearConv is tested
+against the simulator on constructed ties in tests/test_integer_onnxruntime.py), the add because
+it is the same float32 formula. tests/test_export.py checks the codes of every intermediate
+activation and the logits for equality, with onnxruntime's graph optimizations on and off.
+
+Why the add is not ``QLinearAdd``: onnxruntime's x86 QLinearAdd kernel works in fixed point
+(22-bit multipliers, MlasCalcQLinearAddParameters), so a sum within ~2^-22 (relative) of a
+rounding tie can land one code away from ``rne((sa*(a-za) + sb*(b-zb)) / sy)`` (seen on ResNet-20:
+exact 108.5000019 -> QLinearAdd 108, simulator / fake-quant model 109). A plain
+DequantizeLinear -> Add -> QuantizeLinear is exact only with graph optimizations off: the
+QDQ fusion turns it into QLinearAdd; dividing by ``y_scale`` first and quantizing with scale
+1.0 (the same two float32 operations) is not fused. With ``add_op="qlinearadd"`` the graph
+is pure QOperator; each add then differs from the simulator by at most one code at such
+near-ties (tested), and those differences propagate to later layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .integer.convert import IntegerModel, Step, to_integer
+
+__all__ = ["export_onnx", "build_onnx"]
+
+ONNX_OPSET = 17
+MS_DOMAIN = "com.microsoft"
+MS_OPSET = 1
+IR_VERSION = 8
+CODE_MAX8 = 255
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PIXEL_LEVELS = 256
+ADD_OPS = ("exact", "qlinearadd")
+
+
+class _Builder:
+    def __init__(self, int_model: IntegerModel, shapes: dict, add_op: str):
+        from onnx import helper, numpy_helper
+        self.h, self.nh = helper, numpy_helper
+        self.im = int_model
+        self.shapes = shapes
+        self.add_op = add_op
+        self.nodes: list = []
+        self.inits: list = []
+        self._names: set = set()
+
+    def const(self, base: str, value) -> str:
+        name = base
+        i = 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        self.inits.append(self.nh.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list, outputs: list, name: str, domain: Optional[str] = None, **attrs):
+        self.nodes.append(self.h.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+
+    def qparams(self, base: str, q, scale=None):
+        s = self.const(f"{base}_scale", np.float32(q.scale if scale is None else scale))
+        z = self.const(f"{base}_zero_point", np.uint8(q.zero_point))
+        return s, z
+
+    def clip(self, src: str, out: str, lo: int, hi: int, name: str) -> str:
+        """uint8 Clip to [lo, hi], or an Identity when it changes nothing."""
+        if lo <= 0 and hi >= CODE_MAX8:
+            self.node("Identity", [src], [out], name)
+        else:
+            self.node("Clip", [src, self.const(f"{name}_lo", np.uint8(max(lo, 0))),
+                               self.const(f"{name}_hi", np.uint8(min(hi, CODE_MAX8)))], [out], name)
+        return out
+
+    def finish(self, step: Step, raw: str, relu: bool = False, hi: Optional[int] = None):
+        """Clamp of a fused ReLU / ReLU6 and of bits < 8 into the step's output slot."""
+        q = step.out_q
+        lo = q.zero_point if relu else 0
+        top = q.qmax if hi is None else min(hi, q.qmax)
+        self.clip(raw, step.output, lo, top, f"{step.output}_clip")
+
+    def ones_conv(self, step: Step, src: str, out: str, x_scale: float, y_scale: float, kernel, stride, pads):
+        """Depthwise all-ones QLinearConv: exact window sums, one requantization."""
+        xq, yq = step.in_q[0], step.out_q
+        channels = self.shapes[step.inputs[0]][1]
+        b = f"{step.output}_pool"
+        ins = [src, self.const(f"{b}_x_scale", np.float32(x_scale)), self.const(f"{b}_x_zero_point", np.uint8(xq.zero_point)),
+               self.const(f"{b}_w", np.ones((channels, 1) + tuple(kernel), np.uint8)),
+               self.const(f"{b}_w_scale", np.float32(1.0)), self.const(f"{b}_w_zero_point", np.uint8(0)),
+               self.const(f"{b}_y_scale", np.float32(y_scale)), self.const(f"{b}_y_zero_point", np.uint8(yq.zero_point))]
+        self.node("QLinearConv", ins, [out], b, group=int(channels), kernel_shape=list(kernel), strides=list(stride),
+                  pads=list(pads))
+
+    # ------------------------------------------------------------------ steps
+    def input(self, step: Step, pixels: str):
+        q = step.out_q
+        raw = f"{step.output}_raw"
+        if pixels == "uint8":
+            lut = self.im.input_lut
+            idx = f"{step.output}_index"
+            self.node("Cast", [INPUT_NAME], [idx], f"{step.output}_cast", to=self.h_tensor("INT32"))
+            if lut.shape[0] > 1:
+                offs = (np.arange(lut.shape[0], dtype=np.int32) * PIXEL_LEVELS).reshape(1, -1, 1, 1)
+                self.node("Add", [idx, self.const(f"{step.output}_channel_offset", offs)], [f"{idx}_c"],
+                          f"{step.output}_offset")
+                idx = f"{idx}_c"
+            self.node("Gather", [self.const(f"{step.output}_lut", lut.reshape(-1)), idx], [raw],
+                      f"{step.output}_lookup", axis=0)
+            self.node("Identity", [raw], [step.output], f"{step.output}_codes")
+            return
+        src = INPUT_NAME
+        norm = step.attrs["normalize"]
+        if norm is not None:
+            mean = norm.mean.detach().cpu().float().numpy()
+            std = norm.std.detach().cpu().float().numpy()
+            self.node("Sub", [src, self.const("normalize_mean", mean)], ["normalize_centered"], "normalize_sub")
+            self.node("Div", ["normalize_centered", self.const("normalize_std", std)], ["normalized"], "normalize_div")
+            src = "normalized"
+        s, z = self.qparams(step.output, q)
+        self.node("QuantizeLinear", [src, s, z], [raw], f"{step.output}_quantize")
+        self.finish(step, raw)
+
+    def h_tensor(self, name: str) -> int:
+        from onnx import TensorProto
+        return getattr(TensorProto, name)
+
+    def conv_like(self, step: Step, src: str, out: str, w: np.ndarray, **attrs):
+        at, xq, yq = step.attrs, step.in_q[0], step.out_q
+        b = step.output
+        sx, zx = self.qparams(f"{b}_x", xq)
+        sy, zy = self.qparams(f"{b}_y", yq)
+        ins = [src, sx, zx, self.const(f"{b}_w", w), self.const(f"{b}_w_scale", at["w_scale"].astype(np.float32)),
+               self.const(f"{b}_w_zero_point", at["w_zp"].astype(np.uint8)), sy, zy]
+        if at["bias"] is not None:
+            ins.append(self.const(f"{b}_bias", at["bias"].astype(np.int32)))
+        self.node("QLinearConv", ins, [out], f"{b}_qlinearconv", kernel_shape=list(w.shape[2:]), **attrs)
+
+    def conv(self, step: Step):
+        at = step.attrs
+        raw = f"{step.output}_raw"
+        self.conv_like(step, step.inputs[0], raw, at["w"], strides=list(at["stride"]), pads=list(at["padding"]),
+                       dilations=list(at["dilation"]), group=int(at["groups"]))
+        self.finish(step, raw, at["relu"], at["clamp_hi"])
+
+    def linear(self, step: Step):
+        if len(self.shapes[step.inputs[0]]) != 2:
+            raise ValueError(f"layer {step.name!r}: ONNX export supports Linear layers on [N, K] inputs only")
+        at, b = step.attrs, step.output
+        x4 = f"{b}_x4"
+        self.node("Unsqueeze", [step.inputs[0], self.const(f"{b}_axes", np.array([2, 3], np.int64))], [x4],
+                  f"{b}_unsqueeze")
+        self.conv_like(step, x4, f"{b}_y4", at["w"][:, :, None, None])
+        self.node("Flatten", [f"{b}_y4"], [f"{b}_raw"], f"{b}_flatten", axis=1)
+        self.finish(step, f"{b}_raw", at["relu"], at["clamp_hi"])
+
+    def linear_out(self, step: Step):
+        if len(self.shapes[step.inputs[0]]) != 2:
+            raise ValueError(f"layer {step.name!r}: ONNX export supports Linear layers on [N, K] inputs only")
+        at, xq, b = step.attrs, step.in_q[0], step.output
+        acc = f"{b}_acc"
+        self.node("MatMulInteger", [step.inputs[0], self.const(f"{b}_w", np.ascontiguousarray(at["w"].T)),
+                                    self.const(f"{b}_x_zero_point", np.uint8(xq.zero_point)),
+                                    self.const(f"{b}_w_zero_point", at["w_zp"].astype(np.uint8))], [acc],
+                  f"{b}_matmulinteger")
+        if at["bias"] is not None:
+            self.node("Add", [acc, self.const(f"{b}_bias", at["bias"].astype(np.int32))], [f"{b}_acc_bias"],
+                      f"{b}_bias_add")
+            acc = f"{b}_acc_bias"
+        self.node("Cast", [acc], [f"{b}_acc_float"], f"{b}_cast", to=self.h_tensor("FLOAT"))
+        self.node("Mul", [f"{b}_acc_float", self.const(f"{b}_dequant", at["dequant"].astype(np.float32))],
+                  [OUTPUT_NAME], f"{b}_dequantize")
+
+    def add(self, step: Step):
+        a, bq = step.in_q
+        b = step.output
+        sa, za = self.qparams(f"{b}_a", a)
+        sb, zb = self.qparams(f"{b}_b", bq)
+        sy, zy = self.qparams(f"{b}_y", step.out_q)
+        if self.add_op == "qlinearadd":
+            self.node("QLinearAdd", [step.inputs[0], sa, za, step.inputs[1], sb, zb, sy, zy], [f"{b}_raw"],
+                      f"{b}_qlinearadd", domain=MS_DOMAIN)
+        else:  # the simulator's float32_rne formula, op by op
+            self.node("DequantizeLinear", [step.inputs[0], sa, za], [f"{b}_a_real"], f"{b}_dequantize_a")
+            self.node("DequantizeLinear", [step.inputs[1], sb, zb], [f"{b}_b_real"], f"{b}_dequantize_b")
+            self.node("Add", [f"{b}_a_real", f"{b}_b_real"], [f"{b}_sum"], f"{b}_add")
+            # Div then QuantizeLinear(scale 1) == QuantizeLinear(scale sy) bit for bit, but onnxruntime
+            # does not fuse this pattern into its fixed-point QLinearAdd kernel
+            self.node("Div", [f"{b}_sum", sy], [f"{b}_scaled"], f"{b}_div")
+            self.node("QuantizeLinear", [f"{b}_scaled", self.const(f"{b}_unit_scale", np.float32(1.0)), zy],
+                      [f"{b}_raw"], f"{b}_quantize")
+        self.finish(step, f"{b}_raw", step.attrs["relu"], step.attrs["clamp_hi"])
+
+    def pool(self, step: Step):
+        at, xq, yq = step.attrs, step.in_q[0], step.out_q
+        raw = f"{step.output}_raw"
+        ratio = np.float32(np.float32(xq.scale) / np.float32(yq.scale))
+        if step.kind == "global_avg_pool":
+            kernel = tuple(self.shapes[step.inputs[0]][2:])
+            self.ones_conv(step, step.inputs[0], raw, ratio, float(kernel[0] * kernel[1]), kernel, (1, 1), (0,) * 4)
+        elif step.kind == "avg_pool":
+            kernel, (ph, pw) = at["kernel"], at["padding"]
+            self.ones_conv(step, step.inputs[0], raw, ratio, float(kernel[0] * kernel[1]), kernel, at["stride"],
+                           (ph, pw, ph, pw))
+        else:  # max pool
+            k = _pair(at["kernel"])
+            ph, pw = _pair(at["padding"])
+            pooled = f"{step.output}_max"
+            self.node("MaxPool", [step.inputs[0]], [pooled], f"{step.output}_maxpool", kernel_shape=list(k),
+                      strides=list(_pair(at["stride"])), pads=[ph, pw, ph, pw])
+            if xq != yq:
+                self.ones_conv(step, pooled, raw, xq.scale, yq.scale, (1, 1), (1, 1), (0,) * 4)
+            else:
+                raw = pooled
+        relu = at["relu"] is not None
+        hi = None
+        if at["relu"] == "relu6":
+            from .integer.convert import _relu_clamp
+            hi = _relu_clamp("relu6", yq)[1]
+        self.finish(step, raw, relu, hi)
+
+    def requant(self, step: Step):
+        xq, yq = step.in_q[0], step.out_q
+        raw = f"{step.output}_raw"
+        x4 = step.inputs[0]
+        if len(self.shapes[x4]) != 4:
+            raise ValueError(f"node {step.name!r}: ONNX export of a standalone requantization needs a 4-D tensor")
+        self.ones_conv(step, x4, raw, xq.scale, yq.scale, (1, 1), (1, 1), (0,) * 4)
+        self.finish(step, raw)
+
+    def clamp(self, step: Step):
+        hi = step.attrs["hi"]
+        self.clip(step.inputs[0], step.output, step.attrs["lo"], CODE_MAX8 if hi is None else hi, f"{step.output}_clip")
+
+    def reshape(self, step: Step):
+        shape = list(self.shapes[step.output])
+        in_shape = self.shapes[step.inputs[0]]
+        if shape and in_shape and shape[0] == in_shape[0] and not (step.attrs["spec"][0] == "flatten"
+                                                                     and step.attrs["spec"][1] % len(in_shape) == 0):
+            shape[0] = -1  # keep the batch dimension dynamic
+        self.node("Reshape", [step.inputs[0], self.const(f"{step.output}_shape", np.array(shape, np.int64))],
+                  [step.output], f"{step.output}_reshape")
+
+
+def _pair(v) -> tuple:
+    return tuple(int(e) for e in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", add_op: str = "exact",
+               intermediate: bool = False):
+    """ONNX ModelProto of an integer model (float32_rne); ``example_input`` fixes the shapes.
+    ``intermediate``: also output every integer activation (named by its fx node) for checks."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if int_model.rounding != "float32_rne":
+        raise ValueError(f"ONNX export needs rounding='float32_rne' (onnxruntime's arithmetic), "
+                         f"got {int_model.rounding!r}")
+    if pixels not in ("float", "uint8"):
+        raise ValueError(f"pixels must be 'float' or 'uint8', got {pixels!r}")
+    if add_op not in ADD_OPS:
+        raise ValueError(f"add_op must be one of {ADD_OPS}, got {add_op!r}")
+    example = example_input.detach().cpu().numpy() if isinstance(example_input, torch.Tensor) else \
+        np.asarray(example_input)
+    if example.ndim != 4:
+        raise ValueError(f"example_input must have shape [N, C, H, W], got {tuple(example.shape)}")
+    if pixels == "uint8" and example.dtype != np.uint8:
+        example = np.clip(np.rint(example.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    env = int_model.run(example)
+    shapes = {k: tuple(v.shape) for k, v in env.items()}
+    b = _Builder(int_model, shapes, add_op)
+    for step in int_model.steps:
+        if step.kind == "input":
+            b.input(step, pixels)
+        elif step.kind in ("global_avg_pool", "avg_pool", "max_pool"):
+            b.pool(step)
+        else:
+            getattr(b, step.kind)(step)
+    batch = "N"
+    in_type = TensorProto.UINT8 if pixels == "uint8" else TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, in_type, [batch] + list(example.shape[1:]))]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
+                                             [batch] + list(shapes[int_model.output][1:]))]
+    if intermediate:
+        outputs += [helper.make_tensor_value_info(st.output, TensorProto.UINT8, [batch] + list(shapes[st.output][1:]))
+                    for st in int_model.steps if st.out_q is not None]
+    graph = helper.make_graph(b.nodes, "pyzeroq_integer", inputs, outputs, b.inits)
+    model = helper.make_model(graph, producer_name="pyzeroq",
+                              opset_imports=[helper.make_opsetid("", ONNX_OPSET),
+                                             helper.make_opsetid(MS_DOMAIN, MS_OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def export_onnx(qmodel, path, example_input, pixels: str = "float", add_op: str = "exact"):
+    """Write ``qmodel`` as a QOperator ONNX graph to ``path``; returns the ModelProto.
+
+    The graph takes float images in [0, 1] [N, C, H, W] (``pixels="float"``; the model's
+    Normalize runs in float, then QuantizeLinear) or uint8 pixels (``pixels="uint8"``,
+    integer only) and returns float32 logits. For 8-bit-activation models its outputs equal
+    ``pyzeroq.to_integer(qmodel)`` (float32_rne) on onnxruntime's CPU provider.
+    ``example_input`` ([N, C, H, W]) fixes the per-sample shape (the batch stays dynamic).
+    ``add_op``: "exact" (residual adds as DequantizeLinear, Add, Div, QuantizeLinear: the
+    simulator's formula op for op) or "qlinearadd" (com.microsoft QLinearAdd: onnxruntime's
+    fixed-point kernel, off by one code where the sum lies within ~2^-22 of a rounding tie).
+    """
+    import onnx
+
+    int_model = to_integer(qmodel, rounding="float32_rne")
+    model = build_onnx(int_model, example_input, pixels, add_op)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return model

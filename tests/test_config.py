@@ -1,0 +1,50 @@
+import pytest
+
+from pyzeroq import QuantConfig
+
+
+def test_defaults_are_w8a8_distilled():
+    cfg = QuantConfig()
+    assert cfg.weight_bits == 8 and cfg.act_bits == 8 and cfg.calibration == "distilled"
+    assert (cfg.mp_keep_estimate, cfg.mp_group_size, cfg.mp_size_bins, cfg.mp_keep_exact) == (10, 5, 200, 5)
+
+
+def test_mixed_precision_candidates_are_sorted():
+    cfg = QuantConfig(weight_bits=[8, 2, 4], avg_weight_bits=4)
+    assert cfg.weight_bits == (2, 4, 8) and cfg.mixed_precision
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        QuantConfig().act_bits = 4
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(weight_bits=1), "weight_bits"),
+    (dict(weight_bits=17), "weight_bits"),
+    (dict(weight_bits=True), "weight_bits"),
+    (dict(weight_bits=(2, 2, 4), avg_weight_bits=3), "weight_bits"),
+    (dict(weight_bits=()), "weight_bits"),
+    (dict(act_bits=0), "act_bits"),
+    (dict(weight_bits=(2, 4, 8)), "avg_weight_bits"),
+    (dict(weight_bits=(2, 4, 8), avg_weight_bits=9), "avg_weight_bits"),
+    (dict(weight_bits=(2, 4, 8), avg_weight_bits=1.5), "avg_weight_bits"),
+    (dict(weight_bits=4, avg_weight_bits=3), "avg_weight_bits"),
+    (dict(calibration="imagenet"), "calibration"),
+    (dict(calibration="real"), "calibration_data"),
+    (dict(num_samples=-1), "num_samples"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(distill_iters=-5), "distill_iters"),
+    (dict(distill_lr=0), "distill_lr"),
+    (dict(percentile=30), "percentile"),
+    (dict(mp_method="greedy"), "mp_method"),
+    (dict(mp_group_size=0), "mp_group_size"),
+    (dict(mp_size_bins=2.5), "mp_size_bins"),
+    (dict(mp_eval_samples=0), "mp_eval_samples"),
+    (dict(budget_metric="flops"), "budget_metric"),
+    (dict(seed=-1), "seed"),
+    (dict(device=0), "device"),
+])
+def test_bad_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**kwargs)
