@@ -103,6 +103,26 @@ def train(name: str, epochs: int, seed: int, batch_size: int, lr: float, weight_
             "weight_decay": weight_decay, "test_acc": history[-1]["test_acc"], "history": history}
 
 
+def register(name: str, path: Path, summary: dict | None = None) -> dict:
+    """Record checkpoint ``path`` for ``name`` in checkpoints.json: sha256, accuracy on the
+    embedded subset (exact, checked by the tests) and on the full test set."""
+    from . import REGISTRY_PATH, build_model, file_sha256, registry
+    from ..evaluation import evaluate
+
+    model = build_model(name)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.eval()
+    entry = {"file": path.name, "sha256": file_sha256(path),
+             "embedded_top1": evaluate(model, *load_fashion_mnist("embedded")).top1,
+             "test_top1": evaluate(model, *load_fashion_mnist("test")).top1}
+    if summary:
+        entry["training"] = {k: summary[k] for k in ("epochs", "seed", "batch_size", "lr", "weight_decay")}
+    entries = registry()
+    entries[name] = entry
+    REGISTRY_PATH.write_text(json.dumps(entries, indent=2) + "\n")
+    return entry
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=("resnet20", "mobilenetv2"))
@@ -113,12 +133,19 @@ def main(argv=None) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: next to this file)")
+    parser.add_argument("--register-only", action="store_true",
+                        help="only record the existing checkpoint in checkpoints.json")
     args = parser.parse_args(argv)
     out = args.out or Path(__file__).parent / f"{args.model}.pt"
+    if args.register_only:
+        print(register(args.model, out))
+        return
     summary = train(args.model, args.epochs, args.seed, args.batch_size, args.lr, args.weight_decay, out,
                     args.threads)
     out.with_suffix(".train.json").write_text(json.dumps(summary, indent=2))
     print(f"saved {out}: test top-1 {summary['test_acc']:.4f}")
+    if out.parent == Path(__file__).parent:
+        print(register(args.model, out, summary))
 
 
 if __name__ == "__main__":
