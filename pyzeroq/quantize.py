@@ -7,9 +7,12 @@ refinement) -> activation-range calibration -> fake-quantized model with a repor
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import numbers
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,39 +136,83 @@ def _cost_matrix(report: QuantReport, config: QuantConfig) -> tuple[np.ndarray, 
     return raw // unit, budget_raw // unit
 
 
-def choose_bits(gm: nn.Module, data: torch.Tensor, config: QuantConfig, report: QuantReport) -> dict[str, int]:
-    cand = report.candidates
-    omega = np.array([[report.sensitivity[n][b] for b in cand] for n in report.layers])
-    cost, budget = _cost_matrix(report, config)
+def _selection_key(gm: nn.Module, data: torch.Tensor, omega: np.ndarray, cost: np.ndarray, budget: int,
+                   config: QuantConfig) -> str:
+    """Everything the bit-width selection depends on, hashed (weights, data, sensitivities, knobs)."""
+    h = hashlib.sha256()
+    for arr in (omega, cost, np.array([budget])):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(data.detach().cpu().contiguous().numpy().tobytes())
+    for layer in quant_layers(gm).values():
+        h.update(layer.weight.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr((config.weight_candidates, config.mp_method, config.mp_relaxation, config.mp_keep_estimate,
+                   config.mp_group_size, config.mp_size_bins, config.mp_keep_exact, config.mp_eval_samples,
+                   config.pareto_bins, config.seed)).encode())
+    return h.hexdigest()
+
+
+def _select(gm, data, omega, cost, budget, config, report) -> tuple[np.ndarray, float]:
+    """(choice per layer, additive estimate); fills the frontier / relaxation fields of ``report``."""
     bins = config.pareto_bins
-    unit_bytes = (report.params[report.layers[0]] * cand[0]) / cost[0, 0] / BITS_PER_BYTE \
-        if config.budget_metric == "size" else None
     if config.mp_method == "random":
-        rng = np.random.default_rng(config.seed)
-        objective = rng.random(omega.shape)
+        # the DP optimum of uniform-random scores: a random configuration that uses the budget
+        objective = np.random.default_rng(config.seed).random(omega.shape)
     elif config.mp_method == "inverse":
         objective = omega.max() - omega  # minimizing this maximizes the sum of sensitivities
     else:
         objective = omega
-    choice, estimate = pareto.solve(objective, cost, budget, bins=bins)
+    choice, _ = pareto.solve(objective, cost, budget, bins=bins)
     if config.mp_method == "zeroq":
-        f_cost, f_total, _ = pareto.frontier(omega, cost, bins=bins)
-        report.frontier = {"cost": [int(c) for c in f_cost], "total_sensitivity": [float(t) for t in f_total]}
-        if unit_bytes is not None:
-            report.frontier["size_bytes"] = [float(c * unit_bytes) for c in f_cost]
+        frontier = pareto.frontier(omega, cost, bins=bins)
+        report.frontier = {"cost": [int(c) for c in frontier.cost],
+                           "total_sensitivity": [float(t) for t in frontier.total]}
         if config.mp_relaxation:
-            evaluator = JointEvaluator(gm, report.layers, cand, data[:config.mp_eval_samples])
+            evaluator = JointEvaluator(gm, report.layers, report.candidates, data[:config.mp_eval_samples])
             result = pareto.grouped_search(
                 omega, cost, budget, evaluator, group_size=config.mp_group_size,
                 keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
                 keep_per_bin_exact=config.mp_keep_exact, bins=bins)
-            choice = np.asarray(result.choice)
-            report.relaxation = {"exact_kl": float(result.total), "independent_choice_exact_kl":
-                                 float(evaluator(np.asarray([np.asarray(pareto.solve(omega, cost, budget, bins=bins)[0])]))[0]),
+            independent_kl = float(evaluator(np.asarray(choice)[None, :])[0])
+            report.relaxation = {"exact_kl": float(result.total), "independent_choice_exact_kl": independent_kl,
                                  "evaluations": evaluator.configurations, "batched_calls": evaluator.calls}
-        estimate = float(sum(omega[i, c] for i, c in enumerate(choice)))
+            # keep the plain DP choice if the grouped search found nothing better by exact KL
+            if float(result.total) <= independent_kl:
+                choice = np.asarray(result.choice)
+            report.relaxation["kept"] = "grouped" if \
+                np.array_equal(choice, np.asarray(result.choice)) else "independent"
+    return np.asarray(choice), float(sum(omega[i, c] for i, c in enumerate(choice)))
+
+
+_SELECTION_CACHE: OrderedDict[str, tuple] = OrderedDict()
+SELECTION_CACHE_SIZE = 32
+
+
+def choose_bits(gm: nn.Module, data: torch.Tensor, config: QuantConfig, report: QuantReport) -> dict[str, int]:
+    """Weight bits per layer on the Pareto frontier under the size (or BOPs) budget.
+
+    The selection is deterministic in its inputs, so it is memoized (bounded LRU): repeated
+    calls with the same model, calibration data and knobs (e.g. the same weights at 4- and
+    8-bit activations) skip the grouped search.
+    """
+    cand = report.candidates
+    omega = np.array([[report.sensitivity[n][b] for b in cand] for n in report.layers])
+    cost, budget = _cost_matrix(report, config)
+    key = _selection_key(gm, data, omega, cost, budget, config)
+    if key in _SELECTION_CACHE:
+        _SELECTION_CACHE.move_to_end(key)
+        choice, estimate, frontier, relaxation = _SELECTION_CACHE[key]
+        report.frontier, report.relaxation = copy.deepcopy(frontier), copy.deepcopy(relaxation)
+    else:
+        choice, estimate = _select(gm, data, omega, cost, budget, config, report)
+        _SELECTION_CACHE[key] = (choice, estimate, copy.deepcopy(report.frontier), copy.deepcopy(report.relaxation))
+        if len(_SELECTION_CACHE) > SELECTION_CACHE_SIZE:
+            _SELECTION_CACHE.popitem(last=False)
+    unit_bytes = (report.params[report.layers[0]] * cand[0]) / cost[0, 0] / BITS_PER_BYTE \
+        if config.budget_metric == "size" else None
+    if unit_bytes is not None and report.frontier:
+        report.frontier["size_bytes"] = [float(c * unit_bytes) for c in report.frontier["cost"]]
     chosen_cost = int(sum(cost[i, c] for i, c in enumerate(choice)))
-    report.chosen = {"cost": chosen_cost, "budget": int(budget), "estimate": float(estimate)}
+    report.chosen = {"cost": chosen_cost, "budget": int(budget), "estimate": estimate}
     if unit_bytes is not None:
         report.chosen.update(size_bytes=chosen_cost * unit_bytes, budget_bytes=budget * unit_bytes)
     return {name: cand[int(c)] for name, c in zip(report.layers, choice)}
