@@ -214,7 +214,7 @@ def choose_bits(gm: nn.Module, data: torch.Tensor, config: QuantConfig, report: 
     chosen_cost = int(sum(cost[i, c] for i, c in enumerate(choice)))
     report.chosen = {"cost": chosen_cost, "budget": int(budget), "estimate": estimate}
     if unit_bytes is not None:
-        report.chosen.update(size_bytes=chosen_cost * unit_bytes, budget_bytes=budget * unit_bytes)
+        report.chosen.update(size_bytes=float(chosen_cost * unit_bytes), budget_bytes=float(budget * unit_bytes))
     return {name: cand[int(c)] for name, c in zip(report.layers, choice)}
 
 

@@ -182,3 +182,17 @@ def test_w8a8_resnet20_agrees_with_fp_on_embedded_subset():
     fp = zq.evaluate(model, x, y)
     qr = zq.evaluate(q, x, y)
     assert (fp.predictions == qr.predictions).mean() >= 0.99
+
+
+def test_precomputed_distilled_data_gives_the_same_model():
+    """bench/zeroq_tables.py distills once and passes the data in; that must change nothing."""
+    model = trained_tiny()
+    cfg = zq.QuantConfig(weight_bits=(2, 4, 8), avg_weight_bits=4, **FAST)
+    direct = zq.quantize(model, cfg, input_shape=SHAPE)
+    data = distill_data(model, SHAPE, num_samples=cfg.num_samples, iters=cfg.distill_iters, seed=cfg.seed,
+                        progress=False).data
+    reused = zq.quantize(model, zq.QuantConfig(weight_bits=(2, 4, 8), avg_weight_bits=4, calibration="real",
+                                               calibration_data=data, num_samples=16, progress=False))
+    assert direct.bit_widths == reused.bit_widths
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.equal(direct(x), reused(x))
