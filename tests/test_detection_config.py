@@ -40,3 +40,18 @@ def test_defaults_valid_and_frozen():
     with pytest.raises(Exception):
         cfg.seed = 3
     assert QATConfig(first_layer_bits=None, head_bits=None).head_bits is None
+
+
+def test_cli_parser_builds_config():
+    import argparse
+
+    from pyzeroq.detection.cli import add_parsers, build_config
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["detect-quantize", "--out", "x.pt", "--weight-bits", "6", "--act-bits", "6",
+                              "--head-bits", "float", "--no-refine", "--qat-steps", "7"])
+    cfg = build_config(args)
+    assert cfg.qat.weight_bits == 6 and cfg.qat.head_bits is None and cfg.qat.steps == 7
+    assert not cfg.synthesis.refine and cfg.calibration == "task_specific" and callable(args.func)
+    with pytest.raises(ValueError, match="weight_bits"):
+        build_config(parser.parse_args(["detect-quantize", "--out", "x.pt", "--weight-bits", "1"]))

@@ -12,6 +12,15 @@ from pyzeroq.detection.synthesis import plot_samples, save_synthetic, synthesize
 CANVAS = 32
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and spin on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_detector():
     torch.manual_seed(0)
     return FCOSDetector(widths=(4, 4, 4, 4, 4), fpn_width=8, head_convs=1, input_size=CANVAS).eval()
