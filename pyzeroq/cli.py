@@ -55,7 +55,8 @@ def cmd_quantize(args) -> int:
     print("|---|---|---|---|")
     for name in report.layers:
         bits = qmodel.bit_widths[name]
-        print(f"| {name} | {report.params[name]} | {bits} | {report.sensitivity[name][bits]:.3e} |")
+        omega = report.sensitivity.get(name, {}).get(bits)
+        print(f"| {name} | {report.params[name]} | {bits} | {'-' if omega is None else f'{omega:.3e}'} |")
     print(f"\nsize: {report.size_bytes / 1e6:.4f} MB (FP32: {report.fp_size_bytes / 1e6:.4f} MB)")
     if report.relaxation:
         print(f"Appendix-A refinement: exact KL {report.relaxation['exact_kl']:.4e} "

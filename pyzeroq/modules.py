@@ -23,6 +23,7 @@ import copy
 import operator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -58,6 +59,10 @@ class QuantAct(nn.Module):
         self._max = None
         self._samples: list[torch.Tensor] = []
         self._sampled = 0
+        # a range known without calibration (the normalized image of [0, 1] pixels)
+        self.fixed_range: tuple[float, float] | None = None
+        # pooling keeps its input's range: reuse that quantizer's params (set by the surgery)
+        self.same_as = None  # QuantAct or None; a plain attribute, not a submodule
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}, scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
@@ -82,7 +87,17 @@ class QuantAct(nn.Module):
         if self.bits is None:
             self.mode = "off"
             return
-        if self.percentile is not None:
+        if self.same_as is not None:
+            if self.same_as.mode != "quantize":
+                self.same_as.freeze()
+            self.scale.copy_(self.same_as.scale)
+            self.zero_point.copy_(self.same_as.zero_point)
+            self.reset()
+            self.mode = "quantize"
+            return
+        if self.fixed_range is not None:
+            values = np.asarray(self.fixed_range, dtype=np.float32)
+        elif self.percentile is not None:
             values = torch.cat(self._samples).numpy()
         else:
             values = torch.stack([self._min, self._max]).numpy()
@@ -284,15 +299,32 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
         elif node.op == "call_method" and node.target not in ("view", "reshape", "flatten", "size"):
             info.float_ops.append(f"{node.name} (.{node.target})")
 
+    inserted: dict[fx.Node, QuantAct] = {}
     for i, node in enumerate(points):
         if node in output_inputs:
             continue  # logits stay float (dequantized accumulator)
         name = f"act_quant_{i}"
-        gm.add_module(name, QuantAct(act_bits, percentile))
+        quant = QuantAct(act_bits, percentile)
+        if node.op == "call_module" and _is_normalizer(gm.get_submodule(node.target)):
+            # models take images in [0, 1]: the normalized range is known exactly, so the
+            # input quantizer does not depend on the (unbounded) calibration images
+            norm = gm.get_submodule(node.target)
+            lo, hi = (0.0 - norm.mean) / norm.std, (1.0 - norm.mean) / norm.std
+            quant.fixed_range = (float(torch.minimum(lo, hi).min()), float(torch.maximum(lo, hi).max()))
+        gm.add_module(name, quant)
         with graph.inserting_after(node):
             q = graph.call_module(name, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
         info.act_quants.append(name)
+        inserted[node] = quant
+    # a pooled tensor lies within its input's range: same scale and zero point (no calibration
+    # of its own, which on distilled data can clip the features the classifier reads)
+    for node, quant in inserted.items():
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), POOL_MODULES):
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_module" and \
+                    isinstance(gm.get_submodule(src.target), QuantAct):
+                object.__setattr__(quant, "same_as", gm.get_submodule(src.target))
 
     # 4. tell each quantized layer which quantizer feeds it (for bias quantization)
     for node in graph.nodes:

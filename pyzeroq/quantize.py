@@ -251,18 +251,17 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=No
     if not report.layers:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
 
-    t0 = time.perf_counter()
-    names, omega = layer_sensitivities(gm, data, report.candidates, progress=config.progress)
-    report.sensitivity = {n: {b: float(omega[i, j]) for j, b in enumerate(report.candidates)}
-                          for i, n in enumerate(names)}
-    report.timings["sensitivity"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if config.mixed_precision:
+    if config.mixed_precision:  # uniform precision needs no sensitivities (the costly part of W8A8)
+        t0 = time.perf_counter()
+        names, omega = layer_sensitivities(gm, data, report.candidates, progress=config.progress)
+        report.sensitivity = {n: {b: float(omega[i, j]) for j, b in enumerate(report.candidates)}
+                              for i, n in enumerate(names)}
+        report.timings["sensitivity"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         bit_widths = choose_bits(gm, data, config, report)
+        report.timings["pareto"] = time.perf_counter() - t0
     else:
         bit_widths = {n: report.candidates[0] for n in report.layers}
-    report.timings["pareto"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     set_weight_bits(gm, bit_widths)

@@ -35,7 +35,6 @@ use the same float formula as the fake-quant model and agree exactly.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
