@@ -148,6 +148,19 @@ def _broadcast_shape(x, axis: int | None) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
+def _torch_params(x, scale, zero_point, axis: int | None):
+    """float32 (scale, zero_point) tensors on x's device, shaped to broadcast along ``axis``."""
+    import torch
+
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    z = torch.as_tensor(zero_point, device=x.device).to(torch.float32)
+    shape = _broadcast_shape(x, axis)
+    if shape is not None:
+        return (s.reshape(-1).reshape(shape) if s.numel() > 1 else s.reshape(()),
+                z.reshape(-1).reshape(shape) if z.numel() > 1 else z.reshape(()))
+    return s.reshape(()), z.reshape(())
+
+
 def _fake_quantize_torch(x, scale, zero_point, bits: int, axis: int | None = None):
     """Pure-torch equivalent of :func:`fake_quantize` (for non-CPU tensors; no data validation).
 
@@ -158,15 +171,7 @@ def _fake_quantize_torch(x, scale, zero_point, bits: int, axis: int | None = Non
     import torch
 
     qmax = (1 << bits) - 1
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    z = torch.as_tensor(zero_point, device=x.device).to(torch.float32)
-    shape = _broadcast_shape(x, axis)
-    if shape is not None:
-        s = s.reshape(-1).reshape(shape) if s.numel() > 1 else s.reshape(())
-        z = z.reshape(-1).reshape(shape) if z.numel() > 1 else z.reshape(())
-    else:
-        s = s.reshape(())
-        z = z.reshape(())
+    s, z = _torch_params(x, scale, zero_point, axis)
     xf = x.to(torch.float32)
     offset = torch.round(xf / s)
     offset = torch.minimum(torch.maximum(offset, -z), qmax - z)
@@ -177,14 +182,7 @@ def _ste_mask_torch(x, scale, zero_point, bits: int, axis: int | None):
     import torch
 
     qmax = (1 << bits) - 1
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    z = torch.as_tensor(zero_point, device=x.device).to(torch.float32)
-    shape = _broadcast_shape(x, axis)
-    if shape is not None:
-        s = s.reshape(-1).reshape(shape) if s.numel() > 1 else s.reshape(())
-        z = z.reshape(-1).reshape(shape) if z.numel() > 1 else z.reshape(())
-    else:
-        s, z = s.reshape(()), z.reshape(())
+    s, z = _torch_params(x, scale, zero_point, axis)
     lo = s * (0 - z)
     hi = s * (qmax - z)
     xf = x.to(torch.float32)
