@@ -6,7 +6,8 @@
 Rows (mAP@[.5:.95] / mAP@.5 by pycocotools on the evaluation split, test scenes):
 FP; PTQ with ZeroQ distilled data; QAT on task-agnostic distilled data; QAT on
 Gaussian noise; QAT on the same number of real *train* scenes (with their labels);
-task-specific ZSQ-QAT (ours) — at W8A8, W6A6, W4A8; ablations at W4A8: ours
+task-specific ZSQ-QAT (ours) — at W8A8, W6A6, W4A8 and W4A4 (the issue asks
+for the first three; W4A4 separates the rows more); ablations at W4A8: ours
 without box refinement (synthetic set re-made with refinement off), ours without
 the task loss in QAT (w_task = 0, same synthetic set). Each calibration set is
 made once and shared by the bit widths. Writes bench/results/detection.{md,json},
@@ -31,7 +32,7 @@ from pyzeroq.detection.api import calibration_set
 from pyzeroq.detection.config import describe
 
 RESULTS = Path(__file__).parent / "results"
-SETTINGS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8)}
+SETTINGS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
 EVAL_SEED = 0
 REAL_SEED = 123
 
