@@ -3,10 +3,11 @@
     python bench/zeroq_tables.py --model resnet20 --tables 1,4,5,timing
     python bench/zeroq_tables.py --model mobilenetv2 --tables 1
 
-Writes bench/results/zeroq_<model>_<tables>.md and .json. Table I: FP, uniform and mixed
-precision (MPn = weights at an average of n bits over {2, 4, 8}), with and without
-percentile clipping. Table IV: Gaussian vs real (32 training images) vs distilled
-calibration. Table V: ZeroQ vs Random (20 draws) vs Inverse mixed precision. Timing: one
+Writes bench/results/zeroq_<model>_<tables>.md and .json (after every row). Table I: FP,
+uniform and mixed precision (MPn = weights at an average of n bits over {2, 4, 8}), with
+min/max activation ranges, percentile clipping, and the MSE range search
+(``act_range="mse"``). Table IV: Gaussian vs real (32 training images) vs distilled
+calibration, min/max and MSE ranges. Table V: ZeroQ vs Random (20 draws) vs Inverse mixed precision. Timing: one
 end-to-end W8A8 ``quantize`` call (distillation included) broken down by stage.
 
 Distilled data are computed once per model (``distill_data`` with the QuantConfig
@@ -77,35 +78,41 @@ def fmt(x: float) -> str:
     return f"{x * 100:.2f}"
 
 
-def table1(r: Runner, out: dict) -> list[str]:
+RANGES = {"minmax": {}, "percentile": {"percentile": PERCENTILE}, "mse": {"act_range": "mse"}}
+SOURCES = ("gaussian", "real", "distilled")
+
+
+def table1(r: Runner, out: dict, save) -> list[str]:
     fp_mb = sum(p.numel() for p in r.model.parameters()) * 4 / 1e6
-    lines = [f"### Table I — {r.name}, Fashion-MNIST {r.split} ({len(r.labels)} images), distilled data",
-             "", "| setting | no clipping top-1 (%) | percentile {} top-1 (%) | size (MB) |".format(PERCENTILE),
-             "|---|---|---|---|", f"| FP32 | {fmt(r.fp_top1)} | {fmt(r.fp_top1)} | {fp_mb:.4f} |"]
+    lines = [f"### Table I — {r.name}, Fashion-MNIST {r.split} ({len(r.labels)} images), distilled data", "",
+             f"| setting | min/max top-1 (%) | percentile {PERCENTILE} top-1 (%) | MSE range top-1 (%) | size (MB) |",
+             "|---|---|---|---|---|", f"| FP32 | {fmt(r.fp_top1)} | {fmt(r.fp_top1)} | {fmt(r.fp_top1)} | {fp_mb:.4f} |"]
     rows = out.setdefault("table1", {"fp32": r.fp_top1})
     for label, wb, avg, ab in TABLE1:
-        plain = r.run(wb, avg, ab)
-        clipped = r.run(wb, avg, ab, percentile=PERCENTILE)
-        rows[label] = {"minmax": plain, "percentile": clipped}
-        lines.append(f"| {label} | {fmt(plain['top1'])} | {fmt(clipped['top1'])} | {plain['size_mb']:.4f} |")
+        res = {name: r.run(wb, avg, ab, **kw) for name, kw in RANGES.items()}
+        rows[label] = res
+        lines.append(f"| {label} | " + " | ".join(fmt(res[m]["top1"]) for m in RANGES) +
+                     f" | {res['minmax']['size_mb']:.4f} |")
         print(lines[-1], flush=True)
+        save(lines)
     return lines
 
 
-def table4(r: Runner, out: dict) -> list[str]:
-    lines = [f"### Table IV — {r.name}: calibration data", "",
+def table4(r: Runner, out: dict, save) -> list[str]:
+    lines = [f"### Table IV — {r.name}: calibration data (top-1 %, min/max / MSE activation ranges)", "",
              "| setting | Gaussian | real (32 train images) | distilled |", "|---|---|---|---|"]
     rows = out.setdefault("table4", {})
     for label, wb, avg, ab in TABLE4:
-        res = {c: r.run(wb, avg, ab, calibration=c) for c in ("gaussian", "real", "distilled")}
+        res = {c: {m: r.run(wb, avg, ab, calibration=c, **RANGES[m]) for m in ("minmax", "mse")} for c in SOURCES}
         rows[label] = res
-        lines.append(f"| {label} | " + " | ".join(fmt(res[c]["top1"]) for c in ("gaussian", "real", "distilled"))
-                     + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{fmt(res[c]['minmax']['top1'])} / {fmt(res[c]['mse']['top1'])}"
+                                                  for c in SOURCES) + " |")
         print(lines[-1], flush=True)
+        save(lines)
     return lines
 
 
-def table5(r: Runner, out: dict) -> list[str]:
+def table5(r: Runner, out: dict, save) -> list[str]:
     lines = [f"### Table V — {r.name}: mixed-precision choice ({r.draws} random draws)", "",
              "| setting | ZeroQ | Random best | Random worst | Random mean | Random std | Inverse |",
              "|---|---|---|---|---|---|---|"]
@@ -118,10 +125,11 @@ def table5(r: Runner, out: dict) -> list[str]:
         lines.append(f"| {label} | {fmt(zeroq)} | {fmt(max(randoms))} | {fmt(min(randoms))} | "
                      f"{fmt(statistics.mean(randoms))} | {statistics.pstdev(randoms) * 100:.2f} | {fmt(inverse)} |")
         print(lines[-1], flush=True)
+        save(lines)
     return lines
 
 
-def timing(r: Runner, out: dict) -> list[str]:
+def timing(r: Runner, out: dict, save) -> list[str]:
     cfg = zq.QuantConfig(weight_bits=8, act_bits=8, progress=False)
     t0 = time.perf_counter()
     q = zq.quantize(r.model, cfg, input_shape=INPUT_SHAPE)
@@ -151,14 +159,20 @@ def main(argv=None) -> None:
     out = {"model": args.model, "split": split, "fp32_top1": runner.fp_top1,
            "distill_seconds": runner.distill_seconds, "threads": torch.get_num_threads()}
     tables = args.tables.split(",")
-    lines = [f"## ZeroQ on {args.model} (`python bench/zeroq_tables.py --model {args.model} --tables {args.tables}`)", ""]
-    for key, fn in (("1", table1), ("4", table4), ("5", table5), ("timing", timing)):
-        if key in tables:
-            lines += fn(runner, out) + [""]
+    lines = [f"## ZeroQ on {args.model} (`python bench/zeroq_tables.py --model {args.model} --tables {args.tables}`)",
+             "", f"FP32 top-1 {fmt(runner.fp_top1)} %; distillation {runner.distill_seconds:.0f} s; "
+             f"{torch.get_num_threads()} torch threads.", ""]
     tag = f"zeroq_{args.model}_" + "_".join(tables)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=1, default=str))
+
+    def save(partial: list[str]) -> None:
+        (RESULTS / f"{tag}.md").write_text("\n".join(lines + partial) + "\n")
+        (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=1, default=str))
+
+    for key, fn in (("1", table1), ("4", table4), ("5", table5), ("timing", timing)):
+        if key in tables:
+            lines += fn(runner, out, save) + [""]
+            save([])
     print(f"wrote {RESULTS / tag}.md/.json")
 
 

@@ -11,6 +11,7 @@ MAX_BITS = 16
 CALIBRATIONS = ("distilled", "gaussian", "real")
 MP_METHODS = ("zeroq", "random", "inverse")
 BUDGET_METRICS = ("size", "bops")
+ACT_RANGES = ("minmax", "mse")
 
 
 def _is_int(v) -> bool:
@@ -41,6 +42,9 @@ class QuantConfig:
     num_samples, distill_iters, distill_batch_size, distill_lr: distilled-data settings.
     per_channel: weights per output channel (True) or per tensor.
     percentile: clip activation ranges to the [100 - p, p] percentiles (None: min/max).
+    act_range: "minmax" (the observed range, or its percentiles) or "mse" (the range
+        [a * min, a * max], a in 0.01..1, whose fake quantization of the calibration
+        activations has the least squared error; not combinable with ``percentile``).
     mp_method: "zeroq" (min total sensitivity), "random" (a random configuration within
         budget, seeded), "inverse" (max total sensitivity within budget) — Table V ablation.
     mp_relaxation: refine the independent-sensitivity Pareto choice with the grouped
@@ -68,6 +72,7 @@ class QuantConfig:
     distill_lr: float = 0.5
     per_channel: bool = True
     percentile: float | None = None
+    act_range: str = "minmax"
     mp_method: str = "zeroq"
     mp_relaxation: bool = True
     mp_keep_estimate: int = 10
@@ -125,6 +130,10 @@ class QuantConfig:
         if self.percentile is not None and (not isinstance(self.percentile, numbers.Real)
                                             or not 50.0 < self.percentile <= 100.0):
             raise ValueError(f"percentile must be in (50, 100] or None, got {self.percentile!r}")
+        if self.act_range not in ACT_RANGES:
+            raise ValueError(f"act_range must be one of {ACT_RANGES}, got {self.act_range!r}")
+        if self.act_range == "mse" and self.percentile is not None:
+            raise ValueError("act_range='mse' chooses its own clipping: leave percentile=None")
         if self.mp_method not in MP_METHODS:
             raise ValueError(f"mp_method must be one of {MP_METHODS}, got {self.mp_method!r}")
         if self.budget_metric not in BUDGET_METRICS:

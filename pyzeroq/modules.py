@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .config import ACT_RANGES
 
 BIAS_BITS = 32
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -38,7 +39,28 @@ RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
 PASSTHROUGH_FUNCTIONS = (torch.flatten,)
 ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
-ACT_SAMPLE_CAP = 1 << 22  # values kept per quantizer for percentile calibration
+ACT_SAMPLE_CAP = 1 << 22  # values kept per quantizer for percentile / MSE calibration
+MSE_CLIP_STEPS = 100  # the MSE range search tries [a * min, a * max] for a = k / MSE_CLIP_STEPS
+
+
+def mse_clip_range(values: np.ndarray, bits: int) -> tuple[float, float]:
+    """The clipping range ``[a * min, a * max]`` (``a = k / MSE_CLIP_STEPS``, k = 1..steps)
+    whose ``bits``-bit asymmetric fake quantization of ``values`` has the least squared
+    error (sum over values, in float64); ties go to the widest range. ``min <= 0 <= max``
+    as in :func:`pyzeroq.ops.asymmetric_params`."""
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    out = np.empty_like(values)
+    best, best_err = (lo, hi), np.inf
+    for k in range(MSE_CLIP_STEPS, 0, -1):  # widest first: strict "<" keeps it on ties
+        a = k / MSE_CLIP_STEPS
+        rng = np.array([a * lo, a * hi], dtype=np.float32)
+        scale, zp = ops.asymmetric_params(rng, bits)
+        ops.fake_quantize(values, scale, zp, bits, out=out)
+        err = float(np.square(out.astype(np.float64) - values).sum())
+        if err < best_err:
+            best, best_err = (float(rng[0]), float(rng[1])), err
+    return best
 
 
 class QuantAct(nn.Module):
@@ -48,10 +70,13 @@ class QuantAct(nn.Module):
     "quantize" (fake-quantizes with the frozen ``scale`` / ``zero_point``).
     """
 
-    def __init__(self, bits: int | None = 8, percentile: float | None = None):
+    def __init__(self, bits: int | None = 8, percentile: float | None = None, act_range: str = "minmax"):
         super().__init__()
+        if act_range not in ACT_RANGES:
+            raise ValueError(f"act_range must be one of {ACT_RANGES}, got {act_range!r}")
         self.bits = bits
         self.percentile = percentile
+        self.act_range = act_range
         self.mode = "off"
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
@@ -76,7 +101,7 @@ class QuantAct(nn.Module):
         lo, hi = flat.min(), flat.max()
         self._min = lo if self._min is None else torch.minimum(self._min, lo)
         self._max = hi if self._max is None else torch.maximum(self._max, hi)
-        if self.percentile is not None and self._sampled < ACT_SAMPLE_CAP:
+        if (self.percentile is not None or self.act_range == "mse") and self._sampled < ACT_SAMPLE_CAP:
             self._samples.append(flat[:ACT_SAMPLE_CAP - self._sampled].clone())
             self._sampled += len(self._samples[-1])
 
@@ -99,6 +124,8 @@ class QuantAct(nn.Module):
             values = np.asarray(self.fixed_range, dtype=np.float32)
         elif self.percentile is not None:
             values = torch.cat(self._samples).numpy()
+        elif self.act_range == "mse":
+            values = np.asarray(mse_clip_range(torch.cat(self._samples).numpy(), self.bits), dtype=np.float32)
         else:
             values = torch.stack([self._min, self._max]).numpy()
         scale, zp = ops.asymmetric_params(values, self.bits, percentile=self.percentile)
@@ -239,7 +266,7 @@ class _Tracer(fx.Tracer):
 
 
 def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True,
-            percentile: float | None = None) -> tuple[fx.GraphModule, SurgeryInfo]:
+            percentile: float | None = None, act_range: str = "minmax") -> tuple[fx.GraphModule, SurgeryInfo]:
     """Trace a copy of ``model`` (eval mode), fold BNs, insert quantized layers and QuantActs."""
     model = copy.deepcopy(model).eval()
     try:
@@ -304,7 +331,7 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
         if node in output_inputs:
             continue  # logits stay float (dequantized accumulator)
         name = f"act_quant_{i}"
-        quant = QuantAct(act_bits, percentile)
+        quant = QuantAct(act_bits, percentile, act_range)
         if node.op == "call_module" and _is_normalizer(gm.get_submodule(node.target)):
             # models take images in [0, 1]: the normalized range is known exactly, so the
             # input quantizer does not depend on the (unbounded) calibration images

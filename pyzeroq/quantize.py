@@ -240,7 +240,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=No
     report.timings[f"calibration_data ({config.calibration})"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gm, info = prepare(float_model, config.act_bits, config.per_channel, config.percentile)
+    gm, info = prepare(float_model, config.act_bits, config.per_channel, config.percentile, config.act_range)
     gm.to(config.device)
     report.layers = list(info.layers)
     layers = quant_layers(gm)

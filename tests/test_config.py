@@ -37,6 +37,8 @@ def test_frozen():
     (dict(distill_iters=-5), "distill_iters"),
     (dict(distill_lr=0), "distill_lr"),
     (dict(percentile=30), "percentile"),
+    (dict(act_range="entropy"), "act_range"),
+    (dict(act_range="mse", percentile=99.9), "act_range"),
     (dict(mp_method="greedy"), "mp_method"),
     (dict(mp_group_size=0), "mp_group_size"),
     (dict(mp_size_bins=2.5), "mp_size_bins"),
