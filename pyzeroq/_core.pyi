@@ -1,7 +1,8 @@
 """Type stub of the private extension pyzeroq._core (numeric core; see pyzeroq.ops, pyzeroq.pareto, pyzeroq.integer)."""
-from typing import Any, SupportsIndex
+from typing import Any, Dict, Optional, Sequence, SupportsIndex, Tuple
 import numpy as np
 import numpy.typing as npt
+from numpy.typing import ArrayLike
 
 # --- quantize (csrc/bindings/quantize.cpp) ---------------------------------------------
 # Array-like arguments: numpy arrays (or anything numpy.asarray accepts). Data are float32
@@ -81,7 +82,8 @@ def pareto_top_pairs(
 # Codes: numpy uint8 arrays; outputs uint8 (out_bits <= 8) or uint16. Scales are float32.
 # rounding: "float32_rne" | "gemmlowp" | "dyadic"; dyadic_rounding: "half_even" | "half_up" | "half_away";
 # overflow: "wrap" | "saturate" | "error"; impl: "reference" | "fast" | "fast_generic"; dyadic_shift -1 = none.
-# Stats dict keys: "max_abs_acc", "bits_needed", "overflow_count".
+# Stats dict keys: "max_abs_acc", "bits_needed", "overflow_count", "min_acc", "max_acc".
+# integer_conv_integer / integer_matmul_integer return the int32 accumulators (after the acc model).
 
 def integer_qlinear_conv2d(x: np.ndarray, x_scale: float, x_zero_point: ArrayLike, w: np.ndarray,
                            w_scale: ArrayLike, w_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike,
@@ -94,6 +96,13 @@ def integer_qlinear_matmul(a: np.ndarray, a_scale: float, a_zero_point: ArrayLik
                            bias: Optional[ArrayLike], rounding: str, out_bits: int, acc_bits: int, overflow: str,
                            relu: bool, impl: str, dyadic_rounding: str, dyadic_bits: int,
                            dyadic_shift: int) -> Tuple[np.ndarray, Dict[str, int]]: ...
+def integer_conv_integer(x: np.ndarray, x_zero_point: ArrayLike, w: np.ndarray, w_zero_point: ArrayLike,
+                         bias: Optional[ArrayLike], stride: Sequence[int], padding: Sequence[int],
+                         dilation: Sequence[int], groups: int, acc_bits: int, overflow: str,
+                         impl: str) -> Tuple[npt.NDArray[np.int32], Dict[str, int]]: ...
+def integer_matmul_integer(a: np.ndarray, a_zero_point: ArrayLike, b: np.ndarray, b_zero_point: ArrayLike,
+                           bias: Optional[ArrayLike], acc_bits: int, overflow: str,
+                           impl: str) -> Tuple[npt.NDArray[np.int32], Dict[str, int]]: ...
 def integer_requantize(acc: np.ndarray, multiplier: ArrayLike, y_zero_point: ArrayLike, axis: int, has_axis: bool,
                        rounding: str, out_bits: int, relu: bool, dyadic_rounding: str, dyadic_bits: int,
                        dyadic_shift: int) -> np.ndarray: ...

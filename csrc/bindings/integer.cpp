@@ -152,6 +152,8 @@ py::dict stats_dict(const AccStats& st) {
   d["max_abs_acc"] = st.max_abs_acc();
   d["bits_needed"] = st.bits_needed();
   d["overflow_count"] = st.overflow_count;
+  d["min_acc"] = st.min_acc;
+  d["max_acc"] = st.max_acc;
   return d;
 }
 
@@ -164,16 +166,45 @@ std::vector<int32_t> bias_vector(const py::object& bias, int64_t O) {
   return v;
 }
 
-// Shared driver: validates scales / zero points / bias, builds the kernel args, runs.
+// Zero points, bias and accumulator model of a conv / matmul (x_name: "x" or "a",
+// w_name: "w" or "b"); owns the arrays the kernel args point into.
+struct Operands {
+  std::vector<int32_t> zw, bias;
+  void set(QConvArgs& a, const uint8_t* x, const py::object& x_zero_point, const char* x_name, const uint8_t* w,
+           const py::object& w_zero_point, const char* w_name, const py::object& bias_o, int acc_bits,
+           const std::string& overflow) {
+    const std::vector<int64_t> z = int_vector(w_zero_point, (std::string(w_name) + "_zero_point").c_str(), a.g.O, 0, kCodeMax8);
+    zw.assign(z.begin(), z.end());
+    bias = bias_vector(bias_o, a.g.O);
+    a.x = x;
+    a.x_zero_point = static_cast<int32_t>(zero_point(x_zero_point, (std::string(x_name) + "_zero_point").c_str(), kCodeMax8));
+    a.w = w;
+    a.w_zero_point = zw.data();
+    a.bias = bias.empty() ? nullptr : bias.data();
+    a.acc = parse_acc(acc_bits, overflow);
+  }
+};
+
+// Runs the kernel without the GIL; ValueError on overflow with overflow="error".
+AccStats run_kernel(const QConvArgs& a, Impl im) {
+  AccStats st;
+  {
+    py::gil_scoped_release release;
+    st = qconv(a, im);
+  }
+  if (a.acc.mode == Overflow::Error && st.overflow_count > 0) value_error(overflow_message(st, a.acc));
+  return st;
+}
+
+// QLinear driver: validates scales / zero points / bias, builds the requantizer, runs.
 py::tuple run_qconv(QConvArgs& a, const uint8_t* x, double x_scale, const py::object& x_zero_point,
                     const uint8_t* w, const py::object& w_scale, const py::object& w_zero_point, double y_scale,
                     const py::object& y_zero_point, const py::object& bias, const RequantSpec& spec, int out_bits,
                     int acc_bits, const std::string& overflow, bool relu, const std::string& impl,
-                    const std::vector<py::ssize_t>& out_shape, const char* w_name) {
+                    const std::vector<py::ssize_t>& out_shape, const char* x_name, const char* w_name) {
   const int64_t O = a.g.O;
-  const float sx = scalar_scale(x_scale, "x_scale"), sy = scalar_scale(y_scale, "y_scale");
+  const float sx = scalar_scale(x_scale, (std::string(x_name) + "_scale").c_str()), sy = scalar_scale(y_scale, "y_scale");
   const std::vector<float> sw = scale_vector(w_scale, (std::string(w_name) + "_scale").c_str(), O);
-  const std::vector<int64_t> zw = int_vector(w_zero_point, (std::string(w_name) + "_zero_point").c_str(), O, 0, kCodeMax8);
   std::vector<float> m32(O);
   std::vector<double> m64(O);
   for (int64_t o = 0; o < O; ++o) {
@@ -181,25 +212,28 @@ py::tuple run_qconv(QConvArgs& a, const uint8_t* x, double x_scale, const py::ob
     m32[o] = prod / sy;
     m64[o] = static_cast<double>(sx) * static_cast<double>(sw[o]) / static_cast<double>(sy);  // TFLite
   }
-  std::vector<int32_t> zw32(zw.begin(), zw.end());
-  const std::vector<int32_t> b = bias_vector(bias, O);
-  a.x = x;
-  a.x_zero_point = static_cast<int32_t>(zero_point(x_zero_point, "x_zero_point", kCodeMax8));
-  a.w = w;
-  a.w_zero_point = zw32.data();
-  a.bias = b.empty() ? nullptr : b.data();
+  Operands own;
+  own.set(a, x, x_zero_point, x_name, w, w_zero_point, w_name, bias, acc_bits, overflow);
   a.rq = make_requantizer(spec, out_bits, y_zero_point, relu, m32, m64);
-  a.acc = parse_acc(acc_bits, overflow);
   const Impl im = parse_impl(impl);
   py::array y = alloc_codes(out_shape, out_bits);
   a.y = y.mutable_data();
   a.y16 = out_bits > 8;
-  AccStats st;
-  {
-    py::gil_scoped_release release;
-    st = qconv(a, im);
-  }
-  if (a.acc.mode == Overflow::Error && st.overflow_count > 0) value_error(overflow_message(st, a.acc));
+  const AccStats st = run_kernel(a, im);
+  return py::make_tuple(y, stats_dict(st));
+}
+
+// Integer driver (ConvInteger / MatMulInteger): the int32 accumulators themselves.
+py::tuple run_integer(QConvArgs& a, const uint8_t* x, const py::object& x_zero_point, const uint8_t* w,
+                      const py::object& w_zero_point, const py::object& bias, int acc_bits,
+                      const std::string& overflow, const std::string& impl, const std::vector<py::ssize_t>& out_shape,
+                      const char* x_name, const char* w_name) {
+  Operands own;
+  own.set(a, x, x_zero_point, x_name, w, w_zero_point, w_name, bias, acc_bits, overflow);
+  const Impl im = parse_impl(impl);
+  py::array_t<int32_t> y(out_shape);
+  a.acc_out = y.mutable_data();
+  const AccStats st = run_kernel(a, im);
   return py::make_tuple(y, stats_dict(st));
 }
 
@@ -210,19 +244,13 @@ std::vector<int64_t> int_list(const std::vector<int64_t>& v, const char* name, s
   return v;
 }
 
-py::tuple qlinear_conv2d(const py::object& x_o, double x_scale, const py::object& x_zero_point, const py::object& w_o,
-                         const py::object& w_scale, const py::object& w_zero_point, double y_scale,
-                         const py::object& y_zero_point, const py::object& bias, std::vector<int64_t> stride,
-                         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
-                         const std::string& rounding, int out_bits, int acc_bits, const std::string& overflow, bool relu,
-                         const std::string& impl, const std::string& dyadic_rounding, int dyadic_bits, int dyadic_shift) {
-  const U8 x = code_array(x_o, "x", 4, 4), w = code_array(w_o, "w", 4, 4);
-  const RequantSpec spec = parse_spec(rounding, dyadic_rounding, dyadic_bits, dyadic_shift);
+// Geometry of a conv of x [N, C, H, W] with w [O, C/groups, KH, KW] (NCHW output).
+ConvGeom conv_geom(const U8& x, const U8& w, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                   std::vector<int64_t> dilation, int64_t groups) {
   stride = int_list(stride, "stride", 2, 1);
   padding = int_list(padding, "padding", 4, 0);
   dilation = int_list(dilation, "dilation", 2, 1);
-  QConvArgs a;
-  ConvGeom& g = a.g;
+  ConvGeom g;
   g.N = x.shape(0), g.C = x.shape(1), g.H = x.shape(2), g.W = x.shape(3);
   g.O = w.shape(0), g.KH = w.shape(2), g.KW = w.shape(3);
   if (groups < 1) value_error("groups must be >= 1");
@@ -239,34 +267,79 @@ py::tuple qlinear_conv2d(const py::object& x_o, double x_scale, const py::object
   g.OH = eh / g.sh + 1, g.OW = ew / g.sw + 1;
   g.in_sn = g.C * g.H * g.W, g.in_sc = g.H * g.W, g.in_sh = g.W, g.in_sw = 1;
   g.out_sn = g.O * g.OH * g.OW, g.out_so = g.OH * g.OW, g.out_sp = 1;
-  return run_qconv(a, x.data(), x_scale, x_zero_point, w.data(), w_scale, w_zero_point, y_scale, y_zero_point, bias,
-                   spec, out_bits, acc_bits, overflow, relu, impl, {g.N, g.O, g.OH, g.OW}, "w");
+  return g;
 }
+
+py::tuple qlinear_conv2d(const py::object& x_o, double x_scale, const py::object& x_zero_point, const py::object& w_o,
+                         const py::object& w_scale, const py::object& w_zero_point, double y_scale,
+                         const py::object& y_zero_point, const py::object& bias, std::vector<int64_t> stride,
+                         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                         const std::string& rounding, int out_bits, int acc_bits, const std::string& overflow, bool relu,
+                         const std::string& impl, const std::string& dyadic_rounding, int dyadic_bits, int dyadic_shift) {
+  const U8 x = code_array(x_o, "x", 4, 4), w = code_array(w_o, "w", 4, 4);
+  const RequantSpec spec = parse_spec(rounding, dyadic_rounding, dyadic_bits, dyadic_shift);
+  QConvArgs a;
+  a.g = conv_geom(x, w, std::move(stride), std::move(padding), std::move(dilation), groups);
+  const ConvGeom& g = a.g;
+  return run_qconv(a, x.data(), x_scale, x_zero_point, w.data(), w_scale, w_zero_point, y_scale, y_zero_point, bias,
+                   spec, out_bits, acc_bits, overflow, relu, impl, {g.N, g.O, g.OH, g.OW}, "x", "w");
+}
+
+py::tuple conv_integer(const py::object& x_o, const py::object& x_zero_point, const py::object& w_o,
+                       const py::object& w_zero_point, const py::object& bias, std::vector<int64_t> stride,
+                       std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int acc_bits,
+                       const std::string& overflow, const std::string& impl) {
+  const U8 x = code_array(x_o, "x", 4, 4), w = code_array(w_o, "w", 4, 4);
+  QConvArgs a;
+  a.g = conv_geom(x, w, std::move(stride), std::move(padding), std::move(dilation), groups);
+  const ConvGeom& g = a.g;
+  return run_integer(a, x.data(), x_zero_point, w.data(), w_zero_point, bias, acc_bits, overflow, impl,
+                     {g.N, g.O, g.OH, g.OW}, "x", "w");
+}
+
+// a [..., M, K] times b [K, N] as the 1x1 conv over the rows of a (see ConvGeom);
+// holds the validated a and b transposed to [N, K].
+struct MatmulOperands {
+  U8 a;
+  std::vector<uint8_t> bt;
+  QConvArgs q;
+  std::vector<py::ssize_t> out_shape;  // a.shape[:-1] + [N]
+  MatmulOperands(const py::object& a_o, const py::object& b_o) : a(code_array(a_o, "a", 1, 32)) {
+    const U8 b = code_array(b_o, "b", 2, 2);
+    const int64_t K = a.shape(a.ndim() - 1), Ncol = b.shape(1);
+    if (b.shape(0) != K) value_error("b must have shape [K, N] with K = a.shape[-1] = " + std::to_string(K));
+    if (K == 0 || Ncol == 0) value_error("a and b must not have empty dimensions");
+    const int64_t R = a.size() / K;
+    bt.resize(static_cast<std::size_t>(K * Ncol));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < Ncol; ++n) bt[n * K + k] = b.data()[k * Ncol + n];
+    ConvGeom& g = q.g;
+    g.N = 1, g.C = K, g.H = R, g.W = 1, g.O = Ncol;
+    g.OH = R, g.OW = 1;
+    g.in_sn = R * K, g.in_sc = 1, g.in_sh = K, g.in_sw = 1;
+    g.out_sn = R * Ncol, g.out_so = 1, g.out_sp = Ncol;
+    out_shape.assign(a.shape(), a.shape() + a.ndim());
+    out_shape.back() = Ncol;
+  }
+};
 
 py::tuple qlinear_matmul(const py::object& a_o, double a_scale, const py::object& a_zero_point, const py::object& b_o,
                          const py::object& b_scale, const py::object& b_zero_point, double y_scale,
                          const py::object& y_zero_point, const py::object& bias, const std::string& rounding,
                          int out_bits, int acc_bits, const std::string& overflow, bool relu, const std::string& impl,
                          const std::string& dyadic_rounding, int dyadic_bits, int dyadic_shift) {
-  const U8 av = code_array(a_o, "a", 1, 32), b = code_array(b_o, "b", 2, 2);
+  MatmulOperands m(a_o, b_o);
   const RequantSpec spec = parse_spec(rounding, dyadic_rounding, dyadic_bits, dyadic_shift);
-  const int64_t K = av.shape(av.ndim() - 1), Ncol = b.shape(1);
-  if (b.shape(0) != K) value_error("b must have shape [K, N] with K = a.shape[-1] = " + std::to_string(K));
-  if (K == 0 || Ncol == 0) value_error("a and b must not have empty dimensions");
-  const int64_t R = av.size() / K;
-  std::vector<uint8_t> bt(static_cast<std::size_t>(K * Ncol));  // [N, K]
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < Ncol; ++n) bt[n * K + k] = b.data()[k * Ncol + n];
-  QConvArgs q;
-  ConvGeom& g = q.g;
-  g.N = 1, g.C = K, g.H = R, g.W = 1, g.O = Ncol;
-  g.OH = R, g.OW = 1;
-  g.in_sn = R * K, g.in_sc = 1, g.in_sh = K, g.in_sw = 1;
-  g.out_sn = R * Ncol, g.out_so = 1, g.out_sp = Ncol;
-  std::vector<py::ssize_t> shape(av.shape(), av.shape() + av.ndim());
-  shape.back() = Ncol;
-  return run_qconv(q, av.data(), a_scale, a_zero_point, bt.data(), b_scale, b_zero_point, y_scale, y_zero_point, bias,
-                   spec, out_bits, acc_bits, overflow, relu, impl, shape, "b");
+  return run_qconv(m.q, m.a.data(), a_scale, a_zero_point, m.bt.data(), b_scale, b_zero_point, y_scale, y_zero_point,
+                   bias, spec, out_bits, acc_bits, overflow, relu, impl, m.out_shape, "a", "b");
+}
+
+py::tuple matmul_integer(const py::object& a_o, const py::object& a_zero_point, const py::object& b_o,
+                         const py::object& b_zero_point, const py::object& bias, int acc_bits,
+                         const std::string& overflow, const std::string& impl) {
+  MatmulOperands m(a_o, b_o);
+  return run_integer(m.q, m.a.data(), a_zero_point, m.bt.data(), b_zero_point, bias, acc_bits, overflow, impl,
+                     m.out_shape, "a", "b");
 }
 
 py::array requantize(const py::object& acc_o, const py::object& multiplier, const py::object& y_zero_point, int axis,
@@ -360,6 +433,14 @@ void register_integer(py::module_& m) {
         "b_zero_point"_a, "y_scale"_a, "y_zero_point"_a, "bias"_a, "rounding"_a, "out_bits"_a, "acc_bits"_a,
         "overflow"_a, "relu"_a, "impl"_a, "dyadic_rounding"_a, "dyadic_bits"_a, "dyadic_shift"_a,
         "ONNX QLinearMatMul (a [..., M, K], b [K, N], per-column b scales); returns (codes, stats dict).");
+  m.def("integer_conv_integer", &conv_integer, "x"_a, "x_zero_point"_a, "w"_a, "w_zero_point"_a, "bias"_a,
+        "stride"_a, "padding"_a, "dilation"_a, "groups"_a, "acc_bits"_a, "overflow"_a, "impl"_a,
+        "ONNX ConvInteger (+ optional int32 bias): the int32 accumulators under the acc model; returns "
+        "(int32 [N, O, OH, OW], stats dict).");
+  m.def("integer_matmul_integer", &matmul_integer, "a"_a, "a_zero_point"_a, "b"_a, "b_zero_point"_a, "bias"_a,
+        "acc_bits"_a, "overflow"_a, "impl"_a,
+        "ONNX MatMulInteger (+ optional int32 bias [N]): the int32 accumulators under the acc model; returns "
+        "(int32 [..., M, N], stats dict).");
   m.def("integer_requantize", &requantize, "acc"_a, "multiplier"_a, "y_zero_point"_a, "axis"_a, "has_axis"_a,
         "rounding"_a, "out_bits"_a, "relu"_a, "dyadic_rounding"_a, "dyadic_bits"_a, "dyadic_shift"_a,
         "Requantize an int32 accumulator tensor with real multiplier(s) M.");

@@ -49,11 +49,7 @@ void conv_output_sequential(const QConvArgs& a, int64_t n, int64_t o, int64_t p,
   }
   st.add(exact);
   if (saturated) ++st.overflow_count;
-  const int32_t code = a.rq.apply(static_cast<int32_t>(sacc), static_cast<std::size_t>(o));
-  if (a.y16)
-    static_cast<uint16_t*>(a.y)[idx] = static_cast<uint16_t>(code);
-  else
-    static_cast<uint8_t*>(a.y)[idx] = static_cast<uint8_t>(code);
+  store_output(a, static_cast<int32_t>(sacc), o, idx);
 }
 
 AccStats qconv_reference(const QConvArgs& a) {

@@ -1,4 +1,5 @@
-// Integer ALU simulator: QLinearConv / QLinearMatMul (pure C++).
+// Integer ALU simulator: QLinearConv / QLinearMatMul, and ConvInteger /
+// MatMulInteger (the int32 accumulator itself, `acc_out`) (pure C++).
 //
 // Accumulator of output (n, o, oh, ow), group g = o / Og, Cg input channels per group:
 //   acc = bias[o] + sum_{ci < Cg} sum_{ki < KH} sum_{kj < KW}
@@ -47,6 +48,9 @@ struct QConvArgs {
   AccModel acc;
   void* y = nullptr;                      // uint8 (out_bits <= 8) or uint16
   bool y16 = false;
+  // Set: every output stores its accumulator after the acc model (the value the
+  // requantizer would get) here, laid out like y; `rq` and `y` are then unused.
+  int32_t* acc_out = nullptr;
 };
 
 enum class Impl { Reference, Fast, FastGeneric };
@@ -63,17 +67,25 @@ inline AccStats qconv(const QConvArgs& a, Impl impl) {
 }
 
 // Shared by both paths: one output (n, o, p = oh*OW + ow) by the plain loop
-// in the saturate order above; updates `st` and stores the code.
+// in the saturate order above; updates `st` and stores the code (or accumulator).
 void conv_output_sequential(const QConvArgs& a, int64_t n, int64_t o, int64_t p, AccStats& st);
 
-// Epilogue shared by both paths: exact accumulator -> acc model -> code -> store.
-inline void finish_output(const QConvArgs& a, int64_t exact, int64_t o, int64_t idx, AccStats& st) {
-  const int32_t acc = model_accumulator(exact, a.acc, st);
+// Store of output idx: the modeled accumulator `acc` into acc_out, or its code into y.
+inline void store_output(const QConvArgs& a, int32_t acc, int64_t o, int64_t idx) {
+  if (a.acc_out) {
+    a.acc_out[idx] = acc;
+    return;
+  }
   const int32_t code = a.rq.apply(acc, static_cast<std::size_t>(o));
   if (a.y16)
     static_cast<uint16_t*>(a.y)[idx] = static_cast<uint16_t>(code);
   else
     static_cast<uint8_t*>(a.y)[idx] = static_cast<uint8_t>(code);
+}
+
+// Epilogue shared by both paths: exact accumulator -> acc model -> store.
+inline void finish_output(const QConvArgs& a, int64_t exact, int64_t o, int64_t idx, AccStats& st) {
+  store_output(a, model_accumulator(exact, a.acc, st), o, idx);
 }
 
 }  // namespace integer

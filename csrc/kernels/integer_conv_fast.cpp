@@ -142,6 +142,7 @@ __attribute__((target("avx2"))) void dw_avx2(const int16_t* x, const int64_t* ta
 }
 
 // ---- epilogue: exact accumulators of consecutive channels -> codes -----------
+// (or -> modeled accumulators, when QConvArgs::acc_out is set)
 constexpr int64_t kMaxRow = 16;  // channels per epilogue row (kNR, kDwC)
 
 // float32_rne requantization of one row (same arithmetic as Requantizer::apply).
@@ -179,6 +180,24 @@ __attribute__((target_clones("avx2", "default"))) void requant_rows_f32_safe(
   *mx_out = mx;
 }
 
+// Accumulator output, when acc + bias provably fits the accumulator: acc + bias
+// and the min / max for the stats (layout as requant_rows_f32_safe).
+__attribute__((target_clones("avx2", "default"))) void bias_rows_safe(
+    const int32_t* __restrict acc, int64_t rows, int64_t ld, const int32_t* __restrict bias, int64_t n,
+    int32_t* __restrict out, int32_t* mn_out, int32_t* mx_out) {
+  int32_t mn = *mn_out, mx = *mx_out;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t e = acc[i * ld + j] + bias[j];
+      mn = e < mn ? e : mn;
+      mx = e > mx ? e : mx;
+      out[i * ld + j] = e;
+    }
+  }
+  *mn_out = mn;
+  *mx_out = mx;
+}
+
 constexpr int64_t kMaxProduct = 255 * 255;  // |(x - zx) * (w - zw)| for 8-bit codes
 
 template <class T>
@@ -194,20 +213,24 @@ class Epilogue {
     for (int64_t o = 0; o < a.g.O; ++o) {
       if (a.bias) bias_[o] = bias32_[o] = a.bias[o];
       max_bias = std::max<int64_t>(max_bias, bias_[o] < 0 ? -bias_[o] : bias_[o]);
-      m32_[o] = a.rq.ch[o].m32;
+      if (!a.acc_out) m32_[o] = a.rq.ch[o].m32;
     }
     f32_ = a.rq.spec.mode == Rounding::Float32Rne;
-    safe_ = f32_ && reduction * kMaxProduct + max_bias <= a.acc.max();
+    safe_ = (f32_ || a.acc_out) && reduction * kMaxProduct + max_bias <= a.acc.max();
     flo_ = static_cast<float>(a.rq.lo - a.rq.zero_point);
     fhi_ = static_cast<float>(a.rq.hi - a.rq.zero_point);
   }
-  // codes[j] for channel o0 + j from the int32 partial sums acc[j], j < nj <= kMaxRow.
+  // codes[j] for channel o0 + j from the int32 partial sums acc[j], j < nj <= kMaxRow
+  // (the modeled accumulators instead of codes with acc_out).
   // `rows` rows at acc + i * ld -> codes + i * ld.
   void tile(const int32_t* acc, int64_t rows, int64_t ld, int64_t o0, int64_t nj, int32_t* codes, AccStats& st) const {
     if (safe_) {
       int32_t mn = std::numeric_limits<int32_t>::max(), mx = std::numeric_limits<int32_t>::min();
-      requant_rows_f32_safe(acc, rows, ld, bias32_.data() + o0, m32_.data() + o0, nj, flo_, fhi_, a_.rq.zero_point,
-                            codes, &mn, &mx);
+      if (a_.acc_out)
+        bias_rows_safe(acc, rows, ld, bias32_.data() + o0, nj, codes, &mn, &mx);
+      else
+        requant_rows_f32_safe(acc, rows, ld, bias32_.data() + o0, m32_.data() + o0, nj, flo_, fhi_,
+                              a_.rq.zero_point, codes, &mn, &mx);
       st.add(mn);
       st.add(mx);
       return;
@@ -225,20 +248,27 @@ class Epilogue {
     if (mn >= a_.acc.min() && mx <= a_.acc.max()) {
       st.add(mn);
       st.add(mx);
-      if (f32_) {
+      if (a_.acc_out) {
+        for (int64_t j = 0; j < nj; ++j) codes[j] = static_cast<int32_t>(e[j]);
+      } else if (f32_) {
         requant_row_f32(e, m32_.data() + o0, nj, flo_, fhi_, a_.rq.zero_point, codes);
       } else {
         for (int64_t j = 0; j < nj; ++j) codes[j] = a_.rq.apply(static_cast<int32_t>(e[j]), o0 + j);
       }
       return;
     }
-    for (int64_t j = 0; j < nj; ++j)
-      codes[j] = a_.rq.apply(model_accumulator(e[j], a_.acc, st), static_cast<std::size_t>(o0 + j));
+    for (int64_t j = 0; j < nj; ++j) {
+      const int32_t v = model_accumulator(e[j], a_.acc, st);
+      codes[j] = a_.acc_out ? v : a_.rq.apply(v, static_cast<std::size_t>(o0 + j));
+    }
   }
   // y[base + k * stride] = codes[k * cstride], k < n (a local __restrict pointer:
-  // byte stores would otherwise force reloads of everything they may alias).
+  // byte stores would otherwise force reloads of everything they may alias);
+  // acc_out[...] instead with acc_out.
   void store(int64_t base, int64_t stride, const int32_t* codes, int64_t cstride, int64_t n) const {
-    if (a_.y16)
+    if (a_.acc_out)
+      scatter(a_.acc_out + base, stride, codes, cstride, n);
+    else if (a_.y16)
       scatter(static_cast<uint16_t*>(a_.y) + base, stride, codes, cstride, n);
     else
       scatter(static_cast<uint8_t*>(a_.y) + base, stride, codes, cstride, n);

@@ -1,5 +1,6 @@
-"""Integer-only inference: the bit-exact integer ALU simulator (``simulate``)
-and, later, the converter of quantized models (``to_integer``, in convert.py).
+"""Integer-only inference: the bit-exact integer ALU simulator (``simulate``), the
+graph planning of quantized models into integer steps (``plan``) and the converter /
+runtime ``to_integer`` (``convert``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from .simulate import __all__ as _simulate_all
 __all__ = list(_simulate_all) + ["to_integer"]
 
 
-# --- to_integer: provided by pyzeroq/integer/convert.py (added by the model-converter issue) ---
+# --- to_integer lives in convert.py (with torch / fx imports) ---
 # Imported lazily so that the simulator works before / without the converter.
 def __getattr__(name: str):
     if name == "to_integer":

@@ -31,7 +31,11 @@ kernel row, kernel column -- matmul: bias, then k), or raises ``ValueError``
 ("error") when a final accumulator value does not fit. Stats: ``max_abs_acc``
 and ``bits_needed`` describe the final (exact) accumulator values;
 ``overflow_count`` counts outputs whose final value overflowed (wrap / error)
-or that saturated at any step (saturate).
+or that saturated at any step (saturate); ``min_acc`` / ``max_acc`` are the
+range of the exact final values (0 included).
+
+:func:`matmul_integer` / :func:`conv_integer` (ONNX MatMulInteger / ConvInteger,
+plus an optional bias) return the int32 accumulators themselves instead of codes.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ __all__ = [
     "AccStats",
     "qlinear_conv2d",
     "qlinear_matmul",
+    "conv_integer",
+    "matmul_integer",
     "requantize",
     "qadd",
     "max_pool2d",
@@ -68,6 +74,8 @@ class AccStats:
     max_abs_acc: int
     bits_needed: int  # signed bits that hold every final accumulator value
     overflow_count: int
+    min_acc: int = 0  # range of the exact final accumulator values, 0 included
+    max_acc: int = 0
 
 
 def _np(x, name: str):
@@ -143,6 +151,39 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
         int(out_bits), int(acc_bits), overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits),
         _shift(dyadic_shift))
     return codes, AccStats(**st)
+
+
+def matmul_integer(a, a_zero_point, b, b_zero_point, bias=None, acc_bits: int = 32, overflow: str = "wrap", *,
+                   impl: str = "fast") -> Tuple[np.ndarray, AccStats]:
+    """ONNX MatMulInteger (plus an optional bias): the int32 accumulators, no requantization.
+
+    a [..., M, K] uint8 with a per-tensor zero point ``za``, b [K, N] uint8 with a
+    scalar or per-column zero point ``zb`` [N], optional integer bias [N] (int32 range)::
+
+        acc[..., m, n] = bias[n] + sum_k (a[..., m, k] - za) * (b[k, n] - zb[n])
+
+    under the ``acc_bits`` / ``overflow`` accumulator model (module docstring):
+    "wrap" gives the exact sum modulo 2^acc_bits (two's complement), "saturate"
+    clamps after the bias and after every product in k ascending, "error" raises
+    ``ValueError`` ("accumulator overflow ... bits needed ...") when a final value
+    does not fit. Returns (int32 array [..., M, N], :class:`AccStats`); it equals
+    what :func:`qlinear_matmul` would requantize. ``impl`` as in :func:`qlinear_conv2d`."""
+    acc, st = _core.integer_matmul_integer(_np(a, "a"), np.asarray(a_zero_point), _np(b, "b"),
+                                           np.asarray(b_zero_point), _np(bias, "bias"), int(acc_bits), overflow, impl)
+    return acc, AccStats(**st)
+
+
+def conv_integer(x, x_zero_point, w, w_zero_point, bias=None, stride: IntOrSeq = 1, padding: IntOrSeq = 0,
+                 dilation: IntOrSeq = 1, groups: int = 1, acc_bits: int = 32, overflow: str = "wrap", *,
+                 impl: str = "fast") -> Tuple[np.ndarray, AccStats]:
+    """ONNX ConvInteger (plus an optional bias [O]): the int32 accumulators
+    [N, O, OH, OW] of :func:`qlinear_conv2d` (same arguments, formula and
+    accumulator model, without the requantization)."""
+    acc, st = _core.integer_conv_integer(
+        _np(x, "x"), np.asarray(x_zero_point), _np(w, "w"), np.asarray(w_zero_point), _np(bias, "bias"),
+        _pair(stride, "stride"), _padding(padding), _pair(dilation, "dilation"), int(groups), int(acc_bits),
+        overflow, impl)
+    return acc, AccStats(**st)
 
 
 def requantize(acc, multiplier, y_zero_point, axis: Optional[int] = None, rounding: str = "float32_rne",
