@@ -43,7 +43,8 @@ def cmd_quantize(args) -> int:
     config = QuantConfig(weight_bits=weight_bits, avg_weight_bits=args.avg_weight_bits,
                          act_bits=None if args.act_bits == 0 else args.act_bits, calibration=args.calibration,
                          num_samples=args.num_samples, distill_iters=args.distill_iters,
-                         percentile=args.percentile, mp_relaxation=not args.no_relaxation,
+                         percentile=args.percentile, act_range=args.act_range,
+                         mp_relaxation=not args.no_relaxation,
                          mp_method=args.mp_method, seed=args.seed, device=args.device)
     model = models.load_pretrained(args.model)
     qmodel = quantize(model, config, input_shape=(1, 28, 28))
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--distill-iters", type=int, default=500)
     p.add_argument("--percentile", type=float, default=None)
+    p.add_argument("--act-range", default="minmax", choices=("minmax", "mse"),
+                   help="activation ranges: observed min/max (or its percentiles) or the MSE-optimal clipping")
     p.add_argument("--mp-method", default="zeroq", choices=("zeroq", "random", "inverse"))
     p.add_argument("--no-relaxation", action="store_true", help="skip the Appendix-A grouped refinement")
     p.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,17 @@ def test_parser_knows_the_subcommands():
     assert args.mixed == (2, 4, 8) and args.avg_weight_bits == 4.0
     with pytest.raises(SystemExit):
         parser.parse_args(["quantize", "--mixed", "2,four"])
+    assert parser.parse_args(["quantize", "--act-range", "mse"]).act_range == "mse"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quantize", "--act-range", "kl"])
+
+
+def test_mse_with_percentile_is_a_clean_error(capsys):
+    if "resnet20" not in models.registry():
+        pytest.skip("no committed resnet20 checkpoint")
+    code = cli.main(["quantize", "--model", "resnet20", "--act-range", "mse", "--percentile", "99.9", "--eval", "none"])
+    assert code == 2
+    assert "act_range" in capsys.readouterr().err
 
 
 def test_bad_config_is_a_clean_error(capsys):
