@@ -17,7 +17,7 @@ def test_synthesis_config_errors(field, value):
 @pytest.mark.parametrize("field,value", [
     ("weight_bits", 1), ("act_bits", 17), ("first_layer_bits", 0), ("head_bits", 3.0), ("steps", -1),
     ("batch_size", 0), ("lr", -1e-3), ("tau", 0.0), ("w_kd", float("inf")), ("act_percentile", 10.0),
-    ("train_bn_stats", 1)])
+    ("train_bn_stats", 1), ("task_loss_parts", ()), ("task_loss_parts", "cls"), ("task_loss_parts", ("",))])
 def test_qat_config_errors(field, value):
     with pytest.raises(ValueError, match=field):
         QATConfig(**{field: value})

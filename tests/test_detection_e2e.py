@@ -95,3 +95,21 @@ def test_fx_traceable():
     g = torch.fx.symbolic_trace(tiny_detector())
     x = torch.rand(2, 1, CANVAS, CANVAS)
     assert torch.equal(g(x)["cls"][0], tiny_detector()(x)["cls"][0])
+
+
+def test_task_loss_parts_select_terms_of_the_detector_loss():
+    from pyzeroq.detection.qat import _task_loss
+    det = tiny_detector()
+    x = torch.rand(2, 1, CANVAS, CANVAS, generator=torch.Generator().manual_seed(0))
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]), "labels": torch.tensor([c])} for c in (1, 7)]
+    out = det(x)
+    total, parts = det.loss(out, targets, reduce=False)
+    assert torch.equal(_task_loss(det, out, targets, None), det.loss(out, targets))
+    assert torch.equal(_task_loss(det, out, targets, ("cls",)), parts["cls"])
+    assert torch.allclose(_task_loss(det, out, targets, ("cls", "reg", "ctr")), total)
+    with pytest.raises(ValueError, match="task_loss_parts"):
+        _task_loss(det, out, targets, ("box",))
+    # a class-only task loss still runs end to end
+    cfg = DetectionQuantConfig(qat=QATConfig(steps=1, batch_size=2, task_loss_parts=("cls",)),
+                               synthesis=SYN, calibration="task_specific", progress=False)
+    assert any(isinstance(m, QuantConv2d) for m in quantize_detector(det, cfg).modules())

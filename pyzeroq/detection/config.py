@@ -120,6 +120,10 @@ class QATConfig:
     tau: float = 4.0
     train_bn_stats: bool = False       # BN affine params always train; running stats update if True
     act_percentile: float | None = None  # activation range init: min/max (None) or percentile
+    # None: the detector's total task loss (the paper). A tuple of part names: the sum of those
+    # parts of ``loss(outputs, targets, reduce=False)`` only, e.g. ("cls",) learns the classes of
+    # the synthetic labels and leaves the boxes to distillation (their boxes are approximate).
+    task_loss_parts: tuple[str, ...] | None = None
 
     def __post_init__(self):
         _bits(self.weight_bits, "weight_bits")
@@ -133,6 +137,10 @@ class QATConfig:
             _nonneg(self, n)
         _check(self.tau > 0, "tau", f"must be > 0, got {self.tau!r}")
         _check(isinstance(self.train_bn_stats, bool), "train_bn_stats", "must be a bool")
+        if self.task_loss_parts is not None:
+            _check(isinstance(self.task_loss_parts, tuple) and len(self.task_loss_parts) > 0 and
+                   all(isinstance(n, str) and n for n in self.task_loss_parts), "task_loss_parts",
+                   f"must be None or a non-empty tuple of loss-part names, got {self.task_loss_parts!r}")
         if self.act_percentile is not None:
             _check(isinstance(self.act_percentile, (int, float)) and 50 <= self.act_percentile <= 100,
                    "act_percentile", f"must be None or in [50, 100], got {self.act_percentile!r}")

@@ -34,6 +34,21 @@ from .config import QATConfig
 from .lsq import LSQQuantizer, QuantConv2d, QuantLinear
 
 CALIBRATION_IMAGES = 256
+
+
+def _task_loss(student: nn.Module, outputs: dict, targets: list[dict], names) -> torch.Tensor:
+    """The detector's task loss, or the sum of the named parts of it (``QATConfig.task_loss_parts``)."""
+    if names is None:
+        return student.loss(outputs, targets)
+    try:
+        _, parts = student.loss(outputs, targets, reduce=False)
+    except TypeError as exc:
+        raise ValueError("task_loss_parts needs a detector whose loss(outputs, targets, reduce=False) "
+                         f"returns (total, {{part: loss}}): {exc}") from exc
+    unknown = [n for n in names if n not in parts]
+    if unknown:
+        raise ValueError(f"task_loss_parts: unknown parts {unknown}; the detector's loss has {sorted(parts)}")
+    return sum(parts[n] for n in names)
 CALIBRATION_BATCH = 64
 
 
@@ -184,8 +199,8 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
             loss = x.new_zeros(())
             parts = {}
             if use_task:
-                parts["task"] = student.loss(s_out, [{k: v.to(device) for k, v in targets[i].items()}
-                                                     for i in idx.tolist()])
+                parts["task"] = _task_loss(student, s_out, [{k: v.to(device) for k, v in targets[i].items()}
+                                                            for i in idx.tolist()], cfg.task_loss_parts)
                 loss = loss + cfg.w_task * parts["task"]
             if cfg.w_kd > 0:
                 parts["kd"] = sum(sigmoid_kl(t, s, cfg.tau) for t, s in zip(t_out["cls"], s_out["cls"])) \
