@@ -157,45 +157,45 @@ __attribute__((target_clones("avx2", "default"))) void requant_row_f32(
   }
 }
 
-// Same, when acc + bias provably fits the accumulator: int32 throughout, one
-// vectorizable loop that also tracks the min / max for the stats.
-// `rows` rows of `n` channels, row i at acc + i * ld / codes + i * ld.
-__attribute__((target_clones("avx2", "default"))) void requant_rows_f32_safe(
-    const int32_t* __restrict acc, int64_t rows, int64_t ld, const int32_t* __restrict bias,
-    const float* __restrict m, int64_t n, float flo, float fhi, int32_t zp, int32_t* __restrict codes,
-    int32_t* mn_out, int32_t* mx_out) {
+// Rows of e = acc + bias when that provably fits the accumulator: int32
+// throughout, one vectorizable loop that tracks the min / max for the stats and
+// hands every e to `emit(position, channel, e)`.
+// `rows` rows of `n` channels, row i at acc + i * ld (outputs at the same offsets).
+template <class Emit>
+__attribute__((always_inline)) inline void for_each_biased(const int32_t* __restrict acc, int64_t rows, int64_t ld,
+                                                           const int32_t* __restrict bias, int64_t n,
+                                                           int32_t* mn_out, int32_t* mx_out, Emit emit) {
   int32_t mn = *mn_out, mx = *mx_out;
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       const int32_t e = acc[i * ld + j] + bias[j];
       mn = e < mn ? e : mn;
       mx = e > mx ? e : mx;
-      float f = static_cast<float>(e) * m[j];
-      f = f < flo ? flo : f;
-      f = f > fhi ? fhi : f;
-      codes[i * ld + j] = static_cast<int32_t>((f + kRoundMagic) - kRoundMagic) + zp;
+      emit(i * ld + j, j, e);
     }
   }
   *mn_out = mn;
   *mx_out = mx;
 }
 
-// Accumulator output, when acc + bias provably fits the accumulator: acc + bias
-// and the min / max for the stats (layout as requant_rows_f32_safe).
+// float32_rne codes of those rows (same arithmetic as requant_row_f32).
+__attribute__((target_clones("avx2", "default"))) void requant_rows_f32_safe(
+    const int32_t* __restrict acc, int64_t rows, int64_t ld, const int32_t* __restrict bias,
+    const float* __restrict m, int64_t n, float flo, float fhi, int32_t zp, int32_t* __restrict codes,
+    int32_t* mn_out, int32_t* mx_out) {
+  for_each_biased(acc, rows, ld, bias, n, mn_out, mx_out, [=](int64_t at, int64_t j, int32_t e) {
+    float f = static_cast<float>(e) * m[j];
+    f = f < flo ? flo : f;
+    f = f > fhi ? fhi : f;
+    codes[at] = static_cast<int32_t>((f + kRoundMagic) - kRoundMagic) + zp;
+  });
+}
+
+// Accumulator output (QConvArgs::acc_out) of those rows: acc + bias itself.
 __attribute__((target_clones("avx2", "default"))) void bias_rows_safe(
     const int32_t* __restrict acc, int64_t rows, int64_t ld, const int32_t* __restrict bias, int64_t n,
     int32_t* __restrict out, int32_t* mn_out, int32_t* mx_out) {
-  int32_t mn = *mn_out, mx = *mx_out;
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t e = acc[i * ld + j] + bias[j];
-      mn = e < mn ? e : mn;
-      mx = e > mx ? e : mx;
-      out[i * ld + j] = e;
-    }
-  }
-  *mn_out = mn;
-  *mx_out = mx;
+  for_each_biased(acc, rows, ld, bias, n, mn_out, mx_out, [=](int64_t at, int64_t, int32_t e) { out[at] = e; });
 }
 
 constexpr int64_t kMaxProduct = 255 * 255;  // |(x - zx) * (w - zw)| for 8-bit codes
