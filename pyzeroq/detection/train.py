@@ -5,7 +5,8 @@
 ``--recipe reference`` reproduces the committed ``detector.pt`` in one command: the two
 phases it was trained in (``REFERENCE_RECIPE``: 2,000 steps of a 4,000-step cosine
 schedule at lr 3e-3, seed 0; then 600 steps from that checkpoint at lr 1.5e-3, warm-up 50,
-seed 1), about 45 min on one core. Single runs: ``--steps/--lr/--seed/--init ...``.
+seed 1): 15.5 min on one core here, and the result equals the committed checkpoint
+bit for bit (checked 2026-11-26, torch 2.13.0 CPU). Single runs: ``--steps/--lr/--seed/--init ...``.
 
 Scenes are drawn on the fly from one seeded stream (numpy PCG64 of ``--seed``) of
 the *train* split, so the detector never sees test-split items. AdamW with a linear
