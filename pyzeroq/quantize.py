@@ -11,7 +11,9 @@ import copy
 import hashlib
 import math
 import numbers
+import sys
 import time
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -28,6 +30,9 @@ from .sensitivity import JointEvaluator, layer_sensitivities
 FLOAT_BITS = 32
 BITS_PER_BYTE = 8
 CALIBRATION_BATCH = 256
+# Random / Inverse (Table V) pick among configurations of the budget's size: the largest
+# cost <= budget on a grid of this many bins (when QuantConfig.pareto_bins is None).
+SAME_SIZE_BINS = 1000
 
 
 @dataclass
@@ -151,35 +156,43 @@ def _selection_key(gm: nn.Module, data: torch.Tensor, omega: np.ndarray, cost: n
     return h.hexdigest()
 
 
+def _same_size_choice(objective: np.ndarray, cost: np.ndarray, budget: float, bins: int) -> np.ndarray:
+    """The configuration minimizing ``objective`` among those of the budget's size: the
+    largest total cost <= budget reachable on a ``bins``-bin cost grid (k-best DP, k = 1).
+    Without the size condition "maximize sensitivity" would just pick all-lowest bits."""
+    kb = pareto.k_best(objective, cost, 1, bins=bins)
+    sizes = np.where(kb.config_cost[:, 0] <= budget, kb.config_cost[:, 0], -np.inf)
+    return kb.choices[int(np.argmax(sizes)), 0]
+
+
 def _select(gm, data, omega, cost, budget, config, report) -> tuple[np.ndarray, float]:
     """(choice per layer, additive estimate); fills the frontier / relaxation fields of ``report``."""
     bins = config.pareto_bins
-    if config.mp_method == "random":
-        # the DP optimum of uniform-random scores: a random configuration that uses the budget
-        objective = np.random.default_rng(config.seed).random(omega.shape)
-    elif config.mp_method == "inverse":
-        objective = omega.max() - omega  # minimizing this maximizes the sum of sensitivities
-    else:
-        objective = omega
-    choice, _ = pareto.solve(objective, cost, budget, bins=bins)
-    if config.mp_method == "zeroq":
-        frontier = pareto.frontier(omega, cost, bins=bins)
-        report.frontier = {"cost": [int(c) for c in frontier.cost],
-                           "total_sensitivity": [float(t) for t in frontier.total]}
-        if config.mp_relaxation:
-            evaluator = JointEvaluator(gm, report.layers, report.candidates, data[:config.mp_eval_samples])
-            result = pareto.grouped_search(
-                omega, cost, budget, evaluator, group_size=config.mp_group_size,
-                keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
-                keep_per_bin_exact=config.mp_keep_exact, bins=bins)
-            independent_kl = float(evaluator(np.asarray(choice)[None, :])[0])
-            report.relaxation = {"exact_kl": float(result.total), "independent_choice_exact_kl": independent_kl,
-                                 "evaluations": evaluator.configurations, "batched_calls": evaluator.calls}
-            # keep the plain DP choice if the grouped search found nothing better by exact KL
-            if float(result.total) <= independent_kl:
-                choice = np.asarray(result.choice)
-            report.relaxation["kept"] = "grouped" if \
-                np.array_equal(choice, np.asarray(result.choice)) else "independent"
+    if config.mp_method in ("random", "inverse"):
+        if config.mp_method == "random":  # uniform-random scores: a random configuration
+            objective = np.random.default_rng(config.seed).random(omega.shape)
+        else:  # minimizing this maximizes the sum of sensitivities
+            objective = omega.max() - omega
+        choice = _same_size_choice(objective, cost, budget, bins or SAME_SIZE_BINS)
+        return choice, float(sum(omega[i, c] for i, c in enumerate(choice)))
+    choice, _ = pareto.solve(omega, cost, budget, bins=bins)
+    frontier = pareto.frontier(omega, cost, bins=bins)
+    report.frontier = {"cost": [int(c) for c in frontier.cost],
+                       "total_sensitivity": [float(t) for t in frontier.total]}
+    if config.mp_relaxation:
+        evaluator = JointEvaluator(gm, report.layers, report.candidates, data[:config.mp_eval_samples])
+        result = pareto.grouped_search(
+            omega, cost, budget, evaluator, group_size=config.mp_group_size,
+            keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
+            keep_per_bin_exact=config.mp_keep_exact, bins=bins)
+        independent_kl = float(evaluator(np.asarray(choice)[None, :])[0])
+        report.relaxation = {"exact_kl": float(result.total), "independent_choice_exact_kl": independent_kl,
+                             "evaluations": evaluator.configurations, "batched_calls": evaluator.calls}
+        # keep the plain DP choice if the grouped search found nothing better by exact KL
+        if float(result.total) <= independent_kl:
+            choice = np.asarray(result.choice)
+        report.relaxation["kept"] = "grouped" if \
+            np.array_equal(choice, np.asarray(result.choice)) else "independent"
     return np.asarray(choice), float(sum(omega[i, c] for i, c in enumerate(choice)))
 
 
@@ -281,3 +294,15 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=No
     report.fp_size_bytes = int(sum(p.numel() for p in model.parameters()) * FLOAT_BITS / BITS_PER_BYTE)
     gm.eval()
     return QuantizedModel(gm, bit_widths, config.act_bits, report, config)
+
+
+class _CallableModule(types.ModuleType):
+    """``pyzeroq.quantize`` names both this module and the function :func:`quantize`.
+    Importing the module (``from pyzeroq.quantize import QuantizedModel``) makes Python
+    bind the package attribute to the module; calling it still runs :func:`quantize`."""
+
+    def __call__(self, *args, **kwargs):
+        return quantize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -10,6 +10,7 @@ from pyzeroq import models
 from pyzeroq.data import load_fashion_mnist
 from pyzeroq.distill import BNStatistics, NoBatchNormError, distill_data
 from pyzeroq.modules import QuantAct, prepare, quant_layers, set_act_mode, set_weight_bits
+from pyzeroq.quantize import SAME_SIZE_BINS, _same_size_choice
 from pyzeroq.sensitivity import JointEvaluator, kl_divergence
 from toy_models import TinyNet, trained_tiny
 
@@ -84,6 +85,27 @@ def test_mixed_precision_respects_budget_and_beats_inverse():
     omega = zeroq.report.sensitivity
     total = lambda q: sum(omega[n][b] for n, b in q.bit_widths.items())  # noqa: E731
     assert total(zeroq) <= total(inverse)
+    # Random and Inverse use the budget (same model size), not the all-2-bit configuration
+    size = lambda q: sum(params[n] * b for n, b in q.bit_widths.items())  # noqa: E731
+    smallest = 2 * sum(params.values())
+    slack = (8 * sum(params.values()) - smallest) / SAME_SIZE_BINS
+    randoms = [zq.quantize(model, zq.QuantConfig(mp_method="random", seed=s, **base), input_shape=SHAPE)
+               for s in (0, 1)]
+    for q in [inverse] + randoms:
+        assert budget - 2 * slack <= size(q) <= budget, (size(q), budget)
+
+
+def test_same_size_choice_maximizes_among_budget_sized_configs():
+    rng = np.random.default_rng(3)
+    omega = rng.random((5, 3))
+    cost = np.array([[2, 4, 8]] * 5) * rng.integers(1, 5, (5, 1))
+    budget = float(cost[:, 1].sum())
+    best = _same_size_choice(omega.max() - omega, cost, budget, 10 ** 6)  # fine grid: exact sizes
+    configs = list(itertools.product(range(3), repeat=5))
+    sizes = {c: sum(cost[i, b] for i, b in enumerate(c)) for c in configs}
+    top = max(v for v in sizes.values() if v <= budget)
+    want = max((c for c in configs if sizes[c] == top), key=lambda c: sum(omega[i, b] for i, b in enumerate(c)))
+    assert tuple(best) == want
 
 
 def test_joint_evaluator_matches_sequential_quantization():
@@ -197,3 +219,12 @@ def test_precomputed_distilled_data_gives_the_same_model():
     assert direct.bit_widths == reused.bit_widths
     x = torch.rand(4, 1, 16, 16)
     assert torch.equal(direct(x), reused(x))
+
+
+def test_pyzeroq_quantize_stays_callable_after_importing_the_module():
+    import subprocess
+    import sys
+    code = ("import pyzeroq.quantize, pyzeroq; from pyzeroq.quantize import QuantizedModel; "
+            "import inspect; assert callable(pyzeroq.quantize); "
+            "assert inspect.signature(pyzeroq.quantize.quantize).parameters")
+    subprocess.run([sys.executable, "-c", code], check=True)
