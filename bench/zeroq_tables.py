@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -159,6 +160,8 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default=None, choices=("test", "embedded"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--rows", default=None,
+                        help="only these settings, e.g. MP3/A8 (comma-separated; parallel partial runs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,9 +170,15 @@ def main(argv=None) -> None:
     out = {"model": args.model, "split": split, "fp32_top1": runner.fp_top1,
            "distill_seconds": runner.distill_seconds, "threads": torch.get_num_threads()}
     tables = args.tables.split(",")
-    lines = [f"## ZeroQ on {args.model} (`python bench/zeroq_tables.py --model {args.model} --tables {args.tables}`)",
+    command = " ".join(["python bench/zeroq_tables.py"] + (argv if argv is not None else sys.argv[1:]))
+    lines = [f"## ZeroQ on {args.model} (`{command}`)",
              "", f"FP32 top-1 {fmt(runner.fp_top1)} %; {torch.get_num_threads()} torch threads.", ""]
-    tag = f"zeroq_{args.model}_" + "_".join(tables)
+    if args.rows:
+        keep = set(args.rows.split(","))
+        for table in (TABLE1, TABLE4, TABLE5):
+            table[:] = [row for row in table if row[0] in keep]
+    tag = f"zeroq_{args.model}_" + "_".join(tables) + \
+        ("_" + args.rows.replace("/", "").replace(",", "_") if args.rows else "")
     RESULTS.mkdir(exist_ok=True)
 
     def save(partial: list[str]) -> None:
