@@ -127,37 +127,52 @@ class LSQQuantizer(nn.Module):
         return f"bits={self.bits}, per_channel={self.per_channel}"
 
 
-class QuantConv2d(nn.Module):
+class _LSQLayer(nn.Module):
+    """A layer with LSQ-quantized weights (per output channel) and input (per tensor).
+
+    The wrapped float layer is kept under ``inner_name`` ("conv" / "linear": the
+    state-dict keys of saved detectors); ``observing`` records input ranges instead."""
+
+    inner_name = ""
+
+    def __init__(self, layer: nn.Module, out_channels: int, weight_bits: int, act_bits: int,
+                 act_percentile: float | None = None):
+        super().__init__()
+        setattr(self, self.inner_name, layer)
+        self.weight_quant = LSQQuantizer(weight_bits, out_channels)
+        self.act_quant = LSQQuantizer(act_bits, None, act_percentile)
+        self.weight_quant.init_from(layer.weight)
+        self.observing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self, self.inner_name)
+        if self.observing:
+            self.act_quant.observe(x)
+            return layer(x)
+        return self._apply_layer(layer, self.act_quant(x), self.weight_quant(layer.weight))
+
+
+class QuantConv2d(_LSQLayer):
     """Conv2d with LSQ-quantized weights (per output channel) and input (per tensor)."""
 
+    inner_name = "conv"
+
     def __init__(self, conv: nn.Conv2d, weight_bits: int, act_bits: int, act_percentile: float | None = None):
-        super().__init__()
-        self.conv = conv
-        self.weight_quant = LSQQuantizer(weight_bits, conv.out_channels)
-        self.act_quant = LSQQuantizer(act_bits, None, act_percentile)
-        self.weight_quant.init_from(conv.weight)
-        self.observing = False
+        super().__init__(conv, conv.out_channels, weight_bits, act_bits, act_percentile)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self.act_quant.observe(x)
-            return self.conv(x)
-        return self.conv._conv_forward(self.act_quant(x), self.weight_quant(self.conv.weight), self.conv.bias)
+    @staticmethod
+    def _apply_layer(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return conv._conv_forward(x, w, conv.bias)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(_LSQLayer):
     """Linear with LSQ-quantized weights (per output feature) and input (per tensor)."""
 
-    def __init__(self, linear: nn.Linear, weight_bits: int, act_bits: int, act_percentile: float | None = None):
-        super().__init__()
-        self.linear = linear
-        self.weight_quant = LSQQuantizer(weight_bits, linear.out_features)
-        self.act_quant = LSQQuantizer(act_bits, None, act_percentile)
-        self.weight_quant.init_from(linear.weight)
-        self.observing = False
+    inner_name = "linear"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self.act_quant.observe(x)
-            return self.linear(x)
-        return nn.functional.linear(self.act_quant(x), self.weight_quant(self.linear.weight), self.linear.bias)
+    def __init__(self, linear: nn.Linear, weight_bits: int, act_bits: int, act_percentile: float | None = None):
+        super().__init__(linear, linear.out_features, weight_bits, act_bits, act_percentile)
+
+    @staticmethod
+    def _apply_layer(linear: nn.Linear, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, w, linear.bias)
