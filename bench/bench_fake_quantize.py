@@ -13,13 +13,13 @@ exactly one code: `check_against_torch` asserts precisely that (exact equality e
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from pyzeroq import ops
+from timing import best_time
 
 SHAPE = (64, 65536)  # 4M float32 = 16 MiB, per channel along axis 0 (64 channels)
 AXIS = 0
@@ -131,16 +131,6 @@ def test_memcpy(benchmark, data):
 # ------------------------------------------------------------------ ratios in one run
 
 
-def _best(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure_ratios(repeat: int = 20) -> dict[str, float]:
     x, scale, zp = make_data()
     xt, st, zt = torch.from_numpy(x), torch.from_numpy(scale), torch.from_numpy(zp)
@@ -148,12 +138,12 @@ def measure_ratios(repeat: int = 20) -> dict[str, float]:
     s0, z0 = float(scale[0]), int(zp[0])
     slow = max(3, repeat // 4)  # torch is ~20x slower: fewer repeats
     t = {
-        "ours_pc": _best(lambda: ops.fake_quantize(x, scale, zp, BITS, AXIS, out=out), repeat),
-        "ours_pc_alloc": _best(lambda: ops.fake_quantize(x, scale, zp, BITS, AXIS), repeat),
-        "ours_pt": _best(lambda: ops.fake_quantize(x, s0, z0, BITS, out=out), repeat),
-        "torch_pc": _best(lambda: torch.fake_quantize_per_channel_affine(xt, st, zt, AXIS, 0, QMAX), slow),
-        "torch_pt": _best(lambda: torch.fake_quantize_per_tensor_affine(xt, s0, z0, 0, QMAX), slow),
-        "memcpy": _best(lambda: np.copyto(out, x), repeat),
+        "ours_pc": best_time(lambda: ops.fake_quantize(x, scale, zp, BITS, AXIS, out=out), repeat),
+        "ours_pc_alloc": best_time(lambda: ops.fake_quantize(x, scale, zp, BITS, AXIS), repeat),
+        "ours_pt": best_time(lambda: ops.fake_quantize(x, s0, z0, BITS, out=out), repeat),
+        "torch_pc": best_time(lambda: torch.fake_quantize_per_channel_affine(xt, st, zt, AXIS, 0, QMAX), slow),
+        "torch_pt": best_time(lambda: torch.fake_quantize_per_tensor_affine(xt, s0, z0, 0, QMAX), slow),
+        "memcpy": best_time(lambda: np.copyto(out, x), repeat),
     }
     gbs = 2 * x.nbytes / 1e9  # bytes read + written per call
     return {

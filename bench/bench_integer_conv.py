@@ -17,13 +17,13 @@ fbgemm accepts) so that all runtimes compute the same thing.
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import numpy as np
 import pytest
 
 import pyzeroq.integer as zi
+from timing import best_time
 
 BATCH = 32
 # name, C_in, C_out, H=W, kernel, stride, groups
@@ -175,16 +175,6 @@ def test_bench_conv(benchmark, shape, impl):
 
 
 # ------------------------------------------------------------ ratio table
-def best_time(fn, reps):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="1 (default) or 0 = all cores")
