@@ -49,6 +49,10 @@ def mse_clip_range(values: np.ndarray, bits: int) -> tuple[float, float]:
     error (sum over values, in float64); ties go to the widest range. ``min <= 0 <= max``
     as in :func:`pyzeroq.ops.asymmetric_params`."""
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if values.size == 0:
+        raise ValueError("mse_clip_range: no activation values to calibrate on")
+    if not np.isfinite(values).all():
+        raise ValueError("mse_clip_range: the calibration activations contain NaN or Inf")
     lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
     out = np.empty_like(values)
     best, best_err = (lo, hi), np.inf

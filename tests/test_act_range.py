@@ -56,6 +56,13 @@ def test_mse_range_all_zero_ties_everywhere_and_keeps_the_widest():
     assert mse_clip_range(np.zeros(10, dtype=np.float32), 4) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("values, match", [([], "no activation values"), ([np.nan, 1.0], "NaN or Inf"),
+                                           ([1.0, -np.inf], "NaN or Inf")])
+def test_mse_range_bad_values(values, match):
+    with pytest.raises(ValueError, match=match):
+        mse_clip_range(np.array(values, dtype=np.float32), 4)
+
+
 def test_quant_act_rejects_unknown_range():
     with pytest.raises(ValueError, match="act_range"):
         QuantAct(4, act_range="kl")
