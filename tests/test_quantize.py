@@ -221,10 +221,15 @@ def test_precomputed_distilled_data_gives_the_same_model():
     assert torch.equal(direct(x), reused(x))
 
 
-def test_pyzeroq_quantize_stays_callable_after_importing_the_module():
+def test_pyzeroq_quantize_stays_callable_after_importing_the_module(tmp_path):
+    import os
     import subprocess
     import sys
+
+    import pyzeroq
     code = ("import pyzeroq.quantize, pyzeroq; from pyzeroq.quantize import QuantizedModel; "
             "import inspect; assert callable(pyzeroq.quantize); "
             "assert inspect.signature(pyzeroq.quantize.quantize).parameters")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # a fresh interpreter that imports the same pyzeroq as this process (not a source tree in cwd)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(pyzeroq.__file__))))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
