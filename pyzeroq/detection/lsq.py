@@ -135,11 +135,10 @@ class _LSQLayer(nn.Module):
 
     inner_name = ""
 
-    def __init__(self, layer: nn.Module, out_channels: int, weight_bits: int, act_bits: int,
-                 act_percentile: float | None = None):
+    def __init__(self, layer: nn.Module, weight_bits: int, act_bits: int, act_percentile: float | None = None):
         super().__init__()
         setattr(self, self.inner_name, layer)
-        self.weight_quant = LSQQuantizer(weight_bits, out_channels)
+        self.weight_quant = LSQQuantizer(weight_bits, layer.weight.shape[0])  # output channels / features
         self.act_quant = LSQQuantizer(act_bits, None, act_percentile)
         self.weight_quant.init_from(layer.weight)
         self.observing = False
@@ -157,9 +156,6 @@ class QuantConv2d(_LSQLayer):
 
     inner_name = "conv"
 
-    def __init__(self, conv: nn.Conv2d, weight_bits: int, act_bits: int, act_percentile: float | None = None):
-        super().__init__(conv, conv.out_channels, weight_bits, act_bits, act_percentile)
-
     @staticmethod
     def _apply_layer(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return conv._conv_forward(x, w, conv.bias)
@@ -169,9 +165,6 @@ class QuantLinear(_LSQLayer):
     """Linear with LSQ-quantized weights (per output feature) and input (per tensor)."""
 
     inner_name = "linear"
-
-    def __init__(self, linear: nn.Linear, weight_bits: int, act_bits: int, act_percentile: float | None = None):
-        super().__init__(linear, linear.out_features, weight_bits, act_bits, act_percentile)
 
     @staticmethod
     def _apply_layer(linear: nn.Linear, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
