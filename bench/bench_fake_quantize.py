@@ -13,7 +13,6 @@ exactly one code: `check_against_torch` asserts precisely that (exact equality e
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -288,7 +288,8 @@ def test_final_accumulator_matches_simulator_model(overflow, acc_bits):
         with pytest.raises(AccumulatorOverflowError, match="layer 'fc'.*bits needed"):
             _final_accumulator(a, step, acc_bits, overflow)
         return
-    acc, mn, mx, count = _final_accumulator(a, step, acc_bits, overflow)
+    acc, ours = _final_accumulator(a, step, acc_bits, overflow)
+    mn, mx, count = ours.min_acc, ours.max_acc, ours.overflow_count
     assert count == st.overflow_count and max(-mn, mx) == st.max_abs_acc
     fits = (acc > -32768) & (acc < 32767)
     np.testing.assert_array_equal(codes[fits].astype(np.int64) - 32768, acc[fits])

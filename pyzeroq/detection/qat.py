@@ -34,6 +34,7 @@ from .config import QATConfig
 from .lsq import LSQQuantizer, QuantConv2d, QuantLinear
 
 CALIBRATION_IMAGES = 256
+CALIBRATION_BATCH = 64
 
 
 def _task_loss(student: nn.Module, outputs: dict, targets: list[dict], names) -> torch.Tensor:
@@ -49,7 +50,6 @@ def _task_loss(student: nn.Module, outputs: dict, targets: list[dict], names) ->
     if unknown:
         raise ValueError(f"task_loss_parts: unknown parts {unknown}; the detector's loss has {sorted(parts)}")
     return sum(parts[n] for n in names)
-CALIBRATION_BATCH = 64
 
 
 def _quantizable(model: nn.Module) -> list[str]:

@@ -14,6 +14,7 @@ use the same float formula as the fake-quant model and agree exactly.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -105,18 +106,24 @@ def _worst_case_bits(step: Step) -> int:
     return _bits_for(int((bias - neg).min()), int((bias + pos).max()))
 
 
-def _final_accumulator(a: np.ndarray, step: Step, acc_bits: int, overflow: str):
-    """int32 accumulator of the logits layer (``sim.matmul_integer``: the simulator's
-    acc_bits / overflow model). Returns (acc int32 [.., O], min, max, overflow count)."""
-    at, xq = step.attrs, step.in_q[0]
+@contextmanager
+def _naming_layer(step: Step):
+    """The simulator's overflow="error" ValueError as an AccumulatorOverflowError naming the layer."""
     try:
-        acc, st = sim.matmul_integer(a, xq.zero_point, np.ascontiguousarray(at["w"].T), at["w_zp"], at["bias"],
-                                     acc_bits, overflow)
+        yield
     except ValueError as exc:
         if "accumulator overflow" in str(exc):
             raise AccumulatorOverflowError(f"layer {step.name!r}: {exc}") from exc
         raise
-    return acc, st.min_acc, st.max_acc, st.overflow_count
+
+
+def _final_accumulator(a: np.ndarray, step: Step, acc_bits: int, overflow: str):
+    """int32 accumulator of the logits layer (``sim.matmul_integer``: the simulator's
+    acc_bits / overflow model). Returns (acc int32 [.., O], AccStats)."""
+    at, xq = step.attrs, step.in_q[0]
+    with _naming_layer(step):
+        return sim.matmul_integer(a, xq.zero_point, np.ascontiguousarray(at["w"].T), at["w_zp"], at["bias"],
+                                  acc_bits, overflow)
 
 
 class IntegerModel:
@@ -155,14 +162,11 @@ class IntegerModel:
                        if s.kind in ("conv", "linear", "linear_out")}
         self._images = 0
 
-    def _record(self, name: str, st) -> None:
-        """``st``: the kernel's AccStats or (min, max, overflow count) of the exact accumulators."""
-        if isinstance(st, sim.AccStats):
-            st = (st.min_acc, st.max_acc, st.overflow_count)
+    def _record(self, name: str, st: sim.AccStats) -> None:
         rec = self._stats[name]
-        rec["min"], rec["max"] = min(rec["min"], st[0]), max(rec["max"], st[1])
+        rec["min"], rec["max"] = min(rec["min"], st.min_acc), max(rec["max"], st.max_acc)
         rec["bits"] = _bits_for(rec["min"], rec["max"])
-        rec["overflows"] += st[2]
+        rec["overflows"] += st.overflow_count
 
     def report(self, x=None) -> IntegerReport:
         """Accumulator ranges per layer over the inputs run so far (or over ``x``, run now)."""
@@ -235,7 +239,7 @@ class IntegerModel:
         kw = dict(rounding=self.rounding)
         if step.kind in ("conv", "linear"):
             xq = step.in_q[0]
-            try:
+            with _naming_layer(step):
                 if step.kind == "conv":
                     y, st = sim.qlinear_conv2d(x, xq.scale, xq.zero_point, at["w"], at["w_scale"], at["w_zp"],
                                                yq.scale, yq.zero_point, at["bias"], at["stride"], at["padding"],
@@ -246,15 +250,11 @@ class IntegerModel:
                                                at["w_scale"], at["w_zp"], yq.scale, yq.zero_point, at["bias"],
                                                out_bits=yq.bits, acc_bits=self.acc_bits, overflow=self.overflow,
                                                relu=at["relu"], **kw)
-            except ValueError as exc:
-                if "accumulator overflow" in str(exc):
-                    raise AccumulatorOverflowError(f"layer {step.name!r}: {exc}") from exc
-                raise
             self._record(step.name, st)
             return _clamp_hi(y, at["clamp_hi"])
         if step.kind == "linear_out":
-            acc, mn, mx, count = _final_accumulator(x, step, self.acc_bits, self.overflow)
-            self._record(step.name, (mn, mx, count))
+            acc, st = _final_accumulator(x, step, self.acc_bits, self.overflow)
+            self._record(step.name, st)
             if self.trace:
                 self.trace_log.append({"step": step.name, "op": "accumulate", "inputs": [str(x.dtype)],
                                        "output": str(acc.dtype)})
