@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from timing import best_time
 
 from pyzeroq import ops
-from timing import best_time
 
 SHAPE = (64, 65536)  # 4M float32 = 16 MiB, per channel along axis 0 (64 channels)
 AXIS = 0

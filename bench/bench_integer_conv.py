@@ -21,9 +21,9 @@ import warnings
 
 import numpy as np
 import pytest
+from timing import best_time
 
 import pyzeroq.integer as zi
-from timing import best_time
 
 BATCH = 32
 # name, C_in, C_out, H=W, kernel, stride, groups

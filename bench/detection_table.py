@@ -25,11 +25,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pyzeroq.detection import (DetectionQuantConfig, QATConfig, SynthesisConfig, evaluate_detector,
-                               load_pretrained_detector, make_scenes, plot_samples, quantize_detector)
+from pyzeroq.detection import (
+    DetectionQuantConfig,
+    QATConfig,
+    SynthesisConfig,
+    evaluate_detector,
+    load_pretrained_detector,
+    make_scenes,
+    plot_samples,
+    quantize_detector,
+)
 from pyzeroq.detection.api import calibration_set
 from pyzeroq.detection.config import describe
 
@@ -42,7 +49,7 @@ REAL_SEED = 123
 def write(rows: list, meta: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Task-specific zero-shot QAT for detection — Fashion-MNIST scenes",
+    lines = ["# Task-specific zero-shot QAT for detection — Fashion-MNIST scenes",
              "",
              f"Evaluation: {meta['eval_images']} test scenes (`make_scenes('test', {meta['eval_images']}, seed={EVAL_SEED})`), "
              "pycocotools mAP@[.5:.95] / mAP@.5 (x100). Calibration sets: "

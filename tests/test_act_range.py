@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from toy_models import trained_tiny
 
 import pyzeroq as zq
 from pyzeroq.modules import MSE_CLIP_STEPS, QuantAct, mse_clip_range
-from toy_models import trained_tiny
 
 
 def _reference_range(values: np.ndarray, bits: int) -> tuple[float, float]:

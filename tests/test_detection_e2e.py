@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from pyzeroq.detection import (DetectionQuantConfig, FCOSDetector, QATConfig, SynthesisConfig, coco_map,
-                               load_detector, quantize_detector)
+from pyzeroq.detection import (
+    DetectionQuantConfig,
+    FCOSDetector,
+    QATConfig,
+    SynthesisConfig,
+    coco_map,
+    load_detector,
+    quantize_detector,
+)
 from pyzeroq.detection.lsq import QuantConv2d
 from pyzeroq.detection.synthesis import plot_samples, save_synthetic, synthesize
 

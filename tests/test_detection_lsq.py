@@ -35,7 +35,7 @@ def test_forward_equals_ops_fake_quantize():
 
 def test_lsq_gradients_match_closed_form_and_round_ste():
     torch.manual_seed(0)
-    bits, qmax = 4, 15
+    qmax = 15
     x = (torch.randn(2, 50, dtype=torch.float64) * 2)
     x[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # clamped below / above
     s = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)

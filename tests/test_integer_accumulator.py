@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_integer_conv import ref_conv_acc
 
 import pyzeroq.integer as zi
-from test_integer_conv import ref_conv_acc
 
 IMPLS = ("reference", "fast", "fast_generic")
 

@@ -7,11 +7,20 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_integer_conv import (
+    np_rdbpot,
+    np_round_shift,
+    np_srdhm,
+    py_dyadic,
+    py_quantize_multiplier,
+    ref_requant_dyadic,
+    ref_requant_f32,
+    ref_requant_gemmlowp,
+)
 
 import pyzeroq.integer as zi
-from test_integer_conv import (np_rdbpot, np_round_shift, np_srdhm, py_dyadic, py_quantize_multiplier,
-                               ref_requant_dyadic, ref_requant_f32, ref_requant_gemmlowp)
 
 
 # ---------------------------------------------------------------- multipliers

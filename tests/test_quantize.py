@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from toy_models import TinyNet, trained_tiny
 
 import pyzeroq as zq
 from pyzeroq import models
@@ -12,7 +13,6 @@ from pyzeroq.distill import BNStatistics, NoBatchNormError, distill_data
 from pyzeroq.modules import QuantAct, prepare, quant_layers, set_act_mode, set_weight_bits
 from pyzeroq.quantize import SAME_SIZE_BINS, _same_size_choice
 from pyzeroq.sensitivity import JointEvaluator, kl_divergence
-from toy_models import TinyNet, trained_tiny
 
 FAST = dict(num_samples=16, distill_iters=20, progress=False)
 SHAPE = (1, 16, 16)

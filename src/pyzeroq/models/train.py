@@ -106,8 +106,8 @@ def train(name: str, epochs: int, seed: int, batch_size: int, lr: float, weight_
 def register(name: str, path: Path, summary: dict | None = None) -> dict:
     """Record checkpoint ``path`` for ``name`` in checkpoints.json: sha256, accuracy on the
     embedded subset (exact, checked by the tests) and on the full test set."""
-    from . import REGISTRY_PATH, build_model, file_sha256, registry
     from ..evaluation import evaluate
+    from . import REGISTRY_PATH, build_model, file_sha256, registry
 
     model = build_model(name)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

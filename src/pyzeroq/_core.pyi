@@ -1,5 +1,6 @@
 """Type stub of the private extension pyzeroq._core (numeric core; see pyzeroq.ops, pyzeroq.pareto, pyzeroq.integer)."""
-from typing import Any, Dict, Optional, Sequence, SupportsIndex, Tuple
+from typing import Dict, Optional, Sequence, SupportsIndex, Tuple
+
 import numpy as np
 import numpy.typing as npt
 from numpy.typing import ArrayLike

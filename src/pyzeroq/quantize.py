@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from . import pareto
+from ._optional import require
 from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
-from .modules import SurgeryInfo, act_quants, prepare, quant_layers, set_act_mode, set_weight_bits
+from .modules import act_quants, prepare, quant_layers, set_act_mode, set_weight_bits
 from .sensitivity import JointEvaluator, layer_sensitivities
 
 FLOAT_BITS = 32
@@ -54,7 +55,7 @@ class QuantReport:
 
     def plot_pareto(self, path: str) -> None:
         """Draw the (size, total sensitivity) frontier with the chosen point."""
-        import matplotlib
+        matplotlib = require("matplotlib", "plot", "QuantReport.plot_pareto")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

@@ -97,7 +97,7 @@ def find_normalizer(model: nn.Module) -> nn.Module | None:
     """The model's input-normalization module (buffers ``mean`` and ``std``), if any."""
     for m in model.modules():
         if m is not model and hasattr(m, "mean") and hasattr(m, "std") and \
-                isinstance(getattr(m, "mean"), torch.Tensor) and isinstance(getattr(m, "std"), torch.Tensor):
+                isinstance(m.mean, torch.Tensor) and isinstance(m.std, torch.Tensor):
             return m
     return None
 

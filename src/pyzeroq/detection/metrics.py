@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 
+from .._optional import require
 from .scenes import CATEGORY_OFFSET
 
 
@@ -27,6 +28,7 @@ def detections_to_coco(predictions: list[dict], image_ids: list[int]) -> list[di
 def coco_map(coco_gt: dict, predictions: list[dict]) -> dict:
     """{"map": mAP@[.5:.95], "map50": mAP@.5, "map75": mAP@.75} of ``predictions`` (one dict per
     image of ``coco_gt["images"]``, in that order) by pycocotools COCOeval."""
+    require("pycocotools", "detection", "mAP evaluation")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 
-
 class LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmax: int, grad_scale: float):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .._optional import require
 from ..distill import BNStatistics, distill_data, gaussian_inputs
 from .config import SynthesisConfig, describe
 from .sampling import refine_labels, seed_labels
@@ -79,8 +80,8 @@ def _refine_iterations(cfg: SynthesisConfig) -> set[int]:
 def synthesize(detector: nn.Module, cfg: SynthesisConfig = SynthesisConfig(), seed: int = 0,
                device: torch.device | str = "cpu", progress: bool = True) -> SyntheticSet:
     """Task-specific labeled synthetic set (see the module docstring)."""
-    canvas = int(getattr(detector, "input_size"))
-    num_classes = int(getattr(detector, "num_classes"))
+    canvas = int(detector.input_size)
+    num_classes = int(detector.num_classes)
     gen = torch.Generator().manual_seed(seed)
     refine_at = _refine_iterations(cfg)
     images, targets, history = [], [], []
@@ -135,7 +136,7 @@ def synthesize(detector: nn.Module, cfg: SynthesisConfig = SynthesisConfig(), se
 def distilled_set(detector: nn.Module, num_images: int, iters: int, batch_size: int = 64, seed: int = 0,
                   device: torch.device | str = "cpu", progress: bool = True) -> SyntheticSet:
     """Task-agnostic ZeroQ distilled images (BN matching only, no labels)."""
-    canvas = int(getattr(detector, "input_size"))
+    canvas = int(detector.input_size)
     res = distill_data(detector, (1, canvas, canvas), num_samples=num_images, iters=iters,
                        batch_size=batch_size, seed=seed, device=device, progress=progress)
     return SyntheticSet(res.data.cpu(), None, [list(res.history)],
@@ -145,7 +146,7 @@ def distilled_set(detector: nn.Module, num_images: int, iters: int, batch_size: 
 def gaussian_set(detector: nn.Module, num_images: int, seed: int = 0,
                  device: torch.device | str = "cpu") -> SyntheticSet:
     """N(0, 1) in the detector's normalized input domain (no labels)."""
-    canvas = int(getattr(detector, "input_size"))
+    canvas = int(detector.input_size)
     gen = torch.Generator().manual_seed(seed)
     x = gaussian_inputs(detector, (num_images, 1, canvas, canvas), gen, device)
     return SyntheticSet(x.cpu(), None, [], {"kind": "gaussian", "seed": seed})
@@ -173,7 +174,7 @@ def save_synthetic(synthetic: SyntheticSet, stem: str | Path) -> tuple[Path, Pat
 def plot_samples(images: torch.Tensor, targets: list | None, path: str | Path, num: int = 16,
                  cols: int = 8, title: str | None = None) -> Path:
     """PNG grid of the first ``num`` images with their boxes and class names (matplotlib)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plot", "plot_samples")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle

@@ -18,7 +18,7 @@ def _bits_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--mixed expects comma-separated integers such as 2,4,8, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--mixed expects comma-separated integers such as 2,4,8, got {text!r}") from None
 
 
 def cmd_eval(args) -> int:

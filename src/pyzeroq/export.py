@@ -53,6 +53,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ._optional import require
 from .integer.convert import IntegerModel, Step, to_integer
 
 __all__ = ["export_onnx", "build_onnx"]
@@ -283,7 +284,7 @@ def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", ad
                intermediate: bool = False):
     """ONNX ModelProto of an integer model (float32_rne); ``example_input`` fixes the shapes.
     ``intermediate``: also output every integer activation (named by its fx node) for checks."""
-    import onnx
+    onnx = require("onnx", "onnx", "ONNX export")
     from onnx import TensorProto, helper
 
     if int_model.rounding != "float32_rne":
@@ -338,7 +339,7 @@ def export_onnx(qmodel, path, example_input, pixels: str = "float", add_op: str 
     simulator's formula op for op) or "qlinearadd" (com.microsoft QLinearAdd: onnxruntime's
     fixed-point kernel, off by one code where the sum lies within ~2^-22 of a rounding tie).
     """
-    import onnx
+    onnx = require("onnx", "onnx", "ONNX export")
 
     int_model = to_integer(qmodel, rounding="float32_rne")
     model = build_onnx(int_model, example_input, pixels, add_op)

@@ -26,8 +26,24 @@ from torch import nn
 from .. import ops
 from . import simulate as sim
 from .plan import (  # noqa: F401  (re-exported for existing imports)
-    FLATTEN_METHODS, INT32_MAX, INT32_MIN, MAX_ACT_BITS, MAX_WEIGHT_BITS, MIN_BITS, RELU6_MAX, RELU_FUNCS, QParams,
-    Step, _code_of, _Compiler, _conv_padding, _f32, _pair, _qparams, _relu_clamp, _target_name,
+    FLATTEN_METHODS,
+    INT32_MAX,
+    INT32_MIN,
+    MAX_ACT_BITS,
+    MAX_WEIGHT_BITS,
+    MIN_BITS,
+    RELU6_MAX,
+    RELU_FUNCS,
+    QParams,
+    Step,
+    _code_of,
+    _Compiler,
+    _conv_padding,
+    _f32,
+    _pair,
+    _qparams,
+    _relu_clamp,
+    _target_name,
 )
 
 __all__ = ["to_integer", "IntegerModel", "IntegerReport", "AccumulatorOverflowError", "Step", "QParams"]
