@@ -23,197 +23,27 @@ import copy
 import operator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .config import ACT_RANGES
+from .qspec import LayerQuant, TensorQuant
+from .quantizers import (  # noqa: F401 (re-exported: the quantizer family lives in quantizers.py)
+    ACT_SAMPLE_CAP,
+    MSE_CLIP_STEPS,
+    QUANT_LAYER_TYPES,
+    QuantAct,
+    QuantConv2d,
+    QuantLinear,
+    mse_clip_range,
+)
 
-BIAS_BITS = 32
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
 RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
 PASSTHROUGH_FUNCTIONS = (torch.flatten,)
 ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
-ACT_SAMPLE_CAP = 1 << 22  # values kept per quantizer for percentile / MSE calibration
-MSE_CLIP_STEPS = 100  # the MSE range search tries [a * min, a * max] for a = k / MSE_CLIP_STEPS
-
-
-def mse_clip_range(values: np.ndarray, bits: int) -> tuple[float, float]:
-    """The clipping range ``[a * min, a * max]`` (``a = k / MSE_CLIP_STEPS``, k = 1..steps)
-    whose ``bits``-bit asymmetric fake quantization of ``values`` has the least squared
-    error (sum over values, in float64); ties go to the widest range. ``min <= 0 <= max``
-    as in :func:`pyzeroq.ops.asymmetric_params`."""
-    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    if values.size == 0:
-        raise ValueError("mse_clip_range: no activation values to calibrate on")
-    if not np.isfinite(values).all():
-        raise ValueError("mse_clip_range: the calibration activations contain NaN or Inf")
-    lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
-    out = np.empty_like(values)
-    best, best_err = (lo, hi), np.inf
-    for k in range(MSE_CLIP_STEPS, 0, -1):  # widest first: strict "<" keeps it on ties
-        a = k / MSE_CLIP_STEPS
-        rng = np.array([a * lo, a * hi], dtype=np.float32)
-        scale, zp = ops.asymmetric_params(rng, bits)
-        ops.fake_quantize(values, scale, zp, bits, out=out)
-        err = float(np.square(out.astype(np.float64) - values).sum())
-        if err < best_err:
-            best, best_err = (float(rng[0]), float(rng[1])), err
-    return best
-
-
-class QuantAct(nn.Module):
-    """Per-tensor asymmetric activation fake quantizer.
-
-    ``mode``: "off" (identity), "observe" (identity, records the range of what it sees),
-    "quantize" (fake-quantizes with the frozen ``scale`` / ``zero_point``).
-    """
-
-    def __init__(self, bits: int | None = 8, percentile: float | None = None, act_range: str = "minmax"):
-        super().__init__()
-        if act_range not in ACT_RANGES:
-            raise ValueError(f"act_range must be one of {ACT_RANGES}, got {act_range!r}")
-        self.bits = bits
-        self.percentile = percentile
-        self.act_range = act_range
-        self.mode = "off"
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
-        self._min = None
-        self._max = None
-        self._samples: list[torch.Tensor] = []
-        self._sampled = 0
-        # a range known without calibration (the normalized image of [0, 1] pixels)
-        self.fixed_range: tuple[float, float] | None = None
-        # pooling keeps its input's range: reuse that quantizer's params (set by the surgery)
-        self.same_as = None  # QuantAct or None; a plain attribute, not a submodule
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}, scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
-
-    def reset(self) -> None:
-        self._min = self._max = None
-        self._samples, self._sampled = [], 0
-
-    def _observe(self, x: torch.Tensor) -> None:
-        flat = x.detach().float().reshape(-1).cpu()
-        lo, hi = flat.min(), flat.max()
-        self._min = lo if self._min is None else torch.minimum(self._min, lo)
-        self._max = hi if self._max is None else torch.maximum(self._max, hi)
-        if (self.percentile is not None or self.act_range == "mse") and self._sampled < ACT_SAMPLE_CAP:
-            self._samples.append(flat[:ACT_SAMPLE_CAP - self._sampled].clone())
-            self._sampled += len(self._samples[-1])
-
-    def freeze(self) -> None:
-        """Compute scale / zero point from what was observed and switch to "quantize"."""
-        if self._min is None:
-            raise RuntimeError("QuantAct.freeze() called before any calibration data was observed")
-        if self.bits is None:
-            self.mode = "off"
-            return
-        if self.same_as is not None:
-            if self.same_as.mode != "quantize":
-                self.same_as.freeze()
-            self.scale.copy_(self.same_as.scale)
-            self.zero_point.copy_(self.same_as.zero_point)
-            self.reset()
-            self.mode = "quantize"
-            return
-        if self.fixed_range is not None:
-            values = np.asarray(self.fixed_range, dtype=np.float32)
-        elif self.percentile is not None:
-            values = torch.cat(self._samples).numpy()
-        elif self.act_range == "mse":
-            values = np.asarray(mse_clip_range(torch.cat(self._samples).numpy(), self.bits), dtype=np.float32)
-        else:
-            values = torch.stack([self._min, self._max]).numpy()
-        scale, zp = ops.asymmetric_params(values, self.bits, percentile=self.percentile)
-        self.scale.fill_(float(scale))
-        self.zero_point.fill_(int(zp))
-        self.reset()
-        self.mode = "quantize"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "off":
-            return x
-        if self.mode == "observe":
-            self._observe(x)
-            return x
-        return ops.fake_quantize_ste(x, float(self.scale), int(self.zero_point), self.bits)
-
-
-class _QuantWeightMixin:
-    """Weight fake quantization with a cache (weights are constant after PTQ)."""
-
-    def _init_quant(self, per_channel: bool):
-        self.per_channel = per_channel
-        self.weight_bits: int | None = None
-        self.input_quant: QuantAct | None = None  # set by the surgery: quantizer of our input
-        self._cache = None
-
-    def set_weight_bits(self, bits: int | None) -> None:
-        self.weight_bits = bits
-        self._cache = None
-
-    def weight_params(self, bits: int):
-        w = self.weight.detach().cpu().numpy()
-        return ops.asymmetric_params(w, bits, axis=0 if self.per_channel else None)
-
-    def quantized_weight(self) -> torch.Tensor:
-        if self.weight_bits is None:
-            return self.weight
-        key = (self.weight_bits, self.weight._version)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                scale, zp = self.weight_params(self.weight_bits)
-                axis = 0 if self.per_channel else None
-                qw = ops.fake_quantize(self.weight.detach().cpu().contiguous(), scale, zp, self.weight_bits, axis=axis)
-            self._cache = (key, qw.to(self.weight.device), scale)
-        return self._cache[1]
-
-    def quantized_bias(self) -> torch.Tensor | None:
-        """Bias rounded to int32 at scale input_scale * weight_scale[c] when both are quantized."""
-        if self.bias is None or self.weight_bits is None or self.input_quant is None \
-                or self.input_quant.mode != "quantize":
-            return self.bias
-        self.quantized_weight()
-        w_scale = torch.as_tensor(self._cache[2], dtype=torch.float32).reshape(-1)
-        bias_scale = (self.input_quant.scale.float().cpu() * w_scale).to(self.bias.device)
-        codes = torch.clamp(torch.round(self.bias.detach() / bias_scale), INT32_MIN, INT32_MAX)
-        return codes * bias_scale
-
-
-class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, per_channel: bool = True) -> "QuantConv2d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
-        q.load_state_dict(conv.state_dict())
-        q._init_quant(per_channel)
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
-
-
-class QuantLinear(nn.Linear, _QuantWeightMixin):
-    @classmethod
-    def from_float(cls, linear: nn.Linear, per_channel: bool = True) -> "QuantLinear":
-        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        q.load_state_dict(linear.state_dict())
-        q._init_quant(per_channel)
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.quantized_bias())
-
-
-QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -254,6 +84,15 @@ def _fused_relu(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     user = users[0]
     if _is_module(gm, user, RELU_MODULES) or (user.op == "call_function" and user.target in RELU_FUNCTIONS):
         return user
+    return None
+
+
+def relu_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """"relu" / "relu6" for a ReLU-family node (module or function), else None."""
+    if _is_module(gm, node, (nn.ReLU6,)) or (node.op == "call_function" and node.target is F.relu6):
+        return "relu6"
+    if _is_module(gm, node, (nn.ReLU,)) or (node.op == "call_function" and node.target in RELU_FUNCTIONS):
+        return "relu"
     return None
 
 
@@ -306,6 +145,7 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
     # 3. activation quantization points
     output_inputs = {n for n in graph.nodes if n.op == "output" for n in n.all_input_nodes}
     points: list[fx.Node] = []
+    layer_points: dict[fx.Node, tuple] = {}  # output point -> (quantized layer, fused clamp)
     for node in graph.nodes:
         if node.op == "placeholder":
             if not any(u.op == "call_module" and _is_normalizer(gm.get_submodule(u.target)) for u in node.users):
@@ -315,7 +155,9 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
             if _is_normalizer(mod) or isinstance(mod, POOL_MODULES):
                 points.append(node)
             elif isinstance(mod, QUANT_LAYER_TYPES):
-                points.append(_fused_relu(gm, node) or node)
+                relu = _fused_relu(gm, node)
+                points.append(relu or node)
+                layer_points[relu or node] = (mod, relu_kind(gm, relu) if relu is not None else None)
             elif isinstance(mod, RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten)):
                 pass  # clamps / passthroughs keep their input's quantization
             else:
@@ -348,6 +190,10 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
         node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
         info.act_quants.append(name)
         inserted[node] = quant
+        if node in layer_points:  # the layer's output record and fused clamp
+            layer, activation = layer_points[node]
+            object.__setattr__(layer, "output_quant", quant)
+            layer.activation = activation
     # a pooled tensor lies within its input's range: same scale and zero point (no calibration
     # of its own, which on distilled data can clip the features the classifier reads)
     for node, quant in inserted.items():
@@ -372,6 +218,16 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
     gm.delete_all_unused_submodules()  # the folded BNs
     gm.recompile()
     return gm, info
+
+
+def layer_records(gm: nn.Module) -> dict[str, LayerQuant]:
+    """{layer name: :class:`LayerQuant`} of every quantized conv / linear of a calibrated model."""
+    return {name: layer.layer_record(name) for name, layer in quant_layers(gm).items()}
+
+
+def activation_records(gm: nn.Module) -> dict[str, TensorQuant]:
+    """{quantizer name: :class:`TensorQuant`} of every quantizing activation quantizer."""
+    return {name: q.record() for name, q in act_quants(gm).items() if q.mode == "quantize"}
 
 
 def quant_layers(gm: nn.Module) -> dict[str, nn.Module]:

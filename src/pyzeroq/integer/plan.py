@@ -188,9 +188,9 @@ class _Compiler:
             raise ValueError(f"layer {name!r} has {bits}-bit weights; the simulator supports "
                              f"{MIN_BITS}..{MAX_WEIGHT_BITS}-bit weight codes")
         w = layer.weight.detach().cpu().float().contiguous().numpy()
-        scale, zp = layer.weight_params(bits)
-        scale, zp = np.asarray(scale, np.float32).reshape(-1), np.asarray(zp, np.int64).reshape(-1)
-        codes = ops.quantize(w, scale, zp, bits, axis=0 if scale.size > 1 else None)
+        rec = layer.weight_quant.record()
+        scale, zp = rec.scale.reshape(-1), rec.zero_point.astype(np.int64).reshape(-1)
+        codes = rec.quantize(w)
         out = w.shape[0]
         return codes, np.broadcast_to(scale, (out,)).copy(), np.broadcast_to(zp, (out,)).copy(), bits
 
