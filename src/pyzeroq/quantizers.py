@@ -36,7 +36,7 @@ from . import ops
 from .config import ACT_RANGES
 from .qspec import INT32_MAX, INT32_MIN, LayerQuant, TensorQuant, quantize_bias
 
-__all__ = ["Quantizer", "QuantAct", "WeightQuant", "QuantConv2d", "QuantLinear", "QUANT_LAYER_TYPES",
+__all__ = ["BitWidthMismatchError", "Quantizer", "QuantAct", "WeightQuant", "QuantConv2d", "QuantLinear", "QUANT_LAYER_TYPES",
            "lsq_fake_quantize", "lsq_round_ste", "mse_clip_range"]
 
 ACT_SAMPLE_CAP = 1 << 22  # values kept per quantizer for percentile / MSE calibration
@@ -107,6 +107,10 @@ def mse_clip_range(values: np.ndarray, bits: int) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------- quantizers
+class BitWidthMismatchError(ValueError):
+    """A state dict quantized with other bit widths than the model it is loaded into."""
+
+
 class Quantizer(nn.Module):
     """Asymmetric fake quantizer of one tensor (base of :class:`QuantAct` and :class:`WeightQuant`).
 
@@ -142,6 +146,22 @@ class Quantizer(nn.Module):
             self.scale = nn.Parameter(s)
             self.learned = True
         return self
+
+    def get_extra_state(self) -> dict:
+        """Bits and mode travel in the state dict (``<prefix>._extra_state``), so that loading a
+        state dict quantized with other bit widths fails instead of silently mixing."""
+        return {"bits": self.bits, "mode": self.mode, "learned": self.learned}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "bits" not in state:
+            raise ValueError(f"quantizer extra state must be a dict with 'bits', got {state!r}")
+        if state["bits"] != self.bits:
+            raise BitWidthMismatchError(f"the state dict has {state['bits']}-bit codes where this model has "
+                                        f"{self.bits}-bit codes")
+        if bool(state.get("learned", False)) != self.learned:
+            raise ValueError(f"the state dict has a {'learned' if state.get('learned') else 'fixed'} step where "
+                             f"this model has a {'learned' if self.learned else 'fixed'} one")
+        self.mode = state.get("mode", self.mode)
 
     def effective_scale(self) -> torch.Tensor:
         return self.scale.abs().clamp(min=MIN_LEARNED_SCALE) if self.learned else self.scale
