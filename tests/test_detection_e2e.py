@@ -13,8 +13,9 @@ from pyzeroq.detection import (
     load_detector,
     quantize_detector,
 )
-from pyzeroq.detection.lsq import QuantConv2d
+from pyzeroq.detection.api import FORMAT_V1
 from pyzeroq.detection.synthesis import plot_samples, save_synthetic, synthesize
+from pyzeroq.quantizers import QUANT_LAYER_TYPES, QuantConv2d, Quantizer
 
 CANVAS = 32
 
@@ -64,9 +65,93 @@ def test_quantize_detector_end_to_end(tmp_path, calibration):
     assert len(preds) == 3 and set(preds[0]) == {"boxes", "scores", "labels"}
     path = q.save(tmp_path / "q.pt")
     r = load_detector(path)
-    again = r.predict(images, score_threshold=0.0)
-    for a, b in zip(preds, again):
-        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+    assert_same_detector(q, r, images, preds)
+
+
+def assert_same_detector(q, r, images, preds=None):
+    """Identical state dicts (tensors bit for bit, quantizer extra state) and predict() output."""
+    sq, sr = q.state_dict(), r.state_dict()
+    assert list(sq) == list(sr)
+    for k, v in sq.items():
+        if isinstance(v, torch.Tensor):
+            assert v.dtype == sr[k].dtype and torch.equal(v, sr[k]), k
+        else:
+            assert v == sr[k], k
+    steps = [m for m in r.modules() if isinstance(m, Quantizer) and m.learned]
+    assert steps and all(isinstance(m.scale, torch.nn.Parameter) for m in steps)
+    preds = q.predict(images, score_threshold=0.0) if preds is None else preds
+    for a, b in zip(preds, r.predict(images, score_threshold=0.0)):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def tiny_qat_detector():
+    cfg = DetectionQuantConfig(qat=QATConfig(weight_bits=4, act_bits=8, steps=2, batch_size=2),
+                               synthesis=SYN, calibration="gaussian", progress=False)
+    return quantize_detector(tiny_detector(), cfg)
+
+
+def test_qat_detector_file_is_plain_data_and_round_trips_bit_exact(tmp_path):
+    q = tiny_qat_detector()
+    q.quant_info["extra"] = {"array": np.arange(3), "number": np.float32(0.5), "path": tmp_path}
+    path = q.save(tmp_path / "q.pt")
+    ckpt = torch.load(path, weights_only=True)  # plain data only
+    assert ckpt["format"] == "pyzeroq.detection/2" and ckpt["quant"]["weight_bits"] == 4
+    assert ckpt["info"]["extra"] == {"array": [0, 1, 2], "number": 0.5, "path": str(tmp_path)}
+    images = np.random.default_rng(2).random((3, CANVAS, CANVAS)).astype(np.float32)
+    r = load_detector(path)
+    assert_same_detector(q, r, images)
+    r2 = load_detector(r.save(tmp_path / "again.pt"))  # a loaded detector saves the same again
+    assert_same_detector(q, r2, images)
+
+
+def test_load_detector_rejects_files_that_are_not_detector_checkpoints(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"state_dict": {}, "config": SynthesisConfig()}, unsafe)  # a pickled object, not plain data
+    for path in (text, other, unsafe):
+        with pytest.raises(ValueError, match=path.name):
+            load_detector(path)
+    with pytest.raises(FileNotFoundError):
+        load_detector(tmp_path / "missing.pt")
+
+
+def to_v1_state_dict(q) -> dict:
+    """The pyzeroq.detection/1 layout (the former detection-only LSQ layers) of a QAT detector."""
+    inner = {n: "conv" if isinstance(m, QuantConv2d) else "linear" for n, m in q.named_modules()
+             if isinstance(m, QUANT_LAYER_TYPES)}
+    state = {}
+    for k, v in q.state_dict().items():
+        layer, _, rest = k.rpartition(".")
+        if rest == "_extra_state":
+            continue
+        if layer in inner:  # X.weight / X.bias -> X.conv.weight / X.conv.bias
+            state[f"{layer}.{inner[layer]}.{rest}"] = v
+        elif rest == "scale":  # float [C] or [1]
+            state[k] = v.reshape(-1).clone()
+        elif rest == "zero_point":  # float [C] or [1]
+            state[k] = v.reshape(-1).float()
+            state[f"{layer}.initialized"] = torch.tensor(True)
+        else:
+            state[k] = v
+    return state
+
+
+def test_v1_checkpoint_is_converted_on_load(tmp_path):
+    q = tiny_qat_detector()
+    ckpt = torch.load(q.save(tmp_path / "q.pt"), weights_only=True)
+    ckpt.update(format=FORMAT_V1, state_dict=to_v1_state_dict(q))
+    torch.save(ckpt, tmp_path / "v1.pt")
+    r = load_detector(tmp_path / "v1.pt")
+    assert r.quant_info["converted_from"] == FORMAT_V1
+    assert_same_detector(q, r, np.random.default_rng(3).random((2, CANVAS, CANVAS)).astype(np.float32))
+    zp = next(k for k in ckpt["state_dict"] if k.endswith("weight_quant.zero_point"))
+    ckpt["state_dict"][zp] = ckpt["state_dict"][zp] + 100.0  # not a 4- or 8-bit code
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="zero points"):
+        load_detector(tmp_path / "bad.pt")
 
 
 def test_real_calibration_and_float_first_and_head(tmp_path):

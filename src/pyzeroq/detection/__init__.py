@@ -9,7 +9,8 @@
 
 Modules: scenes (data), model (FCOS detector), interface (detector protocol, predict),
 nms, metrics (pycocotools), sampling (seed labels, box refinement), synthesis
-(stage 1), lsq + qat (stage 2), api (quantize_detector, save/load), train, cli.
+(stage 1), qat (stage 2, on the shared quantizers of pyzeroq.quantizers: learned-step LSQ
+mode), api (quantize_detector, save/load), train, cli.
 """
 
 from .api import load_detector, load_pretrained_detector, quantize_detector, save_detector

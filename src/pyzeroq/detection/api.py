@@ -18,7 +18,12 @@ from .scenes import coco_to_targets
 from .synthesis import distilled_set, gaussian_set, synthesize
 
 PRETRAINED_PATH = Path(__file__).parent / "detector.pt"
-FORMAT = "pyzeroq.detection/1"
+FORMAT = "pyzeroq.detection/2"
+# /1: the detection-only LSQ layers (before the shared quantizers of pyzeroq.quantizers);
+# converted on load by :func:`convert_v1_state_dict`
+FORMAT_V1 = "pyzeroq.detection/1"
+_V1_MARK = ".weight_quant.initialized"
+_V1_INNER = ("conv.", "linear.")
 
 
 class NoPretrainedDetectorError(FileNotFoundError):
@@ -34,15 +39,40 @@ def load_pretrained_detector(path: str | Path | None = None, device: torch.devic
     return load_detector(path, device=device)
 
 
+def _plain(value):
+    """``value`` as plain data that ``torch.load(weights_only=True)`` reads back: dicts (str keys),
+    lists, tuples, str / int / float / bool / None and tensors; numpy values become Python
+    numbers or lists, dataclass configs dicts, anything else its ``str``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return tuple(items) if type(value) is tuple else items
+    if hasattr(value, "__dataclass_fields__"):
+        return _plain(describe(value))
+    return str(value)
+
+
 def save_detector(detector: nn.Module, path: str | Path, info: dict | None = None) -> Path:
-    """Save a (quantized or FP) detector: architecture config, quantization settings, weights."""
+    """Save a (quantized or FP) detector: architecture config, quantization settings, weights
+    (with the quantizers' steps, zero points and bit widths), all as plain data (loads with
+    ``torch.load(weights_only=True)``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     qcfg = getattr(detector, "qat_config", None)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in detector.state_dict().items()}
-    torch.save({"format": FORMAT, "arch": type(detector).__name__, "config": getattr(detector, "config", None),
+    state = {k: v.detach().cpu().contiguous().clone() if isinstance(v, torch.Tensor) else _plain(v)
+             for k, v in detector.state_dict().items()}
+    torch.save({"format": FORMAT, "arch": type(detector).__name__, "config": _plain(getattr(detector, "config", None)),
                 "quant": describe(qcfg) if qcfg is not None else None, "state_dict": state,
-                "info": info or getattr(detector, "quant_info", None)}, path)
+                "info": _plain(info if info is not None else getattr(detector, "quant_info", None))}, path)
     return path
 
 
@@ -52,21 +82,104 @@ def _attach_save(model: nn.Module) -> nn.Module:
     return model
 
 
+def _v1_layers(state: dict) -> list[str]:
+    return sorted(k[:-len(_V1_MARK)] for k in state if k.endswith(_V1_MARK))
+
+
+def _v1_zero_point(v: torch.Tensor, like: torch.Tensor, bits: int, key: str) -> torch.Tensor:
+    if not torch.equal(v, v.round()) or v.min() < 0 or v.max() > (1 << bits) - 1:
+        raise ValueError(f"{key}: zero points {v.tolist()} are not {bits}-bit codes (the stored quant config "
+                         "does not match the weights)")
+    return v.round().to(torch.int64).reshape(like.shape)
+
+
+def convert_v1_state_dict(state: dict, model: nn.Module) -> dict:
+    """A ``pyzeroq.detection/1`` state dict in the layout of ``model`` (:func:`prepare_qat` of the
+    stored quant config).
+
+    Old layout, per quantized layer ``X``: ``X.conv.weight`` / ``X.conv.bias`` (``X.linear.*``),
+    ``X.weight_quant.scale`` float [C], ``X.weight_quant.zero_point`` float [C],
+    ``X.act_quant.scale`` / ``zero_point`` float [1], ``X.*.initialized`` bool. New layout:
+    ``X.weight`` / ``X.bias``, ``X.weight_quant.scale`` [C] (the LSQ step, unchanged),
+    ``zero_point`` int64 [C], ``X.act_quant.scale`` / ``zero_point`` of shape (), and each
+    quantizer's ``_extra_state`` (bits from ``model``, learned step, mode "quantize" when it was
+    initialized). Values are unchanged; the forward differs only in the bias, now rounded to
+    int32 at ``input_scale * weight_scale``. Raises ValueError when a zero point is not an
+    integer code of the model's bit width."""
+    target = model.state_dict()
+    layers = _v1_layers(state)
+    out = {}
+    for key, v in state.items():
+        layer = next((x for x in layers if key.startswith(x + ".")), None)
+        rest = key[len(layer) + 1:] if layer is not None else ""
+        if layer is None:
+            out[key] = v
+        elif rest.startswith(_V1_INNER):
+            out[f"{layer}.{rest.split('.', 1)[1]}"] = v
+        elif rest.endswith(".initialized"):
+            continue
+        elif rest not in ("weight_quant.scale", "weight_quant.zero_point", "act_quant.scale", "act_quant.zero_point"):
+            raise ValueError(f"{key}: unknown entry of a {FORMAT_V1} quantized layer")
+        else:
+            quant = rest.split(".")[0]
+            extra = target.get(f"{layer}.{quant}._extra_state")
+            if extra is None:
+                raise ValueError(f"{key}: the model has no quantizer {layer}.{quant} (quant config mismatch)")
+            new_key, like = f"{layer}.{rest}", target[f"{layer}.{rest}"]
+            out[new_key] = v.float().reshape(like.shape) if rest.endswith("scale") else \
+                _v1_zero_point(v, like, extra["bits"], key)
+    for layer in layers:
+        for quant in ("weight_quant", "act_quant"):
+            extra = target.get(f"{layer}.{quant}._extra_state")
+            if extra is not None:
+                init = bool(state.get(f"{layer}.{quant}.initialized", True))
+                out[f"{layer}.{quant}._extra_state"] = {"bits": extra["bits"], "mode": "quantize" if init else "off",
+                                                         "learned": True}
+    return out
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no detector checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one holding more than plain data
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a pyzeroq detector checkpoint (torch.load(weights_only=True): {first})") \
+            from exc
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{path} is not a pyzeroq detector checkpoint (no state_dict)")
+    if ckpt.get("format") not in (None, FORMAT, FORMAT_V1):
+        raise ValueError(f"{path}: unknown detector checkpoint format {ckpt.get('format')!r} (this pyzeroq reads "
+                         f"{FORMAT} and {FORMAT_V1})")
+    return ckpt
+
+
+def _qat_config(quant: dict) -> QATConfig:
+    return QATConfig(**{k: tuple(v) if k == "task_loss_parts" and isinstance(v, list) else v
+                        for k, v in quant.items()})
+
+
 def load_detector(path: str | Path, model: nn.Module | None = None,
                   device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild a detector saved by :func:`save_detector`. Our FCOS detectors are rebuilt from
-    the stored config; for a user's detector pass an FP instance of its architecture as ``model``."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a pyzeroq detector checkpoint")
+    """Rebuild a detector saved by :func:`save_detector` (read with ``torch.load(weights_only=True)``;
+    ``pyzeroq.detection/1`` files are converted). Our FCOS detectors are rebuilt from the stored
+    config; for a user's detector pass an FP instance of its architecture as ``model``.
+    Raises ValueError (naming the path) for a file that is not a detector checkpoint."""
+    path = Path(path)
+    ckpt = _read_checkpoint(path)
     if model is None:
         if ckpt.get("arch", "FCOSDetector") != "FCOSDetector" or ckpt.get("config") is None:
             raise ValueError(f"{path} holds a {ckpt.get('arch')!r}; pass model= (an instance of that architecture)")
         model = FCOSDetector(**ckpt["config"])
     if ckpt.get("quant") is not None:
-        model = prepare_qat(model, QATConfig(**ckpt["quant"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.quant_info = ckpt.get("info")
+        model = prepare_qat(model, _qat_config(ckpt["quant"]))
+    state, info = ckpt["state_dict"], ckpt.get("info")
+    if _v1_layers(state):
+        state = convert_v1_state_dict(state, model)
+        info = {**(info or {}), "converted_from": FORMAT_V1}
+    model.load_state_dict(state)
+    model.quant_info = info
     return _attach_save(model.to(device).eval())
 
 

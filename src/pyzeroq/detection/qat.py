@@ -2,13 +2,18 @@
 
 :func:`prepare_qat` returns a quantized copy of a detector: every ``nn.Conv2d`` /
 ``nn.Linear`` is replaced (in place, in a deep copy, so the detector's own
-``loss``/``decode``/``predict`` keep working — no torch.fx rewrite needed) by an LSQ
-module quantizing its weights per output channel and its input per tensor
-(:mod:`.lsq`). The first conv and the detector's ``head_modules`` use
-``first_layer_bits`` / ``head_bits`` (None: left in float). BatchNorm stays unfolded.
+``loss``/``decode``/``predict`` keep working — no torch.fx rewrite needed) by the
+project's shared quantized layer (:class:`pyzeroq.quantizers.QuantConv2d` /
+:class:`~pyzeroq.quantizers.QuantLinear`, the same quantizer family as ZeroQ PTQ) that
+owns its input quantizer: weights per output channel, input per tensor, both with a
+learned LSQ step (``Quantizer.learn_step``), bias rounded to int32 at
+``input_scale * weight_scale`` (straight-through gradient). The first conv and the
+detector's ``head_modules`` use ``first_layer_bits`` / ``head_bits`` (None: left in
+float). BatchNorm stays unfolded.
 
-:func:`run_qat`: activation ranges are initialized by min/max over (up to
-``CALIBRATION_IMAGES``) calibration images, then Adam with a cosine schedule on
+:func:`run_qat`: activation ranges are initialized by min/max (or the configured
+percentile) over (up to ``CALIBRATION_IMAGES``) calibration images, then Adam with a
+cosine schedule on
 
     w_task * L_det(student(x), labels) + w_kd * tau^2 * KL(teacher || student)
     + w_mse * sum_f MSE(teacher feature f, student feature f)
@@ -30,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..quantizers import QUANT_LAYER_TYPES, QuantAct, QuantConv2d, Quantizer, QuantLinear
 from .config import QATConfig
-from .lsq import LSQQuantizer, QuantConv2d, QuantLinear
 
 CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 64
@@ -79,30 +84,50 @@ def layer_bits(model: nn.Module, cfg: QATConfig) -> dict:
     return out
 
 
+def quant_layer(layer: nn.Module, weight_bits: int, act_bits: int, act_percentile: float | None) -> nn.Module:
+    """The QAT form of one conv / linear: weight (per channel) and input (per tensor) quantizers
+    in learned-step (LSQ) mode; the weight's step and zero point start from its min/max, the
+    input's are set by :func:`calibrate`."""
+    cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+    q = cls.from_float(layer, per_channel=True, act_quant=QuantAct(act_bits, percentile=act_percentile))
+    q.weight_quant.calibrate(layer.weight, weight_bits)
+    q.weight_quant.learn_step()
+    q.act_quant.learn_step()
+    return q
+
+
 def prepare_qat(detector: nn.Module, cfg: QATConfig) -> nn.Module:
     """Quantized deep copy of ``detector`` (the original is untouched)."""
+    if any(isinstance(m, QUANT_LAYER_TYPES) for m in detector.modules()):
+        raise ValueError("prepare_qat: the detector is already quantized; pass its floating-point original")
     model = copy.deepcopy(detector)
     for name, bits in layer_bits(detector, cfg).items():
-        if bits is None:
-            continue
-        m = model.get_submodule(name)
-        cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
-        _set_module(model, name, cls(m, bits[0], bits[1], cfg.act_percentile))
+        if bits is not None:
+            _set_module(model, name, quant_layer(model.get_submodule(name), bits[0], bits[1], cfg.act_percentile))
     model.qat_config = cfg
     return model
 
 
 def quant_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    """The quantized layers that own their input quantizer (all of them after :func:`prepare_qat`)."""
+    return [m for m in model.modules() if isinstance(m, QUANT_LAYER_TYPES) and m.act_quant is not None]
+
+
+def step_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LSQ step sizes: the ``scale`` of every learned-step quantizer."""
+    return [m.scale for m in model.modules() if isinstance(m, Quantizer) and m.learned]
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, device) -> None:
-    """Min/max activation ranges over the first CALIBRATION_IMAGES images."""
+    """Input ranges of every quantized layer over the first CALIBRATION_IMAGES images
+    (``QuantAct``: min/max or percentile), then quantize with them."""
+    names = {id(m): n for n, m in model.named_modules()}
     mods = quant_modules(model)
     was = model.training
     model.eval()
     for m in mods:
+        m.act_quant.reset()
         m.observing = True
     try:
         for s in range(0, min(len(images), CALIBRATION_IMAGES), CALIBRATION_BATCH):
@@ -110,8 +135,12 @@ def calibrate(model: nn.Module, images: torch.Tensor, device) -> None:
     finally:
         for m in mods:
             m.observing = False
-            m.act_quant.finalize()
         model.train(was)
+    for m in mods:
+        try:
+            m.act_quant.freeze()
+        except RuntimeError as exc:
+            raise RuntimeError(f"layer {names[id(m)]!r} saw no input during calibration: {exc}") from exc
 
 
 def sigmoid_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -165,7 +194,7 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
         return log
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    step_params = [p for m in student.modules() if isinstance(m, LSQQuantizer) for p in m.parameters()]
+    step_params = step_parameters(student)
     step_ids = {id(p) for p in step_params}
     other = [p for p in student.parameters() if id(p) not in step_ids]
     opt = torch.optim.Adam([{"params": other, "lr": cfg.lr}, {"params": step_params, "lr": cfg.step_lr}])
