@@ -12,9 +12,12 @@ from torch import nn
 import pyzeroq as zq
 import pyzeroq.integer as zi
 from pyzeroq import ops
-from pyzeroq.integer.convert import AccumulatorOverflowError, _final_accumulator
+from pyzeroq.integer import steps as S
+from pyzeroq.integer.convert import AccumulatorOverflowError, logits_accumulator
+from pyzeroq.integer.plan import PlanError, UnsupportedOperationError
 from pyzeroq.models import Normalize, build_model, load_pretrained, registry
 from pyzeroq.modules import QuantAct, set_weight_bits
+from pyzeroq.qspec import LayerQuant, TensorQuant
 
 FAST = dict(calibration="gaussian", num_samples=8, progress=False)
 INTEGER_DTYPES = {"uint8", "uint16", "int32"}
@@ -101,27 +104,32 @@ def reference_models():
 
 def test_toy_plan_covers_every_op(toy):
     im = zq.to_integer(toy)
-    kinds = [s.kind for s in im.steps]
-    assert kinds == ["input", "conv", "conv", "add", "conv", "conv", "avg_pool", "global_avg_pool", "reshape",
-                     "linear", "linear_out"]
+    assert [type(s) for s in im.steps] == [S.InputStep, S.ConvStep, S.ConvStep, S.AddStep, S.ConvStep, S.ConvStep,
+                                           S.AvgPoolStep, S.GlobalAvgPoolStep, S.ReshapeStep, S.LinearStep,
+                                           S.LogitsStep]
+    assert [s.kind for s in im.steps] == ["input", "conv", "conv", "add", "conv", "conv", "avg_pool",
+                                          "global_avg_pool", "reshape", "linear", "linear_out"]
     assert im.folded_bn == {"conv1.1": "conv1.0", "conv2.1": "conv2.0", "dw.1": "dw.0", "pw.1": "pw.0"}
-    assert im.steps[3].attrs["relu"] and im.steps[4].attrs["relu"]  # fused ReLU after add / ReLU6 of dw
+    # fused ReLU after the add (found by the compiler) / ReLU6 of dw (the layer record's activation)
+    assert im.steps[3].activation == "relu" and im.steps[4].layer.activation == "relu6"
 
 
 def test_weights_and_bias_match_fake_quant(toy):
     im = zq.to_integer(toy)
     layers = dict(toy.graph_module.named_modules())
     for step in im.steps:
-        if step.kind not in ("conv", "linear", "linear_out"):
+        if not isinstance(step, S.LAYER_STEPS):
             continue
         layer = layers[step.name]
-        w = step.attrs["w"]
-        real = ops.dequantize(w.reshape(w.shape[0], -1), step.attrs["w_scale"], step.attrs["w_zp"], axis=0)
+        assert step.layer == layer.layer_record(step.name)  # the record as is
+        w = step.layer.weight_codes
+        w_scale, w_zp = step.layer.weight.channels(w.shape[0])
+        real = ops.dequantize(w.reshape(w.shape[0], -1), w_scale, w_zp, axis=0)
         np.testing.assert_array_equal(real.reshape(layer.weight.shape), layer.quantized_weight().detach().numpy())
-        bias_scale = np.float32(step.in_q[0].scale) * step.attrs["w_scale"]
-        np.testing.assert_array_equal(step.attrs["bias"].astype(np.float32) * bias_scale,
+        bias_scale = np.float32(step.in_q[0].scale_value) * w_scale
+        np.testing.assert_array_equal(step.layer.bias.astype(np.float32) * bias_scale,
                                       layer.quantized_bias().detach().numpy())
-        assert step.attrs["bias"].dtype == np.int32 and w.dtype == np.uint8
+        assert step.layer.bias.dtype == np.int32 and w.dtype == np.uint8
 
 
 def test_toy_agrees_with_fake_quant(toy):
@@ -193,7 +201,7 @@ def test_relu6_clamps_at_code_of_six():
     qa.zero_point.fill_(0)
     im = zq.to_integer(q)
     dw = next(s for s in im.steps if s.name == "dw.0")
-    assert dw.attrs["relu"] and dw.attrs["clamp_hi"] == 120
+    assert dw.layer.activation == "relu6" and dw.clamp_codes() == (0, 120)
     x = images(16)
     codes, _ = fq_codes(q, x)
     got = im.run(x)[dw.output]
@@ -208,8 +216,8 @@ def test_mixed_weight_bits():
     set_weight_bits(q.graph_module, bits)
     im = zq.to_integer(q)
     for step in im.steps:
-        if "w" in step.attrs:
-            assert step.attrs["w_bits"] == bits[step.name] and step.attrs["w"].max() < 2 ** bits[step.name]
+        if isinstance(step, S.LAYER_STEPS):
+            assert step.layer.weight.bits == bits[step.name] and step.layer.weight_codes.max() < 2 ** bits[step.name]
     x = images(32)
     with torch.no_grad():
         ref = q(x).argmax(1)
@@ -234,7 +242,7 @@ def test_reference_models(reference_models, name):
     kinds = {s.kind for s in im.steps}
     assert {"conv", "add", "global_avg_pool", "linear_out"} <= kinds
     if name == "mobilenetv2":  # depthwise convs with ReLU6
-        assert any(s.kind == "conv" and s.attrs["groups"] > 1 and s.attrs["relu"] for s in im.steps)
+        assert any(isinstance(s, S.ConvStep) and s.groups > 1 and s.layer.activation == "relu6" for s in im.steps)
     rep = im.report()
     assert rep.images == 128 and len(rep.layers) == len(q.report.layers)
     assert rep.overflowing(16) and not rep.overflowing(32)  # 8-bit models need > 16 accumulator bits
@@ -258,8 +266,9 @@ def test_narrow_accumulators(toy):
     sat(x)
     assert sat.report().layers[0]["overflows"] > 0
     err = zq.to_integer(toy, acc_bits=narrow_bits, overflow="error")
-    with pytest.raises(AccumulatorOverflowError, match=rf"layer 'conv1.0'.*bits needed: {first['bits_needed']}"):
+    with pytest.raises(AccumulatorOverflowError, match=rf"layer 'conv1.0'.*bits needed: {first['bits_needed']}") as info:
         err(x)
+    assert info.value.layer == "conv1.0"
     # the logits layer (numpy int64 accumulator) follows the same register model
     fc = rep.layers[-1]
     assert fc["op"] == "linear_out"
@@ -274,9 +283,9 @@ def test_final_accumulator_matches_simulator_model(overflow, acc_bits):
     w = rng.integers(0, 256, (5, 40), dtype=np.uint8)
     zp = rng.integers(0, 256, 5)
     bias = rng.integers(-3000, 3000, 5).astype(np.int32)
-    from pyzeroq.integer.convert import QParams, Step
-    step = Step("linear_out", "fc", ("x",), "fc", (QParams(0.1, 77, 8),), None,
-                {"w": w, "w_zp": zp, "bias": bias})
+    record = LayerQuant("fc", TensorQuant(8, np.ones(5, np.float32), zp, axis=0), w, TensorQuant(8, 0.1, 77),
+                        bias=bias)
+    step = S.LogitsStep(name="fc", inputs=("x",), output="fc", layer=record)
     kw = dict(acc_bits=acc_bits, overflow=overflow)
     sim_err = None
     try:  # requantize with M = 1 to 16 bits: codes = acc + 32768 where it fits
@@ -285,10 +294,11 @@ def test_final_accumulator_matches_simulator_model(overflow, acc_bits):
     except ValueError as exc:
         sim_err = exc
     if sim_err is not None:
+        assert isinstance(sim_err, AccumulatorOverflowError) and sim_err.layer is None
         with pytest.raises(AccumulatorOverflowError, match="layer 'fc'.*bits needed"):
-            _final_accumulator(a, step, acc_bits, overflow)
+            logits_accumulator(a, step, acc_bits, overflow)
         return
-    acc, ours = _final_accumulator(a, step, acc_bits, overflow)
+    acc, ours = logits_accumulator(a, step, acc_bits, overflow)
     mn, mx, count = ours.min_acc, ours.max_acc, ours.overflow_count
     assert count == st.overflow_count and max(-mn, mx) == st.max_abs_acc
     fits = (acc > -32768) & (acc < 32767)
@@ -327,14 +337,16 @@ def test_unsupported_models():
         def forward(self, x):
             return self.fc(torch.sigmoid(self.conv(x)).mean((2, 3)))
 
-    with pytest.raises(ValueError, match="sigmoid"):
+    with pytest.raises(UnsupportedOperationError, match="sigmoid") as info:
         zq.to_integer(quantize(Sig()))
-    with pytest.raises(ValueError, match="act_bits|not quantizing"):
+    assert isinstance(info.value, ValueError) and info.value.op == "sigmoid" and info.value.node == "sigmoid"
+    with pytest.raises(PlanError, match="act_bits|not quantizing"):
         zq.to_integer(quantize(ToyNet(), act_bits=None))
-    with pytest.raises(ValueError, match="16 bits.*2..8"):
+    with pytest.raises(UnsupportedOperationError, match="16 bits.*2..8"):
         zq.to_integer(quantize(ToyNet(), act_bits=16))
-    with pytest.raises(ValueError, match="12-bit weights"):
+    with pytest.raises(UnsupportedOperationError, match="12-bit weights") as info:
         zq.to_integer(quantize(ToyNet(), weight_bits=12))
+    assert info.value.node == "conv1_0" and info.value.op == "QuantConv2d"
 
     class ConvOut(nn.Module):  # graph output is a conv: no integer logits layer
         def __init__(self):
@@ -344,5 +356,6 @@ def test_unsupported_models():
         def forward(self, x):
             return torch.flatten(self.conv(x), 1)
 
-    with pytest.raises(ValueError, match="final Linear"):
+    with pytest.raises(UnsupportedOperationError, match="final Linear") as info:
         zq.to_integer(quantize(ConvOut()))
+    assert info.value.op == "output"

@@ -54,9 +54,24 @@ import numpy as np
 import torch
 
 from ._optional import require
-from .integer.convert import IntegerModel, Step, to_integer
+from .integer.convert import IntegerModel, to_integer
+from .integer.steps import (
+    AddStep,
+    AvgPoolStep,
+    ClampStep,
+    ConvStep,
+    GlobalAvgPoolStep,
+    InputStep,
+    LinearStep,
+    LogitsStep,
+    MaxPoolStep,
+    RequantStep,
+    ReshapeStep,
+    Step,
+    check_handlers,
+)
 
-__all__ = ["export_onnx", "build_onnx"]
+__all__ = ["export_onnx", "build_onnx", "ONNX_HANDLERS"]
 
 ONNX_OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -70,12 +85,16 @@ ADD_OPS = ("exact", "qlinearadd")
 
 
 class _Builder:
-    def __init__(self, int_model: IntegerModel, shapes: dict, add_op: str):
-        from onnx import helper, numpy_helper
-        self.h, self.nh = helper, numpy_helper
+    """Collects the ONNX nodes / initializers of one integer model; one method per step type
+    (:data:`ONNX_HANDLERS`). ``shapes``: value slot -> shape from a run on the example input."""
+
+    def __init__(self, int_model: IntegerModel, shapes: dict, add_op: str, pixels: str):
+        from onnx import TensorProto, helper, numpy_helper
+        self.h, self.nh, self.tp = helper, numpy_helper, TensorProto
         self.im = int_model
         self.shapes = shapes
         self.add_op = add_op
+        self.pixels = pixels
         self.nodes: list = []
         self.inits: list = []
         self._names: set = set()
@@ -93,10 +112,10 @@ class _Builder:
     def node(self, op: str, inputs: list, outputs: list, name: str, domain: Optional[str] = None, **attrs):
         self.nodes.append(self.h.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
 
-    def qparams(self, base: str, q, scale=None):
-        s = self.const(f"{base}_scale", np.float32(q.scale if scale is None else scale))
-        z = self.const(f"{base}_zero_point", np.uint8(q.zero_point))
-        return s, z
+    def qparams(self, base: str, q):
+        """(scale, zero point) initializers of a per-tensor record: float32 and uint8 scalars."""
+        return (self.const(f"{base}_scale", np.float32(q.scale_value)),
+                self.const(f"{base}_zero_point", np.uint8(q.zero_point_value)))
 
     def clip(self, src: str, out: str, lo: int, hi: int, name: str) -> str:
         """uint8 Clip to [lo, hi], or an Identity when it changes nothing."""
@@ -107,10 +126,9 @@ class _Builder:
                                self.const(f"{name}_hi", np.uint8(min(hi, CODE_MAX8)))], [out], name)
         return out
 
-    def finish(self, step: Step, raw: str, relu: bool = False, hi: Optional[int] = None):
-        """Clamp of a fused ReLU / ReLU6 and of bits < 8 into the step's output slot."""
+    def finish(self, step: Step, raw: str, lo: int = 0, hi: Optional[int] = None):
+        """Clamp of a fused ReLU / ReLU6 (``lo``, ``hi`` codes) and of bits < 8 into the step's output slot."""
         q = step.out_q
-        lo = q.zero_point if relu else 0
         top = q.qmax if hi is None else min(hi, q.qmax)
         self.clip(raw, step.output, lo, top, f"{step.output}_clip")
 
@@ -119,21 +137,22 @@ class _Builder:
         xq, yq = step.in_q[0], step.out_q
         channels = self.shapes[step.inputs[0]][1]
         b = f"{step.output}_pool"
-        ins = [src, self.const(f"{b}_x_scale", np.float32(x_scale)), self.const(f"{b}_x_zero_point", np.uint8(xq.zero_point)),
+        ins = [src, self.const(f"{b}_x_scale", np.float32(x_scale)),
+               self.const(f"{b}_x_zero_point", np.uint8(xq.zero_point_value)),
                self.const(f"{b}_w", np.ones((channels, 1) + tuple(kernel), np.uint8)),
                self.const(f"{b}_w_scale", np.float32(1.0)), self.const(f"{b}_w_zero_point", np.uint8(0)),
-               self.const(f"{b}_y_scale", np.float32(y_scale)), self.const(f"{b}_y_zero_point", np.uint8(yq.zero_point))]
+               self.const(f"{b}_y_scale", np.float32(y_scale)),
+               self.const(f"{b}_y_zero_point", np.uint8(yq.zero_point_value))]
         self.node("QLinearConv", ins, [out], b, group=int(channels), kernel_shape=list(kernel), strides=list(stride),
                   pads=list(pads))
 
     # ------------------------------------------------------------------ steps
-    def input(self, step: Step, pixels: str):
-        q = step.out_q
+    def input(self, step: InputStep):
         raw = f"{step.output}_raw"
-        if pixels == "uint8":
+        if self.pixels == "uint8":
             lut = self.im.input_lut
             idx = f"{step.output}_index"
-            self.node("Cast", [INPUT_NAME], [idx], f"{step.output}_cast", to=self.h_tensor("INT32"))
+            self.node("Cast", [INPUT_NAME], [idx], f"{step.output}_cast", to=self.tp.INT32)
             if lut.shape[0] > 1:
                 offs = (np.arange(lut.shape[0], dtype=np.int32) * PIXEL_LEVELS).reshape(1, -1, 1, 1)
                 self.node("Add", [idx, self.const(f"{step.output}_channel_offset", offs)], [f"{idx}_c"],
@@ -144,73 +163,70 @@ class _Builder:
             self.node("Identity", [raw], [step.output], f"{step.output}_codes")
             return
         src = INPUT_NAME
-        norm = step.attrs["normalize"]
-        if norm is not None:
-            mean = norm.mean.detach().cpu().float().numpy()
-            std = norm.std.detach().cpu().float().numpy()
+        if step.mean is not None:
+            mean = np.asarray(step.mean, np.float32).reshape(1, -1, 1, 1)
+            std = np.asarray(step.std, np.float32).reshape(1, -1, 1, 1)
             self.node("Sub", [src, self.const("normalize_mean", mean)], ["normalize_centered"], "normalize_sub")
             self.node("Div", ["normalize_centered", self.const("normalize_std", std)], ["normalized"], "normalize_div")
             src = "normalized"
-        s, z = self.qparams(step.output, q)
+        s, z = self.qparams(step.output, step.quant)
         self.node("QuantizeLinear", [src, s, z], [raw], f"{step.output}_quantize")
         self.finish(step, raw)
 
-    def h_tensor(self, name: str) -> int:
-        from onnx import TensorProto
-        return getattr(TensorProto, name)
-
     def conv_like(self, step: Step, src: str, out: str, w: np.ndarray, **attrs):
-        at, xq, yq = step.attrs, step.in_q[0], step.out_q
-        b = step.output
-        sx, zx = self.qparams(f"{b}_x", xq)
-        sy, zy = self.qparams(f"{b}_y", yq)
-        ins = [src, sx, zx, self.const(f"{b}_w", w), self.const(f"{b}_w_scale", at["w_scale"].astype(np.float32)),
-               self.const(f"{b}_w_zero_point", at["w_zp"].astype(np.uint8)), sy, zy]
-        if at["bias"] is not None:
-            ins.append(self.const(f"{b}_bias", at["bias"].astype(np.int32)))
+        """QLinearConv of a layer record (uint8 weights [O, C, KH, KW], per-channel scales / zero points)."""
+        layer, b = step.layer, step.output
+        w_scale, w_zp = layer.weight.channels(layer.out_channels)
+        sx, zx = self.qparams(f"{b}_x", layer.input)
+        sy, zy = self.qparams(f"{b}_y", layer.output)
+        ins = [src, sx, zx, self.const(f"{b}_w", w), self.const(f"{b}_w_scale", w_scale.astype(np.float32)),
+               self.const(f"{b}_w_zero_point", w_zp.astype(np.uint8)), sy, zy]
+        if layer.bias is not None:
+            ins.append(self.const(f"{b}_bias", layer.bias.astype(np.int32)))
         self.node("QLinearConv", ins, [out], f"{b}_qlinearconv", kernel_shape=list(w.shape[2:]), **attrs)
 
-    def conv(self, step: Step):
-        at = step.attrs
+    def conv(self, step: ConvStep):
         raw = f"{step.output}_raw"
-        self.conv_like(step, step.inputs[0], raw, at["w"], strides=list(at["stride"]), pads=list(at["padding"]),
-                       dilations=list(at["dilation"]), group=int(at["groups"]))
-        self.finish(step, raw, at["relu"], at["clamp_hi"])
+        self.conv_like(step, step.inputs[0], raw, step.layer.weight_codes, strides=list(step.stride),
+                       pads=list(step.padding), dilations=list(step.dilation), group=step.groups)
+        self.finish(step, raw, *step.clamp_codes())
 
-    def linear(self, step: Step):
+    def _require_2d(self, step: Step):
         if len(self.shapes[step.inputs[0]]) != 2:
             raise ValueError(f"layer {step.name!r}: ONNX export supports Linear layers on [N, K] inputs only")
-        at, b = step.attrs, step.output
+
+    def linear(self, step: LinearStep):
+        self._require_2d(step)
+        b = step.output
         x4 = f"{b}_x4"
         self.node("Unsqueeze", [step.inputs[0], self.const(f"{b}_axes", np.array([2, 3], np.int64))], [x4],
                   f"{b}_unsqueeze")
-        self.conv_like(step, x4, f"{b}_y4", at["w"][:, :, None, None])
+        self.conv_like(step, x4, f"{b}_y4", step.layer.weight_codes[:, :, None, None])
         self.node("Flatten", [f"{b}_y4"], [f"{b}_raw"], f"{b}_flatten", axis=1)
-        self.finish(step, f"{b}_raw", at["relu"], at["clamp_hi"])
+        self.finish(step, f"{b}_raw", *step.clamp_codes())
 
-    def linear_out(self, step: Step):
-        if len(self.shapes[step.inputs[0]]) != 2:
-            raise ValueError(f"layer {step.name!r}: ONNX export supports Linear layers on [N, K] inputs only")
-        at, xq, b = step.attrs, step.in_q[0], step.output
+    def logits(self, step: LogitsStep):
+        self._require_2d(step)
+        layer, b = step.layer, step.output
+        _, w_zp = layer.weight.channels(layer.out_channels)
         acc = f"{b}_acc"
-        self.node("MatMulInteger", [step.inputs[0], self.const(f"{b}_w", np.ascontiguousarray(at["w"].T)),
-                                    self.const(f"{b}_x_zero_point", np.uint8(xq.zero_point)),
-                                    self.const(f"{b}_w_zero_point", at["w_zp"].astype(np.uint8))], [acc],
+        self.node("MatMulInteger", [step.inputs[0], self.const(f"{b}_w", np.ascontiguousarray(layer.weight_codes.T)),
+                                    self.const(f"{b}_x_zero_point", np.uint8(layer.input.zero_point_value)),
+                                    self.const(f"{b}_w_zero_point", w_zp.astype(np.uint8))], [acc],
                   f"{b}_matmulinteger")
-        if at["bias"] is not None:
-            self.node("Add", [acc, self.const(f"{b}_bias", at["bias"].astype(np.int32))], [f"{b}_acc_bias"],
+        if layer.bias is not None:
+            self.node("Add", [acc, self.const(f"{b}_bias", layer.bias.astype(np.int32))], [f"{b}_acc_bias"],
                       f"{b}_bias_add")
             acc = f"{b}_acc_bias"
-        self.node("Cast", [acc], [f"{b}_acc_float"], f"{b}_cast", to=self.h_tensor("FLOAT"))
-        self.node("Mul", [f"{b}_acc_float", self.const(f"{b}_dequant", at["dequant"].astype(np.float32))],
+        self.node("Cast", [acc], [f"{b}_acc_float"], f"{b}_cast", to=self.tp.FLOAT)
+        self.node("Mul", [f"{b}_acc_float", self.const(f"{b}_dequant", step.dequant.astype(np.float32))],
                   [OUTPUT_NAME], f"{b}_dequantize")
 
-    def add(self, step: Step):
-        a, bq = step.in_q
+    def add(self, step: AddStep):
         b = step.output
-        sa, za = self.qparams(f"{b}_a", a)
-        sb, zb = self.qparams(f"{b}_b", bq)
-        sy, zy = self.qparams(f"{b}_y", step.out_q)
+        sa, za = self.qparams(f"{b}_a", step.x_q)
+        sb, zb = self.qparams(f"{b}_b", step.y_q)
+        sy, zy = self.qparams(f"{b}_y", step.quant)
         if self.add_op == "qlinearadd":
             self.node("QLinearAdd", [step.inputs[0], sa, za, step.inputs[1], sb, zb, sy, zy], [f"{b}_raw"],
                       f"{b}_qlinearadd", domain=MS_DOMAIN)
@@ -223,61 +239,63 @@ class _Builder:
             self.node("Div", [f"{b}_sum", sy], [f"{b}_scaled"], f"{b}_div")
             self.node("QuantizeLinear", [f"{b}_scaled", self.const(f"{b}_unit_scale", np.float32(1.0)), zy],
                       [f"{b}_raw"], f"{b}_quantize")
-        self.finish(step, f"{b}_raw", step.attrs["relu"], step.attrs["clamp_hi"])
+        self.finish(step, f"{b}_raw", *step.clamp_codes())
 
-    def pool(self, step: Step):
-        at, xq, yq = step.attrs, step.in_q[0], step.out_q
-        raw = f"{step.output}_raw"
-        ratio = np.float32(np.float32(xq.scale) / np.float32(yq.scale))
-        if step.kind == "global_avg_pool":
-            kernel = tuple(self.shapes[step.inputs[0]][2:])
-            self.ones_conv(step, step.inputs[0], raw, ratio, float(kernel[0] * kernel[1]), kernel, (1, 1), (0,) * 4)
-        elif step.kind == "avg_pool":
-            kernel, (ph, pw) = at["kernel"], at["padding"]
-            self.ones_conv(step, step.inputs[0], raw, ratio, float(kernel[0] * kernel[1]), kernel, at["stride"],
-                           (ph, pw, ph, pw))
-        else:  # max pool
-            k = _pair(at["kernel"])
-            ph, pw = _pair(at["padding"])
-            pooled = f"{step.output}_max"
-            self.node("MaxPool", [step.inputs[0]], [pooled], f"{step.output}_maxpool", kernel_shape=list(k),
-                      strides=list(_pair(at["stride"])), pads=[ph, pw, ph, pw])
-            if xq != yq:
-                self.ones_conv(step, pooled, raw, xq.scale, yq.scale, (1, 1), (1, 1), (0,) * 4)
-            else:
-                raw = pooled
-        relu = at["relu"] is not None
-        hi = None
-        if at["relu"] == "relu6":
-            from .integer.convert import _relu_clamp
-            hi = _relu_clamp("relu6", yq)[1]
-        self.finish(step, raw, relu, hi)
+    @staticmethod
+    def _ratio(step: Step) -> np.float32:
+        return np.float32(np.float32(step.x_q.scale_value) / np.float32(step.quant.scale_value))
 
-    def requant(self, step: Step):
-        xq, yq = step.in_q[0], step.out_q
+    def global_avg_pool(self, step: GlobalAvgPoolStep):
         raw = f"{step.output}_raw"
-        x4 = step.inputs[0]
-        if len(self.shapes[x4]) != 4:
+        kernel = tuple(self.shapes[step.inputs[0]][2:])
+        self.ones_conv(step, step.inputs[0], raw, self._ratio(step), float(kernel[0] * kernel[1]), kernel, (1, 1),
+                       (0,) * 4)
+        self.finish(step, raw, *step.clamp_codes())
+
+    def avg_pool(self, step: AvgPoolStep):
+        raw = f"{step.output}_raw"
+        (kh, kw), (ph, pw) = step.kernel, step.padding
+        self.ones_conv(step, step.inputs[0], raw, self._ratio(step), float(kh * kw), step.kernel, step.stride,
+                       (ph, pw, ph, pw))
+        self.finish(step, raw, *step.clamp_codes())
+
+    def max_pool(self, step: MaxPoolStep):
+        raw = pooled = f"{step.output}_max"
+        ph, pw = step.padding
+        self.node("MaxPool", [step.inputs[0]], [pooled], f"{step.output}_maxpool", kernel_shape=list(step.kernel),
+                  strides=list(step.stride), pads=[ph, pw, ph, pw])
+        if step.x_q != step.quant:
+            raw = f"{step.output}_raw"
+            self.ones_conv(step, pooled, raw, step.x_q.scale_value, step.quant.scale_value, (1, 1), (1, 1), (0,) * 4)
+        self.finish(step, raw, *step.clamp_codes())
+
+    def requant(self, step: RequantStep):
+        raw = f"{step.output}_raw"
+        if len(self.shapes[step.inputs[0]]) != 4:
             raise ValueError(f"node {step.name!r}: ONNX export of a standalone requantization needs a 4-D tensor")
-        self.ones_conv(step, x4, raw, xq.scale, yq.scale, (1, 1), (1, 1), (0,) * 4)
+        self.ones_conv(step, step.inputs[0], raw, step.x_q.scale_value, step.quant.scale_value, (1, 1), (1, 1),
+                       (0,) * 4)
         self.finish(step, raw)
 
-    def clamp(self, step: Step):
-        hi = step.attrs["hi"]
-        self.clip(step.inputs[0], step.output, step.attrs["lo"], CODE_MAX8 if hi is None else hi, f"{step.output}_clip")
+    def clamp(self, step: ClampStep):
+        self.clip(step.inputs[0], step.output, step.lo, step.hi, f"{step.output}_clip")
 
-    def reshape(self, step: Step):
+    def reshape(self, step: ReshapeStep):
         shape = list(self.shapes[step.output])
         in_shape = self.shapes[step.inputs[0]]
-        if shape and in_shape and shape[0] == in_shape[0] and not (step.attrs["spec"][0] == "flatten"
-                                                                     and step.attrs["spec"][1] % len(in_shape) == 0):
+        if shape and in_shape and shape[0] == in_shape[0] and not (step.flatten is not None
+                                                                     and step.flatten[0] % len(in_shape) == 0):
             shape[0] = -1  # keep the batch dimension dynamic
         self.node("Reshape", [step.inputs[0], self.const(f"{step.output}_shape", np.array(shape, np.int64))],
                   [step.output], f"{step.output}_reshape")
 
 
-def _pair(v) -> tuple:
-    return tuple(int(e) for e in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+ONNX_HANDLERS = check_handlers({
+    InputStep: _Builder.input, ConvStep: _Builder.conv, LinearStep: _Builder.linear, LogitsStep: _Builder.logits,
+    AddStep: _Builder.add, GlobalAvgPoolStep: _Builder.global_avg_pool, AvgPoolStep: _Builder.avg_pool,
+    MaxPoolStep: _Builder.max_pool, RequantStep: _Builder.requant, ClampStep: _Builder.clamp,
+    ReshapeStep: _Builder.reshape,
+}, "the ONNX builder")
 
 
 def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", add_op: str = "exact",
@@ -302,14 +320,9 @@ def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", ad
         example = np.clip(np.rint(example.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
     env = int_model.run(example)
     shapes = {k: tuple(v.shape) for k, v in env.items()}
-    b = _Builder(int_model, shapes, add_op)
+    b = _Builder(int_model, shapes, add_op, pixels)
     for step in int_model.steps:
-        if step.kind == "input":
-            b.input(step, pixels)
-        elif step.kind in ("global_avg_pool", "avg_pool", "max_pool"):
-            b.pool(step)
-        else:
-            getattr(b, step.kind)(step)
+        ONNX_HANDLERS[type(step)](b, step)
     batch = "N"
     in_type = TensorProto.UINT8 if pixels == "uint8" else TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(INPUT_NAME, in_type, [batch] + list(example.shape[1:]))]

@@ -101,6 +101,9 @@ def _is_normalizer(module: nn.Module) -> bool:
         isinstance(getattr(module, "std", None), torch.Tensor)
 
 
+is_normalizer = _is_normalizer  # public: an input normalization module ((x - mean) / std, tensor mean and std)
+
+
 class _Tracer(fx.Tracer):
     """Keeps input-normalization modules whole (one quantization point after them)."""
 

@@ -1,15 +1,30 @@
 """Quantized model -> integer-only model running on the C++ integer simulator.
 
-:func:`to_integer` compiles the fx graph of a :class:`pyzeroq.quantize.QuantizedModel` into a
-list of integer steps (:mod:`pyzeroq.integer.plan`, whose docstring has the node -> step
-mapping) and returns an :class:`IntegerModel` that runs them on :mod:`pyzeroq.integer.simulate`
-(codes are uint8, accumulators int32; the logits are the only float op).
+:func:`to_integer` compiles the fx graph of a quantized model into a typed integer plan
+(:func:`pyzeroq.integer.plan.compile_plan`; its docstring has the node -> step mapping) and
+returns an :class:`IntegerModel` that runs the steps on :mod:`pyzeroq.integer.simulate`
+(codes are uint8, accumulators int32; the logits are the only float op). The runtime
+dispatches on the step type through one table, :data:`RUNTIME_HANDLERS`.
 
 Differences from the fake-quantized model are float-rounding effects only: the fake-quant
 model rounds ``f32(conv output) / y_scale`` where the integer model rounds
 ``f32(acc) * f32(f32(x_scale * w_scale) / y_scale)``; values that sit within a few float32
 ulps of a rounding tie may land on the neighbouring code. Residual adds (``float32_rne``)
 use the same float formula as the fake-quant model and agree exactly.
+
+Save / load: :meth:`IntegerModel.save` writes, with ``torch.save``, a dict of plain data
+(dicts, lists, tuples, str / int / float / bool / None and torch tensors; loadable with
+``torch.load(path, weights_only=True)``)::
+
+    {"format": "pyzeroq.IntegerModel", "format_version": 1,
+     "rounding": str, "acc_bits": int, "overflow": str, "output": str (the logits slot),
+     "folded_bn": {bn name: conv name}, "bit_widths": {layer: bits},
+     "steps": [Step.to_dict(), ...]}   # records via TensorQuant / LayerQuant.to_dict,
+                                       # arrays as {"__array__": tensor, "dtype": numpy dtype name}
+
+:func:`load_integer` (= :meth:`IntegerModel.load`) reads it back bit-exactly. Pickling and
+deep-copying an IntegerModel go through the same state (accumulator statistics and the
+trace log are not part of it).
 """
 
 from __future__ import annotations
@@ -21,53 +36,70 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.fx as fx
-from torch import nn
 
-from .. import ops
 from . import simulate as sim
-from .plan import (  # noqa: F401  (re-exported for existing imports)
-    FLATTEN_METHODS,
-    INT32_MAX,
-    INT32_MIN,
-    MAX_ACT_BITS,
-    MAX_WEIGHT_BITS,
-    MIN_BITS,
-    RELU6_MAX,
-    RELU_FUNCS,
-    QParams,
+from .plan import MIN_BITS, UnsupportedOperationError, compile_plan
+from .simulate import AccumulatorOverflowError
+from .steps import (
+    LAYER_STEPS,
+    AddStep,
+    AvgPoolStep,
+    ClampStep,
+    ConvStep,
+    GlobalAvgPoolStep,
+    InputStep,
+    LinearStep,
+    LogitsStep,
+    MaxPoolStep,
+    RequantStep,
+    ReshapeStep,
     Step,
-    _code_of,
-    _Compiler,
-    _conv_padding,
-    _f32,
-    _pair,
-    _qparams,
-    _relu_clamp,
-    _target_name,
+    check_handlers,
+    from_plain,
+    step_from_dict,
+    to_plain,
 )
 
-__all__ = ["to_integer", "IntegerModel", "IntegerReport", "AccumulatorOverflowError", "Step", "QParams"]
+__all__ = ["to_integer", "load_integer", "IntegerModel", "IntegerReport", "AccumulatorOverflowError",
+           "logits_accumulator", "input_lut", "RUNTIME_HANDLERS", "FORMAT", "FORMAT_VERSION"]
 
+FORMAT = "pyzeroq.IntegerModel"
+FORMAT_VERSION = 1
 PIXEL_LEVELS = 256
 PIXEL_MAX = 255.0
 REPORT_ACC_BITS = (8, 12, 16, 24)  # accumulator widths the report checks
 ROUNDINGS = ("float32_rne", "gemmlowp", "dyadic")
 OVERFLOWS = ("wrap", "saturate", "error")
+MAX_ACC_BITS = 32
 
 
-class AccumulatorOverflowError(ValueError):
-    """An accumulator exceeded ``acc_bits`` with ``overflow="error"``; names the layer."""
+def _check_config(rounding: str, acc_bits: int, overflow: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if overflow not in OVERFLOWS:
+        raise ValueError(f"overflow must be one of {OVERFLOWS}, got {overflow!r}")
+    if not isinstance(acc_bits, (int, np.integer)) or isinstance(acc_bits, bool) or \
+            not MIN_BITS <= acc_bits <= MAX_ACC_BITS:
+        raise ValueError(f"acc_bits must be an int in [{MIN_BITS}, {MAX_ACC_BITS}], got {acc_bits!r}")
 
 
-def _input_lut(normalize: Optional[nn.Module], q: QParams) -> np.ndarray:
-    """[C or 1, 256] uint8: pixel code p -> activation code of the float image p / 255."""
+def normalize_input(step: InputStep, x: np.ndarray) -> np.ndarray:
+    """float32 ``(x - mean) / std`` per channel (x float32 [N, C, H, W]); x itself without normalizer."""
+    if step.mean is None:
+        return x
+    mean = torch.tensor(step.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(step.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return ((torch.from_numpy(x) - mean) / std).contiguous().numpy()
+
+
+def input_lut(step: InputStep) -> np.ndarray:
+    """uint8 [C or 1, 256]: pixel code p -> activation code of the float image ``f32(p / 255)``."""
     pixels = torch.arange(PIXEL_LEVELS, dtype=torch.uint8).float() / PIXEL_MAX
-    if normalize is None:
-        return ops.quantize(pixels.numpy(), q.scale, q.zero_point, q.bits)[None]
-    channels = normalize.mean.numel()
-    with torch.no_grad():
-        y = normalize(pixels.reshape(1, 1, PIXEL_LEVELS, 1).expand(1, channels, PIXEL_LEVELS, 1).contiguous())
-    return ops.quantize(y.reshape(channels, PIXEL_LEVELS).contiguous().numpy(), q.scale, q.zero_point, q.bits)
+    if step.mean is None:
+        return step.quant.quantize(pixels.numpy())[None]
+    channels = max(len(step.mean), len(step.std))
+    img = pixels.reshape(1, 1, PIXEL_LEVELS, 1).expand(1, channels, PIXEL_LEVELS, 1).contiguous().numpy()
+    return step.quant.quantize(np.ascontiguousarray(normalize_input(step, img).reshape(channels, PIXEL_LEVELS)))
 
 
 @dataclass
@@ -113,69 +145,135 @@ def _bits_for(lo: int, hi: int) -> int:
 
 
 def _worst_case_bits(step: Step) -> int:
-    """Bits of the largest accumulator any input codes could produce."""
-    xq = step.in_q[0]
-    w = step.attrs["w"].reshape(step.attrs["w"].shape[0], -1).astype(np.int64) - step.attrs["w_zp"][:, None]
-    bias = step.attrs["bias"] if step.attrs["bias"] is not None else np.zeros(w.shape[0], np.int64)
-    pos = np.where(w > 0, w, 0).sum(1) * (xq.qmax - xq.zero_point) + np.where(w < 0, -w, 0).sum(1) * xq.zero_point
-    neg = np.where(w > 0, w, 0).sum(1) * xq.zero_point + np.where(w < 0, -w, 0).sum(1) * (xq.qmax - xq.zero_point)
-    return _bits_for(int((bias - neg).min()), int((bias + pos).max()))
+    """Bits of the largest accumulator any input codes could produce (conv / linear / logits step)."""
+    layer = step.layer
+    xq, (_, w_zp) = layer.input, layer.weight.channels(layer.out_channels)
+    w = layer.weight_codes.reshape(layer.out_channels, -1).astype(np.int64) - w_zp.astype(np.int64)[:, None]
+    bias = layer.bias if layer.bias is not None else np.zeros(w.shape[0], np.int64)
+    top, zp = xq.qmax - xq.zero_point_value, xq.zero_point_value
+    plus, minus = np.where(w > 0, w, 0).sum(1), np.where(w < 0, -w, 0).sum(1)
+    return _bits_for(int((bias - (plus * zp + minus * top)).min()), int((bias + plus * top + minus * zp).max()))
 
 
 @contextmanager
 def _naming_layer(step: Step):
-    """The simulator's overflow="error" ValueError as an AccumulatorOverflowError naming the layer."""
+    """The simulator's AccumulatorOverflowError, again with the layer's name (message and ``layer``)."""
     try:
         yield
-    except ValueError as exc:
-        if "accumulator overflow" in str(exc):
-            raise AccumulatorOverflowError(f"layer {step.name!r}: {exc}") from exc
-        raise
+    except AccumulatorOverflowError as exc:
+        raise AccumulatorOverflowError(f"layer {step.name!r}: {exc}", layer=step.name) from exc
 
 
-def _final_accumulator(a: np.ndarray, step: Step, acc_bits: int, overflow: str):
-    """int32 accumulator of the logits layer (``sim.matmul_integer``: the simulator's
-    acc_bits / overflow model). Returns (acc int32 [.., O], AccStats)."""
-    at, xq = step.attrs, step.in_q[0]
+def logits_accumulator(a: np.ndarray, step: LogitsStep, acc_bits: int, overflow: str):
+    """int32 accumulator [N, O] of the logits layer for codes ``a`` uint8 [N, K]
+    (``sim.matmul_integer``: the simulator's acc_bits / overflow model). Returns (acc, AccStats)."""
+    layer = step.layer
+    _, w_zp = layer.weight.channels(layer.out_channels)
     with _naming_layer(step):
-        return sim.matmul_integer(a, xq.zero_point, np.ascontiguousarray(at["w"].T), at["w_zp"], at["bias"],
-                                  acc_bits, overflow)
+        return sim.matmul_integer(a, layer.input.zero_point_value, np.ascontiguousarray(layer.weight_codes.T), w_zp,
+                                  layer.bias, acc_bits, overflow)
+
+
+def _clamp(y: np.ndarray, lo: int, hi: int, q) -> np.ndarray:
+    """``clamp(y, lo, hi)`` on codes of record ``q``, skipping bounds that are the code range's own."""
+    if lo > q.qmin:
+        y = np.maximum(y, np.asarray(lo, y.dtype))
+    return y if hi >= q.qmax else np.minimum(y, np.asarray(hi, y.dtype))
+
+
+def _clamp_hi(y: np.ndarray, step: Step, q) -> np.ndarray:
+    """The upper clamp of ``step``'s fused activation (the kernel's ``relu`` did the lower one)."""
+    return _clamp(y, q.qmin, step.clamp_codes()[1], q)
 
 
 class IntegerModel:
-    """Integer-only model: ``int_model(x)`` -> float32 logits.
+    """Integer-only model: ``int_model(x)`` -> float32 logits [N, classes].
 
-    ``x``: float images [N, C, H, W] (values in [0, 1]; the model's Normalize runs in float
+    ``x``: float images [N, C, H, W] (values in [0, 1]; the normalization runs in float32
     and the result is quantized at the boundary, as in the fake-quant model) or uint8 pixels
     [N, C, H, W] (a 256-entry table maps pixel codes to the first activation codes: no float
     op at all before the logits). torch in -> torch out, numpy in -> numpy out.
 
+    ``steps``: the typed plan (list of :class:`pyzeroq.integer.steps.Step`, ``steps[0]`` the
+    :class:`InputStep`); ``output``: the value slot of the logits.
     Set ``trace = True`` to record, per executed step, its input / output dtypes in
     ``trace_log`` (list of dicts).
     """
 
-    def __init__(self, steps: list, output: str, rounding: str, acc_bits: int, overflow: str,
-                 folded_bn: dict, bit_widths: dict):
-        self.steps = steps
+    def __init__(self, steps: list, output: str, rounding: str = "float32_rne", acc_bits: int = 32,
+                 overflow: str = "wrap", folded_bn: Optional[dict] = None, bit_widths: Optional[dict] = None):
+        _check_config(rounding, acc_bits, overflow)
+        if not steps or not isinstance(steps[0], InputStep):
+            raise ValueError("an integer model's first step must be an InputStep")
+        unknown = [type(s).__name__ for s in steps if type(s) not in RUNTIME_HANDLERS]
+        if unknown:
+            raise TypeError(f"not integer steps: {unknown}")
+        if output not in {s.output for s in steps}:
+            raise ValueError(f"output slot {output!r} is written by no step")
+        self.steps = list(steps)
         self.output = output
         self.rounding = rounding
-        self.acc_bits = acc_bits
+        self.acc_bits = int(acc_bits)
         self.overflow = overflow
-        self.folded_bn = dict(folded_bn)
-        self.bit_widths = dict(bit_widths)
-        inp = steps[0]
-        self.input_q = inp.out_q
-        self._normalize = inp.attrs["normalize"]
-        self.input_lut = _input_lut(self._normalize, inp.out_q)
+        self.folded_bn = dict(folded_bn or {})
+        self.bit_widths = dict(bit_widths or {})
+        self.input_q = self.steps[0].quant
+        self.input_lut = input_lut(self.steps[0])
         self.trace = False
         self.trace_log: list = []
-        self._bound = {s.name: _worst_case_bits(s) for s in steps if s.kind in ("conv", "linear", "linear_out")}
+        self._bound = {s.name: _worst_case_bits(s) for s in self.steps if isinstance(s, LAYER_STEPS)}
         self.reset_stats()
+
+    # ----------------------------------------------------------------- save / load
+    def to_state(self) -> dict:
+        """The saved form (module docstring): plain data and torch tensors only."""
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "rounding": self.rounding,
+                "acc_bits": self.acc_bits, "overflow": self.overflow, "output": self.output,
+                "folded_bn": dict(self.folded_bn), "bit_widths": to_plain(dict(self.bit_widths)),
+                "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_state(cls, state, source: str = "state") -> "IntegerModel":
+        """The model :meth:`to_state` described; ValueError naming ``source`` for anything else."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{source}: not a pyzeroq integer model (no format key {FORMAT!r})")
+        version = state.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"{source}: integer model format version {version!r} is not supported "
+                             f"(this pyzeroq reads versions 1..{FORMAT_VERSION})")
+        try:
+            steps = [step_from_dict(d) for d in state["steps"]]
+            return cls(steps, state["output"], state["rounding"], state["acc_bits"], state["overflow"],
+                       state["folded_bn"], from_plain(state["bit_widths"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: invalid integer model ({type(exc).__name__}: {exc})") from exc
+
+    def save(self, path) -> None:
+        """Write the model to ``path`` with ``torch.save`` (loadable with ``weights_only=True``)."""
+        torch.save(self.to_state(), path)
+
+    @classmethod
+    def load(cls, path) -> "IntegerModel":
+        """The model :meth:`save` wrote to ``path`` (ValueError naming the path if it is not one)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as exc:  # unpickling errors come in many types
+            raise ValueError(f"{path}: not a pyzeroq integer model ({type(exc).__name__}: {exc})") from exc
+        return cls.from_state(state, source=str(path))
+
+    def __getstate__(self) -> dict:
+        return self.to_state()
+
+    def __setstate__(self, state: dict) -> None:
+        # rebuilt from plain data: arrays get numpy's canonical dtypes (the kernels check dtype identity)
+        self.__dict__.update(type(self).from_state(state, source="pickled IntegerModel").__dict__)
 
     # ----------------------------------------------------------------- stats
     def reset_stats(self) -> None:
         self._stats = {s.name: {"min": 0, "max": 0, "overflows": 0, "op": s.kind} for s in self.steps
-                       if s.kind in ("conv", "linear", "linear_out")}
+                       if isinstance(s, LAYER_STEPS)}
         self._images = 0
 
     def _record(self, name: str, st: sim.AccStats) -> None:
@@ -202,13 +300,12 @@ class IntegerModel:
 
     # ----------------------------------------------------------------- run
     def input_codes(self, x) -> np.ndarray:
-        """Boundary: the first activation's uint8 codes for float images or uint8 pixels."""
+        """Boundary: the first activation's uint8 codes [N, C, H, W] for float images or uint8 pixels."""
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"x must be a numpy array or a torch tensor, got {type(x).__name__}")
         if arr.ndim != 4:
             raise ValueError(f"x must have shape [N, C, H, W], got shape {tuple(arr.shape)}")
-        q = self.input_q
         if arr.dtype == np.uint8:
             lut = self.input_lut
             if lut.shape[0] not in (1, arr.shape[1]):
@@ -220,26 +317,22 @@ class IntegerModel:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise ValueError("x contains NaN or Inf")
-        if self._normalize is not None:
-            with torch.no_grad():
-                arr = self._normalize(torch.from_numpy(arr)).contiguous().numpy()
-        return ops.quantize(arr, q.scale, q.zero_point, q.bits)
+        return self.input_q.quantize(normalize_input(self.steps[0], arr))
 
     def run(self, x) -> dict:
         """All value slots (fx node name -> codes / logits) for input ``x``."""
-        env = {self.steps[0].output: self.input_codes(x)}
-        if self.trace:
-            self.trace_log = [{"step": self.steps[0].name, "op": "input",
-                               "inputs": [_dtype_name(x)],
-                               "output": str(env[self.steps[0].output].dtype)}]
-        for step in self.steps[1:]:
+        first = self.steps[0]
+        env = {first.inputs[0]: x}
+        self.trace_log = []
+        for step in self.steps:
             args = [env[s] for s in step.inputs]
             out = self._exec(step, args)
             env[step.output] = out
             if self.trace:
-                self.trace_log.append({"step": step.name, "op": step.kind, "inputs": [str(a.dtype) for a in args],
+                self.trace_log.append({"step": step.name, "op": step.kind, "inputs": [_dtype_name(a) for a in args],
                                        "output": str(out.dtype)})
-        self._images += len(env[self.steps[0].output])
+        del env[first.inputs[0]]
+        self._images += len(env[first.output])
         return env
 
     def __call__(self, x):
@@ -249,72 +342,96 @@ class IntegerModel:
     def predict(self, x) -> np.ndarray:
         return np.asarray(self.run(x)[self.output]).argmax(-1)
 
-    def _exec(self, step: Step, args: list):
-        at, x = step.attrs, args[0]
-        yq = step.out_q
-        kw = dict(rounding=self.rounding)
-        if step.kind in ("conv", "linear"):
-            xq = step.in_q[0]
-            with _naming_layer(step):
-                if step.kind == "conv":
-                    y, st = sim.qlinear_conv2d(x, xq.scale, xq.zero_point, at["w"], at["w_scale"], at["w_zp"],
-                                               yq.scale, yq.zero_point, at["bias"], at["stride"], at["padding"],
-                                               at["dilation"], at["groups"], out_bits=yq.bits, acc_bits=self.acc_bits,
-                                               overflow=self.overflow, relu=at["relu"], **kw)
-                else:
-                    y, st = sim.qlinear_matmul(x, xq.scale, xq.zero_point, np.ascontiguousarray(at["w"].T),
-                                               at["w_scale"], at["w_zp"], yq.scale, yq.zero_point, at["bias"],
-                                               out_bits=yq.bits, acc_bits=self.acc_bits, overflow=self.overflow,
-                                               relu=at["relu"], **kw)
-            self._record(step.name, st)
-            return _clamp_hi(y, at["clamp_hi"])
-        if step.kind == "linear_out":
-            acc, st = _final_accumulator(x, step, self.acc_bits, self.overflow)
-            self._record(step.name, st)
-            if self.trace:
-                self.trace_log.append({"step": step.name, "op": "accumulate", "inputs": [str(x.dtype)],
-                                       "output": str(acc.dtype)})
-            return acc.astype(np.float32) * at["dequant"]  # the only float op: logits
-        if step.kind == "add":
-            a, b = step.in_q
-            y = sim.qadd(x, a.scale, a.zero_point, args[1], b.scale, b.zero_point, yq.scale, yq.zero_point,
-                         relu=at["relu"], out_bits=yq.bits, **kw)
-            return _clamp_hi(y, at["clamp_hi"])
-        if step.kind == "global_avg_pool":
-            xq = step.in_q[0]
-            y = sim.global_avg_pool2d(x, xq.scale, xq.zero_point, yq.scale, yq.zero_point, out_bits=yq.bits, **kw)
-            return self._pool_relu(y, at["relu"], yq)
-        if step.kind == "avg_pool":
-            xq, (kh, kw_) = step.in_q[0], at["kernel"]
-            ones = np.ones((x.shape[1], 1, kh, kw_), np.uint8)
-            y, _ = sim.qlinear_conv2d(x, _f32(_f32(xq.scale) / _f32(yq.scale)), xq.zero_point, ones, 1.0, 0,
-                                      float(kh * kw_), yq.zero_point, None, at["stride"], at["padding"], 1,
-                                      x.shape[1], out_bits=yq.bits, **kw)
-            return self._pool_relu(y, at["relu"], yq)
-        if step.kind == "max_pool":
-            xq = step.in_q[0]
-            y = sim.max_pool2d(x, at["kernel"], at["stride"], at["padding"])
-            if xq != yq:
-                y = sim.requantize((y.astype(np.int32) - np.int32(xq.zero_point)), _f32(_f32(xq.scale) / _f32(yq.scale)),
-                                   yq.zero_point, out_bits=yq.bits, **kw)
-            return self._pool_relu(y, at["relu"], yq)
-        if step.kind == "requant":
-            xq = step.in_q[0]
-            return sim.requantize(x.astype(np.int32) - np.int32(xq.zero_point), at["multiplier"], yq.zero_point,
-                                  out_bits=yq.bits, **kw)
-        if step.kind == "clamp":
-            y = np.maximum(x, np.asarray(at["lo"], x.dtype))
-            return _clamp_hi(y, at["hi"])
-        if step.kind == "reshape":
-            return _reshape(x, at["spec"])
-        raise AssertionError(f"unknown step kind {step.kind}")  # internal invariant
+    def _exec(self, step: Step, args: list) -> np.ndarray:
+        return RUNTIME_HANDLERS[type(step)](self, step, args)
 
-    @staticmethod
-    def _pool_relu(y, relu, yq):
-        if relu is None:
-            return y
-        r, hi = _relu_clamp(relu, yq)
-        return _clamp_hi(np.maximum(y, np.asarray(yq.zero_point, y.dtype)), hi)
+    # ----------------------------------------------------------------- step handlers
+    def _input(self, step: InputStep, args: list) -> np.ndarray:
+        return self.input_codes(args[0])
+
+    def _conv(self, step: ConvStep, args: list) -> np.ndarray:
+        layer, xq, yq = step.layer, step.layer.input, step.layer.output
+        w_scale, w_zp = layer.weight.channels(layer.out_channels)
+        with _naming_layer(step):
+            y, st = sim.qlinear_conv2d(args[0], xq.scale_value, xq.zero_point_value, layer.weight_codes, w_scale, w_zp,
+                                       yq.scale_value, yq.zero_point_value, layer.bias, step.stride, step.padding,
+                                       step.dilation, step.groups, rounding=self.rounding, out_bits=yq.bits,
+                                       acc_bits=self.acc_bits, overflow=self.overflow,
+                                       relu=layer.activation is not None)
+        self._record(step.name, st)
+        return _clamp_hi(y, step, yq)
+
+    def _linear(self, step: LinearStep, args: list) -> np.ndarray:
+        layer, xq, yq = step.layer, step.layer.input, step.layer.output
+        w_scale, w_zp = layer.weight.channels(layer.out_channels)
+        with _naming_layer(step):
+            y, st = sim.qlinear_matmul(args[0], xq.scale_value, xq.zero_point_value,
+                                       np.ascontiguousarray(layer.weight_codes.T), w_scale, w_zp, yq.scale_value,
+                                       yq.zero_point_value, layer.bias, rounding=self.rounding, out_bits=yq.bits,
+                                       acc_bits=self.acc_bits, overflow=self.overflow,
+                                       relu=layer.activation is not None)
+        self._record(step.name, st)
+        return _clamp_hi(y, step, yq)
+
+    def _logits(self, step: LogitsStep, args: list) -> np.ndarray:
+        acc, st = logits_accumulator(args[0], step, self.acc_bits, self.overflow)
+        self._record(step.name, st)
+        if self.trace:
+            self.trace_log.append({"step": step.name, "op": "accumulate", "inputs": [str(args[0].dtype)],
+                                   "output": str(acc.dtype)})
+        return acc.astype(np.float32) * step.dequant  # the only float op: logits
+
+    def _add(self, step: AddStep, args: list) -> np.ndarray:
+        a, b, yq = step.x_q, step.y_q, step.quant
+        y = sim.qadd(args[0], a.scale_value, a.zero_point_value, args[1], b.scale_value, b.zero_point_value,
+                     yq.scale_value, yq.zero_point_value, relu=step.activation is not None, out_bits=yq.bits,
+                     rounding=self.rounding)
+        return _clamp_hi(y, step, yq)
+
+    def _global_avg_pool(self, step: GlobalAvgPoolStep, args: list) -> np.ndarray:
+        xq, yq = step.x_q, step.quant
+        y = sim.global_avg_pool2d(args[0], xq.scale_value, xq.zero_point_value, yq.scale_value, yq.zero_point_value,
+                                  out_bits=yq.bits, rounding=self.rounding)
+        return _clamp(y, *step.clamp_codes(), yq)
+
+    def _avg_pool(self, step: AvgPoolStep, args: list) -> np.ndarray:
+        x, xq, yq, (kh, kw) = args[0], step.x_q, step.quant, step.kernel
+        ones = np.ones((x.shape[1], 1, kh, kw), np.uint8)
+        ratio = np.float32(np.float32(xq.scale_value) / np.float32(yq.scale_value))
+        y, _ = sim.qlinear_conv2d(x, ratio, xq.zero_point_value, ones, 1.0, 0, float(kh * kw), yq.zero_point_value,
+                                  None, step.stride, step.padding, 1, x.shape[1], out_bits=yq.bits,
+                                  rounding=self.rounding)
+        return _clamp(y, *step.clamp_codes(), yq)
+
+    def _max_pool(self, step: MaxPoolStep, args: list) -> np.ndarray:
+        xq, yq = step.x_q, step.quant
+        y = sim.max_pool2d(args[0], step.kernel, step.stride, step.padding)
+        if xq != yq:
+            y = self._requantize(y, xq, yq)
+        return _clamp(y, *step.clamp_codes(), yq)
+
+    def _requant(self, step: RequantStep, args: list) -> np.ndarray:
+        return self._requantize(args[0], step.x_q, step.quant)
+
+    def _requantize(self, x: np.ndarray, xq, yq) -> np.ndarray:
+        """Codes of ``xq`` -> codes of ``yq`` with ``M = f32(sx / sy)``."""
+        mult = np.float32(np.float32(xq.scale_value) / np.float32(yq.scale_value))
+        return sim.requantize(x.astype(np.int32) - np.int32(xq.zero_point_value), mult, yq.zero_point_value,
+                              out_bits=yq.bits, rounding=self.rounding)
+
+    def _clamp_step(self, step: ClampStep, args: list) -> np.ndarray:
+        return _clamp(args[0], step.lo, step.hi, step.x_q)
+
+    def _reshape(self, step: ReshapeStep, args: list) -> np.ndarray:
+        return step.apply(args[0])
+
+
+RUNTIME_HANDLERS = check_handlers({
+    InputStep: IntegerModel._input, ConvStep: IntegerModel._conv, LinearStep: IntegerModel._linear,
+    LogitsStep: IntegerModel._logits, AddStep: IntegerModel._add, GlobalAvgPoolStep: IntegerModel._global_avg_pool,
+    AvgPoolStep: IntegerModel._avg_pool, MaxPoolStep: IntegerModel._max_pool, RequantStep: IntegerModel._requant,
+    ClampStep: IntegerModel._clamp_step, ReshapeStep: IntegerModel._reshape,
+}, "IntegerModel")
 
 
 def _dtype_name(x) -> str:
@@ -323,15 +440,10 @@ def _dtype_name(x) -> str:
     return str(np.asarray(x).dtype)
 
 
-def _clamp_hi(y: np.ndarray, hi: Optional[int]) -> np.ndarray:
-    return y if hi is None else np.minimum(y, np.asarray(hi, y.dtype))
-
-
-def _reshape(x: np.ndarray, spec: tuple) -> np.ndarray:
-    if spec[0] == "flatten":
-        start, end = spec[1] % x.ndim, spec[2] % x.ndim
-        return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
-    return x.reshape([x.shape[0] if d == "batch" else d for d in spec[1]])
+def load_integer(path) -> IntegerModel:
+    """The :class:`IntegerModel` saved at ``path`` by :meth:`IntegerModel.save` (ValueError
+    naming the path for a file that is not one)."""
+    return IntegerModel.load(path)
 
 
 def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overflow: str = "wrap") -> IntegerModel:
@@ -341,23 +453,19 @@ def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overfl
     matches onnxruntime and the fake-quant model best; "gemmlowp" TFLite; "dyadic" HAWQ-V3).
     ``acc_bits`` / ``overflow``: accumulator register model of the conv / linear layers
     ("error" raises :class:`AccumulatorOverflowError` naming the layer and the bits needed).
+    Raises :class:`pyzeroq.integer.plan.UnsupportedOperationError` for ops without an integer
+    form and :class:`pyzeroq.integer.plan.PlanError` for a model that is not fully quantized.
     """
     gm = getattr(qmodel, "graph_module", None)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"qmodel must be a QuantizedModel returned by pyzeroq.quantize, got {type(qmodel).__name__}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    if overflow not in OVERFLOWS:
-        raise ValueError(f"overflow must be one of {OVERFLOWS}, got {overflow!r}")
-    if not isinstance(acc_bits, (int, np.integer)) or not MIN_BITS <= acc_bits <= 32:
-        raise ValueError(f"acc_bits must be an int in [{MIN_BITS}, 32], got {acc_bits!r}")
+    _check_config(rounding, acc_bits, overflow)
     report = getattr(qmodel, "report", None)
     float_ops = list(getattr(report, "float_ops", []) or [])
     if float_ops:
-        raise ValueError(f"the quantized model keeps float ops that have no integer form: {float_ops}")
-    comp = _Compiler(gm, getattr(qmodel, "bit_widths", {}))
-    steps = comp.compile()
-    if comp.output is None:
-        raise ValueError("the graph has no output")
-    return IntegerModel(steps, comp.output, rounding, int(acc_bits), overflow,
-                        getattr(report, "folded_bn", {}) or {}, comp.bit_widths)
+        node, _, op = str(float_ops[0]).partition(" (")
+        raise UnsupportedOperationError(f"the quantized model keeps float ops that have no integer form: {float_ops}",
+                                        node, op.rstrip(")") or None)
+    plan = compile_plan(gm)
+    return IntegerModel(list(plan.steps), plan.output, rounding, int(acc_bits), overflow,
+                        getattr(report, "folded_bn", {}) or {}, getattr(qmodel, "bit_widths", {}) or {})

@@ -1,268 +1,375 @@
-"""Compilation of a quantized fx graph into a list of integer steps (:class:`Step`): the plan that
-:class:`pyzeroq.integer.convert.IntegerModel` runs and :mod:`pyzeroq.export` writes as ONNX).
+"""Compilation of a quantized fx graph into a typed integer plan (:mod:`pyzeroq.integer.steps`):
+what :class:`pyzeroq.integer.convert.IntegerModel` runs and :mod:`pyzeroq.export` writes as ONNX.
 
-:class:`_Compiler` walks the fx graph of a :class:`pyzeroq.quantize.QuantizedModel` (BN already
-folded by the surgery); each node maps to one step:
+:func:`compile_plan` walks the fx graph of a quantized model (``QuantizedModel.graph_module``,
+BN already folded by the surgery) and maps each node to one step. It *reads* the
+quantization records, it does not re-derive them: a conv / linear step carries
+``layer.layer_record(name)`` (:class:`pyzeroq.qspec.LayerQuant`: weight codes, int32 bias,
+input / output records and the fused clamp ``activation`` the surgery recorded), an
+activation carries its QuantAct's ``record()`` (:class:`pyzeroq.qspec.TensorQuant`).
 
 ==========================  ===================================================================
 graph node                  integer step (codes are uint8, accumulators int32)
 ==========================  ===================================================================
-input [+ Normalize] + act   boundary: float images -> Normalize (float) -> QuantizeLinear codes,
-                            or uint8 pixels -> 256-entry lookup table (integer only)
-QuantConv2d [+ReLU(6)] +act ``qlinear_conv2d``: per-channel weight codes, int32 bias
-                            ``round(b / (x_scale * w_scale[c]))``, requantized to the next
-                            QuantAct; ReLU = clamp at the zero point, ReLU6 = clamp at the code
-                            of 6.0 (exact: quantization is monotone)
-QuantLinear [+ReLU] + act   ``qlinear_matmul`` (same as conv)
-final QuantLinear (logits)  ``matmul_integer``: int32 accumulator ``bias + sum((a - za) * (w - zw))``
-                            under the same ``acc_bits`` / ``overflow`` model, dequantized to float32 logits
-                            ``f32(acc) * f32(x_scale * w_scale[c])`` -- the only float op
-add [+ReLU] + act           ``qadd`` (two scales, requantized)
-AdaptiveAvgPool2d(1) + act  ``global_avg_pool2d`` (exact sum, one requantization)
-AvgPool2d + act             ``qlinear_conv2d`` with all-ones depthwise weights: exact window sum,
-                            one requantization with ``M = f32(f32(sx / sy) / f32(kh * kw))``
-                            (the global pool's formula; zero-point padding = count_include_pad)
-MaxPool2d + act             ``max_pool2d`` on codes, then ``requantize`` with ``M = f32(sx / sy)``
-flatten / view / reshape    reshape of the codes
-Identity / Dropout          nothing
+input [+ Normalize] + act   :class:`InputStep`: float images -> ``(x - mean) / std`` (float32) ->
+                            codes; uint8 pixels -> 256-entry lookup table (integer only)
+QuantConv2d [+ReLU(6)] +act :class:`ConvStep`: the layer record; ReLU = clamp at the zero point,
+                            ReLU6 = clamp at the code of 6.0 (``LayerQuant.clamp_codes``)
+QuantLinear [+ReLU] + act   :class:`LinearStep` (same)
+final QuantLinear (logits)  :class:`LogitsStep`: int32 accumulator ``bias + sum((a - za) * (w - zw))``
+                            dequantized to float32 logits ``f32(acc) * f32(x_scale * w_scale[c])``
+add [+ReLU] + act           :class:`AddStep` (two scales, requantized)
+AdaptiveAvgPool2d(1) + act  :class:`GlobalAvgPoolStep` (exact sum, one requantization)
+AvgPool2d + act             :class:`AvgPoolStep` (exact window sum, one requantization with
+                            ``M = f32(f32(sx / sy) / f32(kh * kw))``; zero-point padding =
+                            count_include_pad)
+MaxPool2d + act             :class:`MaxPoolStep`: max of codes [+ requantization ``M = f32(sx / sy)``]
+QuantAct (standalone)       :class:`RequantStep`
+ReLU / ReLU6 (standalone)   :class:`ClampStep` on codes (ReLU6 only where 6.0 is exactly a code)
+flatten / view / reshape    :class:`ReshapeStep`
+Identity / Dropout          nothing (an alias of the input slot)
 ==========================  ===================================================================
+
+Fused clamps: for conv / linear the record's ``activation`` is used as is (the surgery decided
+it); the ReLU node and the QuantAct node after the layer are only located (through the
+record's output quantizer) to alias their slots. Adds and pools have no layer record: the
+compiler fuses a single-user ReLU / ReLU6 followed by a QuantAct (classified by
+:func:`pyzeroq.modules.relu_kind`, the surgery's rule) and the step's
+``activation`` is clamped by :func:`pyzeroq.integer.steps.activation_clamp`, the rule of
+``LayerQuant.clamp_codes``.
+
+Errors: :class:`UnsupportedOperationError` (attributes ``node`` and ``op``) for an op or op
+configuration without an integer step, :class:`PlanError` for a graph that is not (fully)
+quantized; both are ValueErrors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..modules import ADD_FUNCTIONS, QuantAct, QuantConv2d, QuantLinear, _is_normalizer
+from ..modules import ADD_FUNCTIONS, QuantAct, QuantConv2d, QuantLinear, is_normalizer, relu_kind
+from ..qspec import RELU6_MAX, TensorQuant
+from .steps import (
+    AddStep,
+    AvgPoolStep,
+    ClampStep,
+    ConvStep,
+    GlobalAvgPoolStep,
+    InputStep,
+    LinearStep,
+    LogitsStep,
+    MaxPoolStep,
+    RequantStep,
+    ReshapeStep,
+    Step,
+)
 
-__all__ = ["QParams", "Step"]
+__all__ = ["IntegerPlan", "PlanError", "UnsupportedOperationError", "compile_plan",
+           "MIN_BITS", "MAX_ACT_BITS", "MAX_WEIGHT_BITS"]
 
+MIN_BITS = 2
 MAX_ACT_BITS = 8
 MAX_WEIGHT_BITS = 8
-MIN_BITS = 2
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-RELU6_MAX = 6.0
-RELU_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 FLATTEN_METHODS = ("flatten", "view", "reshape")
 
 
+class PlanError(ValueError):
+    """The graph cannot be compiled into integer steps. ``node``: the fx node name (or None)."""
+
+    def __init__(self, message: str, node: Optional[str] = None):
+        super().__init__(message)
+        self.node = node
+
+    def __reduce__(self):
+        return type(self), (str(self), self.node)
+
+
+class UnsupportedOperationError(PlanError):
+    """An op, or an op configuration, that has no integer step. ``node``: the fx node name;
+    ``op``: the op (module class or function name, e.g. "sigmoid", "AdaptiveAvgPool2d")."""
+
+    def __init__(self, message: str, node: Optional[str] = None, op: Optional[str] = None):
+        super().__init__(message, node)
+        self.op = op
+
+    def __reduce__(self):
+        return type(self), (str(self), self.node, self.op)
+
+
 @dataclass(frozen=True)
-class QParams:
-    """Per-tensor quantization of an activation: real = scale * (code - zero_point)."""
+class IntegerPlan:
+    """``steps``: tuple of :class:`pyzeroq.integer.steps.Step` in graph order (``steps[0]`` is the
+    :class:`InputStep`); ``output``: the value slot holding the float32 logits [N, classes]."""
 
-    scale: float  # a float32 value
-    zero_point: int
-    bits: int
-
-    @property
-    def qmax(self) -> int:
-        return (1 << self.bits) - 1
-
-
-@dataclass
-class Step:
-    """One integer operation of the compiled plan. ``inputs`` / ``output`` name value slots
-    (fx node names); ``out_q`` is the quantization of the output codes (None: float logits)."""
-
-    kind: str
-    name: str
-    inputs: tuple
+    steps: tuple
     output: str
-    in_q: tuple
-    out_q: Optional[QParams]
-    attrs: dict = field(default_factory=dict)
 
 
-def _f32(v) -> np.float32:
-    return np.float32(v)
+def compile_plan(gm: fx.GraphModule) -> IntegerPlan:
+    """The integer plan of a calibrated, quantized fx graph (see the module docstring).
+
+    Raises :class:`UnsupportedOperationError` / :class:`PlanError` (ValueErrors)."""
+    return _Compiler(gm).compile()
 
 
-def _qparams(qa: QuantAct, name: str) -> QParams:
-    if qa.mode != "quantize" or qa.bits is None:
-        raise ValueError(f"activation quantizer {name!r} is not quantizing (mode={qa.mode!r}); "
-                         "to_integer needs act_bits set and a calibrated model")
-    if not MIN_BITS <= qa.bits <= MAX_ACT_BITS:
-        raise ValueError(f"activation quantizer {name!r} has {qa.bits} bits; the integer simulator "
-                         f"supports {MIN_BITS}..{MAX_ACT_BITS}-bit activations")
-    return QParams(float(_f32(qa.scale.item())), int(qa.zero_point.item()), int(qa.bits))
-
-
-def _code_of(value: float, q: QParams) -> int:
-    """Code of a real value with the float formula of the fake quantizer."""
-    return int(ops.quantize(np.array([value], np.float32), q.scale, q.zero_point, q.bits)[0])
-
-
-def _relu_clamp(kind: Optional[str], q: QParams) -> tuple[bool, Optional[int]]:
-    """(clamp at zero point, upper code clamp) for a fused ReLU / ReLU6."""
-    if kind is None:
-        return False, None
-    if kind == "relu6":
-        hi = _code_of(RELU6_MAX, q)
-        return True, (hi if hi < q.qmax else None)
-    return True, None
+def _op_name(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:
+    if node.op == "call_module" and gm is not None:
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
 
 
 class _Compiler:
-    def __init__(self, gm: fx.GraphModule, bit_widths: dict):
+    def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        self.bit_widths = bit_widths
         self.steps: list[Step] = []
-        self.q: dict[str, QParams] = {}     # slot -> quantization of its codes
-        self.alias: dict[str, str] = {}     # node name -> slot it reads
-        self.absorbed: set[str] = set()     # nodes folded into an earlier step
-        self.float_nodes: set[str] = set()  # placeholder / normalize prefix
-        self.normalize: Optional[nn.Module] = None
+        self.q: dict[str, TensorQuant] = {}  # slot -> record of its codes
+        self.alias: dict[str, str] = {}      # node name -> slot it reads
+        self.absorbed: set[str] = set()      # nodes folded into an earlier step
+        self.float_nodes: set[str] = set()   # placeholder / normalize prefix
+        self.norm: tuple = (None, None)      # per-channel (mean, std) of the input normalization
         self.placeholder: Optional[str] = None
         self.output: Optional[str] = None
         self.final_layer: Optional[str] = None
+        self.act_nodes = {id(self.mod(n)): n for n in gm.graph.nodes if isinstance(self.mod(n), QuantAct)}
 
     # ----------------------------------------------------------------- helpers
     def mod(self, node: fx.Node):
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
 
-    def relu_kind(self, node: fx.Node) -> Optional[str]:
-        m = self.mod(node)
-        if isinstance(m, nn.ReLU6):
-            return "relu6"
-        if isinstance(m, nn.ReLU):
-            return "relu"
-        if node.op == "call_function" and node.target in RELU_FUNCS:
-            return RELU_FUNCS[node.target]
-        return None
-
-    def is_act(self, node: fx.Node) -> bool:
-        return isinstance(self.mod(node), QuantAct)
+    def unsupported(self, node: fx.Node, message: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(f"node {node.name!r} ({_op_name(node, self.gm)}): {message}", node.name,
+                                         _op_name(node, self.gm))
 
     def slot(self, node: Any, who: fx.Node) -> str:
         if not isinstance(node, fx.Node):
-            raise ValueError(f"node {who.name!r}: expected a tensor input, got {node!r}")
+            raise PlanError(f"node {who.name!r}: expected a tensor input, got {node!r}", who.name)
         name = self.alias.get(node.name, node.name)
         if name in self.float_nodes or name not in self.q:
-            raise ValueError(f"node {who.name!r} ({who.op} {_target_name(who)}) reads {node.name!r}, "
-                             "which is not an integer activation (no QuantAct before it)")
+            raise PlanError(f"node {who.name!r} ({who.op} {_op_name(who)}) reads {node.name!r}, which is not an "
+                            "integer activation (no QuantAct before it)", who.name)
         return name
 
-    def target(self, node: fx.Node):
-        """(QuantAct node, relu kind) quantizing ``node``'s output, absorbing them; None if absent."""
-        users = list(node.users)
-        relu = None
-        if len(users) == 1 and self.relu_kind(users[0]) is not None:
+    def add(self, step: Step) -> None:
+        self.steps.append(step)
+        if step.out_q is not None:
+            self.q[step.output] = step.out_q
+
+    def check_act(self, rec: TensorQuant, what: str, node: fx.Node) -> TensorQuant:
+        if not MIN_BITS <= rec.bits <= MAX_ACT_BITS:
+            raise UnsupportedOperationError(f"{what} has {rec.bits} bits; the integer simulator supports "
+                                            f"{MIN_BITS}..{MAX_ACT_BITS}-bit activations", node.name, "QuantAct")
+        if rec.signed or rec.narrow_range or rec.per_channel:
+            raise UnsupportedOperationError(f"{what}: the integer simulator takes unsigned full-range per-tensor "
+                                            f"activation codes, got {rec!r}", node.name, "QuantAct")
+        return rec
+
+    def act_record(self, node: fx.Node) -> TensorQuant:
+        """The validated record of the QuantAct at ``node``."""
+        what = f"activation quantizer {node.target!r}"
+        try:
+            rec = self.mod(node).record()
+        except ValueError as exc:
+            raise PlanError(f"{what} is not quantizing: {exc}; to_integer needs act_bits set and a calibrated "
+                            "model", node.name) from exc
+        return self.check_act(rec, what, node)
+
+    def absorb(self, node: fx.Node, nodes: list) -> None:
+        for n in nodes:
+            self.absorbed.add(n.name)
+            self.alias[n.name] = node.name
+
+    def target(self, node: fx.Node) -> tuple[Optional[TensorQuant], Optional[str]]:
+        """(record, fused activation) of the [ReLU(6) +] QuantAct after an add / pool, absorbing
+        them; (None, None) if absent."""
+        users, relu = list(node.users), None
+        if len(users) == 1 and relu_kind(self.gm, users[0]) is not None:
             relu, users = users[0], list(users[0].users)
-        if len(users) == 1 and self.is_act(users[0]):
-            act = users[0]
-            self.absorbed.update({act.name} | ({relu.name} if relu is not None else set()))
-            self.alias[act.name] = node.name
-            if relu is not None:
-                self.alias[relu.name] = node.name
-            return _qparams(self.mod(act), act.target), (self.relu_kind(relu) if relu is not None else None)
+        if len(users) == 1 and isinstance(self.mod(users[0]), QuantAct):
+            rec = self.act_record(users[0])
+            self.absorb(node, [users[0]] + ([relu] if relu is not None else []))
+            return rec, (relu_kind(self.gm, relu) if relu is not None else None)
         return None, None
 
-    def require_target(self, node: fx.Node):
-        q, relu = self.target(node)
+    def require_target(self, node: fx.Node) -> tuple[TensorQuant, Optional[str]]:
+        q, activation = self.target(node)
         if q is None:
-            raise ValueError(f"node {node.name!r} ({_target_name(node)}): its output is not followed by an "
-                             "activation quantizer (QuantAct); only the final Linear may produce float output")
-        return q, relu
+            raise PlanError(f"node {node.name!r} ({_op_name(node, self.gm)}): its output is not followed by an "
+                            "activation quantizer (QuantAct); only the final Linear may produce float output",
+                            node.name)
+        return q, activation
 
-    def add(self, kind, node, inputs, out_q, **attrs):
-        in_q = tuple(self.q[s] for s in inputs)
-        self.steps.append(Step(kind, str(node.target) if node.op == "call_module" else node.name,
-                               tuple(inputs), node.name, in_q, out_q, attrs))
-        if out_q is not None:
-            self.q[node.name] = out_q
+    # ----------------------------------------------------------------- walk
+    def compile(self) -> IntegerPlan:
+        for node in self.gm.graph.nodes:
+            if node.name not in self.absorbed:
+                self.visit(node)
+        if not self.steps or not isinstance(self.steps[0], InputStep):
+            raise PlanError("the model input is not quantized by an activation quantizer (QuantAct)")
+        if self.output is None:
+            raise PlanError("the graph has no output")
+        return IntegerPlan(tuple(self.steps), self.output)
+
+    def visit(self, node: fx.Node) -> None:
+        m = self.mod(node)
+        if node.op == "placeholder":
+            if self.placeholder is not None:
+                raise self.unsupported(node, "the integer model takes exactly one input")
+            self.placeholder = node.name
+            self.float_nodes.add(node.name)
+        elif m is not None and is_normalizer(m):
+            self.normalizer(node, m)
+        elif isinstance(m, QuantAct):
+            self.quant_act(node)
+        elif isinstance(m, (QuantConv2d, QuantLinear)):
+            self.layer(node, m)
+        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)):
+            self.pool(node, m)
+        elif isinstance(m, (nn.Identity, nn.Dropout)):
+            self.alias[node.name] = self.slot(node.args[0], node)
+        elif isinstance(m, nn.Flatten) or (node.op == "call_function" and node.target is torch.flatten) or \
+                (node.op == "call_method" and node.target in FLATTEN_METHODS):
+            self.reshape(node)
+        elif relu_kind(self.gm, node) is not None:
+            self.standalone_relu(node)
+        elif node.op == "call_function" and node.target in ADD_FUNCTIONS:
+            self.add_node(node)
+        elif node.op == "call_method" and node.target == "size":
+            pass  # only consumed by view / reshape (checked there)
+        elif node.op == "output":
+            res = node.args[0]
+            if not (isinstance(res, fx.Node) and res.op == "call_module" and str(res.target) == self.final_layer):
+                raise UnsupportedOperationError(f"graph output {res!r} is not the final Linear layer's logits; "
+                                                "to_integer needs a model ending in a Linear layer", node.name, "output")
+            self.output = res.name
+        else:
+            raise self.unsupported(node, "unsupported graph node for integer-only inference")
+
+    def normalizer(self, node: fx.Node, m: nn.Module) -> None:
+        if not (isinstance(node.args[0], fx.Node) and node.args[0].name == self.placeholder):
+            raise self.unsupported(node, "input normalization must be applied to the model input")
+        self.norm = tuple(self.channel_values(node, getattr(m, what), what) for what in ("mean", "std"))
+        self.float_nodes.add(node.name)
+
+    def channel_values(self, node: fx.Node, t: torch.Tensor, what: str) -> tuple:
+        """Per-channel float32 values of a normalizer's ``mean`` / ``std`` (shape [C, 1, 1], [1, C, 1, 1] or one value)."""
+        t = t.detach().cpu().float()
+        if t.numel() != 1 and not (t.dim() >= 3 and t.shape[-3] == t.numel()):
+            raise self.unsupported(node, f"input normalization {what} of shape {tuple(t.shape)} is not per channel")
+        return tuple(t.reshape(-1).tolist())
+
+    def quant_act(self, node: fx.Node) -> None:
+        rec = self.act_record(node)
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.name in self.float_nodes:
+            if self.steps:
+                raise self.unsupported(node, "a second float-to-integer boundary")
+            mean, std = self.norm
+            self.add(InputStep(name=str(node.target), inputs=(self.placeholder,), output=node.name, quant=rec,
+                               mean=mean, std=std))
+        else:  # a standalone requantization
+            x = self.slot(src, node)
+            self.add(RequantStep(name=str(node.target), inputs=(x,), output=node.name, x_q=self.q[x], quant=rec))
 
     # ----------------------------------------------------------------- layers
-    def weights(self, node: fx.Node, layer):
+    def layer(self, node: fx.Node, layer) -> None:
         name = str(node.target)
-        bits = layer.weight_bits
-        if bits is None:
-            raise ValueError(f"layer {name!r} has float weights (weight_bits=None); to_integer needs quantized weights")
-        if not MIN_BITS <= bits <= MAX_WEIGHT_BITS:
-            raise ValueError(f"layer {name!r} has {bits}-bit weights; the simulator supports "
-                             f"{MIN_BITS}..{MAX_WEIGHT_BITS}-bit weight codes")
-        w = layer.weight.detach().cpu().float().contiguous().numpy()
-        rec = layer.weight_quant.record()
-        scale, zp = rec.scale.reshape(-1), rec.zero_point.astype(np.int64).reshape(-1)
-        codes = rec.quantize(w)
-        out = w.shape[0]
-        return codes, np.broadcast_to(scale, (out,)).copy(), np.broadcast_to(zp, (out,)).copy(), bits
-
-    def bias(self, layer, x_q: QParams, w_scale: np.ndarray) -> Optional[np.ndarray]:
-        """int32 bias exactly as QuantLinear/QuantConv2d.quantized_bias rounds it."""
-        if layer.bias is None:
-            return None
-        bias_scale = torch.tensor(x_q.scale, dtype=torch.float32) * torch.from_numpy(w_scale)
-        codes = torch.round(layer.bias.detach().cpu().float() / bias_scale).double()
-        return np.clip(codes.numpy(), INT32_MIN, INT32_MAX).astype(np.int32)
-
-    def layer(self, node: fx.Node, layer):
         x = self.slot(node.args[0], node)
-        x_q = self.q[x]
-        codes, w_scale, w_zp, bits = self.weights(node, layer)
-        common = dict(w=codes, w_scale=w_scale, w_zp=w_zp, w_bits=bits, bias=self.bias(layer, x_q, w_scale))
+        if isinstance(layer, QuantConv2d) and layer.padding_mode != "zeros":
+            raise self.unsupported(node, f"padding_mode={layer.padding_mode!r} is not supported (zero padding only)")
+        try:
+            rec = layer.layer_record(name)
+        except ValueError as exc:
+            raise PlanError(f"{exc}; to_integer needs quantized weights and inputs", node.name) from exc
+        bits = rec.weight.bits
+        if not MIN_BITS <= bits <= MAX_WEIGHT_BITS or rec.weight.signed or rec.weight.narrow_range:
+            raise UnsupportedOperationError(f"layer {name!r} has {bits}-bit weights (signed={rec.weight.signed}); the "
+                                            f"simulator supports unsigned {MIN_BITS}..{MAX_WEIGHT_BITS}-bit weight codes",
+                                            node.name, type(layer).__name__)
+        if rec.input != self.q[x]:
+            raise PlanError(f"layer {name!r}: its input record {rec.input!r} is not the record of the activation it "
+                            f"reads ({x!r}: {self.q[x]!r})", node.name)
+        if rec.output is None:
+            self.logits(node, rec, x)
+            return
+        self.check_act(rec.output, f"the output quantizer of layer {name!r}", node)
+        self.absorb_output(node, layer, rec.activation)
         if isinstance(layer, QuantConv2d):
-            if layer.padding_mode != "zeros":
-                raise ValueError(f"layer {node.target!r}: padding_mode={layer.padding_mode!r} is not supported "
-                                 "(zero padding only)")
-            out_q, relu = self.require_target(node)
-            r, hi = _relu_clamp(relu, out_q)
-            self.add("conv", node, [x], out_q, stride=tuple(layer.stride), padding=_conv_padding(layer),
-                     dilation=tuple(layer.dilation), groups=int(layer.groups), relu=r, clamp_hi=hi, **common)
-            return
-        out_q, relu = self.target(node)
-        if out_q is not None:
-            r, hi = _relu_clamp(relu, out_q)
-            self.add("linear", node, [x], out_q, relu=r, clamp_hi=hi, **common)
-            return
-        users = list(node.users)
-        if not (len(users) == 1 and users[0].op == "output"):
-            raise ValueError(f"layer {node.target!r}: a Linear without activation quantizer must be the graph "
-                             "output (the float logits)")
-        deq = (np.float32(x_q.scale) * w_scale).astype(np.float32)
-        self.add("linear_out", node, [x], None, dequant=deq, **common)
-        self.final_layer = str(node.target)
+            self.add(ConvStep(name=name, inputs=(x,), output=node.name, layer=rec, stride=tuple(layer.stride),
+                              padding=_conv_padding(layer), dilation=tuple(layer.dilation), groups=int(layer.groups)))
+        else:
+            self.add(LinearStep(name=name, inputs=(x,), output=node.name, layer=rec))
 
-    def pool(self, node: fx.Node, m):
+    def absorb_output(self, node: fx.Node, layer, activation: Optional[str]) -> None:
+        """Alias the [ReLU +] QuantAct nodes after a layer (located by the record's output quantizer)."""
+        act = self.act_nodes.get(id(layer.output_quant))
+        chain, p = [], act.args[0] if act is not None else None
+        while isinstance(p, fx.Node) and p is not node and len(chain) < 2:
+            chain.append(p)
+            p = p.args[0] if p.args else None
+        if act is None or p is not node or len(chain) != (activation is not None) or \
+                any(len(n.users) != 1 for n in [node] + chain):
+            raise PlanError(f"layer {str(node.target)!r}: its output quantizer (activation={activation!r}) does not "
+                            "follow it in the graph", node.name)
+        self.absorb(node, [act] + chain)
+
+    def logits(self, node: fx.Node, rec, x: str) -> None:
+        users = list(node.users)
+        if isinstance(self.mod(node), QuantConv2d):
+            raise PlanError(f"node {node.name!r} (QuantConv2d): its output is not followed by an activation "
+                            "quantizer (QuantAct); only the final Linear may produce float output", node.name)
+        if not (len(users) == 1 and users[0].op == "output"):
+            raise self.unsupported(node, "a Linear without activation quantizer must be the graph output (the float "
+                                         "logits)")
+        self.add(LogitsStep(name=rec.name, inputs=(x,), output=node.name, layer=rec))
+        self.final_layer = rec.name
+
+    def pool(self, node: fx.Node, m: nn.Module) -> None:
         x = self.slot(node.args[0], node)
+        common = dict(name=str(node.target), inputs=(x,), output=node.name, x_q=self.q[x])
         if isinstance(m, nn.MaxPool2d):
             if m.dilation not in (1, (1, 1)) or m.ceil_mode or m.return_indices:
-                raise ValueError(f"node {node.name!r}: MaxPool2d with dilation/ceil_mode/return_indices is not supported")
-            out_q, relu = self.require_target(node)
-            self.add("max_pool", node, [x], out_q, kernel=m.kernel_size, stride=m.stride or m.kernel_size,
-                     padding=m.padding, relu=relu)
-            return
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
-            if tuple(size) != (1, 1):
-                raise ValueError(f"node {node.name!r}: AdaptiveAvgPool2d({m.output_size}) is not supported "
-                                 "(only output size 1, the global average pool)")
-            out_q, relu = self.require_target(node)
-            self.add("global_avg_pool", node, [x], out_q, relu=relu)
-            return
-        pad = _pair(m.padding)
-        if m.ceil_mode or m.divisor_override is not None or (any(pad) and not m.count_include_pad):
-            raise ValueError(f"node {node.name!r}: AvgPool2d with ceil_mode, divisor_override or padding "
-                             "without count_include_pad is not supported")
-        out_q, relu = self.require_target(node)
-        self.add("avg_pool", node, [x], out_q, kernel=_pair(m.kernel_size), stride=_pair(m.stride or m.kernel_size),
-                 padding=pad, relu=relu)
+                raise self.unsupported(node, "MaxPool2d with dilation/ceil_mode/return_indices is not supported")
+            out_q, act = self.require_target(node)
+            self.add(MaxPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
+                                 stride=_pair(m.stride or m.kernel_size), padding=_pair(m.padding)))
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            if _pair(m.output_size) != (1, 1):
+                raise self.unsupported(node, f"AdaptiveAvgPool2d({m.output_size}) is not supported (only output "
+                                             "size 1, the global average pool)")
+            out_q, act = self.require_target(node)
+            self.add(GlobalAvgPoolStep(**common, quant=out_q, activation=act))
+        else:
+            pad = _pair(m.padding)
+            if m.ceil_mode or m.divisor_override is not None or (any(pad) and not m.count_include_pad):
+                raise self.unsupported(node, "AvgPool2d with ceil_mode, divisor_override or padding without "
+                                             "count_include_pad is not supported")
+            out_q, act = self.require_target(node)
+            self.add(AvgPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
+                                 stride=_pair(m.stride or m.kernel_size), padding=pad))
 
-    def reshape(self, node: fx.Node):
-        x = node.args[0]
+    def add_node(self, node: fx.Node) -> None:
+        if len(node.args) != 2 or node.kwargs:
+            raise self.unsupported(node, "add with extra arguments (alpha, out) is not supported")
+        a, b = (self.slot(v, node) for v in node.args)
+        out_q, act = self.require_target(node)
+        self.add(AddStep(name=node.name, inputs=(a, b), output=node.name, x_q=self.q[a], y_q=self.q[b], quant=out_q,
+                         activation=act))
+
+    def reshape(self, node: fx.Node) -> None:
+        spec: dict = {}
         if node.op == "call_module":  # nn.Flatten
             m = self.mod(node)
-            spec = ("flatten", m.start_dim, m.end_dim)
+            spec["flatten"] = (m.start_dim, m.end_dim)
         elif node.op == "call_function" or node.target == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            spec = ("flatten", int(start), int(end))
+            spec["flatten"] = (int(start), int(end))
         else:  # view / reshape: ints and x.size(0)
             dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
             shape = []
@@ -273,88 +380,24 @@ class _Compiler:
                         tuple(d.args[1:]) == (0,):
                     shape.append("batch")
                 else:
-                    raise ValueError(f"node {node.name!r}: .{node.target}() with shape argument {d!r} is not supported")
-            spec = ("shape", tuple(shape))
-        src = self.slot(x, node)
-        self.add("reshape", node, [src], self.q[src], spec=spec)
+                    raise self.unsupported(node, f".{node.target}() with shape argument {d!r} is not supported")
+            spec["shape"] = tuple(shape)
+        src = self.slot(node.args[0], node)
+        self.add(ReshapeStep(name=str(node.target) if node.op == "call_module" else node.name, inputs=(src,),
+                             output=node.name, x_q=self.q[src], **spec))
 
-    # ----------------------------------------------------------------- walk
-    def compile(self):
-        for node in self.gm.graph.nodes:
-            if node.name in self.absorbed:
-                continue
-            m = self.mod(node)
-            if node.op == "placeholder":
-                if self.placeholder is not None:
-                    raise ValueError(f"node {node.name!r}: the integer model takes exactly one input")
-                self.placeholder = node.name
-                self.float_nodes.add(node.name)
-            elif m is not None and _is_normalizer(m):
-                if not (isinstance(node.args[0], fx.Node) and node.args[0].name == self.placeholder):
-                    raise ValueError(f"node {node.name!r}: input normalization must be applied to the model input")
-                self.normalize = m
-                self.float_nodes.add(node.name)
-            elif isinstance(m, QuantAct):
-                q = _qparams(m, node.target)
-                src = node.args[0]
-                if isinstance(src, fx.Node) and src.name in self.float_nodes:
-                    if self.steps:
-                        raise ValueError(f"node {node.name!r}: a second float-to-integer boundary")
-                    self.steps.append(Step("input", str(node.target), (), node.name, (), q,
-                                           {"normalize": self.normalize}))
-                    self.q[node.name] = q
-                else:  # a standalone requantization
-                    x = self.slot(src, node)
-                    mult = np.float32(np.float32(self.q[x].scale) / np.float32(q.scale))
-                    self.add("requant", node, [x], q, multiplier=mult)
-            elif isinstance(m, (QuantConv2d, QuantLinear)):
-                self.layer(node, m)
-            elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)):
-                self.pool(node, m)
-            elif isinstance(m, (nn.Identity, nn.Dropout)):
-                self.alias[node.name] = self.slot(node.args[0], node)
-            elif isinstance(m, nn.Flatten) or (node.op == "call_function" and node.target is torch.flatten) or \
-                    (node.op == "call_method" and node.target in FLATTEN_METHODS):
-                self.reshape(node)
-            elif self.relu_kind(node) is not None:
-                self.standalone_relu(node)
-            elif node.op == "call_function" and node.target in ADD_FUNCTIONS:
-                if len(node.args) != 2 or node.kwargs:
-                    raise ValueError(f"node {node.name!r}: add with extra arguments (alpha, out) is not supported")
-                a, b = (self.slot(v, node) for v in node.args)
-                out_q, relu = self.require_target(node)
-                r, hi = _relu_clamp(relu, out_q)
-                self.add("add", node, [a, b], out_q, relu=r, clamp_hi=hi)
-            elif node.op == "call_method" and node.target == "size":
-                pass  # only consumed by view/reshape (checked there)
-            elif node.op == "output":
-                res = node.args[0]
-                if not (isinstance(res, fx.Node) and res.op == "call_module" and str(res.target) == self.final_layer):
-                    raise ValueError(f"graph output {res!r} is not the final Linear layer's logits; "
-                                     "to_integer needs a model ending in a Linear layer")
-                self.output = res.name
-            else:
-                raise ValueError(f"unsupported graph node {node.name!r} ({node.op} {_target_name(node)}) "
-                                 "for integer-only inference")
-        if not self.steps or self.steps[0].kind != "input":
-            raise ValueError("the model input is not quantized by an activation quantizer (QuantAct)")
-        return self.steps
-
-    def standalone_relu(self, node: fx.Node):
+    def standalone_relu(self, node: fx.Node) -> None:
         x = self.slot(node.args[0], node)
         q = self.q[x]
-        hi = None
-        if self.relu_kind(node) == "relu6":
-            hi = _code_of(RELU6_MAX, q)
-            if hi < q.qmax and float(_f32(q.scale) * _f32(hi - q.zero_point)) != RELU6_MAX:
-                raise ValueError(f"node {node.name!r}: a ReLU6 that is not followed by an activation quantizer "
-                                 "is exact only when 6.0 is a code; fuse it (conv -> ReLU6 -> QuantAct)")
-            hi = hi if hi < q.qmax else None
-        self.add("clamp", node, [x], q, lo=q.zero_point, hi=hi)
-
-
-def _target_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target))
+        hi = q.qmax
+        if relu_kind(self.gm, node) == "relu6":
+            six = q.code_of(RELU6_MAX)
+            if six < q.qmax and float(np.float32(q.scale_value) * np.float32(six - q.zero_point_value)) != RELU6_MAX:
+                raise self.unsupported(node, "a ReLU6 that is not followed by an activation quantizer is exact only "
+                                             "when 6.0 is a code; fuse it (conv -> ReLU6 -> QuantAct)")
+            hi = min(six, q.qmax)
+        name = str(node.target) if node.op == "call_module" else node.name
+        self.add(ClampStep(name=name, inputs=(x,), output=node.name, x_q=q, lo=q.zero_point_value, hi=hi))
 
 
 def _pair(v) -> tuple:

@@ -27,8 +27,9 @@ Requantization modes (``rounding=``), each matching a real runtime:
 Accumulator model: ``acc = bias + sum((x - zx) * (w - zw))`` is exact in int64;
 an ``acc_bits`` register wraps (two's complement, order independent),
 saturates (after every addition, in the order: bias, then input channel,
-kernel row, kernel column -- matmul: bias, then k), or raises ``ValueError``
-("error") when a final accumulator value does not fit. Stats: ``max_abs_acc``
+kernel row, kernel column -- matmul: bias, then k), or raises
+:class:`AccumulatorOverflowError` (a ValueError; "error") when a final
+accumulator value does not fit. Stats: ``max_abs_acc``
 and ``bits_needed`` describe the final (exact) accumulator values;
 ``overflow_count`` counts outputs whose final value overflowed (wrap / error)
 or that saturated at any step (saturate); ``min_acc`` / ``max_acc`` are the
@@ -40,6 +41,7 @@ plus an optional bias) return the int32 accumulators themselves instead of codes
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -49,6 +51,7 @@ from .. import _core
 
 __all__ = [
     "AccStats",
+    "AccumulatorOverflowError",
     "qlinear_conv2d",
     "qlinear_matmul",
     "conv_integer",
@@ -76,6 +79,33 @@ class AccStats:
     overflow_count: int
     min_acc: int = 0  # range of the exact final accumulator values, 0 included
     max_acc: int = 0
+
+
+class AccumulatorOverflowError(ValueError):
+    """An accumulator exceeded ``acc_bits`` with ``overflow="error"``. The message gives the
+    count of overflowing values and the bits needed; ``layer`` names the layer when the
+    integer model (:mod:`pyzeroq.integer.convert`) raised it, else None."""
+
+    def __init__(self, message: str, layer: Optional[str] = None):
+        super().__init__(message)
+        self.layer = layer
+
+    def __reduce__(self):
+        return type(self), (str(self), self.layer)
+
+
+_OVERFLOW_MESSAGE = "accumulator overflow"  # how the C++ kernels (csrc/kernels/integer_requant.hpp) say it
+
+
+@contextmanager
+def _overflow_errors():
+    """The one place where the extension's overflow ValueError becomes :class:`AccumulatorOverflowError`."""
+    try:
+        yield
+    except ValueError as exc:
+        if type(exc) is ValueError and str(exc).startswith(_OVERFLOW_MESSAGE):
+            raise AccumulatorOverflowError(str(exc)) from exc
+        raise
 
 
 def _np(x, name: str):
@@ -130,12 +160,13 @@ def qlinear_conv2d(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, 
     x_scale * w_scale[o]. ``relu`` clamps below at the output zero point.
     ``impl``: "fast" (packed SIMD, threads), "reference" (plain loops) or
     "fast_generic" (fast layout, portable micro-kernel); all bit-identical."""
-    codes, st = _core.integer_qlinear_conv2d(
-        _np(x, "x"), float(x_scale), _np(np.asarray(x_zero_point), "x_zero_point"), _np(w, "w"),
-        _np(np.asarray(w_scale), "w_scale"), _np(np.asarray(w_zero_point), "w_zero_point"), float(y_scale),
-        _np(np.asarray(y_zero_point), "y_zero_point"), _np(bias, "bias"), _pair(stride, "stride"),
-        _padding(padding), _pair(dilation, "dilation"), int(groups), rounding, int(out_bits), int(acc_bits),
-        overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+    with _overflow_errors():
+        codes, st = _core.integer_qlinear_conv2d(
+            _np(x, "x"), float(x_scale), _np(np.asarray(x_zero_point), "x_zero_point"), _np(w, "w"),
+            _np(np.asarray(w_scale), "w_scale"), _np(np.asarray(w_zero_point), "w_zero_point"), float(y_scale),
+            _np(np.asarray(y_zero_point), "y_zero_point"), _np(bias, "bias"), _pair(stride, "stride"),
+            _padding(padding), _pair(dilation, "dilation"), int(groups), rounding, int(out_bits), int(acc_bits),
+            overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
     return codes, AccStats(**st)
 
 
@@ -145,11 +176,12 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
                    dyadic_bits: int = 31, dyadic_shift: Optional[int] = None) -> Tuple[np.ndarray, AccStats]:
     """ONNX QLinearMatMul: a [..., M, K] uint8 (per-tensor), b [K, N] uint8 with
     per-column (or scalar) scales / zero points, optional int32 bias [N]."""
-    codes, st = _core.integer_qlinear_matmul(
-        _np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), np.asarray(b_scale),
-        np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), _np(bias, "bias"), rounding,
-        int(out_bits), int(acc_bits), overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits),
-        _shift(dyadic_shift))
+    with _overflow_errors():
+        codes, st = _core.integer_qlinear_matmul(
+            _np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), np.asarray(b_scale),
+            np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), _np(bias, "bias"), rounding,
+            int(out_bits), int(acc_bits), overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits),
+            _shift(dyadic_shift))
     return codes, AccStats(**st)
 
 
@@ -165,11 +197,13 @@ def matmul_integer(a, a_zero_point, b, b_zero_point, bias=None, acc_bits: int = 
     under the ``acc_bits`` / ``overflow`` accumulator model (module docstring):
     "wrap" gives the exact sum modulo 2^acc_bits (two's complement), "saturate"
     clamps after the bias and after every product in k ascending, "error" raises
-    ``ValueError`` ("accumulator overflow ... bits needed ...") when a final value
+    :class:`AccumulatorOverflowError` ("accumulator overflow ... bits needed ...") when a final value
     does not fit. Returns (int32 array [..., M, N], :class:`AccStats`); it equals
     what :func:`qlinear_matmul` would requantize. ``impl`` as in :func:`qlinear_conv2d`."""
-    acc, st = _core.integer_matmul_integer(_np(a, "a"), np.asarray(a_zero_point), _np(b, "b"),
-                                           np.asarray(b_zero_point), _np(bias, "bias"), int(acc_bits), overflow, impl)
+    with _overflow_errors():
+        acc, st = _core.integer_matmul_integer(_np(a, "a"), np.asarray(a_zero_point), _np(b, "b"),
+                                               np.asarray(b_zero_point), _np(bias, "bias"), int(acc_bits), overflow,
+                                               impl)
     return acc, AccStats(**st)
 
 
@@ -179,10 +213,11 @@ def conv_integer(x, x_zero_point, w, w_zero_point, bias=None, stride: IntOrSeq =
     """ONNX ConvInteger (plus an optional bias [O]): the int32 accumulators
     [N, O, OH, OW] of :func:`qlinear_conv2d` (same arguments, formula and
     accumulator model, without the requantization)."""
-    acc, st = _core.integer_conv_integer(
-        _np(x, "x"), np.asarray(x_zero_point), _np(w, "w"), np.asarray(w_zero_point), _np(bias, "bias"),
-        _pair(stride, "stride"), _padding(padding), _pair(dilation, "dilation"), int(groups), int(acc_bits),
-        overflow, impl)
+    with _overflow_errors():
+        acc, st = _core.integer_conv_integer(
+            _np(x, "x"), np.asarray(x_zero_point), _np(w, "w"), np.asarray(w_zero_point), _np(bias, "bias"),
+            _pair(stride, "stride"), _padding(padding), _pair(dilation, "dilation"), int(groups), int(acc_bits),
+            overflow, impl)
     return acc, AccStats(**st)
 
 

@@ -1,0 +1,344 @@
+"""The typed integer plan: one frozen dataclass per integer operation.
+
+:func:`pyzeroq.integer.plan.compile_plan` turns a quantized fx graph into a list of these
+steps; :class:`pyzeroq.integer.convert.IntegerModel` runs them on the C++ simulator and
+:func:`pyzeroq.export.build_onnx` writes them as ONNX. Both dispatch on the step *type*
+through one table each (``{StepType: handler}``), checked complete by :func:`check_handlers`
+when their module is imported.
+
+Every step names the value slots it reads (``inputs``, fx node names) and writes
+(``output``) and carries the quantization records of its tensors as they are
+(:class:`pyzeroq.qspec.TensorQuant` for activations, the layer's
+:class:`pyzeroq.qspec.LayerQuant` for conv / linear / logits: weight codes, int32 bias and
+fused clamp are read from the record, never recomputed). Activation codes are unsigned
+2..8-bit codes in uint8 containers, accumulators int32; the only float tensors are the
+model input (before :class:`InputStep`) and the logits (after :class:`LogitsStep`).
+
+``kind`` (a class attribute) is a display label only (accumulator report, trace log).
+
+Serialization: :meth:`Step.to_dict` / :func:`step_from_dict` use only dicts, lists, tuples,
+primitives and torch tensors (numpy arrays become tensors), so the result loads with
+``torch.load(path, weights_only=True)``; arrays are rebuilt with numpy's canonical dtypes
+(the C++ kernels check dtype identity), which also makes pickling / deep-copying a step safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar, Optional
+
+import numpy as np
+
+from ..qspec import ACTIVATIONS, RELU6_MAX, LayerQuant, TensorQuant
+
+__all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
+           "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "STEP_TYPES", "LAYER_STEPS",
+           "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
+
+
+def activation_clamp(q: TensorQuant, activation: Optional[str]) -> tuple[int, int]:
+    """(lo, hi) output codes of ``q`` after a fused ``activation`` (None / "relu" / "relu6"),
+    the rule of :meth:`pyzeroq.qspec.LayerQuant.clamp_codes`: ReLU clamps at the zero point,
+    ReLU6 also at the code of 6.0 (exact: quantization is monotone)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    lo = q.zero_point_value if activation is not None else q.qmin
+    hi = min(q.code_of(RELU6_MAX), q.qmax) if activation == "relu6" else q.qmax
+    return max(lo, q.qmin), hi
+
+
+def _ints(v, n: int, what: str) -> tuple:
+    v = tuple(int(e) for e in v)
+    if len(v) != n:
+        raise ValueError(f"{what} must have {n} values, got {v}")
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    """Base of the step types. ``name``: the layer's module name or the fx node name;
+    ``inputs``: value slots read (tuple of str); ``output``: the value slot written."""
+
+    kind: ClassVar[str] = "step"
+    name: str
+    inputs: tuple
+    output: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "inputs", tuple(str(s) for s in self.inputs))
+
+    @property
+    def in_q(self) -> tuple:
+        """Records of the input codes (one TensorQuant per entry of ``inputs``)."""
+        raise NotImplementedError
+
+    @property
+    def out_q(self) -> Optional[TensorQuant]:
+        """Record of the output codes; None for float output (logits)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """Plain data (module docstring); inverse :func:`step_from_dict`."""
+        return {"type": type(self).__name__, **{f.name: to_plain(getattr(self, f.name)) for f in fields(self)}}
+
+    def __reduce__(self):
+        return step_from_dict, (self.to_dict(),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputStep(Step):
+    """Float images -> first activation codes: ``(x - mean) / std`` in float32 (the model's
+    normalizer; ``mean`` / ``std`` per channel, None without one), then ``out_q.quantize``.
+    ``inputs``: the float input slot (the graph's placeholder)."""
+
+    kind: ClassVar[str] = "input"
+    quant: TensorQuant
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std must both be set or both be None")
+        if self.mean is not None:
+            object.__setattr__(self, "mean", tuple(float(np.float32(v)) for v in self.mean))
+            object.__setattr__(self, "std", tuple(float(np.float32(v)) for v in self.std))
+
+    in_q = property(lambda self: ())
+    out_q = property(lambda self: self.quant)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _LayerStep(Step):
+    """Conv / linear: the layer's record, as :meth:`QuantLayerMixin.layer_record` returns it."""
+
+    layer: LayerQuant
+
+    in_q = property(lambda self: (self.layer.input,))
+    out_q = property(lambda self: self.layer.output)
+
+    def clamp_codes(self) -> tuple[int, int]:
+        return self.layer.clamp_codes()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvStep(_LayerStep):
+    """QLinearConv: x uint8 [N, C, H, W] -> uint8 [N, O, OH, OW], weight codes [O, C/groups, KH, KW],
+    ``padding`` (top, left, bottom, right), fused clamp of ``layer.activation``."""
+
+    kind: ClassVar[str] = "conv"
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "stride", _ints(self.stride, 2, "stride"))
+        object.__setattr__(self, "padding", _ints(self.padding, 4, "padding"))
+        object.__setattr__(self, "dilation", _ints(self.dilation, 2, "dilation"))
+        object.__setattr__(self, "groups", int(self.groups))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearStep(_LayerStep):
+    """Hidden linear layer: uint8 [N, K] -> uint8 [N, O] (weight codes [O, K])."""
+
+    kind: ClassVar[str] = "linear"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogitsStep(_LayerStep):
+    """Final linear layer: int32 accumulator ``bias + sum((a - za) * (w - zw))`` [N, O],
+    dequantized to float32 logits ``f32(acc) * dequant`` -- the only float op."""
+
+    kind: ClassVar[str] = "linear_out"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layer.output is not None:
+            raise ValueError(f"layer {self.name!r}: a logits step has a float output (record output None)")
+
+    @property
+    def dequant(self) -> np.ndarray:
+        """float32 [O]: ``f32(x_scale * w_scale[c])`` (the bias scale)."""
+        return self.layer.bias_scale
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RequantStep(Step):
+    """One input ``x_q`` requantized to ``quant`` with a fused ``activation`` clamp."""
+
+    x_q: TensorQuant
+    quant: TensorQuant
+    activation: Optional[str] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+
+    in_q = property(lambda self: (self.x_q,))
+    out_q = property(lambda self: self.quant)
+
+    def clamp_codes(self) -> tuple[int, int]:
+        return activation_clamp(self.quant, self.activation)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddStep(_RequantStep):
+    """Residual add of two code tensors (records ``x_q``, ``y_q``) requantized to ``quant``."""
+
+    kind: ClassVar[str] = "add"
+    y_q: TensorQuant
+
+    in_q = property(lambda self: (self.x_q, self.y_q))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlobalAvgPoolStep(_RequantStep):
+    """[N, C, H, W] -> [N, C, 1, 1]: exact sum, one requantization ``M = f32(f32(sx/sy) / f32(H*W))``."""
+
+    kind: ClassVar[str] = "global_avg_pool"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _WindowStep(_RequantStep):
+    kernel: tuple
+    stride: tuple
+    padding: tuple  # (pad_h, pad_w)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for what in ("kernel", "stride", "padding"):
+            object.__setattr__(self, what, _ints(getattr(self, what), 2, what))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AvgPoolStep(_WindowStep):
+    """AvgPool2d (count_include_pad): exact window sum, ``M = f32(f32(sx/sy) / f32(kh*kw))``."""
+
+    kind: ClassVar[str] = "avg_pool"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaxPoolStep(_WindowStep):
+    """Max of codes per window, then a requantization ``M = f32(sx/sy)`` when the records differ."""
+
+    kind: ClassVar[str] = "max_pool"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequantStep(_RequantStep):
+    """Standalone requantization ``x_q`` -> ``quant`` (``M = f32(sx/sy)``)."""
+
+    kind: ClassVar[str] = "requant"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClampStep(Step):
+    """Standalone ReLU / ReLU6 on codes: ``clamp(x, lo, hi)``; the record is unchanged."""
+
+    kind: ClassVar[str] = "clamp"
+    x_q: TensorQuant
+    lo: int
+    hi: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "lo", int(self.lo))
+        object.__setattr__(self, "hi", int(self.hi))
+
+    in_q = property(lambda self: (self.x_q,))
+    out_q = property(lambda self: self.x_q)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReshapeStep(Step):
+    """Reshape of the codes: ``flatten=(start_dim, end_dim)`` or ``shape`` (ints, -1, or
+    "batch" for the input's first dimension); exactly one is set. The record is unchanged."""
+
+    kind: ClassVar[str] = "reshape"
+    x_q: TensorQuant
+    flatten: Optional[tuple] = None
+    shape: Optional[tuple] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.flatten is None) == (self.shape is None):
+            raise ValueError("exactly one of flatten and shape must be set")
+        if self.flatten is not None:
+            object.__setattr__(self, "flatten", _ints(self.flatten, 2, "flatten"))
+        else:
+            object.__setattr__(self, "shape", tuple(d if d == "batch" else int(d) for d in self.shape))
+
+    in_q = property(lambda self: (self.x_q,))
+    out_q = property(lambda self: self.x_q)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.flatten is not None:
+            start, end = self.flatten[0] % x.ndim, self.flatten[1] % x.ndim
+            return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
+        return x.reshape([x.shape[0] if d == "batch" else d for d in self.shape])
+
+
+STEP_TYPES = (InputStep, ConvStep, LinearStep, LogitsStep, AddStep, GlobalAvgPoolStep, AvgPoolStep, MaxPoolStep,
+              RequantStep, ClampStep, ReshapeStep)
+LAYER_STEPS = (ConvStep, LinearStep, LogitsStep)
+_BY_NAME = {t.__name__: t for t in STEP_TYPES}
+
+
+def check_handlers(table: dict, owner: str) -> dict:
+    """``table`` ({step type: handler}) if it covers exactly :data:`STEP_TYPES`, else TypeError."""
+    missing = [t.__name__ for t in STEP_TYPES if t not in table]
+    extra = [getattr(t, "__name__", str(t)) for t in table if t not in STEP_TYPES]
+    if missing or extra:
+        raise TypeError(f"{owner}: step handlers missing for {missing}, unknown step types {extra}")
+    return table
+
+
+# ---------------------------------------------------------------------------- serialization
+_ARRAY, _RECORD = "__array__", "__record__"
+_TORCH_DTYPES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float32", "float64")
+
+
+def to_plain(v):
+    """Records, numpy arrays and containers -> dicts / lists / tuples / primitives / torch tensors
+    (loadable with ``torch.load(..., weights_only=True)``); inverse :func:`from_plain`."""
+    import torch
+
+    if isinstance(v, (TensorQuant, LayerQuant)):
+        return {_RECORD: type(v).__name__, "fields": to_plain(v.to_dict())}
+    if isinstance(v, np.ndarray):
+        stored = v if v.dtype.name in _TORCH_DTYPES else v.astype(np.int64)  # e.g. uint16 codes
+        return {_ARRAY: torch.from_numpy(np.ascontiguousarray(stored).copy()), "dtype": v.dtype.name}
+    if isinstance(v, dict):
+        return {k: to_plain(e) for k, e in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(to_plain(e) for e in v)
+    if isinstance(v, np.generic):
+        return v.item()
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"cannot serialize a {type(v).__name__} in an integer plan")
+
+
+def from_plain(v):
+    """Inverse of :func:`_encode`; arrays come back with canonical numpy dtypes."""
+    if isinstance(v, dict):
+        if _ARRAY in v:
+            return v[_ARRAY].numpy().astype(np.dtype(v["dtype"]).type)  # a copy with the canonical dtype
+        if _RECORD in v:
+            cls = {"TensorQuant": TensorQuant, "LayerQuant": LayerQuant}[v[_RECORD]]
+            return cls.from_dict(from_plain(v["fields"]))
+        return {k: from_plain(e) for k, e in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(from_plain(e) for e in v)
+    return v
+
+
+def step_from_dict(d: dict) -> Step:
+    """The step :meth:`Step.to_dict` wrote (ValueError for an unknown type)."""
+    if not isinstance(d, dict) or d.get("type") not in _BY_NAME:
+        raise ValueError(f"not an integer step: {d.get('type') if isinstance(d, dict) else type(d).__name__!r}")
+    return _BY_NAME[d["type"]](**{k: from_plain(v) for k, v in d.items() if k != "type"})
