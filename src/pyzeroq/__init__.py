@@ -30,9 +30,10 @@ _LAZY = {
     "evaluate": ("pyzeroq.evaluation", "evaluate"),
     "to_integer": ("pyzeroq.integer.convert", "to_integer"),
     "export_onnx": ("pyzeroq.export", "export_onnx"),
+    "load": ("pyzeroq.io", "load"),
 }
 _SUBMODULES = ("ops", "data", "models", "pareto", "integer", "detection", "distill",
-               "sensitivity", "modules", "config", "export", "cli")
+               "sensitivity", "modules", "config", "export", "cli", "io")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 

@@ -90,6 +90,21 @@ class QuantizedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph_module(x)
 
+    def save(self, path):
+        """Write this model to ``path`` (format: :mod:`pyzeroq.io`, read with ``torch.load(weights_only=True)``);
+        ``pyzeroq.load(path)`` rebuilds it bit-exactly. Returns the path."""
+        from .io import save
+
+        return save(self, path)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, but a state dict quantized with other bit widths raises
+        ValueError naming the first layer that differs (and both bit widths)."""
+        from .io import check_bit_widths
+
+        check_bit_widths(self, state_dict, prefix="graph_module.")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
 
 def _check_input_shape(input_shape) -> tuple[int, ...]:
     if not isinstance(input_shape, (tuple, list)) or not input_shape or \
