@@ -17,7 +17,7 @@ from pyzeroq.models import load_pretrained
 from pyzeroq.modules import activation_records, layer_records, quant_layers
 
 W8A8 = dict(weight_bits=8, act_bits=8, calibration="gaussian", num_samples=8, progress=False)
-MP = dict(weight_bits=(4, 8), avg_weight_bits=6, act_bits=8, calibration="gaussian", num_samples=4,
+MP = dict(weight_bits=(4, 8), avg_weight_bits=6, act_bits=8, calibration="gaussian", num_samples=2,
           mp_relaxation=False, progress=False)
 SHAPE = (1, 28, 28)
 
@@ -234,6 +234,9 @@ def _module(blob, name):
     (lambda b: b["graph"]["modules"].append({"name": 'x"); evil("', "class": "torch.nn.ReLU"}), "malformed"),
     (lambda b: b.update({"format": "something.else"}), "unknown file format 'something.else'"),
     (lambda b: b.update({"version": 99}), "version 99"),
+    (lambda b: b["state_dict"].pop(next(iter(b["state_dict"]))), "state dict does not fit"),
+    (lambda b: _module(b, "stem.0").update({"params": [["weight", {"shape": [1], "dtype": "os.system"}]]}),
+     "'os.system' is not a torch dtype"),
 ])
 def test_tampered_file_refused(resnet_w8a8, tmp_path, edit, message):
     bad = _tampered(resnet_w8a8, tmp_path, edit)
@@ -290,6 +293,18 @@ def test_loaded_file_of_other_bits_cannot_mix(resnet_w8a8, resnet_mp, tmp_path):
 
 
 # ---------------------------------------------------------------- dispatch
+def test_integer_model_dispatch(resnet_w8a8, tmp_path):
+    int_model = zq.to_integer(resnet_w8a8)
+    if not hasattr(int_model, "save"):
+        pytest.skip("IntegerModel.save not there yet")
+    int_model.save(tmp_path / "int.pzq")
+    loaded = zq.load(tmp_path / "int.pzq")  # format "pyzeroq.integer_model" -> load_integer
+    assert type(loaded) is type(int_model)
+    x = _inputs()
+    assert torch.equal(torch.as_tensor(int_model(x)), torch.as_tensor(loaded(x)))
+    assert loaded.bit_widths == resnet_w8a8.bit_widths
+
+
 def test_qat_detector_dispatch_and_round_trip(tmp_path):
     path = Path(__file__).resolve().parents[1] / "bench" / "results" / "detector_w4a8.pt"
     if not path.exists():

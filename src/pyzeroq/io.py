@@ -73,6 +73,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from . import __version__
+from .modules import is_normalizer
 from .quantizers import QuantAct, QuantConv2d, Quantizer, QuantLinear, WeightQuant
 
 __all__ = ["FORMAT", "VERSION", "LOADERS", "save", "load", "check_bit_widths"]
@@ -81,6 +82,7 @@ FORMAT = "pyzeroq.quantized_model"
 VERSION = 1
 # format key prefix -> (module, loader(path, device=...)) of the other pyzeroq formats
 LOADERS = {
+    "pyzeroq.integer_model": ("pyzeroq.integer.convert", "load_integer"),  # IntegerModel.save
     "pyzeroq.detection/": ("pyzeroq.detection", "load_detector"),  # quantized detectors, /1 and /2
 }
 NODE_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
@@ -107,10 +109,6 @@ _TYPE_KEYS = {v: k for k, v in _TYPES.items()}
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _TRANSIENT = {QuantAct: {"_min": lambda: None, "_max": lambda: None, "_samples": list, "_sampled": lambda: 0},
               WeightQuant: {"_cache": lambda: None}}  # calibration / cache state, reset on load
-
-
-def _is_normalizer(m: nn.Module) -> bool:  # as the fx surgery tells input normalizers
-    return isinstance(getattr(m, "mean", None), torch.Tensor) and isinstance(getattr(m, "std", None), torch.Tensor)
 
 
 def _pyzeroq_classes() -> dict:
@@ -184,7 +182,10 @@ def _decode(value, where: str, nodes: dict | None = None, modules: dict | None =
         if tag == "torch":
             return _torch_constant(body, where)
         if tag == "device" and type(body) is str:
-            return torch.device(body)
+            try:
+                return torch.device(body)
+            except RuntimeError as exc:
+                raise ValueError(f"{where}: {body!r:.80} is not a torch device") from exc
         if tag == "ellipsis":
             return Ellipsis
         if tag == "node" and nodes is not None and type(body) is str and body in nodes:
@@ -365,7 +366,7 @@ def _class_key(m: nn.Module, name: str, classes: dict) -> str:
     cls = type(m)
     if cls.__module__.startswith("torch.nn.") and getattr(nn, cls.__name__, None) is cls:
         return f"torch.nn.{cls.__name__}"
-    if _is_normalizer(m):
+    if is_normalizer(m):
         _check_normalizer(m, name)
         return "pyzeroq.Normalize"
     raise ValueError(f"module {name!r} is a {cls.__module__}.{cls.__qualname__}: pyzeroq.save rebuilds only "
@@ -630,7 +631,7 @@ def load(path, device="cpu"):
     raise ValueError(f"{path}: unknown file format {fmt!r:.80}; pyzeroq.load reads {', '.join(_known_formats())}")
 
 
-def _config(data, calibration_data) -> tuple:
+def _config(data) -> tuple:
     """(QuantConfig, notes): unknown fields are dropped with a note; a "real" calibration keeps its
     name without the data (``calibration_data`` None)."""
     from .config import QuantConfig
@@ -656,16 +657,19 @@ def _load_quantized(blob: dict, path):
         raise ValueError(f"{path}: {FORMAT} version {version!r} (written by pyzeroq {blob.get('pyzeroq_version')}); "
                          f"this pyzeroq {__version__} reads up to version {VERSION}")
     meta = {k: _check_plain(blob.get(k), k) for k in ("config", "bit_widths", "act_bits", "report", "selection")}
-    config, notes = _config(meta["config"], blob.get("calibration_data"))
-    report_fields = {f.name for f in dataclasses.fields(QuantReport)}
-    report = QuantReport(**{k: v for k, v in meta["report"].items() if k in report_fields})
-    report.notes = list(report.notes) + notes
-    selection = meta["selection"]
-    if selection is not None:
-        selection = dict(selection)
-        selection["frontier"] = Frontier(**selection["frontier"]) if selection.get("frontier") else None
-        selection["relaxation"] = Relaxation(**selection["relaxation"]) if selection.get("relaxation") else None
-        selection = Selection(**selection)
+    try:
+        config, notes = _config(meta["config"])
+        report_fields = {f.name for f in dataclasses.fields(QuantReport)}
+        report = QuantReport(**{k: v for k, v in meta["report"].items() if k in report_fields})
+        report.notes = list(report.notes) + notes
+        selection = meta["selection"]
+        if selection is not None:
+            selection = dict(selection)
+            selection["frontier"] = Frontier(**selection["frontier"]) if selection.get("frontier") else None
+            selection["relaxation"] = Relaxation(**selection["relaxation"]) if selection.get("relaxation") else None
+            selection = Selection(**selection)
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: malformed config, report or selection ({type(exc).__name__}: {exc})") from exc
     gm = _graph_module(blob.get("graph"))
     qmodel = QuantizedModel(gm, dict(meta["bit_widths"]), meta["act_bits"], report, config, selection)
     qmodel.training = bool(blob.get("training", False))
@@ -673,5 +677,8 @@ def _load_quantized(blob: dict, path):
     if not isinstance(state, dict):
         raise ValueError(f"{path}: no state_dict")
     check_bit_widths(qmodel, state, prefix="graph_module.")
-    qmodel.load_state_dict(state)
+    try:
+        qmodel.load_state_dict(state)
+    except RuntimeError as exc:  # missing / unexpected keys, shapes
+        raise ValueError(f"{path}: the state dict does not fit the saved graph ({exc})") from exc
     return qmodel
