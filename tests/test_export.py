@@ -115,3 +115,39 @@ def test_export_errors(toy, tmp_path):
         zq.export_onnx(toy, tmp_path / "a.onnx", x[0])
     with pytest.raises(TypeError, match="QuantizedModel"):
         zq.export_onnx(ToyNet(), tmp_path / "a.onnx", x)
+
+
+def test_clamp_and_requant_steps_bit_exact():
+    """Standalone ReLU6 (ClampStep) and QuantAct (RequantStep) export op for op."""
+    import torch.nn.functional as F
+    from test_integer_plan import Branchy, insert_requant
+
+    from pyzeroq.integer import steps as S
+
+    x = images(16).numpy()
+    torch.manual_seed(4)
+    q = quantize(Branchy(F.relu6))
+    act = next(m for n, m in q.graph_module.named_modules() if n == "act_quant_1")
+    act.set_params(0.0625, 10)  # ReLU6 clips inside the range at code 106
+    im = zq.to_integer(q)
+    assert any(isinstance(s, S.ClampStep) and s.hi == 106 for s in im.steps)
+    got = assert_same_as_simulator(im, build_onnx(im, x[:1], intermediate=True), x)
+    assert "Clip" in {n.op_type for n in build_onnx(im, x[:1]).graph.node}
+    assert len(got) == 1 + sum(s.out_q is not None for s in im.steps)
+    torch.manual_seed(0)
+    im = zq.to_integer(insert_requant(quantize(ToyNet())))
+    assert any(isinstance(s, S.RequantStep) for s in im.steps)
+    assert_same_as_simulator(im, build_onnx(im, x[:1], intermediate=True), x)
+
+
+def test_mixed_precision_export_bit_exact():
+    """2- and 4-bit weights, 4-bit activations: still the simulator's codes on every activation."""
+    from pyzeroq.modules import set_weight_bits
+
+    torch.manual_seed(3)
+    q = quantize(ToyNet(), act_bits=4)
+    set_weight_bits(q.graph_module, dict(zip(q.report.layers, (2, 4, 2, 4, 3, 8))))
+    im = zq.to_integer(q)
+    x = images(32, seed=2).numpy()
+    for level in LEVELS:
+        assert_same_as_simulator(im, build_onnx(im, x[:1], intermediate=True), x, level)

@@ -1,31 +1,32 @@
 """ONNX export of a quantized model in QOperator form (runs on onnxruntime).
 
-The graph is built from the integer plan of :func:`pyzeroq.integer.convert.to_integer`
-(``rounding="float32_rne"``), one ONNX op per integer step, so that onnxruntime computes
-the same codes as the simulator:
+The graph is built from the typed integer plan of :func:`pyzeroq.integer.convert.to_integer`
+(``rounding="float32_rne"``; step types in :mod:`pyzeroq.integer.steps`), one ONNX op group per
+step, dispatched on the step type through one table (:data:`ONNX_HANDLERS`, checked complete at
+import), so that onnxruntime computes the same codes as the simulator:
 
 =====================  ==========================================================================
 integer step           ONNX
 =====================  ==========================================================================
-input boundary         float input: ``Sub(mean)``, ``Div(std)`` (the model's Normalize, same float32
+InputStep              float input: ``Sub(mean)``, ``Div(std)`` (the model's normalization, same float32
                        ops), ``QuantizeLinear``; ``pixels="uint8"``: ``Cast(int32)`` [+ channel offset]
                        ``Gather`` from the 256-entry table (integer only)
-conv                   ``QLinearConv`` (uint8 per-channel weights and zero points, int32 bias)
-linear (hidden)        ``Unsqueeze`` -> 1x1 ``QLinearConv`` -> ``Flatten`` (QLinearMatMul has no bias)
-linear (logits)        ``MatMulInteger`` (per-column weight zero points) -> ``Add`` int32 bias ->
+ConvStep               ``QLinearConv`` (uint8 per-channel weights and zero points, int32 bias)
+LinearStep (hidden)    ``Unsqueeze`` -> 1x1 ``QLinearConv`` -> ``Flatten`` (QLinearMatMul has no bias)
+LogitsStep             ``MatMulInteger`` (per-column weight zero points) -> ``Add`` int32 bias ->
                        ``Cast(float)`` -> ``Mul`` by ``f32(x_scale * w_scale[c])``
-add                    ``DequantizeLinear`` x2 -> ``Add`` -> ``Div(y_scale)`` -> ``QuantizeLinear(scale 1)``
+AddStep                ``DequantizeLinear`` x2 -> ``Add`` -> ``Div(y_scale)`` -> ``QuantizeLinear(scale 1)``
                        (the simulator's float32_rne add, op for op; ``add_op="qlinearadd"``: the
                        com.microsoft ``QLinearAdd`` kernel instead, see below)
-global / avg pool      depthwise ``QLinearConv`` with all-ones weights (scale 1, zero point 0),
-                       ``x_scale = f32(sx / sy)``, ``y_scale = kh * kw``: its multiplier
+GlobalAvgPoolStep,     depthwise ``QLinearConv`` with all-ones weights (scale 1, zero point 0),
+AvgPoolStep            ``x_scale = f32(sx / sy)``, ``y_scale = kh * kw``: its multiplier
                        ``f32(f32(x_scale * 1) / y_scale)`` is exactly the simulator's pooling
                        multiplier ``f32(f32(sx / sy) / f32(kh * kw))``
-max pool               ``MaxPool`` on uint8 [+ 1x1 ones ``QLinearConv`` requantization]
-requant                1x1 depthwise ones ``QLinearConv`` (``M = f32(sx / sy)``)
-ReLU / ReLU6 clamps,   ``Clip`` on uint8 (only where it changes something: the zero point of a
-bits < 8               ReLU output is usually 0 and the code of 6.0 usually beyond 255)
-flatten / view         ``Reshape`` (batch dimension kept dynamic)
+MaxPoolStep            ``MaxPool`` on uint8 [+ 1x1 ones ``QLinearConv`` requantization]
+RequantStep            1x1 depthwise ones ``QLinearConv`` (``M = f32(sx / sy)``)
+fused ReLU / ReLU6,    ``Clip`` on uint8 (only where it changes something: the zero point of a
+ClampStep, bits < 8    ReLU output is usually 0 and the code of 6.0 usually beyond 255)
+ReshapeStep            ``Reshape`` (batch dimension kept dynamic)
 =====================  ==========================================================================
 
 Agreement with the simulator (float32_rne): every op above is bit-exact -- QuantizeLinear,
@@ -345,8 +346,9 @@ def export_onnx(qmodel, path, example_input, pixels: str = "float", add_op: str 
 
     The graph takes float images in [0, 1] [N, C, H, W] (``pixels="float"``; the model's
     Normalize runs in float, then QuantizeLinear) or uint8 pixels (``pixels="uint8"``,
-    integer only) and returns float32 logits. For 8-bit-activation models its outputs equal
-    ``pyzeroq.to_integer(qmodel)`` (float32_rne) on onnxruntime's CPU provider.
+    integer only) and returns float32 logits. Its outputs equal ``pyzeroq.to_integer(qmodel)``
+    (float32_rne; 2..8-bit codes) on onnxruntime's CPU provider, and so does every activation
+    of ``build_onnx(..., intermediate=True)``.
     ``example_input`` ([N, C, H, W]) fixes the per-sample shape (the batch stays dynamic).
     ``add_op``: "exact" (residual adds as DequantizeLinear, Add, Div, QuantizeLinear: the
     simulator's formula op for op) or "qlinearadd" (com.microsoft QLinearAdd: onnxruntime's

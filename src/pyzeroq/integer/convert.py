@@ -16,7 +16,7 @@ Save / load: :meth:`IntegerModel.save` writes, with ``torch.save``, a dict of pl
 (dicts, lists, tuples, str / int / float / bool / None and torch tensors; loadable with
 ``torch.load(path, weights_only=True)``)::
 
-    {"format": "pyzeroq.IntegerModel", "format_version": 1,
+    {"format": "pyzeroq.integer_model", "version": 1, "pyzeroq_version": str (informative),
      "rounding": str, "acc_bits": int, "overflow": str, "output": str (the logits slot),
      "folded_bn": {bn name: conv name}, "bit_widths": {layer: bits},
      "steps": [Step.to_dict(), ...]}   # records via TensorQuant / LayerQuant.to_dict,
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .. import __version__
 from . import simulate as sim
 from .plan import MIN_BITS, UnsupportedOperationError, compile_plan
 from .simulate import AccumulatorOverflowError
@@ -63,7 +64,7 @@ from .steps import (
 __all__ = ["to_integer", "load_integer", "IntegerModel", "IntegerReport", "AccumulatorOverflowError",
            "logits_accumulator", "input_lut", "RUNTIME_HANDLERS", "FORMAT", "FORMAT_VERSION"]
 
-FORMAT = "pyzeroq.IntegerModel"
+FORMAT = "pyzeroq.integer_model"
 FORMAT_VERSION = 1
 PIXEL_LEVELS = 256
 PIXEL_MAX = 255.0
@@ -227,7 +228,7 @@ class IntegerModel:
     # ----------------------------------------------------------------- save / load
     def to_state(self) -> dict:
         """The saved form (module docstring): plain data and torch tensors only."""
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "rounding": self.rounding,
+        return {"format": FORMAT, "version": FORMAT_VERSION, "pyzeroq_version": __version__, "rounding": self.rounding,
                 "acc_bits": self.acc_bits, "overflow": self.overflow, "output": self.output,
                 "folded_bn": dict(self.folded_bn), "bit_widths": to_plain(dict(self.bit_widths)),
                 "steps": [s.to_dict() for s in self.steps]}
@@ -237,7 +238,7 @@ class IntegerModel:
         """The model :meth:`to_state` described; ValueError naming ``source`` for anything else."""
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"{source}: not a pyzeroq integer model (no format key {FORMAT!r})")
-        version = state.get("format_version")
+        version = state.get("version")
         if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise ValueError(f"{source}: integer model format version {version!r} is not supported "
                              f"(this pyzeroq reads versions 1..{FORMAT_VERSION})")
@@ -440,9 +441,12 @@ def _dtype_name(x) -> str:
     return str(np.asarray(x).dtype)
 
 
-def load_integer(path) -> IntegerModel:
+def load_integer(path, device="cpu") -> IntegerModel:
     """The :class:`IntegerModel` saved at ``path`` by :meth:`IntegerModel.save` (ValueError
-    naming the path for a file that is not one)."""
+    naming the path for a file that is not one). ``device``: only "cpu" (the simulator's; the
+    argument matches the loaders ``pyzeroq.load`` dispatches to)."""
+    if str(device) != "cpu":
+        raise ValueError(f"the integer model runs on the CPU simulator, got device={device!r}")
     return IntegerModel.load(path)
 
 
