@@ -171,8 +171,8 @@ def _decode(value, where: str, nodes: dict | None = None, modules: dict | None =
             out = {}
             for k, v in body:
                 k = _decode(k, where, nodes, modules)
-                if not isinstance(k, (str, int, float, bool, tuple, type(None))):
-                    raise ValueError(f"{where}: unhashable dict key {k!r:.80}")
+                if not isinstance(k, (str, int, float, bool, type(None))):
+                    raise ValueError(f"{where}: dict key {k!r:.80} is not a primitive")
                 out[k] = _decode(v, where, nodes, modules)
             return out
         if tag == "slice" and type(body) is list and len(body) == 3:
@@ -196,7 +196,8 @@ def _decode(value, where: str, nodes: dict | None = None, modules: dict | None =
 
 
 def _plain(value, where: str):
-    """Config / report / selection data as plain Python (numpy scalars and arrays converted)."""
+    """Config / report / selection data as plain Python (numpy scalars and arrays converted);
+    on load, the check that the file holds nothing else there."""
     kind = type(value)
     if kind in _PRIMITIVES:
         return value
@@ -210,21 +211,7 @@ def _plain(value, where: str):
         return {_plain(k, where): _plain(v, where) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value), where)
-    raise ValueError(f"{where}: a {kind.__qualname__} value cannot be saved (only primitives, lists, tuples, dicts)")
-
-
-def _check_plain(value, where: str):
-    kind = type(value)
-    if kind in (list, tuple):
-        for v in value:
-            _check_plain(v, where)
-    elif kind is dict:
-        for k, v in value.items():
-            _check_plain(k, where)
-            _check_plain(v, where)
-    elif kind not in _PRIMITIVES:
-        raise ValueError(f"{where}: unexpected {kind.__qualname__} in the file")
-    return value
+    raise ValueError(f"{where}: a {kind.__qualname__} value is not plain data (primitives, lists, tuples, dicts)")
 
 
 # ---------------------------------------------------------------------------- graph
@@ -618,9 +605,10 @@ def _known_formats() -> list[str]:
 
 
 def load(path, device="cpu"):
-    """Load any saved pyzeroq model: a fake-quantized model (:func:`save`), or by its ``"format"``
-    key another pyzeroq format (:data:`LOADERS`: the quantized detector). ValueError naming the
-    path and the known formats for anything else."""
+    """Load any saved pyzeroq model, read with ``torch.load(weights_only=True)`` and dispatched on its
+    ``"format"`` key: a fake-quantized model (:func:`save`; moved to ``device``), an integer model
+    (``IntegerModel.save``) or a quantized detector (:data:`LOADERS`). ValueError naming the path
+    and the known formats for anything else."""
     blob = _read(path)
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt == FORMAT:
@@ -656,7 +644,7 @@ def _load_quantized(blob: dict, path):
     if type(version) is not int or version > VERSION:
         raise ValueError(f"{path}: {FORMAT} version {version!r} (written by pyzeroq {blob.get('pyzeroq_version')}); "
                          f"this pyzeroq {__version__} reads up to version {VERSION}")
-    meta = {k: _check_plain(blob.get(k), k) for k in ("config", "bit_widths", "act_bits", "report", "selection")}
+    meta = {k: _plain(blob.get(k), k) for k in ("config", "bit_widths", "act_bits", "report", "selection")}
     try:
         config, notes = _config(meta["config"])
         report_fields = {f.name for f in dataclasses.fields(QuantReport)}
