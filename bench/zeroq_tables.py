@@ -13,6 +13,13 @@ end-to-end W8A8 ``quantize`` call (distillation included) broken down by stage.
 Distilled data are computed once per model (``distill_data`` with the QuantConfig
 defaults and seed 0: the same tensor ``calibration="distilled"`` would recompute for
 every row) and passed to the rows as calibration data.
+
+Mixed-precision rows that differ only in activation settings (act_bits, min/max vs
+percentile vs MSE ranges) share one bit-width search: the first row's
+``QuantizedModel.selection`` is passed to the others (``quantize(..., selection=)``), which
+gives the model a fresh search would (same weights, calibration data and selection
+settings; the size budget does not depend on activations). Their ``quantize_s`` excludes
+the search; ``selection_reused`` marks them in the JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ TABLE1 = [("W8A8", 8, None, 8), ("W6A6", 6, None, 6), ("W4A8", 4, None, 8), ("W4
           ("MP3/A4", CANDIDATES, 3, 4)]
 TABLE4 = [("MP4/A8", CANDIDATES, 4, 8), ("MP3/A8", CANDIDATES, 3, 8), ("W4A4", 4, None, 4)]
 TABLE5 = [("MP4/A8", 4, 8), ("MP3/A8", 3, 8)]
+# QuantConfig fields (beyond weight bits, budget and calibration data) the bit-width
+# selection depends on among those the rows vary; act_bits / act_range / percentile do not
+# (budget_metric "size")
+SELECTION_FIELDS = ("mp_method", "seed")
 
 
 class Runner:
@@ -55,6 +66,7 @@ class Runner:
         self.fp_top1, self.fp_pred = fp.top1, fp.predictions
         self._distilled = None
         self.distill_seconds = 0.0
+        self._selections = {}  # (calibration, weight bits, avg, SELECTION_FIELDS) -> Selection
         train_x, _ = load_fashion_mnist("train")
         pick = np.random.default_rng(0).choice(len(train_x), NUM_SAMPLES, replace=False)
         self.real = torch.from_numpy(train_x[np.sort(pick)]).float().div(255).unsqueeze(1)
@@ -74,13 +86,18 @@ class Runner:
         cfg = zq.QuantConfig(weight_bits=weight_bits, avg_weight_bits=avg, act_bits=act_bits,
                              calibration="gaussian" if data is None else "real", calibration_data=data,
                              num_samples=NUM_SAMPLES, progress=False, **kwargs)
+        key = (calibration, weight_bits, avg, *(getattr(cfg, f) for f in SELECTION_FIELDS)) \
+            if cfg.mixed_precision else None
+        selection = self._selections.get(key)
         t0 = time.perf_counter()
-        q = zq.quantize(self.model, cfg, input_shape=INPUT_SHAPE)
+        q = zq.quantize(self.model, cfg, input_shape=INPUT_SHAPE, selection=selection)
         seconds = time.perf_counter() - t0
+        if key is not None:
+            self._selections[key] = q.selection
         result = zq.evaluate(q, self.images, self.labels)
         return {"top1": result.top1, "agreement_with_fp": float((result.predictions == self.fp_pred).mean()),
                 "size_mb": q.report.size_bytes / 1e6, "quantize_s": seconds, "bit_widths": q.bit_widths,
-                "relaxation": q.report.relaxation}
+                "relaxation": q.report.relaxation, "selection_reused": selection is not None}
 
 
 def fmt(x: float) -> str:

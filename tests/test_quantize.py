@@ -7,11 +7,12 @@ from torch import nn
 from toy_models import TinyNet, trained_tiny
 
 import pyzeroq as zq
-from pyzeroq import models
+from pyzeroq import models, pipeline
 from pyzeroq.data import load_fashion_mnist
 from pyzeroq.distill import BNStatistics, NoBatchNormError, distill_data
+from pyzeroq.models.layers import Normalize, conv_bn
 from pyzeroq.modules import QuantAct, prepare, quant_layers, set_act_mode, set_weight_bits
-from pyzeroq.quantize import SAME_SIZE_BINS, _same_size_choice
+from pyzeroq.pipeline import SAME_SIZE_BINS, _same_size_choice
 from pyzeroq.sensitivity import JointEvaluator, kl_divergence
 
 FAST = dict(num_samples=16, distill_iters=20, progress=False)
@@ -68,7 +69,9 @@ def test_same_seed_same_model_and_bits():
     b = zq.quantize(model, cfg, input_shape=SHAPE)
     assert a.bit_widths == b.bit_widths
     sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa.keys() == sb.keys()
+    for k in sa:  # tensors, and the quantizers' extra state (plain values)
+        assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k], k
     x = torch.rand(4, 1, 16, 16)
     assert torch.equal(a(x), b(x))
 
@@ -221,15 +224,59 @@ def test_precomputed_distilled_data_gives_the_same_model():
     assert torch.equal(direct(x), reused(x))
 
 
-def test_pyzeroq_quantize_stays_callable_after_importing_the_module(tmp_path):
+def test_pyzeroq_quantize_is_the_function_and_importing_the_pipeline_keeps_it(tmp_path):
     import os
     import subprocess
     import sys
 
     import pyzeroq
-    code = ("import pyzeroq.quantize, pyzeroq; from pyzeroq.quantize import QuantizedModel; "
-            "import inspect; assert callable(pyzeroq.quantize); "
-            "assert inspect.signature(pyzeroq.quantize.quantize).parameters")
+    code = ("import inspect, types, pyzeroq; f = pyzeroq.quantize; "
+            "import pyzeroq.pipeline; from pyzeroq.pipeline import QuantizedModel, QuantReport, quantize; "
+            "assert isinstance(pyzeroq.quantize, types.FunctionType) and pyzeroq.quantize is f is quantize; "
+            "assert isinstance(pyzeroq.pipeline, types.ModuleType); "
+            "assert list(inspect.signature(pyzeroq.quantize).parameters)[:3] == ['model', 'config', 'input_shape']")
     # a fresh interpreter that imports the same pyzeroq as this process (not a source tree in cwd)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(pyzeroq.__file__))))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    # in this process too, whatever the import order
+    import pyzeroq.pipeline
+    assert zq.quantize is pyzeroq.pipeline.quantize
+
+
+def test_a_selection_is_reused_explicitly_and_skips_the_search(monkeypatch):
+    """bench/zeroq_tables.py quantizes the same weights at several activation settings with one
+    search: QuantizedModel.selection passed back in gives the model a fresh search gives."""
+    model = trained_tiny()
+    base = dict(weight_bits=(2, 4, 8), avg_weight_bits=4, **FAST)
+    first = zq.quantize(model, zq.QuantConfig(act_bits=8, **base), input_shape=SHAPE)
+    assert first.selection.bit_widths == first.bit_widths and first.selection.relaxation is not None
+    fresh = zq.quantize(model, zq.QuantConfig(act_bits=4, **base), input_shape=SHAPE)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("select_bits ran although a selection was given")
+    monkeypatch.setattr(pipeline, "select_bits", no_search)
+    reused = zq.quantize(model, zq.QuantConfig(act_bits=4, **base), input_shape=SHAPE, selection=first.selection)
+    assert reused.selection == fresh.selection and reused.bit_widths == fresh.bit_widths
+    for field in ("chosen", "frontier", "relaxation", "sensitivity"):
+        assert getattr(reused.report, field) == getattr(fresh.report, field), field
+    x = torch.rand(4, *SHAPE)
+    assert torch.equal(reused(x), fresh(x))
+
+
+def test_a_selection_that_does_not_fit_is_rejected():
+    model = trained_tiny(steps=1)
+    base = dict(weight_bits=(2, 4, 8), **FAST)
+    sel = zq.quantize(model, zq.QuantConfig(avg_weight_bits=4, mp_relaxation=False, **base),
+                      input_shape=SHAPE).selection
+    with pytest.raises(TypeError, match="selection"):
+        zq.quantize(model, zq.QuantConfig(avg_weight_bits=4, **base), input_shape=SHAPE, selection=sel.bit_widths)
+    with pytest.raises(ValueError, match="selection is only used with mixed precision"):
+        zq.quantize(model, zq.QuantConfig(weight_bits=4, **FAST), input_shape=SHAPE, selection=sel)
+    with pytest.raises(ValueError, match="selection was made over weight bits"):
+        zq.quantize(model, zq.QuantConfig(weight_bits=(2, 8), avg_weight_bits=4, **FAST), input_shape=SHAPE,
+                    selection=sel)
+    with pytest.raises(ValueError, match="selection was made for another model or budget"):
+        zq.quantize(model, zq.QuantConfig(avg_weight_bits=3, **base), input_shape=SHAPE, selection=sel)
+    other = nn.Sequential(Normalize(), conv_bn(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 10)).eval()
+    with pytest.raises(ValueError, match="selection was made for another model"):
+        zq.quantize(other, zq.QuantConfig(avg_weight_bits=4, **base), input_shape=SHAPE, selection=sel)

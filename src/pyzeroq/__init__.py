@@ -26,14 +26,14 @@ if os.environ.get(_CORE_DIR_ENV):
 # public name -> (module, attribute)
 _LAZY = {
     "QuantConfig": ("pyzeroq.config", "QuantConfig"),
-    "quantize": ("pyzeroq.quantize", "quantize"),
+    "quantize": ("pyzeroq.pipeline", "quantize"),
     "evaluate": ("pyzeroq.evaluation", "evaluate"),
     "to_integer": ("pyzeroq.integer.convert", "to_integer"),
     "export_onnx": ("pyzeroq.export", "export_onnx"),
     "load": ("pyzeroq.io", "load"),
 }
 _SUBMODULES = ("ops", "data", "models", "pareto", "integer", "detection", "distill",
-               "sensitivity", "modules", "config", "export", "cli", "io")
+               "sensitivity", "modules", "config", "export", "cli", "pipeline", "io")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 

@@ -58,6 +58,8 @@ def cmd_quantize(args) -> int:
         bits = qmodel.bit_widths[name]
         omega = report.sensitivity.get(name, {}).get(bits)
         print(f"| {name} | {report.params[name]} | {bits} | {'-' if omega is None else f'{omega:.3e}'} |")
+    for note in report.notes:
+        print(f"note: {note}")
     print(f"\nsize: {report.size_bytes / 1e6:.4f} MB (FP32: {report.fp_size_bytes / 1e6:.4f} MB)")
     if report.relaxation:
         print(f"Appendix-A refinement: exact KL {report.relaxation['exact_kl']:.4e} "

@@ -1,21 +1,23 @@
-"""``pyzeroq.quantize``: the ZeroQ pipeline end to end.
+"""``pyzeroq.pipeline``: the ZeroQ pipeline end to end (``pyzeroq.quantize`` is :func:`quantize`).
 
-distill (or gaussian / real) calibration data -> fx surgery (BN folding, quantizers)
--> per-layer KL sensitivities -> Pareto choice of weight bits (+ Appendix-A grouped
-refinement) -> activation-range calibration -> fake-quantized model with a report.
+validate (model copyable, floating point, fits ``input_shape`` / ``calibration_data``,
+fx-traceable) -> fx surgery (BN folding, quantizers) -> calibration data (distilled,
+Gaussian or real) -> per-layer KL sensitivities -> Pareto choice of weight bits
+(:func:`select_bits`, with the Appendix-A grouped refinement) -> activation-range
+calibration -> fake-quantized model with a report.
+
+Nothing here keeps state between calls: the same arguments give the same model in any
+process, and neither the given model nor the global torch RNG is changed.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import numbers
-import sys
 import time
-import types
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -30,10 +32,14 @@ from .sensitivity import JointEvaluator, layer_sensitivities
 
 FLOAT_BITS = 32
 BITS_PER_BYTE = 8
+BYTES_PER_MB = 1e6
 CALIBRATION_BATCH = 256
 # Random / Inverse (Table V) pick among configurations of the budget's size: the largest
 # cost <= budget on a grid of this many bins (when QuantConfig.pareto_bins is None).
 SAME_SIZE_BINS = 1000
+WORKING_DTYPE = torch.float32  # models of other float dtypes are quantized as a float32 copy
+DRY_RUN_BATCH = 1  # images of the validation forward pass (the model is in eval mode)
+COPY_SEARCH_DEPTH = 16  # attribute levels searched for the part of a model deepcopy fails on
 
 
 @dataclass
@@ -52,6 +58,7 @@ class QuantReport:
     float_ops: list[str] = field(default_factory=list)
     distill_loss: tuple[float, float] | None = None
     relaxation: dict | None = None
+    notes: list[str] = field(default_factory=list)  # what quantize adapted (e.g. a float64 model)
 
     def plot_pareto(self, path: str) -> None:
         """Draw the (size, total sensitivity) frontier with the chosen point."""
@@ -62,10 +69,11 @@ class QuantReport:
         if not self.frontier:
             raise ValueError("no frontier in this report (uniform precision was requested)")
         fig, ax = plt.subplots(figsize=(6, 4))
-        mb = np.asarray(self.frontier["size_bytes"]) / 1e6
+        mb = np.asarray(self.frontier["size_bytes"]) / BYTES_PER_MB
         ax.step(mb, self.frontier["total_sensitivity"], where="post", label="Pareto frontier (additive)")
-        ax.plot([self.chosen["size_bytes"] / 1e6], [self.chosen["estimate"]], "r*", ms=12, label="chosen")
-        ax.axvline(self.chosen["budget_bytes"] / 1e6, color="gray", ls="--", label="budget")
+        ax.plot([self.chosen["size_bytes"] / BYTES_PER_MB], [self.chosen["estimate"]], "r*", ms=12,
+                label="chosen")
+        ax.axvline(self.chosen["budget_bytes"] / BYTES_PER_MB, color="gray", ls="--", label="budget")
         ax.set_xlabel("weight size (MB)")
         ax.set_ylabel("sum of sensitivities")
         ax.set_yscale("log")
@@ -75,17 +83,58 @@ class QuantReport:
         plt.close(fig)
 
 
+@dataclass(frozen=True)
+class Frontier:
+    """The additive Pareto frontier: total cost and sum of sensitivities per point."""
+    cost: tuple[int, ...]
+    total_sensitivity: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """Outcome of the Appendix-A grouped search (exact KL on the first ``mp_eval_samples`` images)."""
+    exact_kl: float                     # of the grouped search's best configuration
+    independent_choice_exact_kl: float  # of the plain (independent) DP choice
+    evaluations: int                    # configurations re-evaluated exactly
+    batched_calls: int                  # batched forward calls they took
+    kept: str                           # "grouped" or "independent" (the lower exact KL)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Weight bits chosen by :func:`select_bits`: ``choice[i]`` indexes ``candidates`` for
+    ``layers[i]``; ``estimate`` is the additive sum of sensitivities of that choice and
+    ``budget`` the cost budget it was chosen under (units of :func:`cost_matrix`)."""
+    layers: tuple[str, ...]
+    candidates: tuple[int, ...]
+    choice: tuple[int, ...]
+    estimate: float
+    budget: int
+    frontier: Frontier | None = None      # None for mp_method "random" / "inverse"
+    relaxation: Relaxation | None = None  # None unless mp_relaxation (and mp_method "zeroq")
+
+    @property
+    def bit_widths(self) -> dict[str, int]:
+        return {name: self.candidates[c] for name, c in zip(self.layers, self.choice)}
+
+
 class QuantizedModel(nn.Module):
-    """Fake-quantized model returned by :func:`quantize`; runs in torch."""
+    """Fake-quantized model returned by :func:`quantize`; runs in torch.
+
+    ``selection`` is the :class:`Selection` behind ``bit_widths`` (None for uniform
+    precision); pass it to another :func:`quantize` call of the same model, calibration
+    data and selection settings to skip the search (e.g. other activation settings).
+    """
 
     def __init__(self, graph_module: nn.Module, bit_widths: dict[str, int], act_bits: int | None,
-                 report: QuantReport, config: QuantConfig):
+                 report: QuantReport, config: QuantConfig, selection: Selection | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.bit_widths = bit_widths
         self.act_bits = act_bits
         self.report = report
         self.config = config
+        self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph_module(x)
@@ -106,6 +155,8 @@ class QuantizedModel(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+# ---------------------------------------------------------------- argument validation
+
 def _check_input_shape(input_shape) -> tuple[int, ...]:
     if not isinstance(input_shape, (tuple, list)) or not input_shape or \
             not all(isinstance(d, numbers.Integral) and d > 0 for d in input_shape):
@@ -114,22 +165,162 @@ def _check_input_shape(input_shape) -> tuple[int, ...]:
     return tuple(int(d) for d in input_shape)
 
 
-def calibration_data(model: nn.Module, config: QuantConfig, input_shape, report: QuantReport) -> torch.Tensor:
+def check_calibration_data(data, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``calibration_data`` as a float tensor [N, ...] (N >= 1), without copying.
+
+    Accepts a float torch tensor or numpy array in the model's input domain. Raises
+    TypeError for anything else (a tuple such as ``(images, labels)`` included: pass only
+    the images) and ValueError for non-float values, no batch dimension, N == 0, NaN/Inf,
+    or a sample shape other than ``input_shape`` (when given).
+    """
+    expected = "one float tensor or numpy array of images [N, C, H, W] in the model's input domain"
+    if isinstance(data, (tuple, list)):
+        raise TypeError(f"calibration_data must be {expected}; got a {type(data).__name__} of {len(data)} "
+                        "items: pass only the images (not (images, labels))")
+    if isinstance(data, np.ndarray):
+        if not np.issubdtype(data.dtype, np.floating):
+            raise ValueError(f"calibration_data must hold floats (e.g. uint8 pixels / 255), got dtype {data.dtype}")
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    elif not isinstance(data, torch.Tensor):
+        raise TypeError(f"calibration_data must be {expected}; got {type(data).__name__}")
+    if not data.is_floating_point():
+        raise ValueError(f"calibration_data must hold floats (e.g. uint8 pixels / 255), got dtype {data.dtype}")
+    if data.dim() < 2:
+        raise ValueError(f"calibration_data must be [N, ...] with a batch dimension first, "
+                         f"got shape {tuple(data.shape)}")
+    if data.shape[0] == 0:
+        raise ValueError(f"calibration_data is empty (N = 0, shape {tuple(data.shape)})")
+    if input_shape is not None and tuple(data.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"calibration_data samples have shape {tuple(data.shape[1:])} but input_shape is "
+                         f"{tuple(input_shape)}")
+    if not torch.isfinite(data).all():
+        raise ValueError("calibration_data contains NaN or Inf")
+    return data
+
+
+def _children(obj, path: str):
+    """(path, value) of what deepcopy of ``obj`` recurses into (modules by their child names)."""
+    if isinstance(obj, dict):
+        return [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    out = []
+    for name, value in (getattr(obj, "__dict__", None) or {}).items():
+        if isinstance(obj, nn.Module) and name in ("_modules", "_parameters", "_buffers"):
+            out += [(f"{path}.{k}", v) for k, v in value.items()]
+        else:
+            out.append((f"{path}.{name}", value))
+    return out
+
+
+def _find_uncopyable(obj, path: str, seen: set, depth: int = 0):
+    """(path, value, exception) of the innermost part of ``obj`` that deepcopy fails on, or None."""
+    if depth > COPY_SEARCH_DEPTH or id(obj) in seen:
+        return None
+    seen.add(id(obj))
+    for child_path, value in _children(obj, path):
+        try:
+            copy.deepcopy(value)
+        except Exception as exc:  # whatever the attribute's __deepcopy__ / pickling raises
+            return _find_uncopyable(value, child_path, seen, depth + 1) or (child_path, value, exc)
+    return None
+
+
+def _deepcopy_model(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        found = _find_uncopyable(model, "model", set())
+        path, value, error = found if found is not None else ("model", model, exc)
+        raise TypeError(f"model cannot be deep-copied (quantize works on a copy and never modifies the given "
+                        f"model): {path} ({type(value).__name__}) fails with {type(error).__name__}: {error}; "
+                        "remove that attribute or make it copyable (e.g. define __deepcopy__)") from exc
+
+
+def _working_copy(model: nn.Module, device: str, notes: list[str]) -> nn.Module:
+    """A float32, eval-mode copy of ``model`` on ``device``; a note when the dtype changed."""
+    work = _deepcopy_model(model)
+    not_float = [f"{n} ({p.dtype})" for n, p in work.named_parameters() if not p.is_floating_point()]
+    if not_float:
+        raise TypeError(f"model parameters must be floating point; not: {', '.join(not_float)}")
+    tensors = list(work.parameters()) + [b for b in work.buffers() if b.is_floating_point()]
+    dtypes = sorted({str(t.dtype) for t in tensors if t.dtype != WORKING_DTYPE})
+    if dtypes:
+        notes.append(f"the model holds {', '.join(dtypes)} tensors: a float32 copy was quantized "
+                     "(the given model is unchanged)")
+        work = work.float()
+    return work.eval().to(device)
+
+
+def _dry_forward(model: nn.Module, sample: torch.Tensor, argument: str) -> None:
+    """One forward pass on ``sample``; ValueError naming ``argument`` when the model rejects it."""
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as exc:  # the model's own error, whatever its type
+        raise ValueError(f"{argument} does not fit the model: a forward pass on a batch of shape "
+                         f"{tuple(sample.shape)} failed with {type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise ValueError(f"model must return one float tensor of logits [N, classes], got {type(out).__name__}")
+
+
+def _check_selection(selection, config: QuantConfig) -> None:
+    if selection is None:
+        return
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a pyzeroq.pipeline.Selection (QuantizedModel.selection), "
+                        f"got {type(selection).__name__}")
+    if not config.mixed_precision:
+        raise ValueError("selection is only used with mixed precision (several weight_bits candidates)")
+    if selection.candidates != config.weight_candidates:
+        raise ValueError(f"selection was made over weight bits {selection.candidates}, "
+                         f"config has {config.weight_candidates}")
+
+
+def _validated_copy(model, config: QuantConfig, input_shape, selection, notes: list[str]):
+    """Every cheap check before any expensive stage; (working copy, input_shape, real data or None)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a pyzeroq.QuantConfig, got {type(config).__name__}")
+    try:
+        torch.device(config.device)
+    except RuntimeError as exc:
+        raise ValueError(f"config.device {config.device!r} is not a torch device: {exc}") from exc
+    real = config.calibration == "real"
+    shape = _check_input_shape(input_shape) if not real or input_shape is not None else None
+    data = check_calibration_data(config.calibration_data, shape) if real else None
+    _check_selection(selection, config)
+    work = _working_copy(model, config.device, notes)
+    if real:
+        _dry_forward(work, data[:DRY_RUN_BATCH].to(WORKING_DTYPE).to(config.device), "calibration_data")
+    else:
+        _dry_forward(work, torch.zeros((DRY_RUN_BATCH, *shape), device=config.device), f"input_shape={shape}")
+    return work, shape
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+def calibration_data(model: nn.Module, config: QuantConfig, input_shape=None):
+    """Calibration images for ``model``: float32 [config.num_samples, *input_shape] on
+    ``config.device`` and the distillation loss (initial, final), None unless distilled.
+
+    "real" uses (the first ``num_samples`` of) ``config.calibration_data`` (see
+    :func:`check_calibration_data` for its errors); "gaussian" / "distilled" need
+    ``input_shape`` (no batch dimension). Distillation raises NoBatchNormError (a
+    ValueError) for a model without BatchNorm.
+    """
     if config.calibration == "real":
-        data = config.calibration_data
-        data = torch.as_tensor(data) if not isinstance(data, torch.Tensor) else data
-        if not data.is_floating_point() or data.dim() < 2:
-            raise ValueError("calibration_data must be a float tensor [N, ...] in the model's input domain")
-        return data[:config.num_samples].float().to(config.device)
+        data = check_calibration_data(config.calibration_data, input_shape)
+        return data[:config.num_samples].to(WORKING_DTYPE).to(config.device), None
     shape = _check_input_shape(input_shape)
     if config.calibration == "gaussian":
         return gaussian_inputs(model, (config.num_samples, *shape), torch.Generator().manual_seed(config.seed),
-                               config.device)
+                               config.device), None
     result = distill_data(model, shape, num_samples=config.num_samples, iters=config.distill_iters,
                           batch_size=config.distill_batch_size, lr=config.distill_lr, seed=config.seed,
                           device=config.device, progress=config.progress)
-    report.distill_loss = (result.initial_loss, result.final_loss)
-    return result.data
+    return result.data, (result.initial_loss, result.final_loss)
 
 
 @torch.no_grad()
@@ -146,8 +337,9 @@ def _layer_macs(gm: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     return macs
 
 
-def _cost_matrix(report: QuantReport, config: QuantConfig) -> tuple[np.ndarray, int]:
-    """Integer cost[L, B] (bits of weights, or BOPs) divided by their gcd, and the budget in those units."""
+def cost_matrix(report: QuantReport, config: QuantConfig) -> tuple[np.ndarray, int]:
+    """Integer cost[L, B] (int64: bits of weights, or BOPs, of layer ``report.layers[i]`` at
+    ``report.candidates[b]``) divided by their gcd, and the budget in those units."""
     base = report.params if config.budget_metric == "size" else report.macs
     act = 1 if config.budget_metric == "size" else (config.act_bits or FLOAT_BITS)
     raw = np.array([[base[n] * b * act for b in report.candidates] for n in report.layers], dtype=np.int64)
@@ -155,21 +347,6 @@ def _cost_matrix(report: QuantReport, config: QuantConfig) -> tuple[np.ndarray, 
     budget_raw = math.floor(sum(base[n] for n in report.layers) * target * act)
     unit = int(np.gcd.reduce(raw.ravel()))
     return raw // unit, budget_raw // unit
-
-
-def _selection_key(gm: nn.Module, data: torch.Tensor, omega: np.ndarray, cost: np.ndarray, budget: int,
-                   config: QuantConfig) -> str:
-    """Everything the bit-width selection depends on, hashed (weights, data, sensitivities, knobs)."""
-    h = hashlib.sha256()
-    for arr in (omega, cost, np.array([budget])):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    h.update(data.detach().cpu().contiguous().numpy().tobytes())
-    for layer in quant_layers(gm).values():
-        h.update(layer.weight.detach().cpu().contiguous().numpy().tobytes())
-    h.update(repr((config.weight_candidates, config.mp_method, config.mp_relaxation, config.mp_keep_estimate,
-                   config.mp_group_size, config.mp_size_bins, config.mp_keep_exact, config.mp_eval_samples,
-                   config.pareto_bins, config.seed)).encode())
-    return h.hexdigest()
 
 
 def _same_size_choice(objective: np.ndarray, cost: np.ndarray, budget: float, bins: int) -> np.ndarray:
@@ -181,118 +358,100 @@ def _same_size_choice(objective: np.ndarray, cost: np.ndarray, budget: float, bi
     return kb.choices[int(np.argmax(sizes)), 0]
 
 
-def _select(gm, data, omega, cost, budget, config, report) -> tuple[np.ndarray, float]:
-    """(choice per layer, additive estimate); fills the frontier / relaxation fields of ``report``."""
-    bins = config.pareto_bins
+def _grouped_refinement(gm, layers, data, sensitivity, cost, budget, choice, config):
+    """Appendix-A grouped search; (choice with the lower exact KL, :class:`Relaxation`)."""
+    evaluator = JointEvaluator(gm, list(layers), config.weight_candidates, data[:config.mp_eval_samples])
+    result = pareto.grouped_search(
+        sensitivity, cost, budget, evaluator, group_size=config.mp_group_size,
+        keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
+        keep_per_bin_exact=config.mp_keep_exact, bins=config.pareto_bins)
+    independent_kl = float(evaluator(np.asarray(choice)[None, :])[0])
+    grouped = np.asarray(result.choice)
+    # keep the plain DP choice if the grouped search found nothing better by exact KL
+    if float(result.total) <= independent_kl:
+        choice = grouped
+    kept = "grouped" if np.array_equal(choice, grouped) else "independent"
+    return np.asarray(choice), Relaxation(float(result.total), independent_kl, evaluator.configurations,
+                                          evaluator.calls, kept)
+
+
+def select_bits(gm: nn.Module, layers, data: torch.Tensor, sensitivity: np.ndarray, cost: np.ndarray,
+                budget: int, config: QuantConfig) -> Selection:
+    """Weight bits per layer on the Pareto frontier under ``budget`` (ZeroQ Eq. 4).
+
+    gm: the prepared model (:func:`pyzeroq.modules.prepare`); layers: its quantized layer
+    names (L, graph order); data: float calibration images [N, ...] (the first
+    ``config.mp_eval_samples`` feed the exact re-evaluation); sensitivity: float64 [L, B]
+    and cost: int64 [L, B] over ``config.weight_candidates`` (B); budget: in cost units.
+    ``config.mp_method`` "random" / "inverse" pick a budget-sized configuration (Table V).
+
+    A pure function of its inputs: nothing is cached or reported here. Side effect: the
+    grouped search leaves gm's weights unquantized and its activation quantizers off.
+    Raises ValueError when the matrix shapes do not match ``layers`` x candidates.
+    """
+    layers, cand = tuple(layers), config.weight_candidates
+    sensitivity, cost = np.asarray(sensitivity, dtype=np.float64), np.asarray(cost)
+    if sensitivity.shape != (len(layers), len(cand)) or cost.shape != sensitivity.shape:
+        raise ValueError(f"sensitivity {sensitivity.shape} and cost {cost.shape} must both be "
+                         f"[layers, candidates] = {(len(layers), len(cand))}")
+    bins, frontier, relaxation = config.pareto_bins, None, None
     if config.mp_method in ("random", "inverse"):
         if config.mp_method == "random":  # uniform-random scores: a random configuration
-            objective = np.random.default_rng(config.seed).random(omega.shape)
+            objective = np.random.default_rng(config.seed).random(sensitivity.shape)
         else:  # minimizing this maximizes the sum of sensitivities
-            objective = omega.max() - omega
+            objective = sensitivity.max() - sensitivity
         choice = _same_size_choice(objective, cost, budget, bins or SAME_SIZE_BINS)
-        return choice, float(sum(omega[i, c] for i, c in enumerate(choice)))
-    choice, _ = pareto.solve(omega, cost, budget, bins=bins)
-    frontier = pareto.frontier(omega, cost, bins=bins)
-    report.frontier = {"cost": [int(c) for c in frontier.cost],
-                       "total_sensitivity": [float(t) for t in frontier.total]}
-    if config.mp_relaxation:
-        evaluator = JointEvaluator(gm, report.layers, report.candidates, data[:config.mp_eval_samples])
-        result = pareto.grouped_search(
-            omega, cost, budget, evaluator, group_size=config.mp_group_size,
-            keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
-            keep_per_bin_exact=config.mp_keep_exact, bins=bins)
-        independent_kl = float(evaluator(np.asarray(choice)[None, :])[0])
-        report.relaxation = {"exact_kl": float(result.total), "independent_choice_exact_kl": independent_kl,
-                             "evaluations": evaluator.configurations, "batched_calls": evaluator.calls}
-        # keep the plain DP choice if the grouped search found nothing better by exact KL
-        if float(result.total) <= independent_kl:
-            choice = np.asarray(result.choice)
-        report.relaxation["kept"] = "grouped" if \
-            np.array_equal(choice, np.asarray(result.choice)) else "independent"
-    return np.asarray(choice), float(sum(omega[i, c] for i, c in enumerate(choice)))
-
-
-_SELECTION_CACHE: OrderedDict[str, tuple] = OrderedDict()
-SELECTION_CACHE_SIZE = 32
-
-
-def choose_bits(gm: nn.Module, data: torch.Tensor, config: QuantConfig, report: QuantReport) -> dict[str, int]:
-    """Weight bits per layer on the Pareto frontier under the size (or BOPs) budget.
-
-    The selection is deterministic in its inputs, so it is memoized (bounded LRU): repeated
-    calls with the same model, calibration data and knobs (e.g. the same weights at 4- and
-    8-bit activations) skip the grouped search.
-    """
-    cand = report.candidates
-    omega = np.array([[report.sensitivity[n][b] for b in cand] for n in report.layers])
-    cost, budget = _cost_matrix(report, config)
-    key = _selection_key(gm, data, omega, cost, budget, config)
-    if key in _SELECTION_CACHE:
-        _SELECTION_CACHE.move_to_end(key)
-        choice, estimate, frontier, relaxation = _SELECTION_CACHE[key]
-        report.frontier, report.relaxation = copy.deepcopy(frontier), copy.deepcopy(relaxation)
     else:
-        choice, estimate = _select(gm, data, omega, cost, budget, config, report)
-        _SELECTION_CACHE[key] = (choice, estimate, copy.deepcopy(report.frontier), copy.deepcopy(report.relaxation))
-        if len(_SELECTION_CACHE) > SELECTION_CACHE_SIZE:
-            _SELECTION_CACHE.popitem(last=False)
+        choice, _ = pareto.solve(sensitivity, cost, budget, bins=bins)
+        front = pareto.frontier(sensitivity, cost, bins=bins)
+        frontier = Frontier(tuple(int(c) for c in front.cost), tuple(float(t) for t in front.total))
+        if config.mp_relaxation:
+            choice, relaxation = _grouped_refinement(gm, layers, data, sensitivity, cost, budget, choice, config)
+    choice = tuple(int(c) for c in np.asarray(choice))
+    estimate = float(sum(sensitivity[i, c] for i, c in enumerate(choice)))
+    return Selection(layers, cand, choice, estimate, int(budget), frontier, relaxation)
+
+
+def _record_selection(report: QuantReport, selection: Selection, cost: np.ndarray, config: QuantConfig) -> None:
+    """Fill the report's frontier / relaxation / chosen fields from ``selection``."""
+    cand = report.candidates
     unit_bytes = (report.params[report.layers[0]] * cand[0]) / cost[0, 0] / BITS_PER_BYTE \
         if config.budget_metric == "size" else None
-    if unit_bytes is not None and report.frontier:
-        report.frontier["size_bytes"] = [float(c * unit_bytes) for c in report.frontier["cost"]]
-    chosen_cost = int(sum(cost[i, c] for i, c in enumerate(choice)))
-    report.chosen = {"cost": chosen_cost, "budget": int(budget), "estimate": estimate}
+    if selection.frontier is not None:
+        report.frontier = {"cost": list(selection.frontier.cost),
+                           "total_sensitivity": list(selection.frontier.total_sensitivity)}
+        if unit_bytes is not None:
+            report.frontier["size_bytes"] = [float(c * unit_bytes) for c in selection.frontier.cost]
+    report.relaxation = asdict(selection.relaxation) if selection.relaxation is not None else None
+    chosen_cost = int(sum(cost[i, c] for i, c in enumerate(selection.choice)))
+    report.chosen = {"cost": chosen_cost, "budget": selection.budget, "estimate": selection.estimate}
     if unit_bytes is not None:
-        report.chosen.update(size_bytes=float(chosen_cost * unit_bytes), budget_bytes=float(budget * unit_bytes))
-    return {name: cand[int(c)] for name, c in zip(report.layers, choice)}
+        report.chosen.update(size_bytes=float(chosen_cost * unit_bytes),
+                             budget_bytes=float(selection.budget * unit_bytes))
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=None) -> QuantizedModel:
-    """Quantize ``model`` without training data (by default) and return a fake-quantized copy.
-
-    ``input_shape`` (without the batch dimension) is needed for distilled or Gaussian
-    calibration. The given model is never modified.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    config = QuantConfig() if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a pyzeroq.QuantConfig, got {type(config).__name__}")
-    if config.calibration != "real":
-        _check_input_shape(input_shape)
-    report = QuantReport(candidates=config.weight_candidates)
-    torch.manual_seed(config.seed)
-
+def _mixed_precision(gm, data, config: QuantConfig, report: QuantReport, selection: Selection | None):
+    """Sensitivities, then the given or a new :class:`Selection`; fills the report."""
     t0 = time.perf_counter()
-    float_model = model
-    data = calibration_data(float_model, config, input_shape, report)
-    report.timings[f"calibration_data ({config.calibration})"] = time.perf_counter() - t0
-
+    names, omega = layer_sensitivities(gm, data, report.candidates, progress=config.progress)
+    report.sensitivity = {n: {b: float(omega[i, j]) for j, b in enumerate(report.candidates)}
+                          for i, n in enumerate(names)}
+    report.timings["sensitivity"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gm, info = prepare(float_model, config.act_bits, config.per_channel, config.percentile, config.act_range)
-    gm.to(config.device)
-    report.layers = list(info.layers)
-    layers = quant_layers(gm)
-    report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
-    report.macs = _layer_macs(gm, data)
-    report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)
-    report.timings["surgery"] = time.perf_counter() - t0
-    if not report.layers:
-        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    omega = np.array([[report.sensitivity[n][b] for b in report.candidates] for n in report.layers])
+    cost, budget = cost_matrix(report, config)
+    if selection is None:
+        selection = select_bits(gm, report.layers, data, omega, cost, budget, config)
+    elif selection.layers != tuple(report.layers) or selection.budget != budget:
+        raise ValueError("selection was made for another model or budget (its layers or cost budget differ); "
+                         "pass the selection of a quantize call with the same model and config")
+    _record_selection(report, selection, cost, config)
+    report.timings["pareto"] = time.perf_counter() - t0
+    return selection
 
-    if config.mixed_precision:  # uniform precision needs no sensitivities (the costly part of W8A8)
-        t0 = time.perf_counter()
-        names, omega = layer_sensitivities(gm, data, report.candidates, progress=config.progress)
-        report.sensitivity = {n: {b: float(omega[i, j]) for j, b in enumerate(report.candidates)}
-                              for i, n in enumerate(names)}
-        report.timings["sensitivity"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        bit_widths = choose_bits(gm, data, config, report)
-        report.timings["pareto"] = time.perf_counter() - t0
-    else:
-        bit_widths = {n: report.candidates[0] for n in report.layers}
 
-    t0 = time.perf_counter()
+def _calibrate_activations(gm: nn.Module, data: torch.Tensor, bit_widths: dict[str, int],
+                           config: QuantConfig) -> None:
     set_weight_bits(gm, bit_widths)
     set_act_mode(gm, "observe")
     with torch.no_grad():
@@ -301,24 +460,88 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=No
     for q in act_quants(gm).values():
         q.freeze()
     set_act_mode(gm, "quantize" if config.act_bits is not None else "off")
-    report.timings["activation_calibration"] = time.perf_counter() - t0
 
-    report.size_bytes = int(sum(report.params[n] * bit_widths[n] for n in report.layers) / BITS_PER_BYTE
-                            + sum(p.numel() for n, p in gm.named_parameters()
-                                  if not (n.endswith("weight") and n.rsplit(".", 1)[0] in layers))
-                            * FLOAT_BITS / BITS_PER_BYTE)
+
+def _size_bytes(gm: nn.Module, report: QuantReport, bit_widths: dict[str, int]) -> int:
+    """Quantized weights at their bits plus every other parameter in float32."""
+    layers = quant_layers(gm)
+    other = sum(p.numel() for n, p in gm.named_parameters()
+                if not (n.endswith("weight") and n.rsplit(".", 1)[0] in layers))
+    return int(sum(report.params[n] * bit_widths[n] for n in report.layers) / BITS_PER_BYTE
+               + other * FLOAT_BITS / BITS_PER_BYTE)
+
+
+def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport) -> QuantizedModel:
+    t0 = time.perf_counter()
+    gm, info = prepare(work, config.act_bits, config.per_channel, config.percentile, config.act_range)
+    gm.to(config.device)
+    report.layers = list(info.layers)
+    if not report.layers:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    if selection is not None and selection.layers != tuple(report.layers):
+        raise ValueError("selection was made for another model (its layer names differ)")
+    layers = quant_layers(gm)
+    report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
+    report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)
+    report.timings["surgery"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    data, report.distill_loss = calibration_data(work, config, shape)
+    report.timings[f"calibration_data ({config.calibration})"] = time.perf_counter() - t0
+    report.macs = _layer_macs(gm, data)
+
+    if config.mixed_precision:  # uniform precision needs no sensitivities (the costly part of W8A8)
+        selection = _mixed_precision(gm, data, config, report, selection)
+        bit_widths = selection.bit_widths
+    else:
+        bit_widths = {n: report.candidates[0] for n in report.layers}
+
+    t0 = time.perf_counter()
+    _calibrate_activations(gm, data, bit_widths, config)
+    report.timings["activation_calibration"] = time.perf_counter() - t0
+    report.size_bytes = _size_bytes(gm, report, bit_widths)
     report.fp_size_bytes = int(sum(p.numel() for p in model.parameters()) * FLOAT_BITS / BITS_PER_BYTE)
     gm.eval()
-    return QuantizedModel(gm, bit_widths, config.act_bits, report, config)
+    return QuantizedModel(gm, bit_widths, config.act_bits, report, config, selection)
 
 
-class _CallableModule(types.ModuleType):
-    """``pyzeroq.quantize`` names both this module and the function :func:`quantize`.
-    Importing the module (``from pyzeroq.quantize import QuantizedModel``) makes Python
-    bind the package attribute to the module; calling it still runs :func:`quantize`."""
+@contextmanager
+def _seeded_rng(seed: int, device: str):
+    """Seed the CPU (and ``device``'s CUDA) RNG with ``seed`` inside a fork of it: the
+    caller's RNG state comes back on exit."""
+    dev = torch.device(device)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
-    def __call__(self, *args, **kwargs):
-        return quantize(*args, **kwargs)
 
+def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=None, *,
+             selection: Selection | None = None) -> QuantizedModel:
+    """Quantize ``model`` without training data (by default) and return a fake-quantized copy.
 
-sys.modules[__name__].__class__ = _CallableModule
+    model: an fx-traceable ``nn.Module`` with floating-point parameters (float64 / float16
+    models are quantized as a float32 copy, noted in ``report.notes``), taking float images.
+    input_shape: one sample's shape without the batch dimension, e.g. (1, 28, 28); needed
+    for distilled or Gaussian calibration, checked against ``calibration_data`` otherwise.
+    selection: a :class:`Selection` (``QuantizedModel.selection``) from an earlier call with
+    the same model, calibration data and selection settings; skips the bit-width search.
+
+    Everything cheap is checked before distillation: TypeError / ValueError naming
+    ``model`` (not deep-copyable: the attribute path; non-float parameters; not
+    fx-traceable), ``config``, ``input_shape`` or ``calibration_data`` (with the model's
+    own error when a forward pass on that shape fails). The given model, its training
+    flag and the global torch RNG are left unchanged; the same arguments give bit-identical
+    results in any process.
+    """
+    config = QuantConfig() if config is None else config
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    work, shape = _validated_copy(model, config, input_shape, selection, notes)
+    report = QuantReport(candidates=config.weight_candidates, notes=notes)
+    report.timings["validation"] = time.perf_counter() - t0
+    with _seeded_rng(config.seed, config.device):
+        return _run(model, work, config, shape, selection, report)
