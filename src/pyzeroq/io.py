@@ -39,11 +39,12 @@ Whitelists (checked when saving, so that every saved file loads, and again when 
   ``std`` computing exactly ``(x - mean) / std``, rebuilt as
   :class:`pyzeroq.models.Normalize`); ``torch.nn.<Name>`` classes defined under
   ``torch.nn.`` (rebuilt from their primitive attributes, without calling ``__init__``);
-* call_function targets: ``operator.*``, ``math.*``, ``torch.*``,
-  ``torch.nn.functional.*`` (public names, no classes or modules; minus the
-  side-effecting ``torch.load`` / ``save`` / ``from_file`` / ``compile`` / ``set_*`` ...
-  and ``operator.attrgetter`` / ``methodcaller`` / ``call``) and ``builtins.getattr``
-  of the tensor attributes in :data:`GETATTR_NAMES`;
+* call_function targets: public ``operator`` and ``math`` functions (not
+  ``operator.attrgetter`` / ``methodcaller`` / ``call``); in ``torch`` and
+  ``torch.nn.functional`` the tensor ops (C builtins) and the Python functions defined in
+  ``torch.functional`` / ``torch.nn.functional`` -- not ``torch.load`` / ``save`` /
+  ``from_file`` / ``compile`` / ``vmap`` / ``set_*`` / ``import_ir_module`` ...; and
+  ``builtins.getattr`` of the tensor attributes in :data:`GETATTR_NAMES`;
 * call_method targets: public ``torch.Tensor`` methods minus those leaving torch
   (``numpy``, ``tolist``, storage, hooks, ``apply_`` / ``map_`` ...);
 * call_module / get_attr targets: rebuilt modules, parameters and buffers only.
@@ -91,11 +92,10 @@ _NAME = re.compile(r"[A-Za-z0-9_]+\Z")  # one component of a module / parameter 
 _PLACEHOLDER = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*\Z")
 _FUNCTION_NAMESPACES = {"operator": operator, "math": math, "builtins": builtins, "torch": torch,
                         "torch.nn.functional": F}
-_DENIED_FUNCTIONS = {
-    "operator": {"attrgetter", "methodcaller", "call"},
-    "torch": {"load", "save", "from_file", "compile", "vmap", "cond", "while_loop", "manual_seed", "seed",
-              "use_deterministic_algorithms", "typename", "get_file_path"},
-}
+_DENIED_FUNCTIONS = {"operator": {"attrgetter", "methodcaller", "call"}, "torch": {"from_file"}}
+# torch / torch.nn.functional: the tensor ops (C builtins) and the Python functions of these modules;
+# not torch.load / save / compile / vmap / set_* / import_ir_module ... (other modules or C bindings)
+_TORCH_FUNCTION_MODULES = ("torch.functional", "torch.nn.functional")
 _ALLOWED_BUILTINS = {"getattr"}
 GETATTR_NAMES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "H", "mH", "is_cuda", "requires_grad",
                            "layout", "real", "imag", "data"})
@@ -226,6 +226,12 @@ def _function_key(fn, where: str) -> str:
                      f"({', '.join(_FUNCTION_NAMESPACES)})")
 
 
+def _is_tensor_op(fn) -> bool:
+    if type(fn).__name__ == "builtin_function_or_method":
+        return getattr(fn, "__self__", None) is None or getattr(fn, "__self__", None) is torch._C._nn
+    return type(fn).__name__ == "function" and fn.__module__ in _TORCH_FUNCTION_MODULES
+
+
 def _resolve_function(key, where: str):
     """The function of a whitelisted ``namespace.name`` key; ValueError for anything else."""
     ns_name, _, name = key.rpartition(".") if isinstance(key, str) else ("", "", "")
@@ -234,6 +240,8 @@ def _resolve_function(key, where: str):
         (name in _ALLOWED_BUILTINS if ns_name == "builtins" else
          name not in _DENIED_FUNCTIONS.get(ns_name, ()) and not name.startswith("set_"))
     fn = getattr(ns, name, None) if allowed else None
+    if ns_name.startswith("torch") and not _is_tensor_op(fn):
+        fn = None
     if fn is None or not callable(fn) or isinstance(fn, type) or type(fn).__name__ == "module":
         raise ValueError(f"{where}: function {key!r:.80} is not allowed (call_function targets: public "
                          f"functions of {', '.join(_FUNCTION_NAMESPACES)}; builtins only getattr)")
