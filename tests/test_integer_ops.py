@@ -248,3 +248,25 @@ def test_torch_tensors_accepted():
     y = zi.qadd(a, 0.1, 3, a, 0.2, 4, 0.3, 5)
     assert isinstance(y, np.ndarray) and y.shape == (2, 3)
     assert math.isfinite(float(y.sum()))
+
+
+# ---------------------------------------------------------------- dtype equality, not identity
+def test_kernels_accept_unpickled_arrays():
+    """Unpickled arrays carry an equal but not identical dtype object; the bindings compare
+    dtypes by equality (an unpickled IntegerModel once failed with "dtype uint8, got uint8")."""
+    import pickle
+
+    from pyzeroq import ops
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1, 2, 5, 5), dtype=np.uint8)
+    w = rng.integers(0, 256, (3, 2, 3, 3), dtype=np.uint8)
+    xp, wp = pickle.loads(pickle.dumps(x)), pickle.loads(pickle.dumps(w))
+    assert xp.dtype is not np.dtype(np.uint8)  # the case under test
+    ref, _ = zi.qlinear_conv2d(x, 0.02, 3, w, 0.01, 128, 0.5, 7, None, 1, 1)
+    got, _ = zi.qlinear_conv2d(xp, 0.02, 3, wp, 0.01, 128, 0.5, 7, None, 1, 1)
+    np.testing.assert_array_equal(ref, got)
+    data = rng.normal(size=16).astype(np.float32)
+    out = pickle.loads(pickle.dumps(np.empty(16, np.float32)))
+    ops.fake_quantize(data, 0.1, 3, 8, out=out)
+    np.testing.assert_array_equal(out, ops.fake_quantize(data, 0.1, 3, 8))

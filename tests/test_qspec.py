@@ -146,3 +146,12 @@ def test_surgery_records_fused_activation():
     gm, _ = prepare(trained_tiny(steps=0))
     kinds = {n: (m.activation, m.output_quant is not None) for n, m in quant_layers(gm).items()}
     assert kinds == {"c1.0": ("relu", True), "c2.0": (None, True), "c3.0": ("relu6", True), "fc": (None, False)}
+
+
+def test_records_pickle_with_canonical_dtypes():
+    import pickle
+    w = tq(4, [0.1, 0.2], [1, 2], axis=0)
+    rec = LayerQuant("fc", w, np.arange(6, dtype=np.uint8).reshape(2, 3), tq(), None, np.int32([5, -5]))
+    back = pickle.loads(pickle.dumps(rec))
+    assert back == rec and back.weight_codes.dtype is np.dtype(np.uint8)
+    assert pickle.loads(pickle.dumps(w)) == w

@@ -32,7 +32,7 @@ using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 U8 code_array(const py::object& o, const char* name, int ndim_min, int ndim_max) {
   if (!py::isinstance<py::array>(o)) throw py::type_error(std::string(name) + " must be a numpy array of uint8 codes");
   py::array a = py::reinterpret_borrow<py::array>(o);
-  if (!a.dtype().is(py::dtype::of<uint8_t>()))
+  if (!a.dtype().equal(py::dtype::of<uint8_t>()))
     throw py::type_error(std::string(name) + " must have dtype uint8, got " + std::string(py::str(a.dtype())));
   if (a.ndim() < ndim_min || a.ndim() > ndim_max)
     value_error(std::string(name) + " must have " + std::to_string(ndim_min) +
@@ -345,7 +345,7 @@ py::tuple matmul_integer(const py::object& a_o, const py::object& a_zero_point, 
 py::array requantize(const py::object& acc_o, const py::object& multiplier, const py::object& y_zero_point, int axis,
                      bool has_axis, const std::string& rounding, int out_bits, bool relu,
                      const std::string& dyadic_rounding, int dyadic_bits, int dyadic_shift) {
-  if (!py::isinstance<py::array>(acc_o) || !py::reinterpret_borrow<py::array>(acc_o).dtype().is(py::dtype::of<int32_t>()))
+  if (!py::isinstance<py::array>(acc_o) || !py::reinterpret_borrow<py::array>(acc_o).dtype().equal(py::dtype::of<int32_t>()))
     throw py::type_error("acc must be a numpy array of dtype int32");
   auto acc = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(acc_o);
   const RequantSpec spec = parse_spec(rounding, dyadic_rounding, dyadic_bits, dyadic_shift);

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import ops
 
-__all__ = ["TensorQuant", "LayerQuant", "ACTIVATIONS", "RELU6_MAX"]
+__all__ = ["TensorQuant", "LayerQuant", "ACTIVATIONS", "RELU6_MAX", "activation_clamp", "bias_scale", "quantize_bias"]
 
 MIN_BITS, MAX_BITS = 2, 16
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -36,7 +36,9 @@ ACTIVATIONS = (None, "relu", "relu6")  # clamps fused into a layer's output requ
 
 
 def _frozen_array(value, dtype) -> np.ndarray:
-    arr = np.array(value, dtype=dtype, copy=True)
+    """A read-only copy with numpy's canonical dtype object (unpickled arrays carry equal,
+    non-identical ones)."""
+    arr = np.asarray(value).astype(np.dtype(dtype).type)  # astype: a copy, canonical dtype
     arr.setflags(write=False)
     return arr
 
@@ -171,6 +173,9 @@ class TensorQuant:
             (other.bits, other.axis, other.signed, other.narrow_range) and \
             _arrays_equal(self.scale, other.scale) and _arrays_equal(self.zero_point, other.zero_point)
 
+    def __reduce__(self):  # pickling goes through plain data
+        return (TensorQuant.from_dict, (self.to_dict(),))
+
     def __hash__(self) -> int:
         return hash((self.bits, self.axis, self.signed, self.scale.tobytes(), self.zero_point.tobytes()))
 
@@ -178,6 +183,17 @@ class TensorQuant:
         kind = f"per-channel axis={self.axis} [{self.scale.size}]" if self.per_channel else \
             f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
         return f"TensorQuant(bits={self.bits}, {kind}{', signed' if self.signed else ''})"
+
+
+def activation_clamp(q: TensorQuant, activation: Optional[str]) -> tuple[int, int]:
+    """(lo, hi) codes of the per-tensor output record ``q`` after a fused ``activation``:
+    None keeps ``[qmin, qmax]``; "relu" clamps at the zero point (the code of 0.0); "relu6"
+    also at the code of 6.0. Exact, as quantization is monotone."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    lo = q.zero_point_value if activation is not None else q.qmin
+    hi = min(q.code_of(RELU6_MAX), q.qmax) if activation == "relu6" else q.qmax
+    return max(lo, q.qmin), hi
 
 
 def bias_scale(input_q: TensorQuant, weight_q: TensorQuant, channels: int) -> np.ndarray:
@@ -243,10 +259,7 @@ class LayerQuant:
         """(lo, hi) output codes after the fused activation (the full code range without one)."""
         if self.output is None:
             raise ValueError(f"layer {self.name!r} has a float output")
-        q = self.output
-        lo = q.zero_point_value if self.activation is not None else q.qmin
-        hi = min(q.code_of(RELU6_MAX), q.qmax) if self.activation == "relu6" else q.qmax
-        return max(lo, q.qmin), hi
+        return activation_clamp(self.output, self.activation)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "weight": self.weight.to_dict(), "weight_codes": self.weight_codes.copy(),
@@ -266,5 +279,8 @@ class LayerQuant:
         return (self.name, self.weight, self.input, self.output, self.activation) == \
             (other.name, other.weight, other.input, other.output, other.activation) and \
             _arrays_equal(self.weight_codes, other.weight_codes) and _arrays_equal(self.bias, other.bias)
+
+    def __reduce__(self):
+        return (LayerQuant.from_dict, (self.to_dict(),))
 
     __hash__ = None

@@ -29,22 +29,11 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
-from ..qspec import ACTIVATIONS, RELU6_MAX, LayerQuant, TensorQuant
+from ..qspec import ACTIVATIONS, LayerQuant, TensorQuant, activation_clamp  # noqa: F401 (activation_clamp re-exported)
 
 __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
            "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "STEP_TYPES", "LAYER_STEPS",
            "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
-
-
-def activation_clamp(q: TensorQuant, activation: Optional[str]) -> tuple[int, int]:
-    """(lo, hi) output codes of ``q`` after a fused ``activation`` (None / "relu" / "relu6"),
-    the rule of :meth:`pyzeroq.qspec.LayerQuant.clamp_codes`: ReLU clamps at the zero point,
-    ReLU6 also at the code of 6.0 (exact: quantization is monotone)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    lo = q.zero_point_value if activation is not None else q.qmin
-    hi = min(q.code_of(RELU6_MAX), q.qmax) if activation == "relu6" else q.qmax
-    return max(lo, q.qmin), hi
 
 
 def _ints(v, n: int, what: str) -> tuple:
