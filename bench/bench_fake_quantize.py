@@ -1,9 +1,9 @@
 """fake_quantize on a 4M-element float32 tensor: pyzeroq vs torch vs a plain memory copy.
 
 Run (pytest-benchmark, one run, all groups):
-    PYZEROQ_CORE_DIR=build/quant/out PYTHONPATH=. python -m pytest bench/bench_fake_quantize.py -q
+    PYZEROQ_CORE_DIR=build/quant/out PYTHONPATH=src python -m pytest bench/bench_fake_quantize.py -q
 Ratios only (script mode; also printed by test_print_ratios with -s):
-    PYZEROQ_CORE_DIR=build/quant/out PYTHONPATH=. python bench/bench_fake_quantize.py
+    PYZEROQ_CORE_DIR=build/quant/out PYTHONPATH=src python bench/bench_fake_quantize.py
 
 Every benchmark first checks its result against torch's kernel. torch multiplies by
 inv_scale = f32(1 / scale) where we divide by scale (one float32 division, as onnxruntime);

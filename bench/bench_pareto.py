@@ -1,7 +1,7 @@
 """Pareto DP benchmark: 60 layers x 4 bit widths x 10,000 bins.
 
-    PYZEROQ_CORE_DIR=build/pareto/out PYTHONPATH=. python -m pytest bench/bench_pareto.py -q
-    PYZEROQ_CORE_DIR=build/pareto/out PYTHONPATH=. python bench/bench_pareto.py   # one-run ratio table
+    PYZEROQ_CORE_DIR=build/pareto/out PYTHONPATH=src python -m pytest bench/bench_pareto.py -q
+    PYZEROQ_CORE_DIR=build/pareto/out PYTHONPATH=src python bench/bench_pareto.py   # one-run ratio table
 
 Compares the C++ DP (pyzeroq._core.pareto_frontier_dp, what pareto.solve calls)
 against a pure-Python DP of the same algorithm on the same integer cost grid,
