@@ -11,7 +11,7 @@ TINY_RECIPE = (
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_recipe_chains_phases_and_is_deterministic(tmp_path, monkeypatch):

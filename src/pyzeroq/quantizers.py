@@ -211,7 +211,7 @@ class QuantAct(Quantizer):
 
     def extra_repr(self) -> str:
         if self.mode == "quantize" and self.bits is not None:
-            return f"bits={self.bits}, mode={self.mode}, scale={float(self.effective_scale()):.6g}, " \
+            return f"bits={self.bits}, mode={self.mode}, scale={float(self.effective_scale().detach()):.6g}, " \
                    f"zero_point={int(self.zero_point)}"
         return f"bits={self.bits}, mode={self.mode}"
 

@@ -52,7 +52,7 @@ def train(steps: int, batch_size: int, lr: float, weight_decay: float, seed: int
     rng = np.random.Generator(np.random.PCG64([seed, 7]))
     model = FCOSDetector().to(device)
     if init is not None:
-        ckpt = torch.load(init, map_location="cpu", weights_only=False)
+        ckpt = torch.load(init, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["state_dict"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
