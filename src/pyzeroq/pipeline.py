@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import pareto
+from ._checks import check_device, check_finite_model
 from ._optional import require
 from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
@@ -159,7 +160,7 @@ class QuantizedModel(nn.Module):
 
 def _check_input_shape(input_shape) -> tuple[int, ...]:
     if not isinstance(input_shape, (tuple, list)) or not input_shape or \
-            not all(isinstance(d, numbers.Integral) and d > 0 for d in input_shape):
+            not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in input_shape):
         raise ValueError(f"input_shape must be a tuple of positive ints without the batch dimension, "
                          f"e.g. (1, 28, 28); got {input_shape!r}")
     return tuple(int(d) for d in input_shape)
@@ -283,14 +284,12 @@ def _validated_copy(model, config: QuantConfig, input_shape, selection, notes: l
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a pyzeroq.QuantConfig, got {type(config).__name__}")
-    try:
-        torch.device(config.device)
-    except RuntimeError as exc:
-        raise ValueError(f"config.device {config.device!r} is not a torch device: {exc}") from exc
+    check_device(config.device, "config.device")
     real = config.calibration == "real"
     shape = _check_input_shape(input_shape) if not real or input_shape is not None else None
     data = check_calibration_data(config.calibration_data, shape) if real else None
     _check_selection(selection, config)
+    check_finite_model(model)  # NaN / Inf weights would only surface as garbage or a late kernel error
     work = _working_copy(model, config.device, notes)
     if real:
         _dry_forward(work, data[:DRY_RUN_BATCH].to(WORKING_DTYPE).to(config.device), "calibration_data")
@@ -531,8 +530,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=No
     the same model, calibration data and selection settings; skips the bit-width search.
 
     Everything cheap is checked before distillation: TypeError / ValueError naming
-    ``model`` (not deep-copyable: the attribute path; non-float parameters; not
-    fx-traceable), ``config``, ``input_shape`` or ``calibration_data`` (with the model's
+    ``model`` (not deep-copyable: the attribute path; non-float parameters; a parameter or
+    buffer holding NaN / Inf: its name; not fx-traceable), ``config`` (``config.device`` not
+    on this machine), ``input_shape`` or ``calibration_data`` (with the model's
     own error when a forward pass on that shape fails). The given model, its training
     flag and the global torch RNG are left unchanged; the same arguments give bit-identical
     results in any process.

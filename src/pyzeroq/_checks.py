@@ -1,0 +1,74 @@
+"""Argument checks shared by the public entry points (a leaf module: no pyzeroq imports).
+
+Each check raises a TypeError / ValueError (or FileNotFoundError / PermissionError for an
+output path) whose message names the offending argument, so that bad input fails before
+any expensive stage with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# what the command lines print as "error: <message>" instead of a traceback
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+def is_int(value) -> bool:
+    """An integer that is not a bool (``True`` is an int to Python, not to us)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_device(device, argument: str = "device") -> torch.device:
+    """``device`` as a torch.device that this machine has; ValueError naming ``argument`` otherwise."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{argument} must be a string such as 'cpu' or 'cuda', got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{argument} {str(device)!r} is not a torch device: {exc}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{argument} {str(device)!r}: CUDA is not available on this machine (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{argument} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    return dev
+
+
+def check_finite_model(model: nn.Module, argument: str = "model") -> None:
+    """ValueError naming the first parameter or floating-point buffer of ``model`` holding NaN / Inf."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            bad = int((~torch.isfinite(t.detach())).sum())
+            kind = "parameter" if isinstance(t, nn.Parameter) else "buffer"
+            raise ValueError(f"{argument} {kind} {name!r} contains NaN or Inf ({bad} of {t.numel()} values): "
+                             "the model is broken (diverged training or a bad checkpoint?)")
+
+
+def output_path(path, argument: str = "path", create_parents: bool = False) -> Path:
+    """``path`` as a Path a file can be written to: TypeError for a non-path, FileNotFoundError
+    when its directory does not exist (unless ``create_parents``: the writer makes it),
+    ValueError when it is a directory or lies under a file, PermissionError when its directory
+    is not writable. Checked before the work whose result would be written."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise TypeError(f"{argument} must be a file path (str or os.PathLike), got {type(path).__name__}")
+    p = Path(path)
+    if str(path) == "" or p.is_dir():
+        raise ValueError(f"{argument} {str(path)!r} is a directory, not a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if create_parents:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{argument} {str(path)!r}: {str(parent)!r} is a file, not a directory")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{argument} {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise PermissionError(f"{argument} {str(path)!r}: not writable")
+    return p
