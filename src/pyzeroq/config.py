@@ -12,6 +12,7 @@ CALIBRATIONS = ("distilled", "gaussian", "real")
 MP_METHODS = ("zeroq", "random", "inverse")
 BUDGET_METRICS = ("size", "bops")
 ACT_RANGES = ("minmax", "mse")
+BIAS_OVERFLOW_MODES = ("enlarge", "error", "clip")
 
 
 def _is_int(v) -> bool:
@@ -59,6 +60,11 @@ class QuantConfig:
     pareto_bins: cost grid of the exact DP (None: exact integer costs).
     seed: every random step (distillation init, random MP) derives from it.
     device: torch device for distillation and evaluation ("cpu" or e.g. "cuda").
+    bias_overflow: what happens when a channel's int32 bias code (at step input scale x
+        weight scale) would not fit int32 with room for the accumulation (tiny weights, large
+        bias; :mod:`pyzeroq.bias`): "enlarge" (that channel's weight scale grows just enough,
+        listed in ``report.bias_adjustments``), "error" (ValueError naming the layer and
+        channel) or "clip" (the bias saturates at int32, with a warning and a report entry).
     """
 
     weight_bits: int | tuple[int, ...] = 8
@@ -85,6 +91,7 @@ class QuantConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    bias_overflow: str = "enlarge"
 
     def __post_init__(self):
         wb = self.weight_bits
@@ -142,6 +149,8 @@ class QuantConfig:
             _positive_int("pareto_bins", self.pareto_bins)
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.bias_overflow not in BIAS_OVERFLOW_MODES:
+            raise ValueError(f"bias_overflow must be one of {BIAS_OVERFLOW_MODES}, got {self.bias_overflow!r}")
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
 

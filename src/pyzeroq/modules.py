@@ -233,6 +233,26 @@ def activation_records(gm: nn.Module) -> dict[str, TensorQuant]:
     return {name: q.record() for name, q in act_quants(gm).items() if q.mode == "quantize"}
 
 
+def fit_bias_scales(gm: nn.Module, on_overflow: str = "enlarge") -> list[dict]:
+    """Fit the weight scales of every quantized layer of a calibrated model so that its int32
+    bias is exact and fits int32 (:mod:`pyzeroq.bias`: degenerate channels rescaled, overflowing
+    ones enlarged, or an error / a clip warning by ``on_overflow``); returns the adjustments.
+
+    Run it after activation calibration (the bias step needs the input scale) and again after
+    changing weight bits (:func:`set_weight_bits` recalibrates the weight scales). Every layer
+    is checked before any is changed, so "error" leaves the model as it was.
+    """
+    fitted, adjustments = [], []
+    for name, layer in quant_layers(gm).items():
+        record, found = layer.fit_bias_scale(name, on_overflow)
+        adjustments += found
+        if record is not None:
+            fitted.append((layer, record))
+    for layer, record in fitted:
+        layer.weight_quant.set_record(record)
+    return adjustments
+
+
 def quant_layers(gm: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
 

@@ -28,7 +28,7 @@ from ._checks import check_device, check_finite_model
 from ._optional import require
 from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
-from .modules import act_quants, prepare, quant_layers, set_act_mode, set_weight_bits
+from .modules import act_quants, fit_bias_scales, prepare, quant_layers, set_act_mode, set_weight_bits
 from .sensitivity import JointEvaluator, layer_sensitivities
 
 FLOAT_BITS = 32
@@ -60,6 +60,9 @@ class QuantReport:
     distill_loss: tuple[float, float] | None = None
     relaxation: dict | None = None
     notes: list[str] = field(default_factory=list)  # what quantize adapted (e.g. a float64 model)
+    # weight scales fitted for an exact int32 bias (pyzeroq.bias): layer, channel, reason, action,
+    # bias, old / new scale and zero point
+    bias_adjustments: list[dict] = field(default_factory=list)
 
     def plot_pareto(self, path: str) -> None:
         """Draw the (size, total sensitivity) frontier with the chosen point."""
@@ -125,6 +128,13 @@ class QuantizedModel(nn.Module):
     ``selection`` is the :class:`Selection` behind ``bit_widths`` (None for uniform
     precision); pass it to another :func:`quantize` call of the same model, calibration
     data and selection settings to skip the search (e.g. other activation settings).
+
+    Training mode: the wrapper takes ``graph_module``'s mode for itself and every submodule
+    (:func:`quantize` hands over an eval-mode graph, so its result has ``training == False``).
+    ``train()`` / ``eval()`` switch wrapper and graph together, as for any ``nn.Module``; in
+    training mode the forward is the same fake quantization (BatchNorms are folded, ranges
+    frozen, weight scales fixed unless ``learn_step()`` made them LSQ parameters); only
+    modules such as Dropout behave differently.
     """
 
     def __init__(self, graph_module: nn.Module, bit_widths: dict[str, int], act_bits: int | None,
@@ -136,6 +146,7 @@ class QuantizedModel(nn.Module):
         self.report = report
         self.config = config
         self.selection = selection
+        self.train(graph_module.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph_module(x)
@@ -497,6 +508,7 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
 
     t0 = time.perf_counter()
     _calibrate_activations(gm, data, bit_widths, config)
+    report.bias_adjustments = fit_bias_scales(gm, config.bias_overflow)
     report.timings["activation_calibration"] = time.perf_counter() - t0
     report.size_bytes = _size_bytes(gm, report, bit_widths)
     report.fp_size_bytes = int(sum(p.numel() for p in model.parameters()) * FLOAT_BITS / BITS_PER_BYTE)

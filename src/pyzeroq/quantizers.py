@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .bias import fit_weight_scale
 from .config import ACT_RANGES
 from .qspec import INT32_MAX, INT32_MIN, LayerQuant, TensorQuant, quantize_bias
 
@@ -287,6 +288,14 @@ class WeightQuant(Quantizer):
         self.set_params(scale, zp)
         self.mode = "quantize"
 
+    def set_record(self, record: TensorQuant) -> None:
+        """Apply a weight record of this quantizer's bits and layout (e.g. from
+        :func:`pyzeroq.bias.fit_weight_scale`): its scale and zero point become the buffers."""
+        if record.bits != self.bits or record.axis != self.axis or record.scale.shape != tuple(self.scale.shape):
+            raise ValueError(f"record {record!r} does not fit this quantizer ({self.extra_repr()})")
+        self.set_params(np.array(record.scale), np.array(record.zero_point))  # writable copies for torch
+        self._cache = None
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.mode != "quantize":
             return weight
@@ -348,6 +357,20 @@ class QuantLayerMixin:
         codes = torch.clamp(torch.round(self.bias.detach() / bias_scale), INT32_MIN, INT32_MAX)
         # value exactly codes * bias_scale (x + 0.0 == x); gradient 1 to the bias (straight through)
         return codes * bias_scale + (self.bias - self.bias.detach())
+
+    def fit_bias_scale(self, name: str, on_overflow: str = "enlarge") -> tuple[Optional[TensorQuant], list[dict]]:
+        """(fitted weight record, or None when unchanged; adjustments): :func:`pyzeroq.bias.fit_weight_scale`
+        on this layer's records, so that its int32 bias is exact and fits. Changes nothing itself
+        (apply with ``weight_quant.set_record``); ``(None, [])`` when the bias is not integer."""
+        if self.weight_quant.mode != "quantize" or not self._input_quantizing():
+            return None, []
+        weight_q = self.weight_quant.record()
+        out = self.output_quant
+        out_q = out.record() if out is not None and out.mode == "quantize" else None
+        bias = None if self.bias is None else self.bias.detach().cpu().float().numpy()
+        fitted, adjustments = fit_weight_scale(name, self.weight.detach().cpu().float().numpy(), bias, weight_q,
+                                               self.input_quant.record(), out_q, on_overflow)
+        return (None if fitted is weight_q else fitted), adjustments
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is None:

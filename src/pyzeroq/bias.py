@@ -1,0 +1,259 @@
+"""Weight scales that keep each conv / linear int32 bias exact and inside int32.
+
+A layer's bias is stored as int32 codes at the accumulator's step (:func:`pyzeroq.qspec.quantize_bias`)::
+
+    step[c] = f32(s_in * s_w[c])            code[c] = rne(f32(b[c] / step[c]))
+
+with ``s_in`` the input scale (per tensor) and ``s_w[c]`` the weight scale of output channel c.
+Two cases used to make that code silently wrong; :func:`fit_weight_scale` fixes both by
+changing only the weight record (its scale, and the zero point of degenerate channels), which
+the fake-quant forward, the integer plan, the ONNX builder and save / load all read.
+
+1. **int32 overflow.** Tiny weights give a tiny ``s_w[c]`` and a bias code beyond int32
+   (weights +-1e-9 with bias 5.0: code ~6e13, clipped, the channel outputs 0.0). A code must
+   stay within ``INT32_MAX - A[c]`` (``-INT32_MIN - A'[c]`` below 0), where ``A[c]`` / ``A'[c]``
+   are the largest positive / negative sums ``sum_k (x_k - z_x)(w_k - z_w)`` that any input codes
+   can produce with the channel's weight codes (capped at :data:`MAX_ACCUMULATION_HEADROOM`), so
+   that the accumulator ``code + sum`` cannot leave int32 either. A channel that does not fit gets
+   the smallest float32 ``s_w[c]`` that does (``|b| / (s_in * limit)`` in float64, then checked
+   ulp by ulp with the float32 formula above). The zero point is kept, so the representable
+   range ``[-z_w * s_w, (qmax - z_w) * s_w]`` only widens and every weight stays inside; the
+   weight codes only move toward the zero point (``|rne(w / s)|`` does not grow with ``s``), so
+   the headroom computed at the old scale still holds. ``on_overflow="error"`` raises a
+   ValueError naming the layer and channel instead; ``"clip"`` keeps the scale (the bias
+   saturates at int32, the behaviour before this pass) and warns.
+
+   onnxruntime's quantizer does the same (``_adjust_weight_scale_for_int32_bias`` in
+   ``onnxruntime/python/tools/quantization/qdq_quantizer.py``, PR #22020; QOperator in #25278;
+   off with ``QDQDisableWeightAdjustForInt32Bias``): when ``s_in * s_w`` is below
+   ``1.0001 * 2 max|b| / (INT32_MAX - INT32_MIN - 1)`` it multiplies ``s_w`` by the ratio. Here
+   the accumulation headroom is reserved as well and the float32 rounding is checked.
+
+2. **Degenerate channels.** An all-zero weight channel (range ``[0, 0]``) gets the fallback
+   scale 1.0 of :func:`pyzeroq.ops.asymmetric_params`, so its bias (the channel's whole output)
+   is rounded at step ``s_in`` -- 11 output codes off in the case that was reported. Weights
+   so small that ``step`` (or the requantization multiplier ``f32(step / s_out)``) is zero or
+   subnormal in float32 break the integer model outright. Zero weights are exact at any scale,
+   so such a channel gets the step::
+
+       with an output quantizer:  step = s_out * OUTPUT_CODE_FRACTION   (bias error <= 1/512 code)
+       logits (float output):     step = min |b| * LOGITS_RELATIVE_STEP  (relative error <= 2^-21)
+
+   (never below what int32 and float32 need), ``s_w = f32(step / s_in)`` and the zero point
+   ``clamp(rne(-min(w, 0) / s_w), 0, qmax)`` -- 0 for zero weights, which stay exactly 0; weights
+   whose range underflowed float32 (``|w| < 2^-149 * qmax``) become 0. A channel whose weights
+   are one nonzero constant is not degenerate: its range ``[0, c]`` (0 is always in range) gives
+   ``s_w = c / qmax`` and the constant is the code ``qmax``, exact within float32 rounding.
+
+Per-tensor weights are one group: the single scale is fitted to the worst channel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import numpy as np
+
+from . import ops
+from .config import BIAS_OVERFLOW_MODES
+from .qspec import INT32_MAX, INT32_MIN, TensorQuant
+
+__all__ = ["fit_weight_scale", "BiasOverflowWarning", "OUTPUT_CODE_FRACTION", "LOGITS_RELATIVE_STEP",
+           "MAX_ACCUMULATION_HEADROOM"]
+
+OUTPUT_CODE_FRACTION = 2.0 ** -8  # degenerate channel, quantized output: bias step = s_out / 256
+LOGITS_RELATIVE_STEP = 2.0 ** -20  # degenerate logits channel: bias step = |b| / 2^20
+MAX_ACCUMULATION_HEADROOM = 2 ** 30  # at most half of int32 is reserved for the products
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: steps and multipliers stay above
+USABLE_MARGIN = 2.0  # degenerate steps are at least this many times the smallest usable one
+MAX_ULP_SEARCH = 64  # float32 neighbours tried around the float64 estimate of a fitting scale
+
+
+class BiasOverflowWarning(UserWarning):
+    """A bias saturates at int32 (``bias_overflow="clip"``)."""
+
+
+def _bias_codes(b: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """float64 ``rne(f32(b / step))`` (float32 division, as qspec.quantize_bias); b == 0 gives 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(np.asarray(b, np.float32) / np.asarray(step, np.float32)).astype(np.float64)
+    return np.where(b == 0, 0.0, q)
+
+
+def _acc_limits(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int,
+                input_q: TensorQuant) -> tuple[np.ndarray, np.ndarray]:
+    """(upper, lower-magnitude) int limits [C] of the bias codes: int32 minus the accumulation headroom."""
+    codes = ops.quantize(w, scale, zp, bits, axis=0).astype(np.int64) - zp.astype(np.int64)[:, None]
+    z_x = input_q.zero_point_value
+    top = input_q.qmax - z_x
+    plus, minus = np.where(codes > 0, codes, 0).sum(1), np.where(codes < 0, -codes, 0).sum(1)
+    up = np.minimum(plus * top + minus * z_x, MAX_ACCUMULATION_HEADROOM)
+    down = np.minimum(plus * z_x + minus * top, MAX_ACCUMULATION_HEADROOM)
+    return (INT32_MAX - up).astype(np.float64), (-INT32_MIN - down).astype(np.float64)
+
+
+class _Layer:
+    """One layer's numbers in float32 / float64, per output channel."""
+
+    def __init__(self, name, weight, bias, weight_q: TensorQuant, input_q: TensorQuant,
+                 output_q: Optional[TensorQuant]):
+        self.name, self.weight_q, self.input_q = name, weight_q, input_q
+        self.w = np.ascontiguousarray(np.asarray(weight, np.float32).reshape(np.shape(weight)[0], -1))
+        channels = self.w.shape[0]
+        self.b = np.zeros(channels, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+        if self.b.shape != (channels,):
+            raise ValueError(f"layer {name!r}: bias must have {channels} values, got {self.b.shape}")
+        if not np.isfinite(self.b).all():
+            raise ValueError(f"layer {name!r}: the bias contains NaN or Inf")
+        self.s_in = np.float32(input_q.scale_value)
+        self.s_out = None if output_q is None else np.float32(output_q.scale_value)
+        self.scale, self.zp = (a.copy() for a in weight_q.channels(channels))
+        self.up, self.down = _acc_limits(self.w, self.scale, self.zp, weight_q.bits, input_q)
+        self.groups = [np.array([c]) for c in range(channels)] if weight_q.per_channel else [np.arange(channels)]
+
+    def step(self, s_w) -> np.ndarray:
+        return (self.s_in * np.asarray(s_w, np.float32)).astype(np.float32)
+
+    def fits(self, members: np.ndarray, s_w) -> np.ndarray:
+        """Bool per member: the bias code at weight scale ``s_w`` lies within the limits."""
+        codes = _bias_codes(self.b[members], np.broadcast_to(self.step(s_w), members.shape))
+        return (codes <= self.up[members]) & (codes >= -self.down[members])
+
+    def usable(self, s_w) -> bool:
+        """The step (and the requantization multiplier) are normal float32 numbers."""
+        step = self.step(s_w)
+        ok = np.isfinite(step) & (step >= FLOAT32_TINY)
+        if self.s_out is not None:
+            ok &= np.float32(step / self.s_out) >= FLOAT32_TINY
+        return bool(np.all(ok))
+
+    def weight_range(self, members: np.ndarray) -> tuple[float, float]:
+        w = self.w[members]
+        return min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+
+    def record(self) -> TensorQuant:
+        per = self.weight_q.per_channel
+        return TensorQuant(self.weight_q.bits, self.scale if per else self.scale[0],
+                           self.zp if per else self.zp[0], self.weight_q.axis)
+
+
+def _fitting_scale(layer: _Layer, members: np.ndarray, start: float, floor: Optional[float] = None) -> np.float32:
+    """The first float32 ``s >= start`` at which every member's bias fits and the step is usable;
+    with ``floor``, then the smallest such ``s > floor`` below it (ulp by ulp)."""
+    s = np.float32(start)
+    if float(s) < start:
+        s = np.nextafter(s, np.float32(np.inf))
+    ok = lambda v: bool(layer.fits(members, v).all()) and layer.usable(v)  # noqa: E731
+    for _ in range(MAX_ULP_SEARCH):
+        if ok(s):
+            break
+        s = np.nextafter(s, np.float32(np.inf))
+    else:
+        raise RuntimeError(f"layer {layer.name!r}: no float32 weight scale near {start:.9g} fits the int32 bias")
+    for _ in range(MAX_ULP_SEARCH if floor is not None else 0):
+        lower = np.nextafter(s, np.float32(0))
+        if lower <= floor or not ok(lower):
+            break
+        s = lower
+    return s
+
+
+def _min_fit(layer: _Layer, members: np.ndarray) -> float:
+    """float64 estimate of the smallest weight scale whose bias codes fit (0 for zero biases)."""
+    b = layer.b[members].astype(np.float64)
+    limit = np.where(b >= 0, layer.up[members], layer.down[members])
+    return float(np.max(np.abs(b) / (float(layer.s_in) * limit)))
+
+
+def _degenerate_reason(layer: _Layer, members: np.ndarray) -> Optional[str]:
+    """Why this group's scale is unusable or needlessly coarse for its bias, or None."""
+    if not layer.usable(layer.scale[members]):
+        return "weight scale underflow (step or multiplier not a normal float32)"
+    lo, hi = layer.weight_range(members)
+    qmax = (1 << layer.weight_q.bits) - 1
+    if np.float32((hi - lo) / qmax) > 0 or not layer.b[members].any():
+        return None
+    return "zero weights" if _degenerate_step(layer, members) < float(layer.step(layer.scale[members]).min()) \
+        else None
+
+
+def _degenerate_step(layer: _Layer, members: np.ndarray) -> float:
+    """The bias step of a degenerate group (module docstring, case 2)."""
+    if layer.s_out is not None:
+        return float(layer.s_out) * OUTPUT_CODE_FRACTION
+    nonzero = np.abs(layer.b[members][layer.b[members] != 0]).astype(np.float64)
+    return float(nonzero.min()) * LOGITS_RELATIVE_STEP if nonzero.size else float(layer.s_in)
+
+
+def _adjustment(layer: _Layer, members, reason: str, action: str, new_scale, new_zp) -> dict:
+    worst = int(members[np.argmax(np.abs(layer.b[members]))])
+    c = int(members[0])
+    return {"layer": layer.name, "channel": c if layer.weight_q.per_channel else None, "reason": reason,
+            "action": action, "bias": float(layer.b[worst]), "old_scale": float(layer.scale[c]),
+            "new_scale": float(new_scale), "old_zero_point": int(layer.zp[c]), "new_zero_point": int(new_zp)}
+
+
+def _overflow(layer: _Layer, members: np.ndarray, on_overflow: str) -> Optional[dict]:
+    """Enlarge (or report) the scale of a group whose bias codes do not fit; None if they do."""
+    fits = layer.fits(members, layer.scale[members])
+    if fits.all():
+        return None
+    c = int(members[np.argmin(fits)])
+    old = layer.scale[c]
+    if on_overflow == "error":
+        code = _bias_codes(layer.b[c:c + 1], layer.step(old[None]))[0]
+        raise ValueError(f"layer {layer.name!r} channel {c}: the int32 bias overflows: bias {float(layer.b[c]):.9g} "
+                         f"at step f32({float(layer.s_in):.9g} * {float(old):.9g}) needs code {code:.6g}, beyond "
+                         f"[-{layer.down[c]:.0f}, {layer.up[c]:.0f}] (int32 less the accumulation headroom); "
+                         "QuantConfig(bias_overflow='enlarge') enlarges this channel's weight scale instead")
+    reason = "int32 bias overflow"
+    if on_overflow == "clip":
+        warnings.warn(f"layer {layer.name!r} channel {c}: the int32 bias of {float(layer.b[c]):.9g} saturates "
+                      "(bias_overflow='clip'); 'enlarge' would fit it", BiasOverflowWarning, stacklevel=2)
+        return _adjustment(layer, members, reason, "clipped", old, layer.zp[c])
+    new = _fitting_scale(layer, members, max(_min_fit(layer, members), float(old)), floor=float(old))
+    record = _adjustment(layer, members, reason, "weight scale enlarged", new, layer.zp[c])
+    layer.scale[members] = new
+    return record
+
+
+def _degenerate(layer: _Layer, members: np.ndarray) -> Optional[dict]:
+    """Rescale a degenerate group (module docstring, case 2); None when it is not one."""
+    reason = _degenerate_reason(layer, members)
+    if reason is None:
+        return None
+    floor = FLOAT32_TINY * USABLE_MARGIN * max(1.0, float(layer.s_out or 1.0)) / float(layer.s_in)
+    target = max(_degenerate_step(layer, members) / float(layer.s_in), _min_fit(layer, members))
+    new = _fitting_scale(layer, members, max(floor, target))
+    lo, _ = layer.weight_range(members)
+    qmax = (1 << layer.weight_q.bits) - 1
+    zp = int(np.clip(np.rint(-lo / float(new)), 0, qmax))
+    record = _adjustment(layer, members, reason, "weight scale set", new, zp)
+    layer.scale[members], layer.zp[members] = new, zp
+    return record
+
+
+def fit_weight_scale(name: str, weight, bias, weight_q: TensorQuant, input_q: TensorQuant,
+                     output_q: Optional[TensorQuant] = None,
+                     on_overflow: str = "enlarge") -> tuple[TensorQuant, list[dict]]:
+    """(weight record, adjustments): ``weight_q`` with the scales of degenerate and overflowing
+    channels fitted as in the module docstring (``weight_q`` itself when nothing changes).
+
+    weight [O, ...] and bias [O] (or None) are the layer's float parameters; input_q / output_q
+    the per-tensor records of its input and output (None: float output, the logits).
+    on_overflow: "enlarge", "error" (ValueError naming the layer and channel) or "clip".
+    Each adjustment is a dict: layer, channel (None for per-tensor weights), reason, action,
+    bias (the group's largest), old_scale, new_scale, old_zero_point, new_zero_point.
+    """
+    if on_overflow not in BIAS_OVERFLOW_MODES:
+        raise ValueError(f"on_overflow must be one of {BIAS_OVERFLOW_MODES}, got {on_overflow!r}")
+    layer = _Layer(name, weight, bias, weight_q, input_q, output_q)
+    records = []
+    for members in layer.groups:
+        record = _degenerate(layer, members) or _overflow(layer, members, on_overflow)
+        if record is not None:
+            records.append(record)
+    if not any(r["action"] != "clipped" for r in records):
+        return weight_q, records
+    return layer.record(), records
