@@ -34,12 +34,19 @@ def cmd_eval(args) -> int:
 
 def cmd_quantize(args) -> int:
     from . import QuantConfig, evaluate, models, quantize
+    from ._checks import output_path
+
     if args.mixed:
         weight_bits = args.mixed
         if args.avg_weight_bits is None:
-            raise SystemExit("--mixed needs --avg-weight-bits")
+            raise ValueError("--mixed needs --avg-weight-bits (the average weight bits the mixed precision must fit)")
     else:
         weight_bits = args.weight_bits
+    if args.plot is not None:  # checked now, not after the quantization
+        if not args.mixed or args.mp_method != "zeroq":
+            raise ValueError("--plot draws the Pareto frontier of a mixed-precision search: it needs --mixed "
+                             "and --mp-method zeroq")
+        output_path(args.plot, "--plot")
     config = QuantConfig(weight_bits=weight_bits, avg_weight_bits=args.avg_weight_bits,
                          act_bits=None if args.act_bits == 0 else args.act_bits, calibration=args.calibration,
                          num_samples=args.num_samples, distill_iters=args.distill_iters,
@@ -122,10 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one subcommand. Bad arguments (argparse's own checks, then the library's TypeError /
+    ValueError / OSError, a corrupted checkpoint) print ``pyzeroq: error: <message>`` to stderr
+    and return 2, without a traceback; anything else is a bug and keeps its traceback."""
+    from ._checks import USER_ERRORS
+    from .models import ChecksumError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (*USER_ERRORS, ChecksumError) as exc:
         print(f"pyzeroq: error: {exc}", file=sys.stderr)
         return 2
 

@@ -90,7 +90,12 @@ def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = Non
         raise ValueError(f"split must be 'train', 'test' or 'embedded', got {split!r}")
     if split == "embedded":
         return load_embedded()
+    if root is not None and (not isinstance(root, (str, os.PathLike)) or isinstance(root, bytes)):
+        raise TypeError(f"root must be a directory path (str or os.PathLike) or None, got {type(root).__name__}")
     root = Path(root) if root is not None else DEFAULT_ROOT
+    if root.exists() and not root.is_dir():
+        raise DatasetNotFoundError(f"root {str(root)!r} is a file; pass the directory holding the Fashion-MNIST "
+                                   "IDX files")
     image_stem, label_stem = _FILES[split]
     images = read_idx(_find(root, image_stem), IDX_IMAGES_MAGIC)
     labels = read_idx(_find(root, label_stem), IDX_LABELS_MAGIC).astype(np.int64)

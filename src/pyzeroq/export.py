@@ -48,12 +48,11 @@ near-ties (tested), and those differences propagate to later layers.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
+from ._checks import output_path
 from ._optional import require
 from .integer.convert import IntegerModel, to_integer
 from .integer.steps import (
@@ -83,6 +82,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 PIXEL_LEVELS = 256
 ADD_OPS = ("exact", "qlinearadd")
+PIXELS = ("float", "uint8")
 
 
 class _Builder:
@@ -299,6 +299,13 @@ ONNX_HANDLERS = check_handlers({
 }, "the ONNX builder")
 
 
+def _check_names(pixels, add_op) -> None:
+    if not isinstance(pixels, str) or pixels not in PIXELS:
+        raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
+    if not isinstance(add_op, str) or add_op not in ADD_OPS:
+        raise ValueError(f"add_op must be one of {ADD_OPS}, got {add_op!r}")
+
+
 def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", add_op: str = "exact",
                intermediate: bool = False):
     """ONNX ModelProto of an integer model (float32_rne); ``example_input`` fixes the shapes.
@@ -309,14 +316,10 @@ def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", ad
     if int_model.rounding != "float32_rne":
         raise ValueError(f"ONNX export needs rounding='float32_rne' (onnxruntime's arithmetic), "
                          f"got {int_model.rounding!r}")
-    if pixels not in ("float", "uint8"):
-        raise ValueError(f"pixels must be 'float' or 'uint8', got {pixels!r}")
-    if add_op not in ADD_OPS:
-        raise ValueError(f"add_op must be one of {ADD_OPS}, got {add_op!r}")
-    example = example_input.detach().cpu().numpy() if isinstance(example_input, torch.Tensor) else \
-        np.asarray(example_input)
-    if example.ndim != 4:
-        raise ValueError(f"example_input must have shape [N, C, H, W], got {tuple(example.shape)}")
+    _check_names(pixels, add_op)
+    if not isinstance(int_model, IntegerModel):
+        raise TypeError(f"int_model must be a pyzeroq IntegerModel (pyzeroq.to_integer), got {type(int_model).__name__}")
+    example = int_model.check_input(example_input, "example_input")
     if pixels == "uint8" and example.dtype != np.uint8:
         example = np.clip(np.rint(example.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
     env = int_model.run(example)
@@ -353,11 +356,17 @@ def export_onnx(qmodel, path, example_input, pixels: str = "float", add_op: str 
     ``add_op``: "exact" (residual adds as DequantizeLinear, Add, Div, QuantizeLinear: the
     simulator's formula op for op) or "qlinearadd" (com.microsoft QLinearAdd: onnxruntime's
     fixed-point kernel, off by one code where the sum lies within ~2^-22 of a rounding tie).
+
+    Arguments are checked before anything is built: TypeError / ValueError naming ``qmodel``,
+    ``path`` (not a path, a directory; FileNotFoundError when its directory does not exist,
+    PermissionError when it is not writable), ``example_input`` (not an array or tensor, not
+    float / uint8, not 4-D, channels the model does not take, NaN / Inf), ``pixels`` or ``add_op``.
     """
     onnx = require("onnx", "onnx", "ONNX export")
 
+    path = output_path(path, "path")
+    _check_names(pixels, add_op)
     int_model = to_integer(qmodel, rounding="float32_rne")
     model = build_onnx(int_model, example_input, pixels, add_op)
-    path = Path(path)
     onnx.save(model, str(path))
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import types
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_device, check_finite_model, output_path
 from .config import DetectionQuantConfig, QATConfig, describe
 from .interface import check_detector
 from .model import FCOSDetector
@@ -64,8 +66,11 @@ def _plain(value):
 def save_detector(detector: nn.Module, path: str | Path, info: dict | None = None) -> Path:
     """Save a (quantized or FP) detector: architecture config, quantization settings, weights
     (with the quantizers' steps, zero points and bit widths), all as plain data (loads with
-    ``torch.load(weights_only=True)``)."""
-    path = Path(path)
+    ``torch.load(weights_only=True)``). TypeError / ValueError naming ``detector`` or ``path``
+    (not a path, a directory, under a file; PermissionError: not writable)."""
+    if not isinstance(detector, nn.Module):
+        raise TypeError(f"detector must be an nn.Module, got {type(detector).__name__}")
+    path = output_path(path, "path", create_parents=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     qcfg = getattr(detector, "qat_config", None)
     state = {k: v.detach().cpu().contiguous().clone() if isinstance(v, torch.Tensor) else _plain(v)
@@ -139,6 +144,8 @@ def convert_v1_state_dict(state: dict, model: nn.Module) -> dict:
 
 
 def _read_checkpoint(path: Path) -> dict:
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory, not a detector checkpoint")
     if not path.is_file():
         raise FileNotFoundError(f"no detector checkpoint at {path}")
     try:
@@ -165,7 +172,16 @@ def load_detector(path: str | Path, model: nn.Module | None = None,
     """Rebuild a detector saved by :func:`save_detector` (read with ``torch.load(weights_only=True)``;
     ``pyzeroq.detection/1`` files are converted). Our FCOS detectors are rebuilt from the stored
     config; for a user's detector pass an FP instance of its architecture as ``model``.
-    Raises ValueError (naming the path) for a file that is not a detector checkpoint."""
+    Raises ValueError (naming the path) for a file that is not a detector checkpoint,
+    FileNotFoundError for a missing one, TypeError / ValueError naming ``path``, ``model`` or
+    ``device`` for arguments of another kind, a model the weights do not fit, a device this
+    machine does not have."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be None or an nn.Module (an FP instance of the saved architecture), got "
+                        f"{type(model).__name__}")
+    check_device(device, "device")
     path = Path(path)
     ckpt = _read_checkpoint(path)
     if model is None:
@@ -178,13 +194,27 @@ def load_detector(path: str | Path, model: nn.Module | None = None,
     if _v1_layers(state):
         state = convert_v1_state_dict(state, model)
         info = {**(info or {}), "converted_from": FORMAT_V1}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing / unexpected keys, shapes
+        raise ValueError(f"{path}: the saved weights do not fit model ({type(model).__name__}): "
+                         f"{' '.join(str(exc).split())[:400]}") from exc
     model.quant_info = info
     return _attach_save(model.to(device).eval())
 
 
+def _check_arguments(detector, config) -> None:
+    check_detector(detector)
+    if not isinstance(config, DetectionQuantConfig):
+        raise TypeError(f"config must be a DetectionQuantConfig, got {type(config).__name__}")
+    check_device(config.device, "config.device")
+    check_finite_model(detector, "detector")
+
+
 def calibration_set(detector: nn.Module, config: DetectionQuantConfig):
-    """(images float [N, 1, H, W], targets or None, info) for the configured calibration source."""
+    """(images float [N, 1, H, W], targets or None, info) for the configured calibration source.
+    The arguments are checked first as in :func:`quantize_detector`."""
+    _check_arguments(detector, config)
     syn = config.synthesis
     if config.calibration == "task_specific":
         s = synthesize(detector, syn, config.seed, config.device, config.progress)
@@ -203,15 +233,42 @@ def calibration_set(detector: nn.Module, config: DetectionQuantConfig):
     return x, coco_to_targets(coco), {"kind": "real", "num_images": len(x)}
 
 
+def _check_calibration(calibration) -> None:
+    """TypeError / ValueError naming ``calibration`` unless it is (images, targets, info) as
+    :func:`calibration_set` returns."""
+    if not isinstance(calibration, (tuple, list)) or len(calibration) != 3:
+        raise TypeError("calibration must be None or (images, targets, info) as calibration_set returns, got "
+                        f"{type(calibration).__name__}"
+                        f"{f' of {len(calibration)} items' if isinstance(calibration, (tuple, list)) else ''}")
+    images, targets, info = calibration
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise TypeError(f"calibration images must be a float tensor [N, 1, H, W], got {type(images).__name__}"
+                        f"{f' of dtype {images.dtype}' if isinstance(images, torch.Tensor) else ''}")
+    if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
+        raise ValueError(f"calibration images must have shape [N, 1, H, W] with N >= 1, got {tuple(images.shape)}")
+    if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
+        raise ValueError("calibration images must be finite and in [0, 1]")
+    if targets is not None and (not isinstance(targets, list) or len(targets) != len(images)):
+        raise ValueError(f"calibration targets must be None or a list of {len(images)} dicts (one per image), got "
+                         f"{type(targets).__name__}{f' of {len(targets)}' if isinstance(targets, list) else ''}")
+    if not isinstance(info, dict):
+        raise TypeError(f"calibration info must be a dict, got {type(info).__name__}")
+
+
 def quantize_detector(detector: nn.Module, config: DetectionQuantConfig = DetectionQuantConfig(),
                       calibration=None) -> nn.Module:
     """Stage 1 (calibration set; labeled synthetic for "task_specific") + stage 2 (LSQ QAT with
     KD and task loss) -> a quantized copy of ``detector`` with the same ``predict`` and a
     ``save(path)`` method. ``detector`` is not modified. ``calibration``: a precomputed
-    (images, targets, info) to reuse (e.g. one synthetic set for several bit widths)."""
-    check_detector(detector)
-    if not isinstance(config, DetectionQuantConfig):
-        raise TypeError(f"config must be a DetectionQuantConfig, got {type(config).__name__}")
+    (images, targets, info) to reuse (e.g. one synthetic set for several bit widths).
+
+    Checked before any synthesis or training (TypeError / ValueError naming the argument):
+    ``detector`` follows the protocol and holds no NaN / Inf parameter or buffer (named);
+    ``config`` is a DetectionQuantConfig whose device this machine has; ``calibration`` is
+    (float images [N, 1, H, W] in [0, 1], N >= 1; None or N targets; info dict)."""
+    _check_arguments(detector, config)
+    if calibration is not None:
+        _check_calibration(calibration)
     t0 = time.time()
     images, targets, info = calibration if calibration is not None else calibration_set(detector, config)
     t1 = time.time()

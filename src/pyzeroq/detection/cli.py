@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,12 +62,27 @@ def build_config(args) -> DetectionQuantConfig:
                                 progress=not args.quiet)
 
 
+def check_args(args) -> None:
+    """What can be checked before any work: output paths, counts, the device."""
+    from .._checks import check_device, output_path
+
+    output_path(args.out, "--out", create_parents=True)
+    if args.samples_png is not None:
+        output_path(args.samples_png, "--samples-png", create_parents=True)
+    if args.eval_images < 0:
+        raise ValueError(f"--eval-images must be >= 0, got {args.eval_images}")
+    if args.calibration == "real" and args.real_images < 1:
+        raise ValueError(f"--real-images must be >= 1, got {args.real_images}")
+    check_device(args.device, "--device")
+
+
 def run(args) -> int:
     from .api import calibration_set, load_detector, load_pretrained_detector, quantize_detector
     from .metrics import evaluate_detector
     from .scenes import make_scenes
     from .synthesis import plot_samples
 
+    check_args(args)
     cfg = build_config(args)
     fp = load_detector(args.detector, device=args.device) if args.detector else load_pretrained_detector(
         device=args.device)
@@ -85,10 +101,18 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    """``python -m pyzeroq.detection.cli detect-quantize ...``: bad arguments print
+    ``pyzeroq: error: <message>`` and return 2 (no traceback), as ``pyzeroq`` does."""
+    from .._checks import USER_ERRORS
+
     parser = argparse.ArgumentParser(prog="pyzeroq")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"pyzeroq: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+import torch
+
 CALIBRATIONS = ("task_specific", "distilled", "gaussian", "real")
 MIN_BITS, MAX_BITS = 2, 16
 
@@ -58,6 +61,48 @@ def _bits(v, name: str, allow_none: bool = False) -> None:
         return
     _check(isinstance(v, int) and not isinstance(v, bool) and MIN_BITS <= v <= MAX_BITS, name,
            f"must be an integer in [{MIN_BITS}, {MAX_BITS}]{' or None (float)' if allow_none else ''}, got {v!r}")
+
+
+def _check_device(device) -> None:
+    """A device name torch parses (whether this machine has it is checked when it is used)."""
+    _check(isinstance(device, str), "device", f"must be a string such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from exc
+
+
+def _check_calibration_data(data) -> None:
+    """``(images, coco)``: uint8 scenes (or floats in [0, 1]) [N, H, W] / [N, 1, H, W], N >= 1,
+    and the COCO dict of those N images (what ``make_scenes`` returns)."""
+    name = "calibration_data"
+    _check(isinstance(data, (tuple, list)) and len(data) == 2, name,
+           f"must be a pair (uint8 images [N, H, W], COCO dict) as make_scenes returns, got {type(data).__name__}"
+           f"{f' of {len(data)} items' if isinstance(data, (tuple, list)) else ''}")
+    images, coco = data
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    _check(isinstance(images, np.ndarray), name, f"images must be a numpy array or torch tensor, got "
+           f"{type(images).__name__}")
+    _check(images.ndim in (3, 4) and (images.ndim == 3 or images.shape[1] == 1), name,
+           f"images must have shape [N, H, W] or [N, 1, H, W], got {images.shape}")
+    _check(len(images) > 0, name, f"images is empty (shape {images.shape})")
+    _check(images.dtype == np.uint8 or images.dtype.kind == "f", name,
+           f"images must be uint8 pixels or floats in [0, 1], got dtype {images.dtype}")
+    if images.dtype != np.uint8:
+        _check(bool(np.isfinite(images).all()) and images.min() >= 0 and images.max() <= 1, name,
+               "float images must be finite and in [0, 1]")
+    _check(isinstance(coco, dict) and isinstance(coco.get("images"), list) and
+           isinstance(coco.get("annotations"), list), name, "the second item must be a COCO dict with lists "
+           "'images' and 'annotations'")
+    _check(len(coco["images"]) == len(images), name,
+           f"the COCO dict describes {len(coco['images'])} images, the images array has {len(images)}")
+    ids = {img.get("id") for img in coco["images"] if isinstance(img, dict)}
+    unknown = [a.get("image_id") if isinstance(a, dict) else a for a in coco["annotations"]
+               if not isinstance(a, dict) or a.get("image_id") not in ids or not isinstance(a.get("bbox"), list)
+               or "category_id" not in a]
+    _check(not unknown, name, f"annotations must be dicts with bbox, category_id and the image_id of one of "
+           f"the images; {len(unknown)} are not (e.g. image_id {unknown[0]!r})" if unknown else "")
 
 
 @dataclass(frozen=True)
@@ -171,8 +216,13 @@ class DetectionQuantConfig:
         _check(self.calibration in CALIBRATIONS, "calibration", f"must be one of {CALIBRATIONS}, got {self.calibration!r}")
         _check((self.calibration == "real") == (self.calibration_data is not None), "calibration_data",
                "must be given (images, coco) exactly when calibration='real'")
+        if self.calibration_data is not None:
+            _check_calibration_data(self.calibration_data)
         _positive_int(self, "distill_iters")
-        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an integer")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed",
+               f"must be a non-negative integer, got {self.seed!r}")
+        _check(isinstance(self.progress, bool), "progress", f"must be a bool, got {self.progress!r}")
+        _check_device(self.device)
 
 
 def describe(cfg) -> dict:

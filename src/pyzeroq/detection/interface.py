@@ -52,9 +52,21 @@ def check_detector(detector) -> None:
 
 def as_input(images, device: torch.device | str = "cpu") -> torch.Tensor:
     """Float images in [0, 1] ([N, H, W] or [N, 1, H, W], numpy or torch) -> float32 [N, 1, H, W]."""
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if not isinstance(images, torch.Tensor):
+        try:
+            arr = np.asarray(images)
+        except (TypeError, ValueError) as exc:  # ragged nested lists, ...
+            raise TypeError(f"images must be a float numpy array or torch tensor, got {type(images).__name__} "
+                            f"({exc})") from exc
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(f"images must be a float numpy array or torch tensor, got {type(images).__name__} "
+                            f"of dtype {arr.dtype}")
+        images = arr
+    x = torch.as_tensor(images)
     if x.dtype == torch.uint8:
         raise TypeError("predict expects float images in [0, 1]; divide uint8 pixels by 255 first")
+    if not x.is_floating_point():
+        raise TypeError(f"images must be float images in [0, 1], got dtype {x.dtype}")
     x = x.float()
     if x.dim() == 3:
         x = x.unsqueeze(1)
@@ -66,10 +78,26 @@ def as_input(images, device: torch.device | str = "cpu") -> torch.Tensor:
 @torch.no_grad()
 def predict(detector: nn.Module, images, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
             iou_threshold: float = DEFAULT_IOU_THRESHOLD, batch_size: int = PREDICT_BATCH) -> list[dict]:
-    """Per image {"boxes" [K, 4] x1y1x2y2 pixels, "scores" [K], "labels" [K]} (CPU tensors)."""
+    """Per image {"boxes" [K, 4] x1y1x2y2 pixels, "scores" [K], "labels" [K]} (CPU tensors).
+
+    TypeError / ValueError naming the argument for: a ``detector`` outside the protocol;
+    ``images`` not float, not [N, H, W] / [N, 1, H, W], holding NaN / Inf or values outside
+    [0, 1]; thresholds outside [0, 1]; ``batch_size`` < 1. An empty batch gives an empty list."""
     check_detector(detector)
+    for name, value in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     device = next(detector.parameters()).device
     x = as_input(images, device)
+    if x.numel():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("images contains NaN or Inf")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"images are floats in [{lo:g}, {hi:g}]; detectors take [0, 1] (divide uint8 "
+                             "pixels by 255)")
     was_training = detector.training
     detector.eval()
     results = []

@@ -51,6 +51,7 @@ PLACEMENT_TRIES = 20
 SPLITS = ("train", "test")
 _SPLIT_CODE = {"train": 1, "test": 2}
 CATEGORY_OFFSET = 1          # COCO category_id = label + CATEGORY_OFFSET
+MAX_SCENES = 1_000_000       # make_scenes refuses more (~9 GB of uint8 images) up front
 
 
 @lru_cache(maxsize=2)
@@ -159,10 +160,14 @@ def to_coco(objects, canvas: int = CANVAS, split: str = "test") -> dict:
 
 def make_scenes(split: str = "test", num_images: int = 2000, seed: int = 0) -> tuple[np.ndarray, dict]:
     """Deterministic Fashion-MNIST scenes: (uint8 images [N, 96, 96], COCO annotation dict)."""
-    if split not in SPLITS:
+    if not isinstance(split, str) or split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not isinstance(num_images, (int, np.integer)) or num_images < 1:
+    if not isinstance(num_images, (int, np.integer)) or isinstance(num_images, bool) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    if num_images > MAX_SCENES:
+        raise ValueError(f"num_images must be at most {MAX_SCENES} ({CANVAS}x{CANVAS} bytes each), got {num_images!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.Generator(np.random.PCG64([int(seed), _SPLIT_CODE[split]]))
     images, objects = generate(rng, split, int(num_images))
     return images, to_coco(objects, split=split)

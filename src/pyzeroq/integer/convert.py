@@ -39,7 +39,7 @@ import torch.fx as fx
 
 from .. import __version__
 from . import simulate as sim
-from .plan import MIN_BITS, UnsupportedOperationError, compile_plan
+from .plan import MIN_BITS, PlanError, UnsupportedOperationError, compile_plan
 from .simulate import AccumulatorOverflowError
 from .steps import (
     LAYER_STEPS,
@@ -175,6 +175,29 @@ def logits_accumulator(a: np.ndarray, step: LogitsStep, acc_bits: int, overflow:
                                   layer.bias, acc_bits, overflow)
 
 
+# steps that keep the channels of their first input
+_CHANNEL_KEEPING = (AddStep, AvgPoolStep, ClampStep, GlobalAvgPoolStep, MaxPoolStep, RequantStep)
+
+
+def _input_channels(steps: list) -> Optional[int]:
+    """Channels of the input ``x`` the plan expects (None where it does not say): the input
+    normalization's, else those of the first convolution fed (through channel-keeping steps)
+    by the input codes."""
+    first = steps[0]
+    sizes = {len(v) for v in (first.mean, first.std) if v is not None and len(v) > 1}
+    if sizes:
+        return max(sizes)
+    slots = {first.output}
+    for step in steps[1:]:
+        if not step.inputs or step.inputs[0] not in slots:
+            continue
+        if isinstance(step, ConvStep):
+            return int(step.layer.weight_codes.shape[1]) * int(step.groups)
+        if isinstance(step, _CHANNEL_KEEPING):
+            slots.add(step.output)
+    return None
+
+
 def _clamp(y: np.ndarray, lo: int, hi: int, q) -> np.ndarray:
     """``clamp(y, lo, hi)`` on codes of record ``q``, skipping bounds that are the code range's own."""
     if lo > q.qmin:
@@ -220,6 +243,7 @@ class IntegerModel:
         self.bit_widths = dict(bit_widths or {})
         self.input_q = self.steps[0].quant
         self.input_lut = input_lut(self.steps[0])
+        self.input_channels = _input_channels(self.steps)
         self.trace = False
         self.trace_log: list = []
         self._bound = {s.name: _worst_case_bits(s) for s in self.steps if isinstance(s, LAYER_STEPS)}
@@ -300,28 +324,62 @@ class IntegerModel:
         return IntegerReport(self.acc_bits, self.overflow, self.rounding, self._images, rows, self.folded_bn)
 
     # ----------------------------------------------------------------- run
-    def input_codes(self, x) -> np.ndarray:
-        """Boundary: the first activation's uint8 codes [N, C, H, W] for float images or uint8 pixels."""
-        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-        if not isinstance(arr, np.ndarray):
-            raise TypeError(f"x must be a numpy array or a torch tensor, got {type(x).__name__}")
+    def check_input(self, x, argument: str = "x") -> np.ndarray:
+        """``x`` as a numpy array [N, C, H, W] of uint8 pixels or float32 images, or a
+        TypeError / ValueError naming ``argument``: not an array or tensor, another dtype
+        (ints other than uint8, bool, complex), another rank, channels the model does not
+        have, NaN / Inf. An empty batch (N = 0) is valid."""
+        if isinstance(x, torch.Tensor):
+            if x.dtype == torch.bfloat16:  # numpy has no bfloat16
+                x = x.float()
+            arr = x.detach().cpu().numpy()
+        elif isinstance(x, np.ndarray):
+            arr = x
+        else:
+            raise TypeError(f"{argument} must be a numpy array or a torch tensor, got {type(x).__name__}")
+        if arr.dtype != np.uint8 and arr.dtype.kind != "f":
+            raise TypeError(f"{argument} must be float images in [0, 1] or uint8 pixels, got dtype {arr.dtype}")
         if arr.ndim != 4:
-            raise ValueError(f"x must have shape [N, C, H, W], got shape {tuple(arr.shape)}")
+            raise ValueError(f"{argument} must have shape [N, C, H, W], got shape {tuple(arr.shape)}")
+        channels = self.input_channels
+        if channels is not None and arr.shape[1] != channels:
+            raise ValueError(f"{argument} has {arr.shape[1]} channels (shape {tuple(arr.shape)}), the model "
+                             f"takes {channels}")
         if arr.dtype == np.uint8:
-            lut = self.input_lut
-            if lut.shape[0] not in (1, arr.shape[1]):
-                raise ValueError(f"x has {arr.shape[1]} channels, the input normalization has {lut.shape[0]}")
-            rows = np.arange(arr.shape[1]).reshape(1, -1, 1, 1) if lut.shape[0] > 1 else 0
-            return np.ascontiguousarray(lut[rows, arr])
-        if arr.dtype.kind != "f":
-            raise TypeError(f"x must be float images in [0, 1] or uint8 pixels, got dtype {arr.dtype}")
+            if self.input_lut.shape[0] not in (1, arr.shape[1]):
+                raise ValueError(f"{argument} has {arr.shape[1]} channels, the input normalization has "
+                                 f"{self.input_lut.shape[0]}")
+            return arr
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(arr).all():
-            raise ValueError("x contains NaN or Inf")
+            raise ValueError(f"{argument} contains NaN or Inf")
+        return arr
+
+    def input_codes(self, x) -> np.ndarray:
+        """Boundary: the first activation's uint8 codes [N, C, H, W] for float images or uint8 pixels."""
+        arr = self.check_input(x)
+        if arr.dtype == np.uint8:
+            lut = self.input_lut
+            rows = np.arange(arr.shape[1]).reshape(1, -1, 1, 1) if lut.shape[0] > 1 else 0
+            return np.ascontiguousarray(lut[rows, arr])
         return self.input_q.quantize(normalize_input(self.steps[0], arr))
+
+    def _run_empty(self, x) -> dict:
+        """:meth:`run` of an empty batch: every slot empty in its batch dimension, with the
+        shapes of one zero image (run without counting in the statistics), as torch models
+        return [0, classes] for an empty batch."""
+        arr = self.check_input(x)
+        stats, images, log = {k: dict(v) for k, v in self._stats.items()}, self._images, self.trace_log
+        try:
+            env = self.run(np.zeros((1,) + arr.shape[1:], arr.dtype))
+        finally:
+            self._stats, self._images, self.trace_log = stats, images, log
+        return {k: v[:0] for k, v in env.items()}
 
     def run(self, x) -> dict:
         """All value slots (fx node name -> codes / logits) for input ``x``."""
+        if isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim >= 1 and x.shape[0] == 0:
+            return self._run_empty(x)
         first = self.steps[0]
         env = {first.inputs[0]: x}
         self.trace_log = []
@@ -464,6 +522,9 @@ def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overfl
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"qmodel must be a QuantizedModel returned by pyzeroq.quantize, got {type(qmodel).__name__}")
     _check_config(rounding, acc_bits, overflow)
+    if hasattr(qmodel, "act_bits") and qmodel.act_bits is None:
+        raise PlanError("qmodel keeps its activations in float (quantized with act_bits=None): an integer-only "
+                        "model needs quantized activations; quantize with act_bits set (e.g. 8)")
     report = getattr(qmodel, "report", None)
     float_ops = list(getattr(report, "float_ops", []) or [])
     if float_ops:
