@@ -15,11 +15,12 @@ the fake-quant forward, the integer plan, the ONNX builder and save / load all r
    are the largest positive / negative sums ``sum_k (x_k - z_x)(w_k - z_w)`` that any input codes
    can produce with the channel's weight codes (capped at :data:`MAX_ACCUMULATION_HEADROOM`), so
    that the accumulator ``code + sum`` cannot leave int32 either. A channel that does not fit gets
-   the smallest float32 ``s_w[c]`` that does (``|b| / (s_in * limit)`` in float64, then checked
-   ulp by ulp with the float32 formula above). The zero point is kept, so the representable
-   range ``[-z_w * s_w, (qmax - z_w) * s_w]`` only widens and every weight stays inside; the
-   weight codes only move toward the zero point (``|rne(w / s)|`` does not grow with ``s``), so
-   the headroom computed at the old scale still holds. ``on_overflow="error"`` raises a
+   the smallest float32 ``s_w[c]`` that does: a fitting scale from the float64 estimate
+   ``|b| / (s_in * limit)``, then bisection on float32 values down to the old scale, each
+   candidate checked with the float32 formula above and the weight codes at that scale (fitting
+   is monotone: the bias code and ``|rne(w / s)|`` both shrink as ``s`` grows). The zero point
+   is kept, so the representable range ``[-z_w * s_w, (qmax - z_w) * s_w]`` only widens and
+   every weight stays inside. ``on_overflow="error"`` raises a
    ValueError naming the layer and channel instead; ``"clip"`` keeps the scale (the bias
    saturates at int32, the behaviour before this pass) and warns.
 
@@ -67,7 +68,7 @@ LOGITS_RELATIVE_STEP = 2.0 ** -20  # degenerate logits channel: bias step = |b| 
 MAX_ACCUMULATION_HEADROOM = 2 ** 30  # at most half of int32 is reserved for the products
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: steps and multipliers stay above
 USABLE_MARGIN = 2.0  # degenerate steps are at least this many times the smallest usable one
-MAX_ULP_SEARCH = 64  # float32 neighbours tried around the float64 estimate of a fitting scale
+MAX_DOUBLINGS = 64  # a fitting scale is searched upward by doubling from the float64 estimate
 
 
 class BiasOverflowWarning(UserWarning):
@@ -83,7 +84,8 @@ def _bias_codes(b: np.ndarray, step: np.ndarray) -> np.ndarray:
 
 def _acc_limits(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int,
                 input_q: TensorQuant) -> tuple[np.ndarray, np.ndarray]:
-    """(upper, lower-magnitude) int limits [C] of the bias codes: int32 minus the accumulation headroom."""
+    """(upper, lower-magnitude) limits [C] of the bias codes of weights ``w`` [C, K] at ``scale`` /
+    ``zp`` [C]: int32 less the largest accumulation of that sign."""
     codes = ops.quantize(w, scale, zp, bits, axis=0).astype(np.int64) - zp.astype(np.int64)[:, None]
     z_x = input_q.zero_point_value
     top = input_q.qmax - z_x
@@ -109,16 +111,22 @@ class _Layer:
         self.s_in = np.float32(input_q.scale_value)
         self.s_out = None if output_q is None else np.float32(output_q.scale_value)
         self.scale, self.zp = (a.copy() for a in weight_q.channels(channels))
-        self.up, self.down = _acc_limits(self.w, self.scale, self.zp, weight_q.bits, input_q)
         self.groups = [np.array([c]) for c in range(channels)] if weight_q.per_channel else [np.arange(channels)]
 
     def step(self, s_w) -> np.ndarray:
         return (self.s_in * np.asarray(s_w, np.float32)).astype(np.float32)
 
+    def limits(self, members: np.ndarray, s_w) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`_acc_limits` of the members at weight scale ``s_w`` (zero points as they are)."""
+        s_w = np.broadcast_to(np.asarray(s_w, np.float32), members.shape)
+        return _acc_limits(self.w[members], np.ascontiguousarray(s_w), self.zp[members], self.weight_q.bits,
+                           self.input_q)
+
     def fits(self, members: np.ndarray, s_w) -> np.ndarray:
-        """Bool per member: the bias code at weight scale ``s_w`` lies within the limits."""
+        """Bool per member: the bias code at weight scale ``s_w`` lies within the limits at ``s_w``."""
         codes = _bias_codes(self.b[members], np.broadcast_to(self.step(s_w), members.shape))
-        return (codes <= self.up[members]) & (codes >= -self.down[members])
+        up, down = self.limits(members, s_w)
+        return (codes <= up) & (codes >= -down)
 
     def usable(self, s_w) -> bool:
         """The step (and the requantization multiplier) are normal float32 numbers."""
@@ -139,31 +147,39 @@ class _Layer:
 
 
 def _fitting_scale(layer: _Layer, members: np.ndarray, start: float, floor: Optional[float] = None) -> np.float32:
-    """The first float32 ``s >= start`` at which every member's bias fits and the step is usable;
-    with ``floor``, then the smallest such ``s > floor`` below it (ulp by ulp)."""
+    """A float32 scale ``>= start`` at which every member's bias fits and the step is usable (``start``
+    rounded up to float32, doubled until it does); with ``floor`` (a scale that does not fit), then
+    the smallest such float32 above ``floor``, by bisection on the bit patterns (positive float32
+    numbers are ordered as their int32 patterns; fitting is monotone in the scale: the bias code
+    and, by ``|rne(w / s)|``, the accumulation both shrink as ``s`` grows)."""
+    ok = lambda v: bool(layer.fits(members, v).all()) and layer.usable(v)  # noqa: E731
     s = np.float32(start)
     if float(s) < start:
         s = np.nextafter(s, np.float32(np.inf))
-    ok = lambda v: bool(layer.fits(members, v).all()) and layer.usable(v)  # noqa: E731
-    for _ in range(MAX_ULP_SEARCH):
+    for _ in range(MAX_DOUBLINGS):
         if ok(s):
             break
-        s = np.nextafter(s, np.float32(np.inf))
+        s = np.float32(s * 2)
     else:
-        raise RuntimeError(f"layer {layer.name!r}: no float32 weight scale near {start:.9g} fits the int32 bias")
-    for _ in range(MAX_ULP_SEARCH if floor is not None else 0):
-        lower = np.nextafter(s, np.float32(0))
-        if lower <= floor or not ok(lower):
-            break
-        s = lower
-    return s
+        raise RuntimeError(f"layer {layer.name!r}: no float32 weight scale from {start:.9g} fits the int32 bias")
+    if floor is None:
+        return s
+    lo, hi = int(np.float32(floor).view(np.int32)), int(s.view(np.int32))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(np.int32(mid).view(np.float32)):
+            hi = mid
+        else:
+            lo = mid
+    return np.int32(hi).view(np.float32)
 
 
 def _min_fit(layer: _Layer, members: np.ndarray) -> float:
-    """float64 estimate of the smallest weight scale whose bias codes fit (0 for zero biases)."""
+    """float64 estimate of the smallest weight scale whose bias codes fit with the accumulation of
+    the current weight codes (an upper bound on the true minimum; 0 for zero biases)."""
     b = layer.b[members].astype(np.float64)
-    limit = np.where(b >= 0, layer.up[members], layer.down[members])
-    return float(np.max(np.abs(b) / (float(layer.s_in) * limit)))
+    up, down = layer.limits(members, layer.scale[members])
+    return float(np.max(np.abs(b) / (float(layer.s_in) * np.where(b >= 0, up, down))))
 
 
 def _degenerate_reason(layer: _Layer, members: np.ndarray) -> Optional[str]:
@@ -203,16 +219,17 @@ def _overflow(layer: _Layer, members: np.ndarray, on_overflow: str) -> Optional[
     old = layer.scale[c]
     if on_overflow == "error":
         code = _bias_codes(layer.b[c:c + 1], layer.step(old[None]))[0]
+        up, down = layer.limits(np.array([c]), old)
         raise ValueError(f"layer {layer.name!r} channel {c}: the int32 bias overflows: bias {float(layer.b[c]):.9g} "
                          f"at step f32({float(layer.s_in):.9g} * {float(old):.9g}) needs code {code:.6g}, beyond "
-                         f"[-{layer.down[c]:.0f}, {layer.up[c]:.0f}] (int32 less the accumulation headroom); "
+                         f"[-{down[0]:.0f}, {up[0]:.0f}] (int32 less the accumulation headroom); "
                          "QuantConfig(bias_overflow='enlarge') enlarges this channel's weight scale instead")
     reason = "int32 bias overflow"
     if on_overflow == "clip":
         warnings.warn(f"layer {layer.name!r} channel {c}: the int32 bias of {float(layer.b[c]):.9g} saturates "
                       "(bias_overflow='clip'); 'enlarge' would fit it", BiasOverflowWarning, stacklevel=2)
         return _adjustment(layer, members, reason, "clipped", old, layer.zp[c])
-    new = _fitting_scale(layer, members, max(_min_fit(layer, members), float(old)), floor=float(old))
+    new = _fitting_scale(layer, members, max(_min_fit(layer, members), float(old)), floor=old)
     record = _adjustment(layer, members, reason, "weight scale enlarged", new, layer.zp[c])
     layer.scale[members] = new
     return record
