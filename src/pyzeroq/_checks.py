@@ -72,3 +72,24 @@ def output_path(path, argument: str = "path", create_parents: bool = False) -> P
     if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise PermissionError(f"{argument} {str(path)!r}: not writable")
     return p
+
+
+# OSErrors that say what is wrong with the path itself; any other OSError while reading a
+# file (e.g. EINVAL from a truncated zip archive) means the content is broken
+PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def read_torch_file(path, what: str, argument: str = "path"):
+    """``torch.load(path, weights_only=True)`` on the CPU: TypeError for a non-path, the path's own
+    OSError (missing, a directory, no permission), ValueError naming the path for anything that does
+    not load safely (not a torch file, truncated, pickled objects)."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise TypeError(f"{argument} must be a file path (str or os.PathLike), got {type(path).__name__}")
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except PATH_ERRORS:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), EOFError, OSError (truncated), ...
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{path} is not {what} that loads safely: torch.load(weights_only=True) refused it "
+                         f"({type(exc).__name__}: {first})") from exc

@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import __version__
+from ._checks import check_device, output_path, read_torch_file
 from .graph_codec import decode_graph, encode_graph, plain
 from .quantizers import Quantizer
 
@@ -80,6 +81,7 @@ def save(qmodel: nn.Module, path) -> Path:
     gm = getattr(qmodel, "graph_module", None)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"save expects a pyzeroq QuantizedModel (from pyzeroq.quantize), got {type(qmodel).__name__}")
+    path = output_path(path, "path")
     config = qmodel.config
     data = getattr(config, "calibration_data", None)
     blob = {
@@ -95,7 +97,6 @@ def save(qmodel: nn.Module, path) -> Path:
         "graph": encode_graph(gm),
         "state_dict": _cpu_state(qmodel),
     }
-    path = Path(path)
     torch.save(blob, path)
     return path
 
@@ -112,14 +113,9 @@ def _cpu_state(model: nn.Module) -> OrderedDict:
 
 def _read(path) -> dict:
     try:
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:  # pickle.UnpicklingError, RuntimeError (not a zip), KeyError, EOFError, ...
-        raise ValueError(f"{path} is not a pyzeroq file that loads safely: torch.load(weights_only=True) "
-                         f"refused it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                         f"known formats: {', '.join(_known_formats())}") from exc
-    return blob
+        return read_torch_file(path, "a pyzeroq file")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; known formats: {', '.join(_known_formats())}") from exc.__cause__
 
 
 def _known_formats() -> list[str]:
@@ -130,7 +126,8 @@ def load(path, device="cpu"):
     """Load any saved pyzeroq model, read with ``torch.load(weights_only=True)`` and dispatched on its
     ``"format"`` key: a fake-quantized model (:func:`save`; moved to ``device``), an integer model
     (``IntegerModel.save``) or a quantized detector (:data:`LOADERS`). ValueError naming the path
-    and the known formats for anything else."""
+    and the known formats for anything else; ``device`` must exist on this machine (ValueError)."""
+    check_device(device, "device")
     blob = _read(path)
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt == FORMAT:

@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from .. import __version__
+from .._checks import output_path, read_torch_file
 from . import simulate as sim
 from .plan import MIN_BITS, PlanError, UnsupportedOperationError, compile_plan
 from .simulate import AccumulatorOverflowError
@@ -274,19 +275,14 @@ class IntegerModel:
             raise ValueError(f"{source}: invalid integer model ({type(exc).__name__}: {exc})") from exc
 
     def save(self, path) -> None:
-        """Write the model to ``path`` with ``torch.save`` (loadable with ``weights_only=True``)."""
-        torch.save(self.to_state(), path)
+        """Write the model to ``path`` with ``torch.save`` (loadable with ``weights_only=True``);
+        TypeError / FileNotFoundError / ValueError naming ``path`` before writing."""
+        torch.save(self.to_state(), output_path(path, "path"))
 
     @classmethod
     def load(cls, path) -> "IntegerModel":
         """The model :meth:`save` wrote to ``path`` (ValueError naming the path if it is not one)."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
-        except Exception as exc:  # unpickling errors come in many types
-            raise ValueError(f"{path}: not a pyzeroq integer model ({type(exc).__name__}: {exc})") from exc
-        return cls.from_state(state, source=str(path))
+        return cls.from_state(read_torch_file(path, "a pyzeroq integer model"), source=str(path))
 
     def __getstate__(self) -> dict:
         return self.to_state()
