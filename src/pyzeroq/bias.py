@@ -111,7 +111,18 @@ class _Layer:
         self.s_in = np.float32(input_q.scale_value)
         self.s_out = None if output_q is None else np.float32(output_q.scale_value)
         self.scale, self.zp = (a.copy() for a in weight_q.channels(channels))
-        self.groups = [np.array([c]) for c in range(channels)] if weight_q.per_channel else [np.arange(channels)]
+
+    def groups(self) -> list[np.ndarray]:
+        """The channel groups sharing a weight scale that may need a fit: per tensor the one group;
+        per channel those that do not fit, have an unusable step or zero weights under a bias."""
+        channels = np.arange(self.w.shape[0])
+        if not self.weight_q.per_channel:
+            return [channels]
+        qmax = (1 << self.weight_q.bits) - 1
+        span = np.maximum(self.w.max(1), 0).astype(np.float64) - np.minimum(self.w.min(1), 0).astype(np.float64)
+        zero = ~(np.float32(span / qmax) > 0) & (self.b != 0)
+        suspect = ~self.fits(channels, self.scale) | ~self.usable_each(self.scale) | zero
+        return [np.array([c]) for c in np.flatnonzero(suspect)]
 
     def step(self, s_w) -> np.ndarray:
         return (self.s_in * np.asarray(s_w, np.float32)).astype(np.float32)
@@ -128,13 +139,16 @@ class _Layer:
         up, down = self.limits(members, s_w)
         return (codes <= up) & (codes >= -down)
 
-    def usable(self, s_w) -> bool:
-        """The step (and the requantization multiplier) are normal float32 numbers."""
+    def usable_each(self, s_w) -> np.ndarray:
+        """Bool per scale: the step (and the requantization multiplier) are normal float32 numbers."""
         step = self.step(s_w)
         ok = np.isfinite(step) & (step >= FLOAT32_TINY)
         if self.s_out is not None:
-            ok &= np.float32(step / self.s_out) >= FLOAT32_TINY
-        return bool(np.all(ok))
+            ok &= (step / self.s_out).astype(np.float32) >= FLOAT32_TINY
+        return ok
+
+    def usable(self, s_w) -> bool:
+        return bool(np.all(self.usable_each(s_w)))
 
     def weight_range(self, members: np.ndarray) -> tuple[float, float]:
         w = self.w[members]
@@ -267,7 +281,7 @@ def fit_weight_scale(name: str, weight, bias, weight_q: TensorQuant, input_q: Te
         raise ValueError(f"on_overflow must be one of {BIAS_OVERFLOW_MODES}, got {on_overflow!r}")
     layer = _Layer(name, weight, bias, weight_q, input_q, output_q)
     records = []
-    for members in layer.groups:
+    for members in layer.groups():
         record = _degenerate(layer, members) or _overflow(layer, members, on_overflow)
         if record is not None:
             records.append(record)
