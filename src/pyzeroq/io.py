@@ -179,7 +179,7 @@ def _load_quantized(blob: dict, path):
         raise ValueError(f"{path}: malformed config, report or selection ({type(exc).__name__}: {exc})") from exc
     gm = decode_graph(blob.get("graph"))
     qmodel = QuantizedModel(gm, dict(meta["bit_widths"]), meta["act_bits"], report, config, selection)
-    qmodel.training = bool(blob.get("training", False))
+    qmodel.train(bool(blob.get("training", False)))
     state = blob.get("state_dict")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: no state_dict")
