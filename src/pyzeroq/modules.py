@@ -111,19 +111,17 @@ class _Tracer(fx.Tracer):
         return _is_normalizer(m) or super().is_leaf_module(m, qualname)
 
 
-def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True,
-            percentile: float | None = None, act_range: str = "minmax") -> tuple[fx.GraphModule, SurgeryInfo]:
-    """Trace a copy of ``model`` (eval mode), fold BNs, insert quantized layers and QuantActs."""
-    model = copy.deepcopy(model).eval()
+def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model))
+        return fx.GraphModule(model, _Tracer().trace(model))
     except Exception as exc:  # tracing errors come in many types
         raise ValueError(f"model could not be traced by torch.fx ({type(exc).__name__}: {exc}); "
                          "pyzeroq needs a symbolically traceable model") from exc
-    info = SurgeryInfo()
-    graph = gm.graph
 
-    # 1. fold BNs into the conv they consume
+
+def _fold_bns(gm: fx.GraphModule, info: SurgeryInfo) -> None:
+    """Step 1: fold each BN into the conv it consumes (when the conv has no other user)."""
+    graph = gm.graph
     for node in list(graph.nodes):
         if not _is_module(gm, node, (nn.BatchNorm2d,)):
             continue
@@ -136,8 +134,10 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
         else:
             info.float_ops.append(f"{node.target} (BatchNorm not foldable)")
 
-    # 2. swap conv/linear for quantized versions
-    for node in graph.nodes:
+
+def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool) -> None:
+    """Step 2: conv / linear -> their quantized versions."""
+    for node in gm.graph.nodes:
         if _is_module(gm, node, (nn.Conv2d,)):
             _set_submodule(gm, node.target, QuantConv2d.from_float(gm.get_submodule(node.target), per_channel))
             info.layers.append(node.target)
@@ -145,11 +145,13 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
             _set_submodule(gm, node.target, QuantLinear.from_float(gm.get_submodule(node.target), per_channel))
             info.layers.append(node.target)
 
-    # 3. activation quantization points
-    output_inputs = {n for n in graph.nodes if n.op == "output" for n in n.all_input_nodes}
+
+def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dict]:
+    """Step 3: the nodes whose outputs get a QuantAct, and {point: (quantized layer, fused clamp)};
+    ops not understood are listed in ``info.float_ops``."""
     points: list[fx.Node] = []
-    layer_points: dict[fx.Node, tuple] = {}  # output point -> (quantized layer, fused clamp)
-    for node in graph.nodes:
+    layer_points: dict[fx.Node, tuple] = {}
+    for node in gm.graph.nodes:
         if node.op == "placeholder":
             if not any(u.op == "call_module" and _is_normalizer(gm.get_submodule(u.target)) for u in node.users):
                 points.append(node)
@@ -161,32 +163,40 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
                 relu = _fused_relu(gm, node)
                 points.append(relu or node)
                 layer_points[relu or node] = (mod, relu_kind(gm, relu) if relu is not None else None)
-            elif isinstance(mod, RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten)):
-                pass  # clamps / passthroughs keep their input's quantization
-            else:
-                info.float_ops.append(f"{node.target} ({type(mod).__name__})")
+            elif not isinstance(mod, RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten)):
+                info.float_ops.append(f"{node.target} ({type(mod).__name__})")  # clamps / passthroughs are fine
         elif node.op == "call_function":
             if node.target in ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):
                 points.append(_fused_relu(gm, node) or node)
-            elif node.target in PASSTHROUGH_FUNCTIONS or node.target in RELU_FUNCTIONS:
-                pass
-            else:
+            elif node.target not in PASSTHROUGH_FUNCTIONS and node.target not in RELU_FUNCTIONS:
                 info.float_ops.append(f"{node.name} ({getattr(node.target, '__name__', node.target)})")
         elif node.op == "call_method" and node.target not in ("view", "reshape", "flatten", "size"):
             info.float_ops.append(f"{node.name} (.{node.target})")
+    return points, layer_points
 
+
+def _new_act_quant(gm: fx.GraphModule, node: fx.Node, act_bits, percentile, act_range) -> QuantAct:
+    quant = QuantAct(act_bits, percentile, act_range)
+    if node.op == "call_module" and _is_normalizer(gm.get_submodule(node.target)):
+        # models take images in [0, 1]: the normalized range is known exactly, so the
+        # input quantizer does not depend on the (unbounded) calibration images
+        norm = gm.get_submodule(node.target)
+        lo, hi = (0.0 - norm.mean) / norm.std, (1.0 - norm.mean) / norm.std
+        quant.fixed_range = (float(torch.minimum(lo, hi).min()), float(torch.maximum(lo, hi).max()))
+    return quant
+
+
+def _insert_act_quants(gm: fx.GraphModule, info: SurgeryInfo, points: list, layer_points: dict,
+                       act_bits, percentile, act_range) -> None:
+    """Step 3b: a QuantAct after every point (not the logits); layers learn their output quantizer."""
+    graph = gm.graph
+    output_inputs = {n for n in graph.nodes if n.op == "output" for n in n.all_input_nodes}
     inserted: dict[fx.Node, QuantAct] = {}
     for i, node in enumerate(points):
         if node in output_inputs:
             continue  # logits stay float (dequantized accumulator)
         name = f"act_quant_{i}"
-        quant = QuantAct(act_bits, percentile, act_range)
-        if node.op == "call_module" and _is_normalizer(gm.get_submodule(node.target)):
-            # models take images in [0, 1]: the normalized range is known exactly, so the
-            # input quantizer does not depend on the (unbounded) calibration images
-            norm = gm.get_submodule(node.target)
-            lo, hi = (0.0 - norm.mean) / norm.std, (1.0 - norm.mean) / norm.std
-            quant.fixed_range = (float(torch.minimum(lo, hi).min()), float(torch.maximum(lo, hi).max()))
+        quant = _new_act_quant(gm, node, act_bits, percentile, act_range)
         gm.add_module(name, quant)
         with graph.inserting_after(node):
             q = graph.call_module(name, (node,))
@@ -206,8 +216,10 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
                     isinstance(gm.get_submodule(src.target), QuantAct):
                 object.__setattr__(quant, "same_as", gm.get_submodule(src.target))
 
-    # 4. tell each quantized layer which quantizer feeds it (for bias quantization)
-    for node in graph.nodes:
+
+def _link_inputs(gm: fx.GraphModule) -> None:
+    """Step 4: tell each quantized layer which quantizer feeds it (for the bias record)."""
+    for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QUANT_LAYER_TYPES):
             src = node.args[0]
             while isinstance(src, fx.Node) and not (src.op == "call_module" and
@@ -217,7 +229,21 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
             if isinstance(src, fx.Node):
                 # plain attribute, not a registered submodule (would duplicate it in state_dict)
                 object.__setattr__(gm.get_submodule(node.target), "input_quant", gm.get_submodule(src.target))
-    graph.lint()
+
+
+def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True,
+            percentile: float | None = None, act_range: str = "minmax") -> tuple[fx.GraphModule, SurgeryInfo]:
+    """Trace a copy of ``model`` (eval mode), fold BNs, insert quantized layers and QuantActs.
+
+    Raises ValueError when the model cannot be traced by torch.fx."""
+    gm = _trace(copy.deepcopy(model).eval())
+    info = SurgeryInfo()
+    _fold_bns(gm, info)
+    _swap_layers(gm, info, per_channel)
+    points, layer_points = _activation_points(gm, info)
+    _insert_act_quants(gm, info, points, layer_points, act_bits, percentile, act_range)
+    _link_inputs(gm)
+    gm.graph.lint()
     gm.delete_all_unused_submodules()  # the folded BNs
     gm.recompile()
     return gm, info
