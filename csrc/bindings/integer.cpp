@@ -27,6 +27,12 @@ constexpr int64_t kMaxGlobalPoolSize = int64_t{1} << 23;  // 255 * 2^23 < 2^31
 
 [[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
 
+// overflow="error": raised as _core.AccumulatorOverflowError (a ValueError subclass), so that
+// Python recognizes it by type, not by message text.
+struct AccumulatorOverflow : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 
 U8 code_array(const py::object& o, const char* name, int ndim_min, int ndim_max) {
@@ -192,7 +198,7 @@ AccStats run_kernel(const QConvArgs& a, Impl im) {
     py::gil_scoped_release release;
     st = qconv(a, im);
   }
-  if (a.acc.mode == Overflow::Error && st.overflow_count > 0) value_error(overflow_message(st, a.acc));
+  if (a.acc.mode == Overflow::Error && st.overflow_count > 0) throw AccumulatorOverflow(overflow_message(st, a.acc));
   return st;
 }
 
@@ -423,6 +429,7 @@ PoolGeom pool_geom(const U8& x, const std::vector<int64_t>& kernel, std::vector<
 }  // namespace
 
 void register_integer(py::module_& m) {
+  py::register_exception<AccumulatorOverflow>(m, "AccumulatorOverflowError", PyExc_ValueError);
   using namespace py::literals;
   m.def("integer_qlinear_conv2d", &qlinear_conv2d, "x"_a, "x_scale"_a, "x_zero_point"_a, "w"_a, "w_scale"_a,
         "w_zero_point"_a, "y_scale"_a, "y_zero_point"_a, "bias"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a,

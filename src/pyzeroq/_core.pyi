@@ -86,6 +86,12 @@ def pareto_top_pairs(
 # Stats dict keys: "max_abs_acc", "bits_needed", "overflow_count", "min_acc", "max_acc".
 # integer_conv_integer / integer_matmul_integer return the int32 accumulators (after the acc model).
 
+
+class AccumulatorOverflowError(ValueError):
+    """overflow="error" and an accumulator beyond acc_bits; pyzeroq.integer re-raises it as its own
+    AccumulatorOverflowError (which can name the layer)."""
+
+
 def integer_qlinear_conv2d(x: np.ndarray, x_scale: float, x_zero_point: ArrayLike, w: np.ndarray,
                            w_scale: ArrayLike, w_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike,
                            bias: Optional[ArrayLike], stride: Sequence[int], padding: Sequence[int],

@@ -94,18 +94,14 @@ class AccumulatorOverflowError(ValueError):
         return type(self), (str(self), self.layer)
 
 
-_OVERFLOW_MESSAGE = "accumulator overflow"  # how the C++ kernels (csrc/kernels/integer_requant.hpp) say it
-
-
 @contextmanager
 def _overflow_errors():
-    """The one place where the extension's overflow ValueError becomes :class:`AccumulatorOverflowError`."""
+    """The one place where the extension's ``_core.AccumulatorOverflowError`` (recognized by its
+    type) becomes :class:`AccumulatorOverflowError`, which can carry the layer's name."""
     try:
         yield
-    except ValueError as exc:
-        if type(exc) is ValueError and str(exc).startswith(_OVERFLOW_MESSAGE):
-            raise AccumulatorOverflowError(str(exc)) from exc
-        raise
+    except _core.AccumulatorOverflowError as exc:
+        raise AccumulatorOverflowError(str(exc)) from exc
 
 
 def _np(x, name: str):
