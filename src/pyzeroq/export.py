@@ -27,6 +27,8 @@ RequantStep            1x1 depthwise ones ``QLinearConv`` (``M = f32(sx / sy)``)
 fused ReLU / ReLU6,    ``Clip`` on uint8 (only where it changes something: the zero point of a
 ClampStep, bits < 8    ReLU output is usually 0 and the code of 6.0 usually beyond 255)
 ReshapeStep            ``Reshape`` (batch dimension kept dynamic)
+LookupStep             ``Cast(int32)`` -> ``Gather`` from the step's uint8 table (Hardswish, SiLU, GELU,
+                       Sigmoid, Tanh, ...: the table is the simulator's, so bit-exact by construction)
 =====================  ==========================================================================
 
 Agreement with the simulator (float32_rne): every op above is bit-exact -- QuantizeLinear,
@@ -64,6 +66,7 @@ from .integer.steps import (
     InputStep,
     LinearStep,
     LogitsStep,
+    LookupStep,
     MaxPoolStep,
     RequantStep,
     ReshapeStep,
@@ -290,12 +293,17 @@ class _Builder:
         self.node("Reshape", [step.inputs[0], self.const(f"{step.output}_shape", np.array(shape, np.int64))],
                   [step.output], f"{step.output}_reshape")
 
+    def lookup(self, step: LookupStep):
+        b = step.output
+        self.node("Cast", [step.inputs[0]], [f"{b}_index"], f"{b}_cast", to=self.tp.INT32)
+        self.node("Gather", [self.const(f"{b}_table", step.table), f"{b}_index"], [b], f"{b}_lookup", axis=0)
+
 
 ONNX_HANDLERS = check_handlers({
     InputStep: _Builder.input, ConvStep: _Builder.conv, LinearStep: _Builder.linear, LogitsStep: _Builder.logits,
     AddStep: _Builder.add, GlobalAvgPoolStep: _Builder.global_avg_pool, AvgPoolStep: _Builder.avg_pool,
     MaxPoolStep: _Builder.max_pool, RequantStep: _Builder.requant, ClampStep: _Builder.clamp,
-    ReshapeStep: _Builder.reshape,
+    ReshapeStep: _Builder.reshape, LookupStep: _Builder.lookup,
 }, "the ONNX builder")
 
 

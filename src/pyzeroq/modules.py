@@ -10,6 +10,9 @@ converter can run the same graph on codes):
   user — a fused clamp), each residual add (after its ReLU when fused), each pooling;
   the graph output (the logits) stays float: the integer model dequantizes the final
   accumulator instead of requantizing it;
+* the output of every elementwise activation with an integer lookup table (Hardswish,
+  Hardsigmoid, SiLU, GELU, Sigmoid, Tanh, LeakyReLU, Hardtanh: :func:`lookup_op`); its
+  input is already quantized (the output of the op before it);
 * biases, at the integer scale input_scale x weight_scale[c] (int32 in the integer model).
 
 BatchNorms are found through the graph: a BN is folded into the conv whose output it
@@ -44,6 +47,12 @@ RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
 PASSTHROUGH_FUNCTIONS = (torch.flatten,)
 ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
+# elementwise activations computed by a lookup table on the input codes (integer LookupStep);
+# nn.ReLU6 subclasses nn.Hardtanh: the ReLU family is classified first (relu_kind)
+LOOKUP_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Hardtanh)
+LOOKUP_FUNCTIONS = (F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh,
+                    F.leaky_relu, F.hardtanh)
+LOOKUP_METHODS = ("sigmoid", "tanh")
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -93,6 +102,23 @@ def relu_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return "relu6"
     if _is_module(gm, node, (nn.ReLU,)) or (node.op == "call_function" and node.target in RELU_FUNCTIONS):
         return "relu"
+    return None
+
+
+def lookup_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Name of the elementwise activation at ``node`` that has an integer lookup table (module
+    class name, function or method name), else None. Extra arguments (negative_slope,
+    min_val / max_val, approximate) must be constants."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, LOOKUP_MODULES) and not isinstance(mod, RELU_MODULES):
+            return type(mod).__name__
+        return None
+    if node.op == "call_function" and node.target in LOOKUP_FUNCTIONS or \
+            node.op == "call_method" and node.target in LOOKUP_METHODS:
+        extra = list(node.args[1:]) + list(node.kwargs.values())
+        if node.args and isinstance(node.args[0], fx.Node) and not any(isinstance(a, fx.Node) for a in extra):
+            return getattr(node.target, "__name__", str(node.target))
     return None
 
 
@@ -157,7 +183,7 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
                 points.append(node)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if _is_normalizer(mod) or isinstance(mod, POOL_MODULES):
+            if _is_normalizer(mod) or isinstance(mod, POOL_MODULES) or lookup_op(gm, node) is not None:
                 points.append(node)
             elif isinstance(mod, QUANT_LAYER_TYPES):
                 relu = _fused_relu(gm, node)
@@ -165,6 +191,8 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
                 layer_points[relu or node] = (mod, relu_kind(gm, relu) if relu is not None else None)
             elif not isinstance(mod, RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten)):
                 info.float_ops.append(f"{node.target} ({type(mod).__name__})")  # clamps / passthroughs are fine
+        elif lookup_op(gm, node) is not None:
+            points.append(node)
         elif node.op == "call_function":
             if node.target in ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):
                 points.append(_fused_relu(gm, node) or node)
@@ -217,18 +245,40 @@ def _insert_act_quants(gm: fx.GraphModule, info: SurgeryInfo, points: list, laye
                 object.__setattr__(quant, "same_as", gm.get_submodule(src.target))
 
 
-def _link_inputs(gm: fx.GraphModule) -> None:
-    """Step 4: tell each quantized layer which quantizer feeds it (for the bias record)."""
+KEEPS_QUANTIZATION_MODULES = RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten)
+KEEPS_QUANTIZATION_METHODS = ("view", "reshape", "flatten")
+
+
+def _quantized_source(gm: fx.GraphModule, node: fx.Node) -> QuantAct | None:
+    """The QuantAct whose codes reach ``node``'s data input through ops that keep the quantization
+    (reshapes such as ``x.view(x.size(0), -1)``, Identity / Dropout / Flatten, ReLU clamps: exact
+    on the codes); None when the input is a float tensor."""
+    src = node.args[0] if node.args else None
+    while isinstance(src, fx.Node):
+        if src.op == "call_module":
+            mod = gm.get_submodule(src.target)
+            if isinstance(mod, QuantAct):
+                return mod
+            if not isinstance(mod, KEEPS_QUANTIZATION_MODULES):
+                return None
+        elif not (src.op == "call_method" and src.target in KEEPS_QUANTIZATION_METHODS or
+                  src.op == "call_function" and src.target in PASSTHROUGH_FUNCTIONS + RELU_FUNCTIONS):
+            return None
+        src = src.args[0] if src.args else None
+    return None
+
+
+def _link_inputs(gm: fx.GraphModule, info: SurgeryInfo) -> None:
+    """Step 4: tell each quantized layer which quantizer feeds it (for the bias record); a layer
+    whose input is float is listed in ``info.float_ops``."""
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QUANT_LAYER_TYPES):
-            src = node.args[0]
-            while isinstance(src, fx.Node) and not (src.op == "call_module" and
-                                                    isinstance(gm.get_submodule(src.target), QuantAct)):
-                nxt = [a for a in src.all_input_nodes]
-                src = nxt[0] if len(nxt) == 1 else None
-            if isinstance(src, fx.Node):
-                # plain attribute, not a registered submodule (would duplicate it in state_dict)
-                object.__setattr__(gm.get_submodule(node.target), "input_quant", gm.get_submodule(src.target))
+            source = _quantized_source(gm, node)
+            if source is None:
+                info.float_ops.append(f"{node.target} (reads a float input)")
+                continue
+            # plain attribute, not a registered submodule (would duplicate it in state_dict)
+            object.__setattr__(gm.get_submodule(node.target), "input_quant", source)
 
 
 def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True,
@@ -242,7 +292,7 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
     _swap_layers(gm, info, per_channel)
     points, layer_points = _activation_points(gm, info)
     _insert_act_quants(gm, info, points, layer_points, act_bits, percentile, act_range)
-    _link_inputs(gm)
+    _link_inputs(gm, info)
     gm.graph.lint()
     gm.delete_all_unused_submodules()  # the folded BNs
     gm.recompile()

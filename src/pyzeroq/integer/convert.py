@@ -52,6 +52,7 @@ from .steps import (
     InputStep,
     LinearStep,
     LogitsStep,
+    LookupStep,
     MaxPoolStep,
     RequantStep,
     ReshapeStep,
@@ -177,7 +178,7 @@ def logits_accumulator(a: np.ndarray, step: LogitsStep, acc_bits: int, overflow:
 
 
 # steps that keep the channels of their first input
-_CHANNEL_KEEPING = (AddStep, AvgPoolStep, ClampStep, GlobalAvgPoolStep, MaxPoolStep, RequantStep)
+_CHANNEL_KEEPING = (AddStep, AvgPoolStep, ClampStep, GlobalAvgPoolStep, MaxPoolStep, RequantStep, LookupStep)
 
 
 def _input_channels(steps: list) -> Optional[int]:
@@ -480,12 +481,15 @@ class IntegerModel:
     def _reshape(self, step: ReshapeStep, args: list) -> np.ndarray:
         return step.apply(args[0])
 
+    def _lookup(self, step: LookupStep, args: list) -> np.ndarray:
+        return np.take(step.table, args[0])  # y = table[x]
+
 
 RUNTIME_HANDLERS = check_handlers({
     InputStep: IntegerModel._input, ConvStep: IntegerModel._conv, LinearStep: IntegerModel._linear,
     LogitsStep: IntegerModel._logits, AddStep: IntegerModel._add, GlobalAvgPoolStep: IntegerModel._global_avg_pool,
     AvgPoolStep: IntegerModel._avg_pool, MaxPoolStep: IntegerModel._max_pool, RequantStep: IntegerModel._requant,
-    ClampStep: IntegerModel._clamp_step, ReshapeStep: IntegerModel._reshape,
+    ClampStep: IntegerModel._clamp_step, ReshapeStep: IntegerModel._reshape, LookupStep: IntegerModel._lookup,
 }, "IntegerModel")
 
 

@@ -26,6 +26,10 @@ AvgPool2d + act             :class:`AvgPoolStep` (exact window sum, one requanti
 MaxPool2d + act             :class:`MaxPoolStep`: max of codes [+ requantization ``M = f32(sx / sy)``]
 QuantAct (standalone)       :class:`RequantStep`
 ReLU / ReLU6 (standalone)   :class:`ClampStep` on codes (ReLU6 only where 6.0 is exactly a code)
+Hardswish, Hardsigmoid,     :class:`LookupStep`: ``y = table[x]``, the table computed once from the
+SiLU, GELU, Sigmoid, Tanh,  two records in float32 (:func:`pyzeroq.integer.lookup.lookup_table`):
+LeakyReLU, Hardtanh + act   exact by construction (modules, F.* / torch.* functions, .sigmoid() /
+                            .tanh() methods; :func:`pyzeroq.modules.lookup_op`)
 flatten / view / reshape    :class:`ReshapeStep`
 Identity / Dropout          nothing (an alias of the input slot)
 ==========================  ===================================================================
@@ -53,8 +57,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..modules import ADD_FUNCTIONS, QuantAct, QuantConv2d, QuantLinear, is_normalizer, relu_kind
+from ..modules import ADD_FUNCTIONS, QuantAct, QuantConv2d, QuantLinear, is_normalizer, lookup_op, relu_kind
 from ..qspec import RELU6_MAX, TensorQuant
+from .lookup import lookup_table
 from .steps import (
     AddStep,
     AvgPoolStep,
@@ -64,6 +69,7 @@ from .steps import (
     InputStep,
     LinearStep,
     LogitsStep,
+    LookupStep,
     MaxPoolStep,
     RequantStep,
     ReshapeStep,
@@ -237,6 +243,8 @@ class _Compiler:
             self.reshape(node)
         elif relu_kind(self.gm, node) is not None:
             self.standalone_relu(node)
+        elif lookup_op(self.gm, node) is not None:
+            self.lookup(node)
         elif node.op == "call_function" and node.target in ADD_FUNCTIONS:
             self.add_node(node)
         elif node.op == "call_method" and node.target == "size":
@@ -385,6 +393,20 @@ class _Compiler:
         src = self.slot(node.args[0], node)
         self.add(ReshapeStep(name=str(node.target) if node.op == "call_module" else node.name, inputs=(src,),
                              output=node.name, x_q=self.q[src], **spec))
+
+    def lookup(self, node: fx.Node) -> None:
+        """An elementwise activation as a :class:`LookupStep` (table from its input / output records)."""
+        x = self.slot(node.args[0], node)
+        out_q, act = self.require_target(node)
+        if node.op == "call_module":
+            fn = self.mod(node)
+        else:
+            args, kwargs, target = node.args[1:], dict(node.kwargs), node.target
+            fn = (lambda t: getattr(t, target)(*args, **kwargs)) if node.op == "call_method" else \
+                (lambda t: target(t, *args, **kwargs))
+        name = str(node.target) if node.op == "call_module" else node.name
+        self.add(LookupStep(name=name, inputs=(x,), output=node.name, x_q=self.q[x], quant=out_q,
+                            table=lookup_table(fn, self.q[x], out_q, act), op=lookup_op(self.gm, node)))
 
     def standalone_relu(self, node: fx.Node) -> None:
         x = self.slot(node.args[0], node)

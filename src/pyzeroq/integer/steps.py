@@ -32,7 +32,7 @@ import numpy as np
 from ..qspec import ACTIVATIONS, LayerQuant, TensorQuant, activation_clamp  # noqa: F401 (activation_clamp re-exported)
 
 __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
-           "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "STEP_TYPES", "LAYER_STEPS",
+           "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "LookupStep", "STEP_TYPES", "LAYER_STEPS",
            "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
 
 
@@ -271,8 +271,39 @@ class ReshapeStep(Step):
         return x.reshape([x.shape[0] if d == "batch" else d for d in self.shape])
 
 
+@dataclass(frozen=True, kw_only=True)
+class LookupStep(Step):
+    """Elementwise activation ``f`` (``op``: its name, display only) as a table on the input codes:
+    ``y = table[x]`` with ``table[q] = out_q.quantize(f(x_q.dequantize(q)))`` computed once in
+    float32 by :func:`pyzeroq.integer.lookup.lookup_table` (2**x_q.bits entries, uint8)."""
+
+    kind: ClassVar[str] = "lookup"
+    x_q: TensorQuant
+    quant: TensorQuant
+    table: np.ndarray
+    op: str = ""
+
+    def __post_init__(self):
+        super().__post_init__()
+        table = np.ascontiguousarray(self.table, dtype=np.uint8).reshape(-1)
+        if table.shape[0] != 1 << self.x_q.bits:
+            raise ValueError(f"a lookup table of {self.x_q.bits}-bit codes has {1 << self.x_q.bits} entries, "
+                             f"got {table.shape[0]}")
+        object.__setattr__(self, "table", table)
+
+    in_q = property(lambda self: (self.x_q,))
+    out_q = property(lambda self: self.quant)
+
+    def __eq__(self, other) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(np.array_equal(getattr(self, f.name), getattr(other, f.name)) if f.name == "table"
+                   else getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
+
+
+
 STEP_TYPES = (InputStep, ConvStep, LinearStep, LogitsStep, AddStep, GlobalAvgPoolStep, AvgPoolStep, MaxPoolStep,
-              RequantStep, ClampStep, ReshapeStep)
+              RequantStep, ClampStep, ReshapeStep, LookupStep)
 LAYER_STEPS = (ConvStep, LinearStep, LogitsStep)
 _BY_NAME = {t.__name__: t for t in STEP_TYPES}
 

@@ -1,0 +1,161 @@
+"""Operator coverage beyond the reference CNNs: each op family quantized end to end.
+
+Per model: (a) the surgery leaves no float op, (b) the integer model reproduces the fake-quant
+model's activation codes (lookup tables exactly, by construction) and its predictions,
+(c) onnxruntime reproduces every intermediate code of the integer model, (d) save / load
+(QuantizedModel and IntegerModel) round trips bit-exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_integer_convert import fq_codes, images, quantize
+from torch import nn
+
+import pyzeroq as zq
+from pyzeroq.integer import steps as S
+from pyzeroq.integer.lookup import lookup_table
+from pyzeroq.models import Normalize
+from pyzeroq.modules import QuantAct
+from pyzeroq.qspec import TensorQuant
+
+WIDTH = 8
+CLASSES = 10
+BATCH = 32
+MIN_AGREEMENT = 0.9  # integer vs fake-quant top-1 agreement (near-tie requantizations only)
+MAX_CODE_DIFF_FRACTION = 0.01  # conv requantization near-ties (see test_integer_convert)
+
+LOOKUP_MODULES = [nn.Hardswish(), nn.Hardsigmoid(), nn.SiLU(), nn.GELU(), nn.Sigmoid(), nn.Tanh(),
+                  nn.LeakyReLU(0.1), nn.Hardtanh(-0.5, 1.5)]
+LOOKUP_FUNCTIONS = [F.hardswish, F.hardsigmoid, F.silu, lambda x: F.gelu(x, approximate="tanh"), torch.sigmoid,
+                    torch.tanh, lambda x: F.leaky_relu(x, 0.2), lambda x: F.hardtanh(x, -1.0, 1.0)]
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    conv = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=1), nn.BatchNorm2d(cout))
+    with torch.no_grad():
+        conv[1].running_mean.uniform_(-0.5, 0.5)
+        conv[1].running_var.uniform_(0.5, 2.0)
+    return conv
+
+
+class LookupNet(nn.Module):
+    """conv -> activation, once per activation (modules, or functional forms), -> pool -> linear."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.normalize = Normalize()
+        self.convs = nn.ModuleList([_conv(1 if i == 0 else WIDTH, WIDTH, 2 if i in (0, 4) else 1)
+                                    for i in range(len(LOOKUP_MODULES))])
+        self.functional = functional
+        if not functional:
+            self.acts = nn.ModuleList(LOOKUP_MODULES)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        x = self.normalize(x)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if self.functional:
+                x = LOOKUP_FUNCTIONS[i](x) if i != 4 else x.sigmoid()  # the method form too
+            else:
+                x = self.acts[i](x)
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+# ---------------------------------------------------------------------------- shared checks
+def check_no_float_ops(q) -> None:
+    assert q.report.float_ops == []
+
+
+def check_integer_matches_fake_quant(q, im, x: torch.Tensor) -> dict:
+    """Every QuantAct's codes (a few conv near-ties allowed) and the predictions; returns the env."""
+    codes, logits = fq_codes(q, x)
+    env = im.run(x)
+    acts = [n for n in q.graph_module.graph.nodes if n.op == "call_module" and
+            isinstance(q.graph_module.get_submodule(n.target), QuantAct)]
+    slots = {s.output for s in im.steps}
+    for node in acts:
+        slot = node.args[0].name if node.args[0].name in slots else node.target
+        if slot not in env:
+            slot = next(s.output for s in im.steps if s.name == node.target or s.output == node.name)
+        got = env[slot].astype(np.int64).reshape(codes[node.target].shape)
+        diff = np.abs(got - codes[node.target])
+        assert (diff > 0).mean() <= MAX_CODE_DIFF_FRACTION, node.target
+    assert (np.asarray(im(x)).argmax(1) == logits.numpy().argmax(1)).mean() >= MIN_AGREEMENT
+    return env
+
+
+def check_onnx(im, x: np.ndarray) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from test_export import LEVELS, assert_same_as_simulator
+
+    from pyzeroq.export import build_onnx
+    model = build_onnx(im, x[:1], intermediate=True)
+    for level in LEVELS:
+        got = assert_same_as_simulator(im, model, x, level)
+        assert len(got) == 1 + sum(s.out_q is not None for s in im.steps)
+    assert ort is not None
+
+
+def check_save_load(q, im, x: torch.Tensor, tmp_path) -> None:
+    q.save(tmp_path / "q.pzq")
+    q2 = zq.load(tmp_path / "q.pzq")
+    with torch.no_grad():
+        np.testing.assert_array_equal(q2(x).numpy(), q(x).numpy())
+    im2 = zq.to_integer(q2)
+    assert im2.steps == im.steps
+    im.save(tmp_path / "im.pt")
+    im3 = zq.load(tmp_path / "im.pt")
+    assert im3.steps == im.steps
+    for other in (im2, im3):
+        np.testing.assert_array_equal(np.asarray(other(x.numpy())), np.asarray(im(x.numpy())))
+
+
+def check_all(q, tmp_path, kinds: set) -> None:
+    check_no_float_ops(q)
+    im = zq.to_integer(q)
+    assert kinds <= {s.kind for s in im.steps}
+    x = images(BATCH)
+    check_integer_matches_fake_quant(q, im, x)
+    check_onnx(im, x.numpy())
+    check_save_load(q, im, x, tmp_path)
+    return im
+
+
+# ---------------------------------------------------------------------------- lookup activations
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functional"])
+def test_lookup_activations(functional, tmp_path):
+    torch.manual_seed(0)
+    q = quantize(LookupNet(functional))
+    im = check_all(q, tmp_path, {"lookup"})
+    lookups = [s for s in im.steps if isinstance(s, S.LookupStep)]
+    assert len(lookups) == len(LOOKUP_MODULES)
+    # exact by construction: the table maps the fake-quant input codes to the fake-quant output codes
+    x = images(BATCH, seed=3)
+    codes, _ = fq_codes(q, x)
+    gm = q.graph_module
+    for step in lookups:
+        node = next(n for n in gm.graph.nodes if n.name == step.output)
+        src, dst = node.args[0].target, next(iter(node.users)).target
+        np.testing.assert_array_equal(step.table[codes[src]], codes[dst], err_msg=step.name)
+
+
+def test_lookup_table_formula():
+    x_q, y_q = TensorQuant(8, 0.05, 128), TensorQuant(8, 1 / 255, 0)
+    table = lookup_table(torch.sigmoid, x_q, y_q)
+    real = np.float32(0.05) * (np.arange(256, dtype=np.float32) - np.float32(128))
+    want = y_q.quantize(torch.sigmoid(torch.from_numpy(real)).numpy())
+    np.testing.assert_array_equal(table, want)
+    assert table.dtype == np.uint8 and table[0] == 0 and table[-1] == 255
+    low = lookup_table(torch.tanh, TensorQuant(4, 0.5, 8), TensorQuant(4, 2 / 15, 7), activation="relu")
+    assert low.shape == (16,) and low.min() == 7  # fused ReLU: clamped at the zero point
+    with pytest.raises(ValueError, match="entries"):
+        S.LookupStep(name="a", inputs=("x",), output="y", x_q=x_q, quant=y_q, table=table[:10])
+    step = S.LookupStep(name="a", inputs=("x",), output="y", x_q=x_q, quant=y_q, table=table, op="sigmoid")
+    assert S.step_from_dict(step.to_dict()) == step
