@@ -80,9 +80,10 @@ def check_integer_matches_fake_quant(q, im, x: torch.Tensor) -> dict:
             isinstance(q.graph_module.get_submodule(n.target), QuantAct)]
     slots = {s.output for s in im.steps}
     for node in acts:
-        slot = node.args[0].name if node.args[0].name in slots else node.target
-        if slot not in env:
-            slot = next(s.output for s in im.steps if s.name == node.target or s.output == node.name)
+        p = node  # the step that wrote these codes: the QuantAct's own (input) or its source's (a fused ReLU skipped)
+        while p.name not in slots:
+            p = p.args[0]
+        slot = p.name
         got = env[slot].astype(np.int64).reshape(codes[node.target].shape)
         diff = np.abs(got - codes[node.target])
         assert (diff > 0).mean() <= MAX_CODE_DIFF_FRACTION, node.target
@@ -159,3 +160,63 @@ def test_lookup_table_formula():
         S.LookupStep(name="a", inputs=("x",), output="y", x_q=x_q, quant=y_q, table=table[:10])
     step = S.LookupStep(name="a", inputs=("x",), output="y", x_q=x_q, quant=y_q, table=table, op="sigmoid")
     assert S.step_from_dict(step.to_dict()) == step
+
+
+# ---------------------------------------------------------------------------- concatenation
+class InceptionNet(nn.Module):
+    """stem conv -> two conv branches (1x1 and 3x3, ReLU) concatenated along ``dim`` -> conv ->
+    a second cat (three inputs, one repeated) -> pool -> linear."""
+
+    def __init__(self, dim: int = 1):
+        super().__init__()
+        self.dim = dim
+        self.normalize = Normalize()
+        self.stem = _conv(1, WIDTH, 2)
+        self.relu = nn.ReLU()
+        self.branch1 = nn.Sequential(nn.Conv2d(WIDTH, WIDTH // 2, 1), nn.BatchNorm2d(WIDTH // 2), nn.ReLU())
+        self.branch3 = nn.Sequential(_conv(WIDTH, WIDTH), nn.ReLU())
+        cat_channels = WIDTH // 2 + WIDTH if dim == 1 else WIDTH
+        self.mix = _conv(cat_channels if dim == 1 else WIDTH // 2, WIDTH) if dim == 1 else None
+        self.head = _conv(cat_channels if dim == 1 else WIDTH, WIDTH)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * WIDTH + WIDTH if dim == 1 else WIDTH, CLASSES)
+
+    def forward(self, x):
+        x = self.relu(self.stem(self.normalize(x)))
+        a, b = self.branch1(x), self.branch3(x)
+        if self.dim == 1:
+            y = self.head(torch.cat([a, b], 1))
+            y = torch.cat((y, x, y), dim=1)
+        else:  # spatial: both branches with WIDTH channels
+            y = self.head(torch.cat([b, x], dim=self.dim))
+        return self.fc(torch.flatten(self.gap(y), 1))
+
+
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_concat(dim, tmp_path):
+    torch.manual_seed(1)
+    q = quantize(InceptionNet(dim))
+    im = check_all(q, tmp_path, {"concat"})
+    cats = [s for s in im.steps if isinstance(s, S.ConcatStep)]
+    assert len(cats) == (2 if dim == 1 else 1) and all(s.dim == dim for s in cats)
+    # one output scale calibrated on the concatenated tensor: the inputs are requantized to it
+    assert all(any(xq != s.quant for xq in s.x_qs) for s in cats)
+    if dim == 1:
+        assert len(cats[1].inputs) == 3 and cats[1].inputs[0] == cats[1].inputs[2]
+
+
+def test_concat_requant_is_the_requant_step():
+    """Each input of a concat is requantized exactly like a standalone RequantStep."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (2, 3, 4, 4), dtype=np.uint8) for _ in range(2))
+    qa, qb, qy = TensorQuant(8, 0.02, 10), TensorQuant(8, 0.05, 128), TensorQuant(8, 0.04, 100)
+    cat = S.ConcatStep(name="c", inputs=("a", "b"), output="c", x_qs=(qa, qb), quant=qy, dim=1)
+    assert S.step_from_dict(cat.to_dict()) == cat
+    from pyzeroq.integer.convert import RUNTIME_HANDLERS, IntegerModel
+    runner = IntegerModel.__new__(IntegerModel)
+    runner.rounding = "float32_rne"
+    got = RUNTIME_HANDLERS[S.ConcatStep](runner, cat, [a, b])
+    parts = [RUNTIME_HANDLERS[S.RequantStep](runner, S.RequantStep(name="r", inputs=("x",), output="y", x_q=xq,
+                                                                     quant=qy), [x]) for x, xq in ((a, qa), (b, qb))]
+    np.testing.assert_array_equal(got, np.concatenate(parts, 1))
+    assert got.dtype == np.uint8 and got.shape == (2, 6, 4, 4)

@@ -27,6 +27,8 @@ RequantStep            1x1 depthwise ones ``QLinearConv`` (``M = f32(sx / sy)``)
 fused ReLU / ReLU6,    ``Clip`` on uint8 (only where it changes something: the zero point of a
 ClampStep, bits < 8    ReLU output is usually 0 and the code of 6.0 usually beyond 255)
 ReshapeStep            ``Reshape`` (batch dimension kept dynamic)
+ConcatStep             per input whose record differs from the output's: the RequantStep emission (1x1
+                       depthwise ones ``QLinearConv``, 4-D inputs), then ``Concat`` [+ ``Clip``, bits < 8]
 LookupStep             ``Cast(int32)`` -> ``Gather`` from the step's uint8 table (Hardswish, SiLU, GELU,
                        Sigmoid, Tanh, ...: the table is the simulator's, so bit-exact by construction)
 =====================  ==========================================================================
@@ -61,6 +63,7 @@ from .integer.steps import (
     AddStep,
     AvgPoolStep,
     ClampStep,
+    ConcatStep,
     ConvStep,
     GlobalAvgPoolStep,
     InputStep,
@@ -136,11 +139,12 @@ class _Builder:
         top = q.qmax if hi is None else min(hi, q.qmax)
         self.clip(raw, step.output, lo, top, f"{step.output}_clip")
 
-    def ones_conv(self, step: Step, src: str, out: str, x_scale: float, y_scale: float, kernel, stride, pads):
-        """Depthwise all-ones QLinearConv: exact window sums, one requantization."""
-        xq, yq = step.in_q[0], step.out_q
-        channels = self.shapes[step.inputs[0]][1]
-        b = f"{step.output}_pool"
+    def ones_conv(self, step: Step, src: str, out: str, x_scale: float, y_scale: float, kernel, stride, pads,
+                  index: int = 0, base: Optional[str] = None):
+        """Depthwise all-ones QLinearConv on input ``index`` of ``step``: exact window sums, one requantization."""
+        xq, yq = step.in_q[index], step.out_q
+        channels = self.shapes[step.inputs[index]][1]
+        b = base or f"{step.output}_pool"
         ins = [src, self.const(f"{b}_x_scale", np.float32(x_scale)),
                self.const(f"{b}_x_zero_point", np.uint8(xq.zero_point_value)),
                self.const(f"{b}_w", np.ones((channels, 1) + tuple(kernel), np.uint8)),
@@ -281,6 +285,21 @@ class _Builder:
                        (0,) * 4)
         self.finish(step, raw)
 
+    def concat(self, step: ConcatStep):
+        parts = []
+        for i, (src, xq) in enumerate(zip(step.inputs, step.x_qs)):
+            if xq == step.quant:
+                parts.append(src)
+                continue
+            if len(self.shapes[src]) != 4:
+                raise ValueError(f"node {step.name!r}: ONNX export of a concat requantizes 4-D inputs only")
+            out = f"{step.output}_in{i}"
+            self.ones_conv(step, src, out, xq.scale_value, step.quant.scale_value, (1, 1), (1, 1), (0,) * 4,
+                           index=i, base=f"{step.output}_requant{i}")
+            parts.append(out)
+        self.node("Concat", parts, [f"{step.output}_raw"], f"{step.output}_concat", axis=step.dim)
+        self.finish(step, f"{step.output}_raw")
+
     def clamp(self, step: ClampStep):
         self.clip(step.inputs[0], step.output, step.lo, step.hi, f"{step.output}_clip")
 
@@ -304,6 +323,7 @@ ONNX_HANDLERS = check_handlers({
     AddStep: _Builder.add, GlobalAvgPoolStep: _Builder.global_avg_pool, AvgPoolStep: _Builder.avg_pool,
     MaxPoolStep: _Builder.max_pool, RequantStep: _Builder.requant, ClampStep: _Builder.clamp,
     ReshapeStep: _Builder.reshape, LookupStep: _Builder.lookup,
+    ConcatStep: _Builder.concat,
 }, "the ONNX builder")
 
 

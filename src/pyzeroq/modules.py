@@ -13,6 +13,9 @@ converter can run the same graph on codes):
 * the output of every elementwise activation with an integer lookup table (Hardswish,
   Hardsigmoid, SiLU, GELU, Sigmoid, Tanh, LeakyReLU, Hardtanh: :func:`lookup_op`); its
   input is already quantized (the output of the op before it);
+* the output of every ``torch.cat`` (any dim): one scale calibrated on the concatenated tensor,
+  the inputs requantized to it (each input keeps the range calibrated upstream; a scale shared
+  with the inputs would couple the branches' ranges);
 * biases, at the integer scale input_scale x weight_scale[c] (int32 in the integer model).
 
 BatchNorms are found through the graph: a BN is folded into the conv whose output it
@@ -53,6 +56,7 @@ LOOKUP_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn
 LOOKUP_FUNCTIONS = (F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh,
                     F.leaky_relu, F.hardtanh)
 LOOKUP_METHODS = ("sigmoid", "tanh")
+CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -120,6 +124,15 @@ def lookup_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
         if node.args and isinstance(node.args[0], fx.Node) and not any(isinstance(a, fx.Node) for a in extra):
             return getattr(node.target, "__name__", str(node.target))
     return None
+
+
+def is_cat(node: fx.Node) -> bool:
+    """A ``torch.cat`` of a list of tensors (nodes) along a constant dim."""
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS or not node.args:
+        return False
+    tensors, rest = node.args[0], list(node.args[1:]) + list(node.kwargs.values())
+    return isinstance(tensors, (list, tuple)) and len(tensors) > 0 and \
+        all(isinstance(t, fx.Node) for t in tensors) and not any(isinstance(a, fx.Node) for a in rest)
 
 
 def _is_normalizer(module: nn.Module) -> bool:
@@ -191,7 +204,7 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
                 layer_points[relu or node] = (mod, relu_kind(gm, relu) if relu is not None else None)
             elif not isinstance(mod, RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten)):
                 info.float_ops.append(f"{node.target} ({type(mod).__name__})")  # clamps / passthroughs are fine
-        elif lookup_op(gm, node) is not None:
+        elif lookup_op(gm, node) is not None or is_cat(node):
             points.append(node)
         elif node.op == "call_function":
             if node.target in ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):

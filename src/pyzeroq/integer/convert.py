@@ -47,6 +47,7 @@ from .steps import (
     AddStep,
     AvgPoolStep,
     ClampStep,
+    ConcatStep,
     ConvStep,
     GlobalAvgPoolStep,
     InputStep,
@@ -481,6 +482,12 @@ class IntegerModel:
     def _reshape(self, step: ReshapeStep, args: list) -> np.ndarray:
         return step.apply(args[0])
 
+    def _concat(self, step: ConcatStep, args: list) -> np.ndarray:
+        """Each input requantized to the output record (``M = f32(s_in / s_out)``), then concatenated."""
+        parts = [x if xq == step.quant else self._requantize(x, xq, step.quant).astype(np.uint8)
+                 for x, xq in zip(args, step.x_qs)]
+        return np.concatenate(parts, axis=step.dim)
+
     def _lookup(self, step: LookupStep, args: list) -> np.ndarray:
         return np.take(step.table, args[0])  # y = table[x]
 
@@ -490,6 +497,7 @@ RUNTIME_HANDLERS = check_handlers({
     LogitsStep: IntegerModel._logits, AddStep: IntegerModel._add, GlobalAvgPoolStep: IntegerModel._global_avg_pool,
     AvgPoolStep: IntegerModel._avg_pool, MaxPoolStep: IntegerModel._max_pool, RequantStep: IntegerModel._requant,
     ClampStep: IntegerModel._clamp_step, ReshapeStep: IntegerModel._reshape, LookupStep: IntegerModel._lookup,
+    ConcatStep: IntegerModel._concat,
 }, "IntegerModel")
 
 

@@ -30,6 +30,8 @@ Hardswish, Hardsigmoid,     :class:`LookupStep`: ``y = table[x]``, the table com
 SiLU, GELU, Sigmoid, Tanh,  two records in float32 (:func:`pyzeroq.integer.lookup.lookup_table`):
 LeakyReLU, Hardtanh + act   exact by construction (modules, F.* / torch.* functions, .sigmoid() /
                             .tanh() methods; :func:`pyzeroq.modules.lookup_op`)
+torch.cat (any dim) + act   :class:`ConcatStep`: each input requantized to the output record
+                            (``M = f32(s_in / s_out)``, as :class:`RequantStep`), then concatenated
 flatten / view / reshape    :class:`ReshapeStep`
 Identity / Dropout          nothing (an alias of the input slot)
 ==========================  ===================================================================
@@ -57,13 +59,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..modules import ADD_FUNCTIONS, QuantAct, QuantConv2d, QuantLinear, is_normalizer, lookup_op, relu_kind
+from ..modules import ADD_FUNCTIONS, QuantAct, QuantConv2d, QuantLinear, is_cat, is_normalizer, lookup_op, relu_kind
 from ..qspec import RELU6_MAX, TensorQuant
 from .lookup import lookup_table
 from .steps import (
     AddStep,
     AvgPoolStep,
     ClampStep,
+    ConcatStep,
     ConvStep,
     GlobalAvgPoolStep,
     InputStep,
@@ -247,6 +250,8 @@ class _Compiler:
             self.lookup(node)
         elif node.op == "call_function" and node.target in ADD_FUNCTIONS:
             self.add_node(node)
+        elif is_cat(node):
+            self.concat(node)
         elif node.op == "call_method" and node.target == "size":
             pass  # only consumed by view / reshape (checked there)
         elif node.op == "output":
@@ -368,6 +373,15 @@ class _Compiler:
         out_q, act = self.require_target(node)
         self.add(AddStep(name=node.name, inputs=(a, b), output=node.name, x_q=self.q[a], y_q=self.q[b], quant=out_q,
                          activation=act))
+
+    def concat(self, node: fx.Node) -> None:
+        xs = [self.slot(v, node) for v in node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        out_q, act = self.require_target(node)
+        if act is not None:
+            raise self.unsupported(node, "a ReLU between torch.cat and its activation quantizer is not supported")
+        self.add(ConcatStep(name=node.name, inputs=tuple(xs), output=node.name, x_qs=tuple(self.q[x] for x in xs),
+                            quant=out_q, dim=int(dim)))
 
     def reshape(self, node: fx.Node) -> None:
         spec: dict = {}

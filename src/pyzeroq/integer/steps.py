@@ -32,7 +32,8 @@ import numpy as np
 from ..qspec import ACTIVATIONS, LayerQuant, TensorQuant, activation_clamp  # noqa: F401 (activation_clamp re-exported)
 
 __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
-           "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "LookupStep", "STEP_TYPES", "LAYER_STEPS",
+           "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "LookupStep", "ConcatStep",
+           "STEP_TYPES", "LAYER_STEPS",
            "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
 
 
@@ -302,8 +303,30 @@ class LookupStep(Step):
 
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConcatStep(Step):
+    """``torch.cat`` along ``dim``: each input (record ``x_qs[i]``) requantized to ``quant`` with
+    ``M = f32(s_i / s_out)`` (as :class:`RequantStep`; inputs whose record is ``quant`` are copied),
+    then concatenated. One output scale, calibrated on the concatenated tensor."""
+
+    kind: ClassVar[str] = "concat"
+    x_qs: tuple
+    quant: TensorQuant
+    dim: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "x_qs", tuple(self.x_qs))
+        object.__setattr__(self, "dim", int(self.dim))
+        if len(self.x_qs) != len(self.inputs) or not self.inputs:
+            raise ValueError(f"a concat needs one record per input, got {len(self.x_qs)} for {len(self.inputs)}")
+
+    in_q = property(lambda self: self.x_qs)
+    out_q = property(lambda self: self.quant)
+
+
 STEP_TYPES = (InputStep, ConvStep, LinearStep, LogitsStep, AddStep, GlobalAvgPoolStep, AvgPoolStep, MaxPoolStep,
-              RequantStep, ClampStep, ReshapeStep, LookupStep)
+              RequantStep, ClampStep, ReshapeStep, LookupStep, ConcatStep)
 LAYER_STEPS = (ConvStep, LinearStep, LogitsStep)
 _BY_NAME = {t.__name__: t for t in STEP_TYPES}
 
