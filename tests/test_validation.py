@@ -84,14 +84,14 @@ def test_wrong_input_shape_reports_the_shape_and_the_model_error(no_expensive_st
     with pytest.raises(ValueError) as info:
         zq.quantize(model, zq.QuantConfig(**FAST), input_shape=(3, 16, 16))
     message = str(info.value)
-    assert "input_shape" in message and "(1, 3, 16, 16)" in message
-    assert "expected input[1, 3, 16, 16] to have 1 channels" in message  # torch's own words
+    assert "input_shape" in message and "(2, 3, 16, 16)" in message
+    assert "expected input[2, 3, 16, 16] to have 1 channels" in message  # torch's own words
     assert_unchanged(model, before)
 
 
 def test_real_calibration_data_that_does_not_fit_the_model(no_expensive_stage):
     data = torch.rand(4, 3, 16, 16)
-    with pytest.raises(ValueError, match=r"calibration_data does not fit the model.*\(1, 3, 16, 16\).*channels"):
+    with pytest.raises(ValueError, match=r"calibration_data does not fit the model.*\(2, 3, 16, 16\).*channels"):
         zq.quantize(trained_tiny(steps=1), zq.QuantConfig(calibration="real", calibration_data=data, **FAST))
 
 
@@ -161,3 +161,49 @@ def test_a_successful_run_leaves_a_training_model_as_it_was():
     before = _state(model)
     zq.quantize(model, zq.QuantConfig(weight_bits=(2, 4, 8), avg_weight_bits=4, **FAST), input_shape=SHAPE)
     assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------- found by a new user's trial
+def test_input_shape_without_channel_dimension_is_caught_by_the_dry_run(no_expensive_stage):
+    """A batch of one [1, 16, 16] passes conv layers as an unbatched image; the dry run uses two."""
+    with pytest.raises(ValueError, match=r"input_shape=\(16, 16\) does not fit the model"):
+        zq.quantize(trained_tiny(steps=0), zq.QuantConfig(**FAST), input_shape=(16, 16))
+
+
+def test_pixel_values_as_floats_are_refused(no_expensive_stage):
+    data = torch.rand(8, 1, 16, 16) * 255
+    with pytest.raises(ValueError, match=r"calibration_data must be float images in \[0, 1\].*divide uint8"):
+        zq.quantize(trained_tiny(steps=0), zq.QuantConfig(calibration="real", calibration_data=data, **FAST))
+
+
+class _ViewNet(nn.Module):
+    """conv -> ReLU -> pool -> x.view(x.size(0), -1) -> linear, without input normalization."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu, self.pool = nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.pool(self.relu(self.conv(x)))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_view_with_size_keeps_the_linear_input_quantized_and_missing_normalization_is_noted():
+    qmodel = zq.quantize(_ViewNet().eval(), zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
+    assert qmodel.report.float_ops == []
+    assert qmodel.graph_module.fc.input_quant is not None  # the int32 bias and the integer form need it
+    x = torch.rand(4, 1, 8, 8)
+    np.testing.assert_allclose(zq.to_integer(qmodel)(x).numpy(), qmodel(x).detach().numpy(), atol=1e-2)
+    assert any("no input normalization module" in n for n in qmodel.report.notes)
+
+
+def test_float_ops_warn_and_layers_reading_them_are_listed():
+    class SinNet(_ViewNet):
+        def forward(self, x):
+            y = self.pool(torch.sin(self.conv(x)))  # sin has no quantized form
+            return self.fc(torch.flatten(y, 1))
+
+    with pytest.warns(pipeline.FloatOpsWarning, match="stay in float"):
+        qmodel = zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
+    assert any("sin" in op for op in qmodel.report.float_ops)

@@ -10,12 +10,6 @@ converter can run the same graph on codes):
   user — a fused clamp), each residual add (after its ReLU when fused), each pooling;
   the graph output (the logits) stays float: the integer model dequantizes the final
   accumulator instead of requantizing it;
-* the output of every elementwise activation with an integer lookup table (Hardswish,
-  Hardsigmoid, SiLU, GELU, Sigmoid, Tanh, LeakyReLU, Hardtanh: :func:`lookup_op`); its
-  input is already quantized (the output of the op before it);
-* the output of every ``torch.cat`` (any dim): one scale calibrated on the concatenated tensor,
-  the inputs requantized to it (each input keeps the range calibrated upstream; a scale shared
-  with the inputs would couple the branches' ranges);
 * biases, at the integer scale input_scale x weight_scale[c] (int32 in the integer model).
 
 BatchNorms are found through the graph: a BN is folded into the conv whose output it
@@ -50,13 +44,6 @@ RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
 PASSTHROUGH_FUNCTIONS = (torch.flatten,)
 ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
-# elementwise activations computed by a lookup table on the input codes (integer LookupStep);
-# nn.ReLU6 subclasses nn.Hardtanh: the ReLU family is classified first (relu_kind)
-LOOKUP_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Hardtanh)
-LOOKUP_FUNCTIONS = (F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh,
-                    F.leaky_relu, F.hardtanh)
-LOOKUP_METHODS = ("sigmoid", "tanh")
-CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -107,32 +94,6 @@ def relu_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if _is_module(gm, node, (nn.ReLU,)) or (node.op == "call_function" and node.target in RELU_FUNCTIONS):
         return "relu"
     return None
-
-
-def lookup_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """Name of the elementwise activation at ``node`` that has an integer lookup table (module
-    class name, function or method name), else None. Extra arguments (negative_slope,
-    min_val / max_val, approximate) must be constants."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, LOOKUP_MODULES) and not isinstance(mod, RELU_MODULES):
-            return type(mod).__name__
-        return None
-    if node.op == "call_function" and node.target in LOOKUP_FUNCTIONS or \
-            node.op == "call_method" and node.target in LOOKUP_METHODS:
-        extra = list(node.args[1:]) + list(node.kwargs.values())
-        if node.args and isinstance(node.args[0], fx.Node) and not any(isinstance(a, fx.Node) for a in extra):
-            return getattr(node.target, "__name__", str(node.target))
-    return None
-
-
-def is_cat(node: fx.Node) -> bool:
-    """A ``torch.cat`` of a list of tensors (nodes) along a constant dim."""
-    if node.op != "call_function" or node.target not in CAT_FUNCTIONS or not node.args:
-        return False
-    tensors, rest = node.args[0], list(node.args[1:]) + list(node.kwargs.values())
-    return isinstance(tensors, (list, tuple)) and len(tensors) > 0 and \
-        all(isinstance(t, fx.Node) for t in tensors) and not any(isinstance(a, fx.Node) for a in rest)
 
 
 def _is_normalizer(module: nn.Module) -> bool:
@@ -196,7 +157,7 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
                 points.append(node)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if _is_normalizer(mod) or isinstance(mod, POOL_MODULES) or lookup_op(gm, node) is not None:
+            if _is_normalizer(mod) or isinstance(mod, POOL_MODULES):
                 points.append(node)
             elif isinstance(mod, QUANT_LAYER_TYPES):
                 relu = _fused_relu(gm, node)
@@ -204,8 +165,6 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
                 layer_points[relu or node] = (mod, relu_kind(gm, relu) if relu is not None else None)
             elif not isinstance(mod, RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten)):
                 info.float_ops.append(f"{node.target} ({type(mod).__name__})")  # clamps / passthroughs are fine
-        elif lookup_op(gm, node) is not None or is_cat(node):
-            points.append(node)
         elif node.op == "call_function":
             if node.target in ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):
                 points.append(_fused_relu(gm, node) or node)

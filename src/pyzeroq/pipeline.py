@@ -16,6 +16,7 @@ import copy
 import math
 import numbers
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -28,7 +29,7 @@ from ._checks import check_device, check_finite_model
 from ._optional import require
 from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
-from .modules import act_quants, fit_bias_scales, prepare, quant_layers, set_act_mode, set_weight_bits
+from .modules import act_quants, fit_bias_scales, is_normalizer, prepare, quant_layers, set_act_mode, set_weight_bits
 from .sensitivity import JointEvaluator, layer_sensitivities
 
 FLOAT_BITS = 32
@@ -39,7 +40,11 @@ CALIBRATION_BATCH = 256
 # cost <= budget on a grid of this many bins (when QuantConfig.pareto_bins is None).
 SAME_SIZE_BINS = 1000
 WORKING_DTYPE = torch.float32  # models of other float dtypes are quantized as a float32 copy
-DRY_RUN_BATCH = 1  # images of the validation forward pass (the model is in eval mode)
+DRY_RUN_BATCH = 2  # images of the validation forward pass (eval mode); one image would look like an
+# unbatched input to conv layers, letting an input_shape without its channel dimension through
+# a model with input normalization takes float images in [0, 1]; calibration data reaching this
+# far above are pixel values (0..255) given as floats (distilled images stay within a few units)
+PIXEL_VALUES_THRESHOLD = 10.0
 COPY_SEARCH_DEPTH = 16  # attribute levels searched for the part of a model deepcopy fails on
 
 
@@ -177,6 +182,10 @@ def _check_input_shape(input_shape) -> tuple[int, ...]:
     return tuple(int(d) for d in input_shape)
 
 
+class FloatOpsWarning(UserWarning):
+    """Ops of the model that stay in float (listed in ``report.float_ops``)."""
+
+
 def check_calibration_data(data, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """``calibration_data`` as a float tensor [N, ...] (N >= 1), without copying.
 
@@ -274,6 +283,28 @@ def _dry_forward(model: nn.Module, sample: torch.Tensor, argument: str) -> None:
                          f"{tuple(sample.shape)} failed with {type(exc).__name__}: {exc}") from exc
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         raise ValueError(f"model must return one float tensor of logits [N, classes], got {type(out).__name__}")
+    if out.dim() < 1 or out.shape[0] != sample.shape[0]:
+        raise ValueError(f"{argument} does not fit the model: a batch of shape {tuple(sample.shape)} gave an output "
+                         f"of shape {tuple(out.shape)}, not [{sample.shape[0]}, ...] (is the channel dimension "
+                         "missing from the sample shape?)")
+
+
+def _check_input_domain(model: nn.Module, config: QuantConfig, data, notes: list[str]) -> None:
+    """Models with an input normalization module take float images in [0, 1] (its range fixes the
+    first quantizer): real calibration data far above 1 (pixel values 0..255 as floats) is an
+    error; without such a module the synthetic data set the input range, which is noted."""
+    if any(is_normalizer(m) for m in model.modules()):
+        if data is not None and float(data.max()) > PIXEL_VALUES_THRESHOLD:
+            raise ValueError(f"calibration_data must be float images in [0, 1] (the model normalizes its "
+                             f"input), got values up to {float(data.max()):.4g}; divide uint8 pixels by 255")
+    elif config.calibration != "real":
+        notes.append("the model has no input normalization module (buffers mean / std), so the input "
+                     "quantizer's range comes from the synthetic calibration data and may not match real "
+                     "inputs: pass calibration='real' with calibration_data, or start the model with a "
+                     "normalization module (pyzeroq.models.Normalize)")
+    if data is not None and len(data) < config.num_samples:
+        notes.append(f"calibration_data holds {len(data)} samples, fewer than num_samples={config.num_samples}: "
+                     "all of them are used")
 
 
 def _check_selection(selection, config: QuantConfig) -> None:
@@ -302,8 +333,10 @@ def _validated_copy(model, config: QuantConfig, input_shape, selection, notes: l
     _check_selection(selection, config)
     check_finite_model(model)  # NaN / Inf weights would only surface as garbage or a late kernel error
     work = _working_copy(model, config.device, notes)
+    _check_input_domain(work, config, data, notes)
     if real:
-        _dry_forward(work, data[:DRY_RUN_BATCH].to(WORKING_DTYPE).to(config.device), "calibration_data")
+        sample = data[:1].expand(DRY_RUN_BATCH, *data.shape[1:])
+        _dry_forward(work, sample.to(WORKING_DTYPE).to(config.device), "calibration_data")
     else:
         _dry_forward(work, torch.zeros((DRY_RUN_BATCH, *shape), device=config.device), f"input_shape={shape}")
     return work, shape
@@ -493,6 +526,9 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
     layers = quant_layers(gm)
     report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
     report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)
+    if report.float_ops:
+        warnings.warn(f"{len(report.float_ops)} op(s) stay in float (no quantized form): {report.float_ops}; "
+                      "to_integer and export_onnx will refuse this model", FloatOpsWarning, stacklevel=3)
     report.timings["surgery"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
