@@ -8,6 +8,8 @@ model's activation codes (lookup tables exactly, by construction) and its predic
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 import pyzeroq as zq
 from pyzeroq.integer import steps as S
 from pyzeroq.integer.lookup import lookup_table
+from pyzeroq.integer.plan import UnsupportedOperationError
 from pyzeroq.models import Normalize
 from pyzeroq.modules import QuantAct
 from pyzeroq.qspec import TensorQuant
@@ -220,3 +223,70 @@ def test_concat_requant_is_the_requant_step():
                                                                      quant=qy), [x]) for x, xq in ((a, qa), (b, qb))]
     np.testing.assert_array_equal(got, np.concatenate(parts, 1))
     assert got.dtype == np.uint8 and got.shape == (2, 6, 4, 4)
+
+
+# ---------------------------------------------------------------------------- functional pools, spatial mean
+HEADS = {
+    "adaptive": lambda x: torch.flatten(F.adaptive_avg_pool2d(x, 1), 1),
+    "mean": lambda x: x.mean((2, 3)),
+    "mean_keepdim": lambda x: x.mean(dim=(2, 3), keepdim=True).flatten(1),
+    "torch_mean": lambda x: torch.mean(x, (-2, -1)),
+}
+
+
+class PoolNet(nn.Module):
+    """conv -> F.max_pool2d -> conv -> F.avg_pool2d (padded) -> conv -> a global-pool head -> linear."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.normalize = Normalize()
+        self.c1, self.c2, self.c3 = _conv(1, WIDTH), _conv(WIDTH, WIDTH), _conv(WIDTH, WIDTH)
+        self.head = head
+        self.fc = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(self.normalize(x))), 2)
+        x = F.avg_pool2d(F.relu(self.c2(x)), 3, stride=2, padding=1)
+        return self.fc(HEADS[self.head](F.relu6(self.c3(x))))
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_functional_pools_and_mean(head, tmp_path):
+    torch.manual_seed(2)
+    q = quantize(PoolNet(head))
+    im = check_all(q, tmp_path, {"max_pool", "avg_pool", "global_avg_pool"})
+    pools = [s for s in im.steps if s.kind in ("max_pool", "avg_pool", "global_avg_pool")]
+    assert [s.kind for s in pools] == ["max_pool", "avg_pool", "global_avg_pool"]
+    assert pools[0].kernel == (2, 2) and pools[0].stride == (2, 2)
+    assert pools[1].kernel == (3, 3) and pools[1].stride == (2, 2) and pools[1].padding == (1, 1)
+    # a pool keeps its input's scale and zero point (as the pooling modules)
+    assert all(s.x_q == s.quant for s in pools)
+    if head in ("mean", "torch_mean"):  # keepdim False: the [N, C, 1, 1] codes reshaped to [N, C]
+        after = im.steps[im.steps.index(pools[2]) + 1]
+        assert isinstance(after, S.ReshapeStep) and after.inputs == (pools[2].output,)
+        assert im.run(images(2))[after.output].shape == (2, WIDTH)
+
+
+def test_unsupported_pool_arguments():
+    class Bad(nn.Module):
+        def __init__(self, channel_mean: bool):
+            super().__init__()
+            self.channel_mean = channel_mean
+            self.c = _conv(1, WIDTH)
+            self.fc = nn.Linear(WIDTH, CLASSES)
+
+        def forward(self, x):
+            x = F.max_pool2d(self.c(x), 2, ceil_mode=not self.channel_mean)
+            if self.channel_mean:  # a mean over the channels is no pool: stays float
+                return self.fc(x.mean((1, 2, 3), keepdim=True).flatten(1).expand(-1, WIDTH))
+            return self.fc(x.mean((2, 3)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(Bad(channel_mean=True))
+    assert any(op.startswith("mean") for op in q.report.float_ops)
+    q = quantize(Bad(channel_mean=False))
+    assert q.report.float_ops == []
+    with pytest.raises(UnsupportedOperationError, match="ceil_mode") as info:
+        zq.to_integer(q)
+    assert info.value.node == "max_pool2d"

@@ -7,7 +7,9 @@ converter can run the same graph on codes):
   BatchNorm that consumes the conv's output has been folded into it;
 * every activation tensor produced by a supported op, per tensor: the normalized
   model input, each conv/linear output (after its ReLU/ReLU6 when that is its only
-  user — a fused clamp), each residual add (after its ReLU when fused), each pooling;
+  user — a fused clamp), each residual add (after its ReLU when fused), each pooling (modules,
+  ``F.max_pool2d`` / ``F.avg_pool2d`` / ``F.adaptive_avg_pool2d`` and the spatial mean
+  ``x.mean((2, 3))``: :func:`functional_pool`);
   the graph output (the logits) stays float: the integer model dequantizes the final
   accumulator instead of requantizing it;
 * the output of every elementwise activation with an integer lookup table (Hardswish,
@@ -57,6 +59,15 @@ LOOKUP_FUNCTIONS = (F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.sigmoid, F.tan
                     F.leaky_relu, F.hardtanh)
 LOOKUP_METHODS = ("sigmoid", "tanh")
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+# functional pools: their positional parameters after the input, as the nn module takes them
+POOL_FUNCTIONS = {
+    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                  "divisor_override")),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+}
+SPATIAL_DIMS = (2, 3)  # H, W of [N, C, H, W]
+IMAGE_RANK = 4  # negative mean dims are read as dims of an [N, C, H, W] tensor
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -123,6 +134,30 @@ def lookup_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
         extra = list(node.args[1:]) + list(node.kwargs.values())
         if node.args and isinstance(node.args[0], fx.Node) and not any(isinstance(a, fx.Node) for a in extra):
             return getattr(node.target, "__name__", str(node.target))
+    return None
+
+
+def functional_pool(node: fx.Node) -> tuple[nn.Module, bool] | None:
+    """(the equivalent pooling module, keepdim) of a functional pool or a spatial mean
+    (``x.mean((2, 3))``, ``x.mean(dim=(-2, -1), keepdim=True)``, ``torch.mean(x, (2, 3))``: a
+    global average pool, ``keepdim=False`` dropping the two unit dims) at ``node``, else None.
+    Arguments must be constants."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or \
+            any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return None
+    if node.op == "call_function" and node.target in POOL_FUNCTIONS:
+        cls, params = POOL_FUNCTIONS[node.target]
+        kwargs = dict(zip(params, node.args[1:]), **node.kwargs)
+        if set(kwargs) - set(params) or len(node.args) - 1 > len(params):
+            return None
+        return cls(**kwargs), True
+    if node.op == "call_method" and node.target == "mean" or node.op == "call_function" and node.target is torch.mean:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if set(node.kwargs) - {"dim", "keepdim"} or not isinstance(dims, (tuple, list)) or \
+                sorted(int(d) % IMAGE_RANK for d in dims) != list(SPATIAL_DIMS):
+            return None
+        return nn.AdaptiveAvgPool2d(1), bool(keepdim)
     return None
 
 
@@ -204,7 +239,7 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
                 layer_points[relu or node] = (mod, relu_kind(gm, relu) if relu is not None else None)
             elif not isinstance(mod, RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten)):
                 info.float_ops.append(f"{node.target} ({type(mod).__name__})")  # clamps / passthroughs are fine
-        elif lookup_op(gm, node) is not None or is_cat(node):
+        elif lookup_op(gm, node) is not None or is_cat(node) or functional_pool(node) is not None:
             points.append(node)
         elif node.op == "call_function":
             if node.target in ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):
@@ -251,7 +286,8 @@ def _insert_act_quants(gm: fx.GraphModule, info: SurgeryInfo, points: list, laye
     # a pooled tensor lies within its input's range: same scale and zero point (no calibration
     # of its own, which on distilled data can clip the features the classifier reads)
     for node, quant in inserted.items():
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), POOL_MODULES):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), POOL_MODULES) or \
+                node.op != "call_module" and functional_pool(node) is not None:
             src = node.args[0]
             if isinstance(src, fx.Node) and src.op == "call_module" and \
                     isinstance(gm.get_submodule(src.target), QuantAct):

@@ -19,11 +19,15 @@ QuantLinear [+ReLU] + act   :class:`LinearStep` (same)
 final QuantLinear (logits)  :class:`LogitsStep`: int32 accumulator ``bias + sum((a - za) * (w - zw))``
                             dequantized to float32 logits ``f32(acc) * f32(x_scale * w_scale[c])``
 add [+ReLU] + act           :class:`AddStep` (two scales, requantized)
-AdaptiveAvgPool2d(1) + act  :class:`GlobalAvgPoolStep` (exact sum, one requantization)
+AdaptiveAvgPool2d(1) + act  :class:`GlobalAvgPoolStep` (exact sum, one requantization); also
+                            ``x.mean((2, 3))`` / ``torch.mean(x, (-2, -1))`` (keepdim False: then a
+                            :class:`ReshapeStep` to [N, C])
 AvgPool2d + act             :class:`AvgPoolStep` (exact window sum, one requantization with
                             ``M = f32(f32(sx / sy) / f32(kh * kw))``; zero-point padding =
                             count_include_pad)
 MaxPool2d + act             :class:`MaxPoolStep`: max of codes [+ requantization ``M = f32(sx / sy)``]
+F.max/avg_pool2d + act      the steps of the equivalent modules (also F.adaptive_avg_pool2d;
+                            :func:`pyzeroq.modules.functional_pool`)
 QuantAct (standalone)       :class:`RequantStep`
 ReLU / ReLU6 (standalone)   :class:`ClampStep` on codes (ReLU6 only where 6.0 is exactly a code)
 Hardswish, Hardsigmoid,     :class:`LookupStep`: ``y = table[x]``, the table computed once from the
@@ -59,7 +63,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..modules import ADD_FUNCTIONS, QuantAct, QuantConv2d, QuantLinear, is_cat, is_normalizer, lookup_op, relu_kind
+from ..modules import (
+    ADD_FUNCTIONS,
+    QuantAct,
+    QuantConv2d,
+    QuantLinear,
+    functional_pool,
+    is_cat,
+    is_normalizer,
+    lookup_op,
+    relu_kind,
+)
 from ..qspec import RELU6_MAX, TensorQuant
 from .lookup import lookup_table
 from .steps import (
@@ -252,6 +266,8 @@ class _Compiler:
             self.add_node(node)
         elif is_cat(node):
             self.concat(node)
+        elif node.op != "call_module" and functional_pool(node) is not None:
+            self.pool(node, *functional_pool(node))
         elif node.op == "call_method" and node.target == "size":
             pass  # only consumed by view / reshape (checked there)
         elif node.op == "output":
@@ -342,9 +358,13 @@ class _Compiler:
         self.add(LogitsStep(name=rec.name, inputs=(x,), output=node.name, layer=rec))
         self.final_layer = rec.name
 
-    def pool(self, node: fx.Node, m: nn.Module) -> None:
+    def pool(self, node: fx.Node, m: nn.Module, keepdim: bool = True) -> None:
+        """A pooling module, or a functional pool / spatial mean as its module (``keepdim`` False:
+        the global pool's [N, C, 1, 1] codes are then reshaped to [N, C])."""
         x = self.slot(node.args[0], node)
-        common = dict(name=str(node.target), inputs=(x,), output=node.name, x_q=self.q[x])
+        name = str(node.target) if node.op == "call_module" else node.name
+        pooled = node.name if keepdim else f"{node.name}_pool"
+        common = dict(name=name, inputs=(x,), output=pooled, x_q=self.q[x])
         if isinstance(m, nn.MaxPool2d):
             if m.dilation not in (1, (1, 1)) or m.ceil_mode or m.return_indices:
                 raise self.unsupported(node, "MaxPool2d with dilation/ceil_mode/return_indices is not supported")
@@ -365,6 +385,8 @@ class _Compiler:
             out_q, act = self.require_target(node)
             self.add(AvgPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
                                  stride=_pair(m.stride or m.kernel_size), padding=pad))
+        if not keepdim:
+            self.add(ReshapeStep(name=name, inputs=(pooled,), output=node.name, x_q=out_q, flatten=(1, -1)))
 
     def add_node(self, node: fx.Node) -> None:
         if len(node.args) != 2 or node.kwargs:
