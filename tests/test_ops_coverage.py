@@ -150,6 +150,45 @@ def test_lookup_activations(functional, tmp_path):
         np.testing.assert_array_equal(step.table[codes[src]], codes[dst], err_msg=step.name)
 
 
+class MlpHead(nn.Module):
+    """Activations on [N, K] features: conv -> SiLU -> mean -> Linear -> GELU -> cat -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize()
+        self.c = _conv(1, WIDTH, 2)
+        self.fc1 = nn.Linear(WIDTH, 2 * WIDTH)
+        self.fc2 = nn.Linear(3 * WIDTH, CLASSES)
+
+    def forward(self, x):
+        x = F.silu(self.c(self.normalize(x))).mean((2, 3))
+        return self.fc2(torch.cat([F.gelu(self.fc1(x)), x], dim=1))
+
+
+def test_activations_on_features(tmp_path):
+    """Lookup tables and a concat on 2-D [N, K] features."""
+    torch.manual_seed(5)
+    q = quantize(MlpHead())
+    check_no_float_ops(q)
+    im = zq.to_integer(q)
+    assert [s.kind for s in im.steps].count("lookup") == 2
+    x = images(BATCH)
+    check_integer_matches_fake_quant(q, im, x)
+    check_save_load(q, im, x, tmp_path)
+    cat = next(s for s in im.steps if isinstance(s, S.ConcatStep))
+    assert any(xq != cat.quant for xq in cat.x_qs)  # 2-D inputs requantized (Unsqueeze, QLinearConv, Flatten)
+    check_onnx(im, x.numpy())
+
+
+def test_low_bit_lookup_and_concat(tmp_path):
+    """4-bit activations: 16-entry tables, requantized concat inputs, codes clipped to 15 in ONNX."""
+    torch.manual_seed(0)
+    im = check_all(quantize(LookupNet(functional=False), act_bits=4), tmp_path, {"lookup"})
+    assert all(s.table.shape == (16,) and s.table.max() <= 15 for s in im.steps if isinstance(s, S.LookupStep))
+    torch.manual_seed(1)
+    check_all(quantize(InceptionNet(1), act_bits=4), tmp_path, {"concat"})
+
+
 def test_lookup_table_formula():
     x_q, y_q = TensorQuant(8, 0.05, 128), TensorQuant(8, 1 / 255, 0)
     table = lookup_table(torch.sigmoid, x_q, y_q)

@@ -28,7 +28,8 @@ fused ReLU / ReLU6,    ``Clip`` on uint8 (only where it changes something: the z
 ClampStep, bits < 8    ReLU output is usually 0 and the code of 6.0 usually beyond 255)
 ReshapeStep            ``Reshape`` (batch dimension kept dynamic)
 ConcatStep             per input whose record differs from the output's: the RequantStep emission (1x1
-                       depthwise ones ``QLinearConv``, 4-D inputs), then ``Concat`` [+ ``Clip``, bits < 8]
+                       depthwise ones ``QLinearConv``; 2-D inputs through ``Unsqueeze`` / ``Flatten``), then
+                       ``Concat`` [+ ``Clip``, bits < 8]
 LookupStep             ``Cast(int32)`` -> ``Gather`` from the step's uint8 table (Hardswish, SiLU, GELU,
                        Sigmoid, Tanh, ...: the table is the simulator's, so bit-exact by construction)
 =====================  ==========================================================================
@@ -291,11 +292,17 @@ class _Builder:
             if xq == step.quant:
                 parts.append(src)
                 continue
-            if len(self.shapes[src]) != 4:
-                raise ValueError(f"node {step.name!r}: ONNX export of a concat requantizes 4-D inputs only")
-            out = f"{step.output}_in{i}"
-            self.ones_conv(step, src, out, xq.scale_value, step.quant.scale_value, (1, 1), (1, 1), (0,) * 4,
+            rank, out = len(self.shapes[src]), f"{step.output}_in{i}"
+            if rank not in (2, 4):
+                raise ValueError(f"node {step.name!r}: ONNX export of a concat requantizes 2-D or 4-D inputs only")
+            x4, y4 = (src, out) if rank == 4 else (f"{out}_x4", f"{out}_y4")
+            if rank == 2:  # [N, K] -> [N, K, 1, 1]
+                self.node("Unsqueeze", [src, self.const(f"{out}_axes", np.array([2, 3], np.int64))], [x4],
+                          f"{out}_unsqueeze")
+            self.ones_conv(step, x4, y4, xq.scale_value, step.quant.scale_value, (1, 1), (1, 1), (0,) * 4,
                            index=i, base=f"{step.output}_requant{i}")
+            if rank == 2:
+                self.node("Flatten", [y4], [out], f"{out}_flatten", axis=1)
             parts.append(out)
         self.node("Concat", parts, [f"{step.output}_raw"], f"{step.output}_concat", axis=step.dim)
         self.finish(step, f"{step.output}_raw")
