@@ -77,6 +77,7 @@ class JointEvaluator:
             self.qweights[name] = torch.stack(per_bits)  # [B, *weight.shape]
         self.calls = 0
         self.configurations = 0
+        self.vmapped = True  # False once the model failed under torch.func.vmap (then: a loop)
 
     @torch.no_grad()
     def __call__(self, choices) -> np.ndarray:
@@ -95,6 +96,17 @@ class JointEvaluator:
         for start in range(0, len(choices), chunk):
             block = choices[start:start + chunk]
             params = {f"{name}.weight": self.qweights[name][block[:, j]] for j, name in enumerate(self.names[:g])}
-            logits = vmap(run, in_dims=({k: 0 for k in params}, None))(params, self.data)
+            logits = self._batched_logits(run, params, len(block))
             out.append(kl_divergence(self.reference.expand_as(logits), logits))
         return torch.cat(out).numpy() if out else np.zeros(0)
+
+    def _batched_logits(self, run, params: dict, rows: int) -> torch.Tensor:
+        """[rows, images, classes]: one vmapped forward, or, for a model that cannot run under
+        vmap (e.g. ``.view`` of a tensor vmap leaves non-contiguous), one forward per row.
+        The choice is made once per evaluator, so a model always takes the same path."""
+        if self.vmapped:
+            try:
+                return vmap(run, in_dims=({k: 0 for k in params}, None))(params, self.data)
+            except RuntimeError:
+                self.vmapped = False
+        return torch.stack([run({k: v[r] for k, v in params.items()}, self.data) for r in range(rows)])
