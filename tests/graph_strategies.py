@@ -799,9 +799,8 @@ class KnownIssue(Exception):
 KNOWN_ISSUES = {
     # Fixed while the fuzzer was written, so no longer excused (they fail as new failures): int32 bias
     # overflow and all-zero weight channels (the bias-scale issue: pyzeroq.bias, fit_bias_scales), and
-    # x.view(x.size(0), -1) before a layer (modules._quantized_source).
-    "vmap_view": "mixed precision: a grouped / depthwise conv followed by .view(...) raises RuntimeError 'view size "
-                 "is not compatible' inside sensitivity.JointEvaluator (vmap)",
+    # x.view(x.size(0), -1) before a layer (modules._quantized_source), and a grouped conv followed by
+    # .view(...) under mixed precision (sensitivity.JointEvaluator falls back from vmap to a loop).
     "gemmlowp_shift": "rounding='gemmlowp' with a requantization multiplier M > 1: acc * 2^shift wraps in int32 "
                       "(multiply_by_quantized_multiplier), silently wrong codes",
     "gemmlowp_add_ratio": "rounding='gemmlowp' add with 2 max(s_a, s_b) / (2^20 s_out) >~ 1 (e.g. an all-zero input, "
@@ -839,8 +838,6 @@ def _gemmlowp_limit(q, im, message: str) -> Optional[str]:
 
 def classify(case: Case, exc: BaseException, q=None, im=None) -> Optional[str]:
     """The known issue class of a failure, or None (a new failure)."""
-    if isinstance(exc, RuntimeError) and "view size is not compatible" in str(exc) and case.mixed is not None:
-        return "vmap_view"
     if isinstance(exc, AssertionError):
         return _gemmlowp_limit(q, im, str(exc))
     return None
