@@ -58,7 +58,7 @@ import numpy as np
 
 from . import ops
 from .config import BIAS_OVERFLOW_MODES
-from .qspec import INT32_MAX, INT32_MIN, TensorQuant
+from .qspec import INT32_MAX, INT32_MIN, TensorQuant, accumulation_extremes
 
 __all__ = ["fit_weight_scale", "BiasOverflowWarning", "OUTPUT_CODE_FRACTION", "LOGITS_RELATIVE_STEP",
            "MAX_ACCUMULATION_HEADROOM"]
@@ -87,11 +87,7 @@ def _acc_limits(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int,
     """(upper, lower-magnitude) limits [C] of the bias codes of weights ``w`` [C, K] at ``scale`` /
     ``zp`` [C]: int32 less the largest accumulation of that sign."""
     codes = ops.quantize(w, scale, zp, bits, axis=0).astype(np.int64) - zp.astype(np.int64)[:, None]
-    z_x = input_q.zero_point_value
-    top = input_q.qmax - z_x
-    plus, minus = np.where(codes > 0, codes, 0).sum(1), np.where(codes < 0, -codes, 0).sum(1)
-    up = np.minimum(plus * top + minus * z_x, MAX_ACCUMULATION_HEADROOM)
-    down = np.minimum(plus * z_x + minus * top, MAX_ACCUMULATION_HEADROOM)
+    up, down = (np.minimum(a, MAX_ACCUMULATION_HEADROOM) for a in accumulation_extremes(codes, input_q))
     return (INT32_MAX - up).astype(np.float64), (-INT32_MIN - down).astype(np.float64)
 
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from . import ops
 
-__all__ = ["TensorQuant", "LayerQuant", "ACTIVATIONS", "RELU6_MAX", "activation_clamp", "bias_scale", "quantize_bias"]
+__all__ = ["TensorQuant", "LayerQuant", "ACTIVATIONS", "RELU6_MAX", "activation_clamp", "bias_scale", "quantize_bias",
+           "accumulation_extremes"]
 
 MIN_BITS, MAX_BITS = 2, 16
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -194,6 +195,17 @@ def activation_clamp(q: TensorQuant, activation: Optional[str]) -> tuple[int, in
     lo = q.zero_point_value if activation is not None else q.qmin
     hi = min(q.code_of(RELU6_MAX), q.qmax) if activation == "relu6" else q.qmax
     return max(lo, q.qmin), hi
+
+
+def accumulation_extremes(centered_weight_codes: np.ndarray, input_q: TensorQuant) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [C]: the largest positive sum and the largest negative sum (as a magnitude) of
+    ``sum_k (x_k - z_x) * (w_k - z_w)`` that any input codes ``x_k`` of ``input_q`` can give, per
+    output channel; ``centered_weight_codes``: int [C, K], the codes less their zero point."""
+    w = np.asarray(centered_weight_codes, np.int64)
+    above = input_q.qmax - input_q.zero_point_value  # x - z_x reaches [-below, above]
+    below = input_q.zero_point_value - input_q.qmin
+    plus, minus = np.where(w > 0, w, 0).sum(1), np.where(w < 0, -w, 0).sum(1)
+    return plus * above + minus * below, plus * below + minus * above
 
 
 def bias_scale(input_q: TensorQuant, weight_q: TensorQuant, channels: int) -> np.ndarray:

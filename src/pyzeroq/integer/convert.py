@@ -39,6 +39,7 @@ import torch.fx as fx
 
 from .. import __version__
 from .._checks import output_path, read_torch_file
+from ..qspec import accumulation_extremes
 from . import simulate as sim
 from .plan import MIN_BITS, PlanError, UnsupportedOperationError, compile_plan
 from .simulate import AccumulatorOverflowError
@@ -151,12 +152,11 @@ def _bits_for(lo: int, hi: int) -> int:
 def _worst_case_bits(step: Step) -> int:
     """Bits of the largest accumulator any input codes could produce (conv / linear / logits step)."""
     layer = step.layer
-    xq, (_, w_zp) = layer.input, layer.weight.channels(layer.out_channels)
+    _, w_zp = layer.weight.channels(layer.out_channels)
     w = layer.weight_codes.reshape(layer.out_channels, -1).astype(np.int64) - w_zp.astype(np.int64)[:, None]
-    bias = layer.bias if layer.bias is not None else np.zeros(w.shape[0], np.int64)
-    top, zp = xq.qmax - xq.zero_point_value, xq.zero_point_value
-    plus, minus = np.where(w > 0, w, 0).sum(1), np.where(w < 0, -w, 0).sum(1)
-    return _bits_for(int((bias - (plus * zp + minus * top)).min()), int((bias + plus * top + minus * zp).max()))
+    bias = layer.bias.astype(np.int64) if layer.bias is not None else np.zeros(w.shape[0], np.int64)
+    up, down = accumulation_extremes(w, layer.input)
+    return _bits_for(int((bias - down).min()), int((bias + up).max()))
 
 
 @contextmanager
