@@ -327,7 +327,12 @@ class QuantLayerMixin:
         object.__setattr__(self, "input_quant", act_quant)
         object.__setattr__(self, "output_quant", None)
         self.activation: Optional[str] = None
-        self.observing = False
+
+    @property
+    def observing(self) -> bool:
+        """Calibrating the owned input quantizer (its mode "observe"): the layer then runs with
+        float weights and bias, so the ranges seen do not depend on weight quantization."""
+        return self.act_quant is not None and self.act_quant.mode == "observe"
 
     @property
     def per_channel(self) -> bool:
@@ -365,20 +370,18 @@ class QuantLayerMixin:
         if self.weight_quant.mode != "quantize" or not self._input_quantizing():
             return None, []
         weight_q = self.weight_quant.record()
-        out = self.output_quant
-        out_q = out.record() if out is not None and out.mode == "quantize" else None
+        out_q = self._output_record()
         bias = None if self.bias is None else self.bias.detach().cpu().float().numpy()
         fitted, adjustments = fit_weight_scale(name, self.weight.detach().cpu().float().numpy(), bias, weight_q,
                                                self.input_quant.record(), out_q, on_overflow)
         return (None if fitted is weight_q else fitted), adjustments
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_quant is None:
-            return x
-        if self.observing:
-            self.act_quant.observe(x)
-            return x
-        return self.act_quant(x)
+        return x if self.act_quant is None else self.act_quant(x)
+
+    def _output_record(self) -> Optional[TensorQuant]:
+        out = self.output_quant
+        return out.record() if out is not None and out.mode == "quantize" else None
 
     def layer_record(self, name: str) -> LayerQuant:
         """This layer's :class:`LayerQuant` (weight codes, int32 bias, records, fused clamp).
@@ -394,8 +397,7 @@ class QuantLayerMixin:
         codes = weight_q.quantize(w)
         bias = None if self.bias is None else \
             quantize_bias(self.bias.detach().cpu().float().numpy(), in_q, weight_q)
-        out = self.output_quant
-        out_q = out.record() if out is not None and out.mode == "quantize" else None
+        out_q = self._output_record()
         return LayerQuant(name, weight_q, codes, in_q, out_q, bias, self.activation if out_q is not None else None)
 
 

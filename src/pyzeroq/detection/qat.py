@@ -126,15 +126,18 @@ def calibrate(model: nn.Module, images: torch.Tensor, device) -> None:
     mods = quant_modules(model)
     was = model.training
     model.eval()
+    modes = [m.act_quant.mode for m in mods]
     for m in mods:
         m.act_quant.reset()
-        m.observing = True
+        m.act_quant.mode = "observe"  # the layer runs in float while its input quantizer observes
     try:
         for s in range(0, min(len(images), CALIBRATION_IMAGES), CALIBRATION_BATCH):
             model(images[s:s + CALIBRATION_BATCH].to(device))
+    except BaseException:
+        for m, mode in zip(mods, modes):
+            m.act_quant.mode = mode
+        raise
     finally:
-        for m in mods:
-            m.observing = False
         model.train(was)
     for m in mods:
         try:
