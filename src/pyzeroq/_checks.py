@@ -51,6 +51,19 @@ def check_finite_model(model: nn.Module, argument: str = "model") -> None:
                              "the model is broken (diverged training or a bad checkpoint?)")
 
 
+def check_unit_images(images: torch.Tensor, taker: str, argument: str = "images") -> None:
+    """ValueError naming ``argument`` when float ``images`` hold NaN / Inf or values outside
+    [0, 1] (what ``taker``, e.g. "the models", take); an empty tensor passes."""
+    if not images.numel():
+        return
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{argument} contains NaN or Inf")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{argument} are floats in [{lo:g}, {hi:g}], {taker} take [0, 1]: pass uint8 pixels "
+                         "or divide by 255")
+
+
 def output_path(path, argument: str = "path", create_parents: bool = False) -> Path:
     """``path`` as a Path a file can be written to: TypeError for a non-path, FileNotFoundError
     when its directory does not exist (unless ``create_parents``: the writer makes it),

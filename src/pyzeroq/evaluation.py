@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ._checks import check_unit_images
 from .data import CLASS_NAMES
 
 DEFAULT_BATCH = 500
@@ -33,13 +34,7 @@ def images_to_tensor(images) -> torch.Tensor:
     if images.dim() != 4:
         raise ValueError(f"images must have shape [N, H, W] or [N, C, H, W], got {tuple(images.shape)}")
     images = images.float()
-    if images.numel():
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError("images contains NaN or Inf")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < 0 or hi > 1:
-            raise ValueError(f"images are floats in [{lo:g}, {hi:g}], the models take [0, 1]: pass uint8 pixels "
-                             "or divide by 255")
+    check_unit_images(images, "the models")
     return images
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_unit_images
+
 PREDICT_BATCH = 256
 DEFAULT_SCORE_THRESHOLD = 0.05
 DEFAULT_IOU_THRESHOLD = 0.6
@@ -91,13 +93,7 @@ def predict(detector: nn.Module, images, score_threshold: float = DEFAULT_SCORE_
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     device = next(detector.parameters()).device
     x = as_input(images, device)
-    if x.numel():
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("images contains NaN or Inf")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:
-            raise ValueError(f"images are floats in [{lo:g}, {hi:g}]; detectors take [0, 1] (divide uint8 "
-                             "pixels by 255)")
+    check_unit_images(x, "detectors")
     was_training = detector.training
     detector.eval()
     results = []
