@@ -9,6 +9,16 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one intra-op thread for the test (tiny tensors: more threads only add overhead and
+    spin on a loaded machine; float reductions also follow the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def fashion_mnist_installed() -> bool:
     from pyzeroq.data import fashion_mnist_available
     return fashion_mnist_available()

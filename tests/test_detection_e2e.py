@@ -20,13 +20,7 @@ from pyzeroq.quantizers import QUANT_LAYER_TYPES, QuantConv2d, Quantizer
 CANVAS = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and spin on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_detector():
