@@ -168,7 +168,7 @@ class _Zoo(nn.Module):
 def test_zoo_model_with_float_ops(tmp_path):
     torch.manual_seed(0)
     model = _Zoo().eval()
-    q = zq.quantize(model, zq.QuantConfig(**W8A8), input_shape=(1, 8, 8))
+    q = zq.quantize(model, zq.QuantConfig(**W8A8, float_ops="allow"), input_shape=(1, 8, 8))
     assert q.report.float_ops
     _, loaded = _round_trip(q, tmp_path)
     _assert_same(q, loaded, _inputs(shape=(1, 8, 8)))
@@ -198,7 +198,7 @@ def test_shared_module_stays_shared(tmp_path):
 
 
 def test_normalizer_other_formula_refused(tmp_path):
-    q = zq.quantize(_Zoo().eval(), zq.QuantConfig(**W8A8), input_shape=(1, 8, 8))
+    q = zq.quantize(_Zoo().eval(), zq.QuantConfig(**W8A8, float_ops="allow"), input_shape=(1, 8, 8))
     q.graph_module.norm.forward = lambda x: x * 2
     with pytest.raises(ValueError, match="'norm'.*exactly \\(x - mean\\) / std"):
         pio.save(q, tmp_path / "m.pzq")

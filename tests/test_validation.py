@@ -2,6 +2,7 @@
 sensitivity pass runs), names the offending argument, and never modifies the given model."""
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -204,6 +205,21 @@ def test_float_ops_warn_and_layers_reading_them_are_listed():
             y = self.pool(torch.sin(self.conv(x)))  # sin has no quantized form
             return self.fc(torch.flatten(y, 1))
 
+    with pytest.raises(ValueError, match=r"float_ops.*\n?|sin") as info:  # default float_ops="error"
+        zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
+    assert "sin" in str(info.value) and "Supported operations" in str(info.value)
+    assert "float_ops='warn'" in str(info.value)
     with pytest.warns(pipeline.FloatOpsWarning, match="stay in float"):
-        qmodel = zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
+        qmodel = zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", float_ops="warn", **FAST),
+                             input_shape=(1, 8, 8))
     assert any("sin" in op for op in qmodel.report.float_ops)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "allow": listed, no warning
+        qmodel = zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", float_ops="allow", **FAST),
+                             input_shape=(1, 8, 8))
+    assert any("sin" in op for op in qmodel.report.float_ops)
+
+
+def test_float_ops_mode_is_validated():
+    with pytest.raises(ValueError, match="float_ops must be one of"):
+        zq.QuantConfig(float_ops="ignore")

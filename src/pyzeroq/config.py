@@ -13,6 +13,7 @@ MP_METHODS = ("zeroq", "random", "inverse")
 BUDGET_METRICS = ("size", "bops")
 ACT_RANGES = ("minmax", "mse")
 BIAS_OVERFLOW_MODES = ("enlarge", "error", "clip")
+FLOAT_OPS_MODES = ("error", "warn", "allow")
 
 
 def _is_int(v) -> bool:
@@ -65,6 +66,12 @@ class QuantConfig:
         bias; :mod:`pyzeroq.bias`): "enlarge" (that channel's weight scale grows just enough,
         listed in ``report.bias_adjustments``), "error" (ValueError naming the layer and
         channel) or "clip" (the bias saturates at int32, with a warning and a report entry).
+    float_ops: what ``quantize`` does with ops it cannot quantize (they would stay float, and a
+        conv / linear after them would read a float input): "error" (default: a ValueError
+        listing every such op, raised before any costly stage; README "Supported operations"),
+        "warn" (a :class:`pyzeroq.pipeline.FloatOpsWarning`, the ops listed in
+        ``report.float_ops``; ``to_integer`` / ``export_onnx`` refuse the model) or "allow"
+        (silently listed in ``report.float_ops``).
     """
 
     weight_bits: int | tuple[int, ...] = 8
@@ -92,6 +99,7 @@ class QuantConfig:
     device: str = "cpu"
     progress: bool = True
     bias_overflow: str = "enlarge"
+    float_ops: str = "error"
 
     def __post_init__(self):
         wb = self.weight_bits
@@ -151,6 +159,8 @@ class QuantConfig:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.bias_overflow not in BIAS_OVERFLOW_MODES:
             raise ValueError(f"bias_overflow must be one of {BIAS_OVERFLOW_MODES}, got {self.bias_overflow!r}")
+        if self.float_ops not in FLOAT_OPS_MODES:
+            raise ValueError(f"float_ops must be one of {FLOAT_OPS_MODES}, got {self.float_ops!r}")
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
 

@@ -186,6 +186,23 @@ class FloatOpsWarning(UserWarning):
     """Ops of the model that stay in float (listed in ``report.float_ops``)."""
 
 
+SUPPORTED_OPS_HINT = "the README's 'Supported operations' table lists what pyzeroq quantizes"
+
+
+def _check_float_ops(float_ops: list[str], mode: str) -> None:
+    """QuantConfig.float_ops: raise ("error"), warn ("warn") or pass ("allow") when the surgery left
+    ops in float."""
+    if not float_ops or mode == "allow":
+        return
+    listing = f"{len(float_ops)} op(s) have no quantized form and would stay in float: {float_ops}"
+    if mode == "error":
+        raise ValueError(f"{listing}. Replace them with supported ops ({SUPPORTED_OPS_HINT}), or pass "
+                         "QuantConfig(float_ops='warn') or 'allow' to keep them in float (to_integer and "
+                         "export_onnx then refuse the model)")
+    warnings.warn(f"{listing}; to_integer and export_onnx will refuse this model ({SUPPORTED_OPS_HINT})",
+                  FloatOpsWarning, stacklevel=4)
+
+
 def check_calibration_data(data, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """``calibration_data`` as a float tensor [N, ...] (N >= 1), without copying.
 
@@ -526,9 +543,7 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
     layers = quant_layers(gm)
     report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
     report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)
-    if report.float_ops:
-        warnings.warn(f"{len(report.float_ops)} op(s) stay in float (no quantized form): {report.float_ops}; "
-                      "to_integer and export_onnx will refuse this model", FloatOpsWarning, stacklevel=3)
+    _check_float_ops(report.float_ops, config.float_ops)
     report.timings["surgery"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
