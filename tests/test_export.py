@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyzeroq as zq
-from pyzeroq.export import build_onnx
+from pyzeroq.export import build_onnx, output_names
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -33,8 +33,9 @@ def run_all(model, x, level=LEVELS[0]) -> dict:
 def assert_same_as_simulator(int_model, model, x, level=LEVELS[0]):
     got = run_all(model, x, level)
     env = int_model.run(x)
+    returned = dict(output_names(int_model.output))
     for name, value in got.items():
-        want = env[int_model.output] if name == "logits" else env[name]
+        want = env[returned.get(name, name)]
         np.testing.assert_array_equal(value, want, err_msg=name)
     return got
 

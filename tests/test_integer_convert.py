@@ -348,14 +348,13 @@ def test_unsupported_models():
         zq.to_integer(quantize(ToyNet(), weight_bits=12))
     assert info.value.node == "conv1_0" and info.value.op == "QuantConv2d"
 
-    class ConvOut(nn.Module):  # graph output is a conv: no integer logits layer
+    class ConstOut(nn.Module):  # returns a Python constant beside the tensor
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(1, 4, 3)
 
         def forward(self, x):
-            return torch.flatten(self.conv(x), 1)
+            return torch.flatten(self.conv(x), 1), 3
 
-    with pytest.raises(UnsupportedOperationError, match="final Linear") as info:
-        zq.to_integer(quantize(ConvOut()))
-    assert info.value.op == "output"
+    with pytest.raises(ValueError, match="tuple / list / dict of tensors, got int"):
+        quantize(ConstOut())

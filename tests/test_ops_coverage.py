@@ -97,11 +97,11 @@ def check_onnx(im, x: np.ndarray) -> None:
     pytest.importorskip("onnx")
     from test_export import LEVELS, assert_same_as_simulator
 
-    from pyzeroq.export import build_onnx
+    from pyzeroq.export import build_onnx, output_names
     model = build_onnx(im, x[:1], intermediate=True)
     for level in LEVELS:
         got = assert_same_as_simulator(im, model, x, level)
-        assert len(got) == 1 + sum(s.out_q is not None for s in im.steps)
+        assert len(got) == len(output_names(im.output)) + sum(s.out_q is not None for s in im.steps)
     assert ort is not None
 
 

@@ -14,6 +14,7 @@ BUDGET_METRICS = ("size", "bops")
 ACT_RANGES = ("minmax", "mse")
 BIAS_OVERFLOW_MODES = ("enlarge", "error", "clip")
 FLOAT_OPS_MODES = ("error", "warn", "allow")
+SENSITIVITY_MEASURES = ("auto", "kl", "mse")  # pyzeroq.outputs
 
 
 def _is_int(v) -> bool:
@@ -66,6 +67,10 @@ class QuantConfig:
         bias; :mod:`pyzeroq.bias`): "enlarge" (that channel's weight scale grows just enough,
         listed in ``report.bias_adjustments``), "error" (ValueError naming the layer and
         channel) or "clip" (the bias saturates at int32, with a warning and a report entry).
+    sensitivity: the output distance of mixed precision (sensitivities and the grouped search;
+        :mod:`pyzeroq.outputs`): "kl" (ZeroQ Eq. 2, on one logits tensor [N, classes]), "mse"
+        (squared error of every returned tensor over its variance, summed: segmentation maps,
+        tuples, dicts, detection heads) or "auto" (default: "kl" for logits, else "mse").
     float_ops: what ``quantize`` does with ops it cannot quantize (they would stay float, and a
         conv / linear after them would read a float input): "error" (default: a ValueError
         listing every such op, raised before any costly stage; README "Supported operations"),
@@ -99,6 +104,7 @@ class QuantConfig:
     device: str = "cpu"
     progress: bool = True
     bias_overflow: str = "enlarge"
+    sensitivity: str = "auto"
     float_ops: str = "error"
 
     def __post_init__(self):
@@ -159,6 +165,8 @@ class QuantConfig:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.bias_overflow not in BIAS_OVERFLOW_MODES:
             raise ValueError(f"bias_overflow must be one of {BIAS_OVERFLOW_MODES}, got {self.bias_overflow!r}")
+        if self.sensitivity not in SENSITIVITY_MEASURES:
+            raise ValueError(f"sensitivity must be one of {SENSITIVITY_MEASURES}, got {self.sensitivity!r}")
         if self.float_ops not in FLOAT_OPS_MODES:
             raise ValueError(f"float_ops must be one of {FLOAT_OPS_MODES}, got {self.float_ops!r}")
         if not isinstance(self.device, str):

@@ -32,6 +32,10 @@ ConcatStep             per input whose record differs from the output's: the Req
                        ``Concat`` [+ ``Clip``, bits < 8]
 LookupStep             ``Cast(int32)`` -> ``Gather`` from the step's uint8 table (Hardswish, SiLU, GELU,
                        Sigmoid, Tanh, ...: the table is the simulator's, so bit-exact by construction)
+DequantStep            ``DequantizeLinear`` (a returned tensor other than the logits)
+graph outputs          one ``Identity`` per returned tensor: "logits" for a single output; for a tuple /
+                       list / dict, the keys / indices joined by "." ("boxes", "output.0", ...; a name
+                       already used inside the graph gets "_output" appended)
 =====================  ==========================================================================
 
 Agreement with the simulator (float32_rne): every op above is bit-exact -- QuantizeLinear,
@@ -66,6 +70,7 @@ from .integer.steps import (
     ClampStep,
     ConcatStep,
     ConvStep,
+    DequantStep,
     GlobalAvgPoolStep,
     InputStep,
     LinearStep,
@@ -76,6 +81,7 @@ from .integer.steps import (
     ReshapeStep,
     Step,
     check_handlers,
+    output_leaves,
 )
 
 __all__ = ["export_onnx", "build_onnx", "ONNX_HANDLERS"]
@@ -87,6 +93,7 @@ IR_VERSION = 8
 CODE_MAX8 = 255
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+STRUCTURED_OUTPUT_PREFIX = "output"
 PIXEL_LEVELS = 256
 ADD_OPS = ("exact", "qlinearadd")
 PIXELS = ("float", "uint8")
@@ -229,7 +236,7 @@ class _Builder:
             acc = f"{b}_acc_bias"
         self.node("Cast", [acc], [f"{b}_acc_float"], f"{b}_cast", to=self.tp.FLOAT)
         self.node("Mul", [f"{b}_acc_float", self.const(f"{b}_dequant", step.dequant.astype(np.float32))],
-                  [OUTPUT_NAME], f"{b}_dequantize")
+                  [step.output], f"{b}_dequantize")
 
     def add(self, step: AddStep):
         b = step.output
@@ -324,13 +331,30 @@ class _Builder:
         self.node("Cast", [step.inputs[0]], [f"{b}_index"], f"{b}_cast", to=self.tp.INT32)
         self.node("Gather", [self.const(f"{b}_table", step.table), f"{b}_index"], [b], f"{b}_lookup", axis=0)
 
+    def dequant(self, step: DequantStep):
+        s, z = self.qparams(step.output, step.x_q)
+        self.node("DequantizeLinear", [step.inputs[0], s, z], [step.output], f"{step.output}_dequantize")
+
+
+def output_names(spec) -> list:
+    """[(ONNX output name, slot)]: one tensor -> "logits"; a structure -> its keys / indices
+    joined by "." (a dict ``{"boxes": ..., "scores": ...}`` -> "boxes", "scores"; a tuple ->
+    "output.0", "output.1")."""
+    if isinstance(spec, str):
+        return [(OUTPUT_NAME, spec)]
+    names = []
+    for path, slot in output_leaves(spec):
+        name = ".".join(str(p) for p in path)
+        names.append((name if isinstance(path[0], str) else f"{STRUCTURED_OUTPUT_PREFIX}.{name}", slot))
+    return names
+
 
 ONNX_HANDLERS = check_handlers({
     InputStep: _Builder.input, ConvStep: _Builder.conv, LinearStep: _Builder.linear, LogitsStep: _Builder.logits,
     AddStep: _Builder.add, GlobalAvgPoolStep: _Builder.global_avg_pool, AvgPoolStep: _Builder.avg_pool,
     MaxPoolStep: _Builder.max_pool, RequantStep: _Builder.requant, ClampStep: _Builder.clamp,
     ReshapeStep: _Builder.reshape, LookupStep: _Builder.lookup,
-    ConcatStep: _Builder.concat,
+    ConcatStep: _Builder.concat, DequantStep: _Builder.dequant,
 }, "the ONNX builder")
 
 
@@ -365,8 +389,13 @@ def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", ad
     batch = "N"
     in_type = TensorProto.UINT8 if pixels == "uint8" else TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(INPUT_NAME, in_type, [batch] + list(example.shape[1:]))]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
-                                             [batch] + list(shapes[int_model.output][1:]))]
+    outputs, taken = [], {o for n in b.nodes for o in n.output} | {i.name for i in b.inits} | {INPUT_NAME}
+    for name, slot in output_names(int_model.output):
+        while name in taken:  # a returned dict's key that is also an internal value's name
+            name = f"{name}_output"
+        taken.add(name)
+        b.node("Identity", [slot], [name], f"{name}_output")
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch] + list(shapes[slot][1:])))
     if intermediate:
         outputs += [helper.make_tensor_value_info(st.output, TensorProto.UINT8, [batch] + list(shapes[st.output][1:]))
                     for st in int_model.steps if st.out_q is not None]
@@ -384,7 +413,8 @@ def export_onnx(qmodel, path, example_input, pixels: str = "float", add_op: str 
 
     The graph takes float images in [0, 1] [N, C, H, W] (``pixels="float"``; the model's
     Normalize runs in float, then QuantizeLinear) or uint8 pixels (``pixels="uint8"``,
-    integer only) and returns float32 logits. Its outputs equal ``pyzeroq.to_integer(qmodel)``
+    integer only) and returns float32 logits (or the model's tuple / dict of outputs as separate
+    graph outputs, named as in the module docstring). Its outputs equal ``pyzeroq.to_integer(qmodel)``
     (float32_rne; 2..8-bit codes) on onnxruntime's CPU provider, and so does every activation
     of ``build_onnx(..., intermediate=True)``.
     ``example_input`` ([N, C, H, W]) fixes the per-sample shape (the batch stays dynamic).

@@ -10,8 +10,10 @@ converter can run the same graph on codes):
   user — a fused clamp), each residual add (after its ReLU when fused), each pooling (modules,
   ``F.max_pool2d`` / ``F.avg_pool2d`` / ``F.adaptive_avg_pool2d`` and the spatial mean
   ``x.mean((2, 3))``: :func:`functional_pool`);
-  the graph output (the logits) stays float: the integer model dequantizes the final
-  accumulator instead of requantizing it;
+  a Linear whose only user is the graph output (the logits) stays float: the integer model
+  dequantizes its accumulator instead of requantizing it; every other tensor the model returns
+  (feature maps, a conv head's output, entries of a tuple / dict) is quantized, and
+  dequantized at the integer model's output;
 * the output of every elementwise activation with an integer lookup table (Hardswish,
   Hardsigmoid, SiLU, GELU, Sigmoid, Tanh, LeakyReLU, Hardtanh: :func:`lookup_op`); its
   input is already quantized (the output of the op before it);
@@ -251,6 +253,13 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
     return points, layer_points
 
 
+def _is_logits(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A Linear (no fused clamp) whose only user is the graph output: its float output is the
+    dequantized int32 accumulator. Every other tensor the model returns is quantized (and
+    dequantized at the output)."""
+    return _is_module(gm, node, (QuantLinear,)) and all(u.op == "output" for u in node.users)
+
+
 def _new_act_quant(gm: fx.GraphModule, node: fx.Node, act_bits, percentile, act_range) -> QuantAct:
     quant = QuantAct(act_bits, percentile, act_range)
     if node.op == "call_module" and _is_normalizer(gm.get_submodule(node.target)):
@@ -266,10 +275,9 @@ def _insert_act_quants(gm: fx.GraphModule, info: SurgeryInfo, points: list, laye
                        act_bits, percentile, act_range) -> None:
     """Step 3b: a QuantAct after every point (not the logits); layers learn their output quantizer."""
     graph = gm.graph
-    output_inputs = {n for n in graph.nodes if n.op == "output" for n in n.all_input_nodes}
     inserted: dict[fx.Node, QuantAct] = {}
     for i, node in enumerate(points):
-        if node in output_inputs:
+        if _is_logits(gm, node):
             continue  # logits stay float (dequantized accumulator)
         name = f"act_quant_{i}"
         quant = _new_act_quant(gm, node, act_bits, percentile, act_range)

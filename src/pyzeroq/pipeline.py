@@ -30,6 +30,7 @@ from ._optional import require
 from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
 from .modules import act_quants, fit_bias_scales, is_normalizer, prepare, quant_layers, set_act_mode, set_weight_bits
+from .outputs import check_output, resolve_measure
 from .sensitivity import JointEvaluator, layer_sensitivities
 
 FLOAT_BITS = 32
@@ -56,6 +57,7 @@ class QuantReport:
     macs: dict[str, int] = field(default_factory=dict)
     candidates: tuple[int, ...] = ()
     sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)
+    sensitivity_measure: str = "kl"  # the output distance behind it ("kl" / "mse", pyzeroq.outputs)
     frontier: dict[str, list] = field(default_factory=dict)   # cost, total sensitivity per point
     chosen: dict[str, float] = field(default_factory=dict)    # cost, budget, estimate, exact
     size_bytes: int = 0
@@ -290,20 +292,16 @@ def _working_copy(model: nn.Module, device: str, notes: list[str]) -> nn.Module:
     return work.eval().to(device)
 
 
-def _dry_forward(model: nn.Module, sample: torch.Tensor, argument: str) -> None:
-    """One forward pass on ``sample``; ValueError naming ``argument`` when the model rejects it."""
+def _dry_forward(model: nn.Module, sample: torch.Tensor, argument: str) -> list:
+    """One forward pass on ``sample``; its output leaves (:func:`pyzeroq.outputs.check_output`),
+    ValueError naming ``argument`` when the model rejects it."""
     try:
         with torch.no_grad():
             out = model(sample)
     except Exception as exc:  # the model's own error, whatever its type
         raise ValueError(f"{argument} does not fit the model: a forward pass on a batch of shape "
                          f"{tuple(sample.shape)} failed with {type(exc).__name__}: {exc}") from exc
-    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
-        raise ValueError(f"model must return one float tensor of logits [N, classes], got {type(out).__name__}")
-    if out.dim() < 1 or out.shape[0] != sample.shape[0]:
-        raise ValueError(f"{argument} does not fit the model: a batch of shape {tuple(sample.shape)} gave an output "
-                         f"of shape {tuple(out.shape)}, not [{sample.shape[0]}, ...] (is the channel dimension "
-                         "missing from the sample shape?)")
+    return check_output(out, sample.shape[0], argument)
 
 
 def _check_input_domain(model: nn.Module, config: QuantConfig, data, notes: list[str]) -> None:
@@ -353,10 +351,11 @@ def _validated_copy(model, config: QuantConfig, input_shape, selection, notes: l
     _check_input_domain(work, config, data, notes)
     if real:
         sample = data[:1].expand(DRY_RUN_BATCH, *data.shape[1:])
-        _dry_forward(work, sample.to(WORKING_DTYPE).to(config.device), "calibration_data")
+        leaves = _dry_forward(work, sample.to(WORKING_DTYPE).to(config.device), "calibration_data")
     else:
-        _dry_forward(work, torch.zeros((DRY_RUN_BATCH, *shape), device=config.device), f"input_shape={shape}")
-    return work, shape
+        leaves = _dry_forward(work, torch.zeros((DRY_RUN_BATCH, *shape), device=config.device), f"input_shape={shape}")
+    measure = resolve_measure(leaves, config.sensitivity)  # "kl" on a non-logits output fails here, early
+    return work, shape, measure
 
 
 # ---------------------------------------------------------------- pipeline stages
@@ -420,7 +419,8 @@ def _same_size_choice(objective: np.ndarray, cost: np.ndarray, budget: float, bi
 
 def _grouped_refinement(gm, layers, data, sensitivity, cost, budget, choice, config):
     """Appendix-A grouped search; (choice with the lower exact KL, :class:`Relaxation`)."""
-    evaluator = JointEvaluator(gm, list(layers), config.weight_candidates, data[:config.mp_eval_samples])
+    evaluator = JointEvaluator(gm, list(layers), config.weight_candidates, data[:config.mp_eval_samples],
+                               measure=config.sensitivity)
     result = pareto.grouped_search(
         sensitivity, cost, budget, evaluator, group_size=config.mp_group_size,
         keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
@@ -493,7 +493,8 @@ def _record_selection(report: QuantReport, selection: Selection, cost: np.ndarra
 def _mixed_precision(gm, data, config: QuantConfig, report: QuantReport, selection: Selection | None):
     """Sensitivities, then the given or a new :class:`Selection`; fills the report."""
     t0 = time.perf_counter()
-    names, omega = layer_sensitivities(gm, data, report.candidates, progress=config.progress)
+    names, omega = layer_sensitivities(gm, data, report.candidates, progress=config.progress,
+                                       measure=report.sensitivity_measure)
     report.sensitivity = {n: {b: float(omega[i, j]) for j, b in enumerate(report.candidates)}
                           for i, n in enumerate(names)}
     report.timings["sensitivity"] = time.perf_counter() - t0
@@ -603,8 +604,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=No
     config = QuantConfig() if config is None else config
     t0 = time.perf_counter()
     notes: list[str] = []
-    work, shape = _validated_copy(model, config, input_shape, selection, notes)
-    report = QuantReport(candidates=config.weight_candidates, notes=notes)
+    work, shape, measure = _validated_copy(model, config, input_shape, selection, notes)
+    report = QuantReport(candidates=config.weight_candidates, notes=notes, sensitivity_measure=measure)
     report.timings["validation"] = time.perf_counter() - t0
     with _seeded_rng(config.seed, config.device):
         return _run(model, work, config, shape, selection, report)

@@ -3,7 +3,8 @@
 :func:`to_integer` compiles the fx graph of a quantized model into a typed integer plan
 (:func:`pyzeroq.integer.plan.compile_plan`; its docstring has the node -> step mapping) and
 returns an :class:`IntegerModel` that runs the steps on :mod:`pyzeroq.integer.simulate`
-(codes are uint8, accumulators int32; the logits are the only float op). The runtime
+(codes are uint8, accumulators int32; the only float ops are the logits and the
+dequantization of other returned tensors). The runtime
 dispatches on the step type through one table, :data:`RUNTIME_HANDLERS`.
 
 Differences from the fake-quantized model are float-rounding effects only: the fake-quant
@@ -17,7 +18,8 @@ Save / load: :meth:`IntegerModel.save` writes, with ``torch.save``, a dict of pl
 ``torch.load(path, weights_only=True)``)::
 
     {"format": "pyzeroq.integer_model", "version": 1, "pyzeroq_version": str (informative),
-     "rounding": str, "acc_bits": int, "overflow": str, "output": str (the logits slot),
+     "rounding": str, "acc_bits": int, "overflow": str, "output": the output slot (str), or a
+     tuple / list / dict (string keys) of slots, as the model returns its tensors,
      "folded_bn": {bn name: conv name}, "bit_widths": {layer: bits},
      "steps": [Step.to_dict(), ...]}   # records via TensorQuant / LayerQuant.to_dict,
                                        # arrays as {"__array__": tensor, "dtype": numpy dtype name}
@@ -50,6 +52,7 @@ from .steps import (
     ClampStep,
     ConcatStep,
     ConvStep,
+    DequantStep,
     GlobalAvgPoolStep,
     InputStep,
     LinearStep,
@@ -60,7 +63,10 @@ from .steps import (
     ReshapeStep,
     Step,
     check_handlers,
+    check_output_spec,
     from_plain,
+    map_output,
+    output_leaves,
     step_from_dict,
     to_plain,
 )
@@ -222,7 +228,8 @@ class IntegerModel:
     op at all before the logits). torch in -> torch out, numpy in -> numpy out.
 
     ``steps``: the typed plan (list of :class:`pyzeroq.integer.steps.Step`, ``steps[0]`` the
-    :class:`InputStep`); ``output``: the value slot of the logits.
+    :class:`InputStep`); ``output``: the value slot of the logits, or a tuple / list / dict of
+    slots (:func:`pyzeroq.integer.steps.output_leaves`): calling the model returns that structure.
     Set ``trace = True`` to record, per executed step, its input / output dtypes in
     ``trace_log`` (list of dicts).
     """
@@ -235,8 +242,11 @@ class IntegerModel:
         unknown = [type(s).__name__ for s in steps if type(s) not in RUNTIME_HANDLERS]
         if unknown:
             raise TypeError(f"not integer steps: {unknown}")
-        if output not in {s.output for s in steps}:
-            raise ValueError(f"output slot {output!r} is written by no step")
+        check_output_spec(output)
+        written = {s.output for s in steps}
+        missing = [slot for _, slot in output_leaves(output) if slot not in written]
+        if missing:
+            raise ValueError(f"output slots {missing!r} are written by no step")
         self.steps = list(steps)
         self.output = output
         self.rounding = rounding
@@ -393,11 +403,19 @@ class IntegerModel:
         return env
 
     def __call__(self, x):
-        out = self.run(x)[self.output]
-        return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
+        """The model's output for images ``x``: float32 [N, ...] (logits, or dequantized codes),
+        or the structure (tuple / list / dict) of them the quantized model returns."""
+        env = self.run(x)
+        wrap = torch.from_numpy if isinstance(x, torch.Tensor) else (lambda a: a)
+        return map_output(self.output, lambda slot: wrap(env[slot]))
 
     def predict(self, x) -> np.ndarray:
-        return np.asarray(self.run(x)[self.output]).argmax(-1)
+        """Top-1 class along axis 1 of a single-output model: [N] for logits, [N, H, W] for a class
+        map (ValueError for a structured output)."""
+        if not isinstance(self.output, str):
+            raise ValueError("predict needs a model with one output tensor (logits); this one returns a "
+                             f"{type(self.output).__name__}: call the model and read the output you need")
+        return np.asarray(self.run(x)[self.output]).argmax(1)
 
     def _exec(self, step: Step, args: list) -> np.ndarray:
         return RUNTIME_HANDLERS[type(step)](self, step, args)
@@ -491,13 +509,16 @@ class IntegerModel:
     def _lookup(self, step: LookupStep, args: list) -> np.ndarray:
         return np.take(step.table, args[0])  # y = table[x]
 
+    def _dequant(self, step: DequantStep, args: list) -> np.ndarray:
+        return step.apply(args[0])
+
 
 RUNTIME_HANDLERS = check_handlers({
     InputStep: IntegerModel._input, ConvStep: IntegerModel._conv, LinearStep: IntegerModel._linear,
     LogitsStep: IntegerModel._logits, AddStep: IntegerModel._add, GlobalAvgPoolStep: IntegerModel._global_avg_pool,
     AvgPoolStep: IntegerModel._avg_pool, MaxPoolStep: IntegerModel._max_pool, RequantStep: IntegerModel._requant,
     ClampStep: IntegerModel._clamp_step, ReshapeStep: IntegerModel._reshape, LookupStep: IntegerModel._lookup,
-    ConcatStep: IntegerModel._concat,
+    ConcatStep: IntegerModel._concat, DequantStep: IntegerModel._dequant,
 }, "IntegerModel")
 
 

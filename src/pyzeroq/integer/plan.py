@@ -18,6 +18,10 @@ QuantConv2d [+ReLU(6)] +act :class:`ConvStep`: the layer record; ReLU = clamp at
 QuantLinear [+ReLU] + act   :class:`LinearStep` (same)
 final QuantLinear (logits)  :class:`LogitsStep`: int32 accumulator ``bias + sum((a - za) * (w - zw))``
                             dequantized to float32 logits ``f32(acc) * f32(x_scale * w_scale[c])``
+                            (a Linear whose only user is the graph output)
+graph output                the model's return structure (tensor, tuple, list, dict with string keys):
+                            logits as they are, every other tensor's codes through a
+                            :class:`DequantStep` (``f32(scale) * (x - zero_point)``)
 add [+ReLU] + act           :class:`AddStep` (two scales, requantized)
 AdaptiveAvgPool2d(1) + act  :class:`GlobalAvgPoolStep` (exact sum, one requantization); also
                             ``x.mean((2, 3))`` / ``torch.mean(x, (-2, -1))`` (keepdim False: then a
@@ -82,6 +86,7 @@ from .steps import (
     ClampStep,
     ConcatStep,
     ConvStep,
+    DequantStep,
     GlobalAvgPoolStep,
     InputStep,
     LinearStep,
@@ -91,6 +96,7 @@ from .steps import (
     RequantStep,
     ReshapeStep,
     Step,
+    check_output_spec,
 )
 
 __all__ = ["IntegerPlan", "PlanError", "UnsupportedOperationError", "compile_plan",
@@ -128,10 +134,11 @@ class UnsupportedOperationError(PlanError):
 @dataclass(frozen=True)
 class IntegerPlan:
     """``steps``: tuple of :class:`pyzeroq.integer.steps.Step` in graph order (``steps[0]`` is the
-    :class:`InputStep`); ``output``: the value slot holding the float32 logits [N, classes]."""
+    :class:`InputStep`); ``output``: the value slot of the float32 result, or a structure of slots
+    (tuple / list / dict, as the model returns it; :func:`pyzeroq.integer.steps.output_leaves`)."""
 
     steps: tuple
-    output: str
+    output: Any
 
 
 def compile_plan(gm: fx.GraphModule) -> IntegerPlan:
@@ -157,8 +164,9 @@ class _Compiler:
         self.float_nodes: set[str] = set()   # placeholder / normalize prefix
         self.norm: tuple = (None, None)      # per-channel (mean, std) of the input normalization
         self.placeholder: Optional[str] = None
-        self.output: Optional[str] = None
-        self.final_layer: Optional[str] = None
+        self.output: Any = None
+        self.float_slots: set[str] = set()   # dequantized accumulators (final Linear layers' logits)
+        self.dequantized: dict[str, str] = {}  # code slot -> its DequantStep's float slot
         self.act_nodes = {id(self.mod(n)): n for n in gm.graph.nodes if isinstance(self.mod(n), QuantAct)}
 
     # ----------------------------------------------------------------- helpers
@@ -223,8 +231,8 @@ class _Compiler:
         q, activation = self.target(node)
         if q is None:
             raise PlanError(f"node {node.name!r} ({_op_name(node, self.gm)}): its output is not followed by an "
-                            "activation quantizer (QuantAct); only the final Linear may produce float output",
-                            node.name)
+                            "activation quantizer (QuantAct); only a Linear that returns logits may produce float "
+                            "output", node.name)
         return q, activation
 
     # ----------------------------------------------------------------- walk
@@ -271,13 +279,29 @@ class _Compiler:
         elif node.op == "call_method" and node.target == "size":
             pass  # only consumed by view / reshape (checked there)
         elif node.op == "output":
-            res = node.args[0]
-            if not (isinstance(res, fx.Node) and res.op == "call_module" and str(res.target) == self.final_layer):
-                raise UnsupportedOperationError(f"graph output {res!r} is not the final Linear layer's logits; "
-                                                "to_integer needs a model ending in a Linear layer", node.name, "output")
-            self.output = res.name
+            self.output = self.output_spec(node.args[0], node)
+            check_output_spec(self.output)
         else:
             raise self.unsupported(node, "unsupported graph node for integer-only inference")
+
+    def output_spec(self, res: Any, node: fx.Node):
+        """The model's return value with each tensor replaced by its float slot: a final Linear's
+        logits as they are, any other activation's codes through a :class:`DequantStep`."""
+        if isinstance(res, dict):
+            return {k: self.output_spec(v, node) for k, v in res.items()}
+        if isinstance(res, (list, tuple)):
+            return (list if isinstance(res, list) else tuple)(self.output_spec(v, node) for v in res)
+        if not isinstance(res, fx.Node):
+            raise self.unsupported(node, f"the model returns {res!r}; the integer model returns tensors (or "
+                                         "tuples / lists / dicts of tensors) only")
+        if res.name in self.float_slots:
+            return res.name
+        slot = self.slot(res, node)
+        if slot not in self.dequantized:
+            out = f"{slot}_float"
+            self.add(DequantStep(name=out, inputs=(slot,), output=out, x_q=self.q[slot]))
+            self.dequantized[slot] = out
+        return self.dequantized[slot]
 
     def normalizer(self, node: fx.Node, m: nn.Module) -> None:
         if not (isinstance(node.args[0], fx.Node) and node.args[0].name == self.placeholder):
@@ -351,12 +375,13 @@ class _Compiler:
         users = list(node.users)
         if isinstance(self.mod(node), QuantConv2d):
             raise PlanError(f"node {node.name!r} (QuantConv2d): its output is not followed by an activation "
-                            "quantizer (QuantAct); only the final Linear may produce float output", node.name)
+                            "quantizer (QuantAct); only a Linear that returns logits may produce float output",
+                            node.name)
         if not (len(users) == 1 and users[0].op == "output"):
             raise self.unsupported(node, "a Linear without activation quantizer must be the graph output (the float "
                                          "logits)")
         self.add(LogitsStep(name=rec.name, inputs=(x,), output=node.name, layer=rec))
-        self.final_layer = rec.name
+        self.float_slots.add(node.name)
 
     def pool(self, node: fx.Node, m: nn.Module, keepdim: bool = True) -> None:
         """A pooling module, or a functional pool / spatial mean as its module (``keepdim`` False:

@@ -33,7 +33,7 @@ from ..qspec import ACTIVATIONS, LayerQuant, TensorQuant, activation_clamp  # no
 
 __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
            "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "LookupStep", "ConcatStep",
-           "STEP_TYPES", "LAYER_STEPS",
+           "DequantStep", "STEP_TYPES", "LAYER_STEPS", "output_leaves", "map_output", "check_output_spec",
            "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
 
 
@@ -302,7 +302,6 @@ class LookupStep(Step):
                    else getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class ConcatStep(Step):
     """``torch.cat`` along ``dim``: each input (record ``x_qs[i]``) requantized to ``quant`` with
@@ -325,10 +324,66 @@ class ConcatStep(Step):
     out_q = property(lambda self: self.quant)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DequantStep(Step):
+    """Codes at a graph output -> float32 ``f32(scale) * f32(x - zero_point)`` (ONNX
+    DequantizeLinear; exact: ``x - zero_point`` is a small integer)."""
+
+    kind: ClassVar[str] = "dequant"
+    x_q: TensorQuant
+
+    in_q = property(lambda self: (self.x_q,))
+    out_q = property(lambda self: None)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        z = np.float32(self.x_q.zero_point_value)
+        return np.float32(self.x_q.scale_value) * (x.astype(np.float32) - z)
+
+
 STEP_TYPES = (InputStep, ConvStep, LinearStep, LogitsStep, AddStep, GlobalAvgPoolStep, AvgPoolStep, MaxPoolStep,
-              RequantStep, ClampStep, ReshapeStep, LookupStep, ConcatStep)
+              RequantStep, ClampStep, ReshapeStep, LookupStep, ConcatStep, DequantStep)
 LAYER_STEPS = (ConvStep, LinearStep, LogitsStep)
 _BY_NAME = {t.__name__: t for t in STEP_TYPES}
+
+
+# ---------------------------------------------------------------------------- output structure
+# A plan's output is a slot name (one tensor) or a structure of them as the model returned it:
+# tuples, lists and dicts with string keys, nested.
+
+def check_output_spec(spec, where: str = "output") -> None:
+    """ValueError unless ``spec`` is a slot name or a (nested) tuple / list / dict of them."""
+    if isinstance(spec, str):
+        return
+    if isinstance(spec, dict):
+        if not all(isinstance(k, str) for k in spec):
+            raise ValueError(f"{where}: dict outputs need string keys, got {list(spec)!r}")
+        items = spec.values()
+    elif isinstance(spec, (list, tuple)):
+        items = spec
+    else:
+        raise ValueError(f"{where}: an output must be a tensor, or a tuple / list / dict of them; got "
+                         f"{type(spec).__name__}")
+    if not items:
+        raise ValueError(f"{where}: empty output structure")
+    for e in items:
+        check_output_spec(e, where)
+
+
+def output_leaves(spec, path: tuple = ()) -> list:
+    """[(path, slot)] of an output structure in order (``path``: the keys / indices to the leaf)."""
+    if isinstance(spec, str):
+        return [(path, spec)]
+    items = spec.items() if isinstance(spec, dict) else enumerate(spec)
+    return [leaf for k, v in items for leaf in output_leaves(v, path + (k,))]
+
+
+def map_output(spec, fn):
+    """The output structure with every slot ``s`` replaced by ``fn(s)`` (same container types)."""
+    if isinstance(spec, str):
+        return fn(spec)
+    if isinstance(spec, dict):
+        return {k: map_output(v, fn) for k, v in spec.items()}
+    return type(spec)(map_output(v, fn) for v in spec)
 
 
 def check_handlers(table: dict, owner: str) -> dict:
