@@ -49,7 +49,7 @@ def toy():
 
 def test_every_step_type_has_a_runtime_and_an_onnx_handler():
     assert set(convert.RUNTIME_HANDLERS) == set(S.STEP_TYPES) == set(export.ONNX_HANDLERS)
-    assert len(set(S.STEP_TYPES)) == len(S.STEP_TYPES) == 14
+    assert len(set(S.STEP_TYPES)) == len(S.STEP_TYPES) == 16
     partial = dict(convert.RUNTIME_HANDLERS)
     del partial[S.ClampStep]
     with pytest.raises(TypeError, match="ClampStep"):

@@ -119,11 +119,11 @@ def check_save_load(q, im, x: torch.Tensor, tmp_path) -> None:
         np.testing.assert_array_equal(np.asarray(other(x.numpy())), np.asarray(im(x.numpy())))
 
 
-def check_all(q, tmp_path, kinds: set) -> None:
+def check_all(q, tmp_path, kinds: set, x: torch.Tensor | None = None) -> None:
     check_no_float_ops(q)
     im = zq.to_integer(q)
     assert kinds <= {s.kind for s in im.steps}
-    x = images(BATCH)
+    x = images(BATCH) if x is None else x
     check_integer_matches_fake_quant(q, im, x)
     check_onnx(im, x.numpy())
     check_save_load(q, im, x, tmp_path)

@@ -116,6 +116,9 @@ def integer_requantize(acc: np.ndarray, multiplier: ArrayLike, y_zero_point: Arr
 def integer_qadd(a: np.ndarray, a_scale: float, a_zero_point: ArrayLike, b: np.ndarray, b_scale: float,
                  b_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike, rounding: str, out_bits: int,
                  relu: bool, dyadic_rounding: str, dyadic_bits: int, dyadic_shift: int) -> np.ndarray: ...
+def integer_qmul(a: np.ndarray, a_scale: float, a_zero_point: ArrayLike, b: np.ndarray, b_scale: float,
+                 b_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike, rounding: str, out_bits: int,
+                 relu: bool, dyadic_rounding: str, dyadic_bits: int, dyadic_shift: int) -> np.ndarray: ...
 def integer_max_pool2d(x: np.ndarray, kernel_size: Sequence[int], stride: Sequence[int],
                        padding: Sequence[int]) -> np.ndarray: ...
 def integer_avg_pool2d(x: np.ndarray, x_zero_point: ArrayLike, kernel_size: Sequence[int], stride: Sequence[int],

@@ -11,7 +11,8 @@ integer step           ONNX
 InputStep              float input: ``Sub(mean)``, ``Div(std)`` (the model's normalization, same float32
                        ops), ``QuantizeLinear``; ``pixels="uint8"``: ``Cast(int32)`` [+ channel offset]
                        ``Gather`` from the 256-entry table (integer only)
-ConvStep               ``QLinearConv`` (uint8 per-channel weights and zero points, int32 bias)
+ConvStep               ``QLinearConv`` (uint8 per-channel weights and zero points, int32 bias); a Conv1d
+                       between ``Unsqueeze`` / ``Squeeze`` (the Conv2d over [N, C, 1, L])
 LinearStep (hidden)    ``Unsqueeze`` -> 1x1 ``QLinearConv`` -> ``Flatten`` (QLinearMatMul has no bias)
 LogitsStep             ``MatMulInteger`` (per-column weight zero points) -> ``Add`` int32 bias ->
                        ``Cast(float)`` -> ``Mul`` by ``f32(x_scale * w_scale[c])``
@@ -32,10 +33,15 @@ ConcatStep             per input whose record differs from the output's: the Req
                        ``Concat`` [+ ``Clip``, bits < 8]
 LookupStep             ``Cast(int32)`` -> ``Gather`` from the step's uint8 table (Hardswish, SiLU, GELU,
                        Sigmoid, Tanh, ...: the table is the simulator's, so bit-exact by construction)
+MulStep                ``DequantizeLinear`` x2 -> ``Mul`` -> ``Div(y_scale)`` -> ``QuantizeLinear(scale 1)``
+                       (as the add; shapes broadcast)
 DequantStep            ``DequantizeLinear`` (a returned tensor other than the logits)
+LayoutStep             ``Transpose`` (permute / transpose), ``Slice`` (an item of chunk / split), ``Resize``
+                       (nearest upsample, asymmetric coordinates, floor: plain replication)
 graph outputs          one ``Identity`` per returned tensor: "logits" for a single output; for a tuple /
-                       list / dict, the keys / indices joined by "." ("boxes", "output.0", ...; a name
-                       already used inside the graph gets "_output" appended)
+                       list / dict, the keys / indices joined by "." ("boxes", "output.0", ...); an internal
+                       value of that name is renamed ("<name>_value"); only "input" (the graph input)
+                       becomes "input_output"
 =====================  ==========================================================================
 
 Agreement with the simulator (float32_rne): every op above is bit-exact -- QuantizeLinear,
@@ -73,16 +79,19 @@ from .integer.steps import (
     DequantStep,
     GlobalAvgPoolStep,
     InputStep,
+    LayoutStep,
     LinearStep,
     LogitsStep,
     LookupStep,
     MaxPoolStep,
+    MulStep,
     RequantStep,
     ReshapeStep,
     Step,
     check_handlers,
     output_leaves,
 )
+from .layout_ops import slice_bounds
 
 __all__ = ["export_onnx", "build_onnx", "ONNX_HANDLERS"]
 
@@ -124,6 +133,25 @@ class _Builder:
         self.inits.append(self.nh.from_array(np.asarray(value), name))
         return name
 
+    def free_names(self, names: set) -> dict:
+        """Rename the internal values and initializers called ``names`` (``name_value``) so that
+        graph outputs can take those names; returns {old: new}."""
+        used = {o for n in self.nodes for o in n.output} | {i.name for i in self.inits} | self._names
+        renamed = {}
+        for name in sorted(names & used):
+            new = f"{name}_value"
+            while new in used:
+                new = f"{new}_"
+            used.add(new)
+            renamed[name] = new
+        for n in self.nodes:
+            for field in (n.input, n.output):
+                for i, v in enumerate(field):
+                    field[i] = renamed.get(v, v)
+        for init in self.inits:
+            init.name = renamed.get(init.name, init.name)
+        return renamed
+
     def node(self, op: str, inputs: list, outputs: list, name: str, domain: Optional[str] = None, **attrs):
         self.nodes.append(self.h.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
 
@@ -162,6 +190,10 @@ class _Builder:
         self.node("QLinearConv", ins, [out], b, group=int(channels), kernel_shape=list(kernel), strides=list(stride),
                   pads=list(pads))
 
+    def channel_shape(self) -> tuple:
+        """[1, C, 1, ...]: per-channel constants broadcast over an input of the example's rank."""
+        return (1, -1) + (1,) * (len(self.shapes[self.im.steps[0].output]) - 2)
+
     # ------------------------------------------------------------------ steps
     def input(self, step: InputStep):
         raw = f"{step.output}_raw"
@@ -170,7 +202,7 @@ class _Builder:
             idx = f"{step.output}_index"
             self.node("Cast", [INPUT_NAME], [idx], f"{step.output}_cast", to=self.tp.INT32)
             if lut.shape[0] > 1:
-                offs = (np.arange(lut.shape[0], dtype=np.int32) * PIXEL_LEVELS).reshape(1, -1, 1, 1)
+                offs = (np.arange(lut.shape[0], dtype=np.int32) * PIXEL_LEVELS).reshape(self.channel_shape())
                 self.node("Add", [idx, self.const(f"{step.output}_channel_offset", offs)], [f"{idx}_c"],
                           f"{step.output}_offset")
                 idx = f"{idx}_c"
@@ -180,8 +212,8 @@ class _Builder:
             return
         src = INPUT_NAME
         if step.mean is not None:
-            mean = np.asarray(step.mean, np.float32).reshape(1, -1, 1, 1)
-            std = np.asarray(step.std, np.float32).reshape(1, -1, 1, 1)
+            mean = np.asarray(step.mean, np.float32).reshape(self.channel_shape())
+            std = np.asarray(step.std, np.float32).reshape(self.channel_shape())
             self.node("Sub", [src, self.const("normalize_mean", mean)], ["normalize_centered"], "normalize_sub")
             self.node("Div", ["normalize_centered", self.const("normalize_std", std)], ["normalized"], "normalize_div")
             src = "normalized"
@@ -202,9 +234,17 @@ class _Builder:
         self.node("QLinearConv", ins, [out], f"{b}_qlinearconv", kernel_shape=list(w.shape[2:]), **attrs)
 
     def conv(self, step: ConvStep):
-        raw = f"{step.output}_raw"
-        self.conv_like(step, step.inputs[0], raw, step.layer.weight_codes, strides=list(step.stride),
-                       pads=list(step.padding), dilations=list(step.dilation), group=step.groups)
+        raw, src, w, b = f"{step.output}_raw", step.inputs[0], step.layer.weight_codes, step.output
+        if step.spatial_dims == 1:  # Conv1d: Unsqueeze -> the Conv2d over [N, C, 1, L] -> Squeeze
+            axes = self.const(f"{b}_axes", np.array([2], np.int64))
+            self.node("Unsqueeze", [src, axes], [f"{b}_x4"], f"{b}_unsqueeze")
+            src, w, raw4 = f"{b}_x4", w[:, :, None, :], f"{b}_raw4"
+        else:
+            raw4 = raw
+        self.conv_like(step, src, raw4, w, strides=list(step.stride), pads=list(step.padding),
+                       dilations=list(step.dilation), group=step.groups)
+        if step.spatial_dims == 1:
+            self.node("Squeeze", [raw4, axes], [raw], f"{b}_squeeze")
         self.finish(step, raw, *step.clamp_codes())
 
     def _require_2d(self, step: Step):
@@ -239,20 +279,28 @@ class _Builder:
                   [step.output], f"{b}_dequantize")
 
     def add(self, step: AddStep):
+        self.binary(step, "Add", "QLinearAdd" if self.add_op == "qlinearadd" else None)
+
+    def mul(self, step: MulStep):
+        self.binary(step, "Mul", None)
+
+    def binary(self, step: AddStep, op: str, ms_op: Optional[str]):
+        """Add / Mul of two code tensors: the simulator's float32_rne formula op by op, or the
+        com.microsoft QLinear kernel ``ms_op``."""
         b = step.output
         sa, za = self.qparams(f"{b}_a", step.x_q)
         sb, zb = self.qparams(f"{b}_b", step.y_q)
         sy, zy = self.qparams(f"{b}_y", step.quant)
-        if self.add_op == "qlinearadd":
-            self.node("QLinearAdd", [step.inputs[0], sa, za, step.inputs[1], sb, zb, sy, zy], [f"{b}_raw"],
-                      f"{b}_qlinearadd", domain=MS_DOMAIN)
-        else:  # the simulator's float32_rne formula, op by op
+        if ms_op is not None:
+            self.node(ms_op, [step.inputs[0], sa, za, step.inputs[1], sb, zb, sy, zy], [f"{b}_raw"],
+                      f"{b}_{ms_op.lower()}", domain=MS_DOMAIN)
+        else:
             self.node("DequantizeLinear", [step.inputs[0], sa, za], [f"{b}_a_real"], f"{b}_dequantize_a")
             self.node("DequantizeLinear", [step.inputs[1], sb, zb], [f"{b}_b_real"], f"{b}_dequantize_b")
-            self.node("Add", [f"{b}_a_real", f"{b}_b_real"], [f"{b}_sum"], f"{b}_add")
+            self.node(op, [f"{b}_a_real", f"{b}_b_real"], [f"{b}_real"], f"{b}_{op.lower()}")
             # Div then QuantizeLinear(scale 1) == QuantizeLinear(scale sy) bit for bit, but onnxruntime
-            # does not fuse this pattern into its fixed-point QLinearAdd kernel
-            self.node("Div", [f"{b}_sum", sy], [f"{b}_scaled"], f"{b}_div")
+            # does not fuse this pattern into its fixed-point QLinearAdd / QLinearMul kernels
+            self.node("Div", [f"{b}_real", sy], [f"{b}_scaled"], f"{b}_div")
             self.node("QuantizeLinear", [f"{b}_scaled", self.const(f"{b}_unit_scale", np.float32(1.0)), zy],
                       [f"{b}_raw"], f"{b}_quantize")
         self.finish(step, f"{b}_raw", *step.clamp_codes())
@@ -262,10 +310,17 @@ class _Builder:
         return np.float32(np.float32(step.x_q.scale_value) / np.float32(step.quant.scale_value))
 
     def global_avg_pool(self, step: GlobalAvgPoolStep):
-        raw = f"{step.output}_raw"
-        kernel = tuple(self.shapes[step.inputs[0]][2:])
-        self.ones_conv(step, step.inputs[0], raw, self._ratio(step), float(kernel[0] * kernel[1]), kernel, (1, 1),
-                       (0,) * 4)
+        raw, src, b = f"{step.output}_raw", step.inputs[0], step.output
+        kernel = tuple(self.shapes[src][2:])
+        one_d = len(kernel) == 1  # [N, C, L]: pooled as [N, C, 1, L]
+        if one_d:
+            axes = self.const(f"{b}_axes", np.array([2], np.int64))
+            self.node("Unsqueeze", [src, axes], [f"{b}_x4"], f"{b}_unsqueeze")
+            src, kernel = f"{b}_x4", (1,) + kernel
+        pooled = f"{b}_raw4" if one_d else raw
+        self.ones_conv(step, src, pooled, self._ratio(step), float(kernel[0] * kernel[1]), kernel, (1, 1), (0,) * 4)
+        if one_d:
+            self.node("Squeeze", [pooled, axes], [raw], f"{b}_squeeze")
         self.finish(step, raw, *step.clamp_codes())
 
     def avg_pool(self, step: AvgPoolStep):
@@ -331,6 +386,26 @@ class _Builder:
         self.node("Cast", [step.inputs[0]], [f"{b}_index"], f"{b}_cast", to=self.tp.INT32)
         self.node("Gather", [self.const(f"{b}_table", step.table), f"{b}_index"], [b], f"{b}_lookup", axis=0)
 
+    def layout(self, step: LayoutStep):
+        src, out, b = step.inputs[0], step.output, step.output
+        rank = len(self.shapes[src])
+        if step.op in ("permute", "transpose"):
+            perm = [d % rank for d in step.args] if step.op == "permute" else list(range(rank))
+            if step.op == "transpose":
+                i, j = (d % rank for d in step.args)
+                perm[i], perm[j] = perm[j], perm[i]
+            self.node("Transpose", [src], [out], f"{b}_transpose", perm=perm)
+        elif step.op == "upsample":  # nearest, integer factors: output index i reads floor(i / f)
+            scales = np.array([1.0] * (rank - 2) + [float(f) for f in step.args], np.float32)
+            self.node("Resize", [src, "", self.const(f"{b}_scales", scales)], [out], f"{b}_resize", mode="nearest",
+                      coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        else:  # an item of chunk / split: a Slice along its dim
+            dim = step.args[0] % rank
+            start, stop = slice_bounds(step.op, step.args, self.shapes[src][dim])
+            self.node("Slice", [src, self.const(f"{b}_starts", np.array([start], np.int64)),
+                                self.const(f"{b}_ends", np.array([stop], np.int64)),
+                                self.const(f"{b}_axes", np.array([dim], np.int64))], [out], f"{b}_slice")
+
     def dequant(self, step: DequantStep):
         s, z = self.qparams(step.output, step.x_q)
         self.node("DequantizeLinear", [step.inputs[0], s, z], [step.output], f"{step.output}_dequantize")
@@ -355,6 +430,7 @@ ONNX_HANDLERS = check_handlers({
     MaxPoolStep: _Builder.max_pool, RequantStep: _Builder.requant, ClampStep: _Builder.clamp,
     ReshapeStep: _Builder.reshape, LookupStep: _Builder.lookup,
     ConcatStep: _Builder.concat, DequantStep: _Builder.dequant,
+    LayoutStep: _Builder.layout, MulStep: _Builder.mul,
 }, "the ONNX builder")
 
 
@@ -389,15 +465,18 @@ def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", ad
     batch = "N"
     in_type = TensorProto.UINT8 if pixels == "uint8" else TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(INPUT_NAME, in_type, [batch] + list(example.shape[1:]))]
-    outputs, taken = [], {o for n in b.nodes for o in n.output} | {i.name for i in b.inits} | {INPUT_NAME}
-    for name, slot in output_names(int_model.output):
-        while name in taken:  # a returned dict's key that is also an internal value's name
+    wanted = output_names(int_model.output)
+    renamed = b.free_names({name for name, _ in wanted})
+    outputs, taken = [], {INPUT_NAME}
+    for name, slot in wanted:
+        while name in taken:  # the graph input's name, or the same key twice
             name = f"{name}_output"
         taken.add(name)
-        b.node("Identity", [slot], [name], f"{name}_output")
+        b.node("Identity", [renamed.get(slot, slot)], [name], f"{name}_output")
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch] + list(shapes[slot][1:])))
     if intermediate:
-        outputs += [helper.make_tensor_value_info(st.output, TensorProto.UINT8, [batch] + list(shapes[st.output][1:]))
+        outputs += [helper.make_tensor_value_info(renamed.get(st.output, st.output), TensorProto.UINT8,
+                                                  [batch] + list(shapes[st.output][1:]))
                     for st in int_model.steps if st.out_q is not None]
     graph = helper.make_graph(b.nodes, "pyzeroq_integer", inputs, outputs, b.inits)
     model = helper.make_model(graph, producer_name="pyzeroq",

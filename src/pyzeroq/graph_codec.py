@@ -26,7 +26,7 @@ cross-references ``input_quant`` / ``output_quant`` / ``same_as``).
 
 Whitelists (checked when saving, so that every saved file loads, and again when loading):
 
-* module classes: ``pyzeroq.QuantAct`` / ``WeightQuant`` / ``QuantConv2d`` /
+* module classes: ``pyzeroq.QuantAct`` / ``WeightQuant`` / ``QuantConv2d`` / ``QuantConv1d`` /
   ``QuantLinear``; ``pyzeroq.Normalize`` (any input normalizer with buffers ``mean`` /
   ``std`` computing exactly ``(x - mean) / std``, rebuilt as
   :class:`pyzeroq.models.Normalize`); ``torch.nn.<Name>`` classes defined under
@@ -61,7 +61,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .modules import is_normalizer
-from .quantizers import QuantAct, QuantConv2d, QuantLinear, WeightQuant
+from .quantizers import QuantAct, QuantConv1d, QuantConv2d, QuantLinear, WeightQuant
 
 __all__ = ["encode_graph", "decode_graph", "plain", "GETATTR_NAMES", "NODE_OPS"]
 
@@ -93,7 +93,7 @@ _TRANSIENT = {QuantAct: {"_min": lambda: None, "_max": lambda: None, "_samples":
 def _pyzeroq_classes() -> dict:
     from .models import Normalize
     return {"pyzeroq.QuantAct": QuantAct, "pyzeroq.WeightQuant": WeightQuant, "pyzeroq.QuantConv2d": QuantConv2d,
-            "pyzeroq.QuantLinear": QuantLinear, "pyzeroq.Normalize": Normalize}
+            "pyzeroq.QuantConv1d": QuantConv1d, "pyzeroq.QuantLinear": QuantLinear, "pyzeroq.Normalize": Normalize}
 
 
 # ---------------------------------------------------------------------------- values

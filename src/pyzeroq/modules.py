@@ -3,11 +3,12 @@
 Quantization points (one meaning everywhere, chosen so that the integer-only
 converter can run the same graph on codes):
 
-* weights of every Conv2d / Linear, per output channel (or per tensor), after the
-  BatchNorm that consumes the conv's output has been folded into it;
+* weights of every Conv1d / Conv2d / Linear, per output channel (or per tensor), after the
+  BatchNorm1d / 2d that consumes the layer's output has been folded into it;
 * every activation tensor produced by a supported op, per tensor: the normalized
   model input, each conv/linear output (after its ReLU/ReLU6 when that is its only
-  user — a fused clamp), each residual add (after its ReLU when fused), each pooling (modules,
+  user — a fused clamp), each residual add and each product of two tensors (squeeze-excite
+  gating; after its ReLU when fused), each pooling (modules,
   ``F.max_pool2d`` / ``F.avg_pool2d`` / ``F.adaptive_avg_pool2d`` and the spatial mean
   ``x.mean((2, 3))``: :func:`functional_pool`);
   a Linear whose only user is the graph output (the logits) stays float: the integer model
@@ -38,22 +39,28 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .layout_ops import is_contiguous, is_shape_node, is_split_source, layout_op
 from .qspec import LayerQuant, TensorQuant
 from .quantizers import (  # noqa: F401 (re-exported: the quantizer family lives in quantizers.py)
     ACT_SAMPLE_CAP,
     MSE_CLIP_STEPS,
+    QUANT_CONV_TYPES,
     QUANT_LAYER_TYPES,
     QuantAct,
+    QuantConv1d,
     QuantConv2d,
     QuantLinear,
     mse_clip_range,
 )
 
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
+BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the layers a BN reading their output folds into
 RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6)
-POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
+POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d)
 PASSTHROUGH_FUNCTIONS = (torch.flatten,)
 ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
+MUL_FUNCTIONS = (operator.mul, torch.mul, operator.imul)  # of two tensors (squeeze-excite gating)
 # elementwise activations computed by a lookup table on the input codes (integer LookupStep);
 # nn.ReLU6 subclasses nn.Hardtanh: the ReLU family is classified first (relu_kind)
 LOOKUP_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Hardtanh)
@@ -67,13 +74,15 @@ POOL_FUNCTIONS = {
     F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                                   "divisor_override")),
     F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+    F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
 }
 SPATIAL_DIMS = (2, 3)  # H, W of [N, C, H, W]
 IMAGE_RANK = 4  # negative mean dims are read as dims of an [N, C, H, W] tensor
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """Conv with BN folded in: w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta."""
+def fold_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """Conv1d / Conv2d / Linear with the BatchNorm1d / 2d that reads its output folded in:
+    w' = w * g / sqrt(var + eps) (per output channel), b' = (b - mean) * g / sqrt(var + eps) + beta."""
     folded = copy.deepcopy(conv)
     std = torch.sqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.affine else torch.ones_like(std)
@@ -81,7 +90,7 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     factor = (gamma / std).detach()
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(std)
     with torch.no_grad():
-        folded.weight = nn.Parameter(conv.weight.detach() * factor.view(-1, 1, 1, 1))
+        folded.weight = nn.Parameter(conv.weight.detach() * factor.view(-1, *[1] * (conv.weight.dim() - 1)))
         folded.bias = nn.Parameter((bias - bn.running_mean) * factor + beta.detach())
     return folded
 
@@ -199,10 +208,11 @@ def _fold_bns(gm: fx.GraphModule, info: SurgeryInfo) -> None:
     """Step 1: fold each BN into the conv it consumes (when the conv has no other user)."""
     graph = gm.graph
     for node in list(graph.nodes):
-        if not _is_module(gm, node, (nn.BatchNorm2d,)):
+        if not _is_module(gm, node, BN_MODULES):
             continue
         src = node.args[0]
-        if isinstance(src, fx.Node) and _is_module(gm, src, (nn.Conv2d,)) and len(src.users) == 1:
+        if isinstance(src, fx.Node) and _is_module(gm, src, FOLDABLE_LAYERS) and len(src.users) == 1 and \
+                gm.get_submodule(src.target).weight.shape[0] == gm.get_submodule(node.target).num_features:
             _set_submodule(gm, src.target, fold_bn(gm.get_submodule(src.target), gm.get_submodule(node.target)))
             node.replace_all_uses_with(src)
             graph.erase_node(node)
@@ -212,10 +222,18 @@ def _fold_bns(gm: fx.GraphModule, info: SurgeryInfo) -> None:
 
 
 def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool) -> None:
-    """Step 2: conv / linear -> their quantized versions."""
+    """Step 2: conv / linear -> their quantized versions (ValueError for a layer module called
+    more than once: each call would need its own input and output quantizers)."""
+    calls = [n.target for n in gm.graph.nodes if _is_module(gm, n, FOLDABLE_LAYERS)]
+    shared = sorted({t for t in calls if calls.count(t) > 1})
+    if shared:
+        raise ValueError(f"model: layer module(s) {shared} are called more than once in forward; pyzeroq quantizes "
+                         "each Conv / Linear call with its own quantizers: use one module per call (weights may be "
+                         "copied)")
     for node in gm.graph.nodes:
-        if _is_module(gm, node, (nn.Conv2d,)):
-            _set_submodule(gm, node.target, QuantConv2d.from_float(gm.get_submodule(node.target), per_channel))
+        if _is_module(gm, node, (nn.Conv2d, nn.Conv1d)):
+            cls = QuantConv2d if _is_module(gm, node, (nn.Conv2d,)) else QuantConv1d
+            _set_submodule(gm, node.target, cls.from_float(gm.get_submodule(node.target), per_channel))
             info.layers.append(node.target)
         elif _is_module(gm, node, (nn.Linear,)):
             _set_submodule(gm, node.target, QuantLinear.from_float(gm.get_submodule(node.target), per_channel))
@@ -231,6 +249,8 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
         if node.op == "placeholder":
             if not any(u.op == "call_module" and _is_normalizer(gm.get_submodule(u.target)) for u in node.users):
                 points.append(node)
+        elif keeps_quantization(gm, node):
+            continue  # data movement / sizes: the codes keep their record
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if _is_normalizer(mod) or isinstance(mod, POOL_MODULES) or lookup_op(gm, node) is not None:
@@ -244,7 +264,7 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
         elif lookup_op(gm, node) is not None or is_cat(node) or functional_pool(node) is not None:
             points.append(node)
         elif node.op == "call_function":
-            if node.target in ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            if node.target in ADD_FUNCTIONS + MUL_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):
                 points.append(_fused_relu(gm, node) or node)
             elif node.target not in PASSTHROUGH_FUNCTIONS and node.target not in RELU_FUNCTIONS:
                 info.float_ops.append(f"{node.name} ({getattr(node.target, '__name__', node.target)})")
@@ -306,6 +326,12 @@ KEEPS_QUANTIZATION_MODULES = RELU_MODULES + (nn.Identity, nn.Dropout, nn.Flatten
 KEEPS_QUANTIZATION_METHODS = ("view", "reshape", "flatten")
 
 
+def keeps_quantization(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A layout op (permute, transpose, an item of chunk / split, nearest upsample; the chunk /
+    split itself), ``contiguous`` or size arithmetic (:mod:`pyzeroq.layout_ops`)."""
+    return is_shape_node(node) or is_split_source(node) or is_contiguous(node) or layout_op(gm, node) is not None
+
+
 def _quantized_source(gm: fx.GraphModule, node: fx.Node) -> QuantAct | None:
     """The QuantAct whose codes reach ``node``'s data input through ops that keep the quantization
     (reshapes such as ``x.view(x.size(0), -1)``, Identity / Dropout / Flatten, ReLU clamps: exact
@@ -316,10 +342,11 @@ def _quantized_source(gm: fx.GraphModule, node: fx.Node) -> QuantAct | None:
             mod = gm.get_submodule(src.target)
             if isinstance(mod, QuantAct):
                 return mod
-            if not isinstance(mod, KEEPS_QUANTIZATION_MODULES):
+            if not isinstance(mod, KEEPS_QUANTIZATION_MODULES) and not keeps_quantization(gm, src):
                 return None
         elif not (src.op == "call_method" and src.target in KEEPS_QUANTIZATION_METHODS or
-                  src.op == "call_function" and src.target in PASSTHROUGH_FUNCTIONS + RELU_FUNCTIONS):
+                  src.op == "call_function" and src.target in PASSTHROUGH_FUNCTIONS + RELU_FUNCTIONS or
+                  keeps_quantization(gm, src)):
             return None
         src = src.args[0] if src.args else None
     return None

@@ -30,7 +30,7 @@ from ._optional import require
 from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
 from .modules import act_quants, fit_bias_scales, is_normalizer, prepare, quant_layers, set_act_mode, set_weight_bits
-from .outputs import check_output, resolve_measure
+from .outputs import check_output, output_leaves, resolve_measure
 from .sensitivity import JointEvaluator, layer_sensitivities
 
 FLOAT_BITS = 32
@@ -41,6 +41,7 @@ CALIBRATION_BATCH = 256
 # cost <= budget on a grid of this many bins (when QuantConfig.pareto_bins is None).
 SAME_SIZE_BINS = 1000
 WORKING_DTYPE = torch.float32  # models of other float dtypes are quantized as a float32 copy
+SURGERY_RTOL = 1e-3  # float model vs prepared graph (quantization off): BN folding reorders float ops
 DRY_RUN_BATCH = 2  # images of the validation forward pass (eval mode); one image would look like an
 # unbatched input to conv layers, letting an input_shape without its channel dimension through
 # a model with input normalization takes float images in [0, 1]; calibration data reaching this
@@ -511,6 +512,29 @@ def _mixed_precision(gm, data, config: QuantConfig, report: QuantReport, selecti
     return selection
 
 
+def _check_surgery(work: nn.Module, gm: nn.Module, config: QuantConfig, shape) -> None:
+    """The prepared graph with quantization off must compute what the model computes (BN
+    folding, op rewiring) on a few seeded random images; ValueError naming the largest
+    difference otherwise (e.g. a BatchNorm1d after a Linear on [N, L, F] inputs, whose channels
+    are not the Linear's features)."""
+    if config.calibration == "real":
+        sample = check_calibration_data(config.calibration_data)[:DRY_RUN_BATCH].to(WORKING_DTYPE)
+    else:
+        sample = torch.rand((DRY_RUN_BATCH, *shape), generator=torch.Generator().manual_seed(config.seed))
+    sample = sample.to(config.device)
+    set_act_mode(gm, "off")
+    set_weight_bits(gm, None)
+    with torch.no_grad():
+        want, got = output_leaves(work(sample)), output_leaves(gm(sample))
+    for w, g in zip(want, got):
+        tol = SURGERY_RTOL * max(1.0, float(w.abs().max()))
+        if w.shape != g.shape or not torch.allclose(g, w, rtol=SURGERY_RTOL, atol=tol):
+            diff = float((g - w).abs().max()) if w.shape == g.shape else float("inf")
+            raise ValueError(f"model: folding its BatchNorms / preparing its graph changed its float output (max "
+                             f"difference {diff:.3g}); a BatchNorm that reads a Linear's output must normalize the "
+                             "Linear's features (inputs [N, F])")
+
+
 def _calibrate_activations(gm: nn.Module, data: torch.Tensor, bit_widths: dict[str, int],
                            config: QuantConfig) -> None:
     set_weight_bits(gm, bit_widths)
@@ -536,6 +560,7 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
     t0 = time.perf_counter()
     gm, info = prepare(work, config.act_bits, config.per_channel, config.percentile, config.act_range)
     gm.to(config.device)
+    _check_surgery(work, gm, config, shape)
     report.layers = list(info.layers)
     if not report.layers:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")

@@ -37,7 +37,8 @@ from .bias import fit_weight_scale
 from .config import ACT_RANGES
 from .qspec import INT32_MAX, INT32_MIN, LayerQuant, TensorQuant, quantize_bias
 
-__all__ = ["BitWidthMismatchError", "Quantizer", "QuantAct", "WeightQuant", "QuantConv2d", "QuantLinear", "QUANT_LAYER_TYPES",
+__all__ = ["BitWidthMismatchError", "Quantizer", "QuantAct", "WeightQuant", "QuantConv2d", "QuantConv1d", "QuantLinear",
+           "QUANT_LAYER_TYPES", "QUANT_CONV_TYPES",
            "lsq_fake_quantize", "lsq_round_ste", "mse_clip_range"]
 
 ACT_SAMPLE_CAP = 1 << 22  # values kept per quantizer for percentile / MSE calibration
@@ -401,12 +402,11 @@ class QuantLayerMixin:
         return LayerQuant(name, weight_q, codes, in_q, out_q, bias, self.activation if out_q is not None else None)
 
 
-class QuantConv2d(nn.Conv2d, QuantLayerMixin):
-    """Conv2d with quantized weight (per output channel), int32 bias and, in QAT, input."""
+class _QuantConvMixin(QuantLayerMixin):
+    """The conv forms: one constructor and forward for Conv1d and Conv2d."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, per_channel: bool = True,
-                   act_quant: Optional[QuantAct] = None) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Module, per_channel: bool = True, act_quant: Optional[QuantAct] = None):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                 device=conv.weight.device, dtype=conv.weight.dtype)
@@ -419,6 +419,19 @@ class QuantConv2d(nn.Conv2d, QuantLayerMixin):
         if self.observing:
             return self._conv_forward(x, self.weight, self.bias)
         return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+
+
+class QuantConv2d(nn.Conv2d, _QuantConvMixin):
+    """Conv2d with quantized weight (per output channel), int32 bias and, in QAT, input."""
+
+    forward = _QuantConvMixin.forward  # before nn.Conv2d's in the MRO
+
+
+class QuantConv1d(nn.Conv1d, _QuantConvMixin):
+    """Conv1d with quantized weight (per output channel), int32 bias and, in QAT, input (the
+    integer model runs it as a Conv2d on [N, C, 1, L])."""
+
+    forward = _QuantConvMixin.forward
 
 
 class QuantLinear(nn.Linear, QuantLayerMixin):
@@ -440,4 +453,5 @@ class QuantLinear(nn.Linear, QuantLayerMixin):
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
 
 
-QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)
+QUANT_LAYER_TYPES = (QuantConv2d, QuantConv1d, QuantLinear)
+QUANT_CONV_TYPES = (QuantConv2d, QuantConv1d)

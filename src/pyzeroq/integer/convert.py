@@ -55,10 +55,12 @@ from .steps import (
     DequantStep,
     GlobalAvgPoolStep,
     InputStep,
+    LayoutStep,
     LinearStep,
     LogitsStep,
     LookupStep,
     MaxPoolStep,
+    MulStep,
     RequantStep,
     ReshapeStep,
     Step,
@@ -82,6 +84,7 @@ REPORT_ACC_BITS = (8, 12, 16, 24)  # accumulator widths the report checks
 ROUNDINGS = ("float32_rne", "gemmlowp", "dyadic")
 OVERFLOWS = ("wrap", "saturate", "error")
 MAX_ACC_BITS = 32
+BATCH_AND_CHANNEL_DIMS = 2  # [N, C, ...]
 
 
 def _check_config(rounding: str, acc_bits: int, overflow: str) -> None:
@@ -95,11 +98,12 @@ def _check_config(rounding: str, acc_bits: int, overflow: str) -> None:
 
 
 def normalize_input(step: InputStep, x: np.ndarray) -> np.ndarray:
-    """float32 ``(x - mean) / std`` per channel (x float32 [N, C, H, W]); x itself without normalizer."""
+    """float32 ``(x - mean) / std`` per channel (x float32 [N, C, ...]); x itself without normalizer."""
     if step.mean is None:
         return x
-    mean = torch.tensor(step.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(step.std, dtype=torch.float32).view(1, -1, 1, 1)
+    shape = (1, -1) + (1,) * (x.ndim - BATCH_AND_CHANNEL_DIMS)
+    mean = torch.tensor(step.mean, dtype=torch.float32).view(shape)
+    std = torch.tensor(step.std, dtype=torch.float32).view(shape)
     return ((torch.from_numpy(x) - mean) / std).contiguous().numpy()
 
 
@@ -188,23 +192,35 @@ def logits_accumulator(a: np.ndarray, step: LogitsStep, acc_bits: int, overflow:
 _CHANNEL_KEEPING = (AddStep, AvgPoolStep, ClampStep, GlobalAvgPoolStep, MaxPoolStep, RequantStep, LookupStep)
 
 
-def _input_channels(steps: list) -> Optional[int]:
-    """Channels of the input ``x`` the plan expects (None where it does not say): the input
-    normalization's, else those of the first convolution fed (through channel-keeping steps)
-    by the input codes."""
-    first = steps[0]
-    sizes = {len(v) for v in (first.mean, first.std) if v is not None and len(v) > 1}
-    if sizes:
-        return max(sizes)
-    slots = {first.output}
+def _first_conv(steps: list) -> Optional[ConvStep]:
+    """The first convolution fed (through channel-keeping steps) by the input codes, or None."""
+    slots = {steps[0].output}
     for step in steps[1:]:
         if not step.inputs or step.inputs[0] not in slots:
             continue
         if isinstance(step, ConvStep):
-            return int(step.layer.weight_codes.shape[1]) * int(step.groups)
+            return step
         if isinstance(step, _CHANNEL_KEEPING):
             slots.add(step.output)
     return None
+
+
+def _input_channels(steps: list) -> Optional[int]:
+    """Channels of the input ``x`` the plan expects (None where it does not say): the input
+    normalization's, else those of the first convolution fed by the input codes."""
+    first = steps[0]
+    sizes = {len(v) for v in (first.mean, first.std) if v is not None and len(v) > 1}
+    if sizes:
+        return max(sizes)
+    conv = _first_conv(steps)
+    return None if conv is None else int(conv.layer.weight_codes.shape[1]) * int(conv.groups)
+
+
+def _input_rank(steps: list) -> Optional[int]:
+    """Rank of the input the plan expects: [N, C, L] before a Conv1d, [N, C, H, W] before a
+    Conv2d; None (any rank >= 2) when no convolution reads the input."""
+    conv = _first_conv(steps)
+    return None if conv is None else BATCH_AND_CHANNEL_DIMS + conv.spatial_dims
 
 
 def _clamp(y: np.ndarray, lo: int, hi: int, q) -> np.ndarray:
@@ -257,6 +273,7 @@ class IntegerModel:
         self.input_q = self.steps[0].quant
         self.input_lut = input_lut(self.steps[0])
         self.input_channels = _input_channels(self.steps)
+        self.input_rank = _input_rank(self.steps)
         self.trace = False
         self.trace_log: list = []
         self._bound = {s.name: _worst_case_bits(s) for s in self.steps if isinstance(s, LAYER_STEPS)}
@@ -347,8 +364,9 @@ class IntegerModel:
             raise TypeError(f"{argument} must be a numpy array or a torch tensor, got {type(x).__name__}")
         if arr.dtype != np.uint8 and arr.dtype.kind != "f":
             raise TypeError(f"{argument} must be float images in [0, 1] or uint8 pixels, got dtype {arr.dtype}")
-        if arr.ndim != 4:
-            raise ValueError(f"{argument} must have shape [N, C, H, W], got shape {tuple(arr.shape)}")
+        if arr.ndim != (self.input_rank or arr.ndim) or arr.ndim < BATCH_AND_CHANNEL_DIMS:
+            expected = {3: "[N, C, L]", 4: "[N, C, H, W]"}.get(self.input_rank, "[N, C, ...]")
+            raise ValueError(f"{argument} must have shape {expected}, got shape {tuple(arr.shape)}")
         channels = self.input_channels
         if channels is not None and arr.shape[1] != channels:
             raise ValueError(f"{argument} has {arr.shape[1]} channels (shape {tuple(arr.shape)}), the model "
@@ -364,11 +382,11 @@ class IntegerModel:
         return arr
 
     def input_codes(self, x) -> np.ndarray:
-        """Boundary: the first activation's uint8 codes [N, C, H, W] for float images or uint8 pixels."""
+        """Boundary: the first activation's uint8 codes [N, C, ...] for float images or uint8 pixels."""
         arr = self.check_input(x)
         if arr.dtype == np.uint8:
             lut = self.input_lut
-            rows = np.arange(arr.shape[1]).reshape(1, -1, 1, 1) if lut.shape[0] > 1 else 0
+            rows = np.arange(arr.shape[1]).reshape(1, -1, *[1] * (arr.ndim - 2)) if lut.shape[0] > 1 else 0
             return np.ascontiguousarray(lut[rows, arr])
         return self.input_q.quantize(normalize_input(self.steps[0], arr))
 
@@ -427,14 +445,17 @@ class IntegerModel:
     def _conv(self, step: ConvStep, args: list) -> np.ndarray:
         layer, xq, yq = step.layer, step.layer.input, step.layer.output
         w_scale, w_zp = layer.weight.channels(layer.out_channels)
+        x, w = args[0], layer.weight_codes
+        if step.spatial_dims == 1:  # Conv1d as a Conv2d over [N, C, 1, L]
+            x, w = x[:, :, None, :], w[:, :, None, :]
         with _naming_layer(step):
-            y, st = sim.qlinear_conv2d(args[0], xq.scale_value, xq.zero_point_value, layer.weight_codes, w_scale, w_zp,
+            y, st = sim.qlinear_conv2d(x, xq.scale_value, xq.zero_point_value, w, w_scale, w_zp,
                                        yq.scale_value, yq.zero_point_value, layer.bias, step.stride, step.padding,
                                        step.dilation, step.groups, rounding=self.rounding, out_bits=yq.bits,
                                        acc_bits=self.acc_bits, overflow=self.overflow,
                                        relu=layer.activation is not None)
         self._record(step.name, st)
-        return _clamp_hi(y, step, yq)
+        return _clamp_hi(y[:, :, 0, :] if step.spatial_dims == 1 else y, step, yq)
 
     def _linear(self, step: LinearStep, args: list) -> np.ndarray:
         layer, xq, yq = step.layer, step.layer.input, step.layer.output
@@ -463,11 +484,19 @@ class IntegerModel:
                      rounding=self.rounding)
         return _clamp_hi(y, step, yq)
 
+    def _mul(self, step: MulStep, args: list) -> np.ndarray:
+        a, b, yq = step.x_q, step.y_q, step.quant
+        y = sim.qmul(args[0], a.scale_value, a.zero_point_value, args[1], b.scale_value, b.zero_point_value,
+                     yq.scale_value, yq.zero_point_value, relu=step.activation is not None, out_bits=yq.bits,
+                     rounding=self.rounding)
+        return _clamp_hi(y, step, yq)
+
     def _global_avg_pool(self, step: GlobalAvgPoolStep, args: list) -> np.ndarray:
-        xq, yq = step.x_q, step.quant
-        y = sim.global_avg_pool2d(args[0], xq.scale_value, xq.zero_point_value, yq.scale_value, yq.zero_point_value,
-                                  out_bits=yq.bits, rounding=self.rounding)
-        return _clamp(y, *step.clamp_codes(), yq)
+        xq, yq, x = step.x_q, step.quant, args[0]
+        one_d = x.ndim == 3  # [N, C, L] (AdaptiveAvgPool1d(1)) as [N, C, 1, L]
+        y = sim.global_avg_pool2d(x[:, :, None, :] if one_d else x, xq.scale_value, xq.zero_point_value,
+                                  yq.scale_value, yq.zero_point_value, out_bits=yq.bits, rounding=self.rounding)
+        return _clamp(y[:, :, 0] if one_d else y, *step.clamp_codes(), yq)
 
     def _avg_pool(self, step: AvgPoolStep, args: list) -> np.ndarray:
         x, xq, yq, (kh, kw) = args[0], step.x_q, step.quant, step.kernel
@@ -498,6 +527,9 @@ class IntegerModel:
         return _clamp(args[0], step.lo, step.hi, step.x_q)
 
     def _reshape(self, step: ReshapeStep, args: list) -> np.ndarray:
+        return step.apply(*args)
+
+    def _layout(self, step: LayoutStep, args: list) -> np.ndarray:
         return step.apply(args[0])
 
     def _concat(self, step: ConcatStep, args: list) -> np.ndarray:
@@ -519,6 +551,7 @@ RUNTIME_HANDLERS = check_handlers({
     AvgPoolStep: IntegerModel._avg_pool, MaxPoolStep: IntegerModel._max_pool, RequantStep: IntegerModel._requant,
     ClampStep: IntegerModel._clamp_step, ReshapeStep: IntegerModel._reshape, LookupStep: IntegerModel._lookup,
     ConcatStep: IntegerModel._concat, DequantStep: IntegerModel._dequant,
+    LayoutStep: IntegerModel._layout, MulStep: IntegerModel._mul,
 }, "IntegerModel")
 
 

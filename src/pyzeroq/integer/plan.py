@@ -14,6 +14,7 @@ graph node                  integer step (codes are uint8, accumulators int32)
 input [+ Normalize] + act   :class:`InputStep`: float images -> ``(x - mean) / std`` (float32) ->
                             codes; uint8 pixels -> 256-entry lookup table (integer only)
 QuantConv2d [+ReLU(6)] +act :class:`ConvStep`: the layer record; ReLU = clamp at the zero point,
+(QuantConv1d: the same step over [N, C, 1, L], ``spatial_dims=1``)
                             ReLU6 = clamp at the code of 6.0 (``LayerQuant.clamp_codes``)
 QuantLinear [+ReLU] + act   :class:`LinearStep` (same)
 final QuantLinear (logits)  :class:`LogitsStep`: int32 accumulator ``bias + sum((a - za) * (w - zw))``
@@ -23,7 +24,9 @@ graph output                the model's return structure (tensor, tuple, list, d
                             logits as they are, every other tensor's codes through a
                             :class:`DequantStep` (``f32(scale) * (x - zero_point)``)
 add [+ReLU] + act           :class:`AddStep` (two scales, requantized)
-AdaptiveAvgPool2d(1) + act  :class:`GlobalAvgPoolStep` (exact sum, one requantization); also
+mul [+ReLU] + act           :class:`MulStep` (two scales, broadcast: squeeze-excite gating)
+AdaptiveAvgPool2d(1) + act  :class:`GlobalAvgPoolStep` (exact sum, one requantization; AdaptiveAvgPool1d(1)
+                            over [N, C, L] too); also
                             ``x.mean((2, 3))`` / ``torch.mean(x, (-2, -1))`` (keepdim False: then a
                             :class:`ReshapeStep` to [N, C])
 AvgPool2d + act             :class:`AvgPoolStep` (exact window sum, one requantization with
@@ -67,11 +70,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..layout_ops import is_contiguous, is_shape_node, is_split_source, layout_op, shape_expr
 from ..modules import (
     ADD_FUNCTIONS,
+    MUL_FUNCTIONS,
+    POOL_MODULES,
+    QUANT_CONV_TYPES,
+    QUANT_LAYER_TYPES,
     QuantAct,
+    QuantConv1d,
     QuantConv2d,
-    QuantLinear,
     functional_pool,
     is_cat,
     is_normalizer,
@@ -89,10 +97,12 @@ from .steps import (
     DequantStep,
     GlobalAvgPoolStep,
     InputStep,
+    LayoutStep,
     LinearStep,
     LogitsStep,
     LookupStep,
     MaxPoolStep,
+    MulStep,
     RequantStep,
     ReshapeStep,
     Step,
@@ -106,6 +116,7 @@ MIN_BITS = 2
 MAX_ACT_BITS = 8
 MAX_WEIGHT_BITS = 8
 FLATTEN_METHODS = ("flatten", "view", "reshape")
+CHANNEL_FROM_END = (3, 2)  # a normalizer's per-channel mean / std: [C, 1, 1] (images) or [C, 1] (signals)
 
 
 class PlanError(ValueError):
@@ -257,9 +268,9 @@ class _Compiler:
             self.normalizer(node, m)
         elif isinstance(m, QuantAct):
             self.quant_act(node)
-        elif isinstance(m, (QuantConv2d, QuantLinear)):
+        elif isinstance(m, QUANT_LAYER_TYPES):
             self.layer(node, m)
-        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)):
+        elif isinstance(m, POOL_MODULES):
             self.pool(node, m)
         elif isinstance(m, (nn.Identity, nn.Dropout)):
             self.alias[node.name] = self.slot(node.args[0], node)
@@ -270,14 +281,18 @@ class _Compiler:
             self.standalone_relu(node)
         elif lookup_op(self.gm, node) is not None:
             self.lookup(node)
-        elif node.op == "call_function" and node.target in ADD_FUNCTIONS:
+        elif node.op == "call_function" and node.target in ADD_FUNCTIONS + MUL_FUNCTIONS:
             self.add_node(node)
         elif is_cat(node):
             self.concat(node)
         elif node.op != "call_module" and functional_pool(node) is not None:
             self.pool(node, *functional_pool(node))
-        elif node.op == "call_method" and node.target == "size":
-            pass  # only consumed by view / reshape (checked there)
+        elif is_shape_node(node) or is_split_source(node):
+            pass  # sizes: evaluated by the reshapes that read them; chunk / split: by their items
+        elif is_contiguous(node):
+            self.alias[node.name] = self.slot(node.args[0], node)
+        elif layout_op(self.gm, node) is not None:
+            self.layout(node, *layout_op(self.gm, node))
         elif node.op == "output":
             self.output = self.output_spec(node.args[0], node)
             check_output_spec(self.output)
@@ -310,9 +325,10 @@ class _Compiler:
         self.float_nodes.add(node.name)
 
     def channel_values(self, node: fx.Node, t: torch.Tensor, what: str) -> tuple:
-        """Per-channel float32 values of a normalizer's ``mean`` / ``std`` (shape [C, 1, 1], [1, C, 1, 1] or one value)."""
+        """Per-channel float32 values of a normalizer's ``mean`` / ``std`` (shape [C, 1, 1], [1, C, 1, 1],
+        [C, 1] / [1, C, 1] for signals, or one value)."""
         t = t.detach().cpu().float()
-        if t.numel() != 1 and not (t.dim() >= 3 and t.shape[-3] == t.numel()):
+        if t.numel() != 1 and not any(t.dim() >= r and t.shape[-r] == t.numel() for r in CHANNEL_FROM_END):
             raise self.unsupported(node, f"input normalization {what} of shape {tuple(t.shape)} is not per channel")
         return tuple(t.reshape(-1).tolist())
 
@@ -333,7 +349,7 @@ class _Compiler:
     def layer(self, node: fx.Node, layer) -> None:
         name = str(node.target)
         x = self.slot(node.args[0], node)
-        if isinstance(layer, QuantConv2d) and layer.padding_mode != "zeros":
+        if isinstance(layer, QUANT_CONV_TYPES) and layer.padding_mode != "zeros":
             raise self.unsupported(node, f"padding_mode={layer.padding_mode!r} is not supported (zero padding only)")
         try:
             rec = layer.layer_record(name)
@@ -352,7 +368,11 @@ class _Compiler:
             return
         self.check_act(rec.output, f"the output quantizer of layer {name!r}", node)
         self.absorb_output(node, layer, rec.activation)
-        if isinstance(layer, QuantConv2d):
+        if isinstance(layer, QuantConv1d):  # as a Conv2d over [N, C, 1, L]
+            self.add(ConvStep(name=name, inputs=(x,), output=node.name, layer=rec, stride=(1, layer.stride[0]),
+                              padding=_conv_padding(layer), dilation=(1, layer.dilation[0]), groups=int(layer.groups),
+                              spatial_dims=1))
+        elif isinstance(layer, QuantConv2d):
             self.add(ConvStep(name=name, inputs=(x,), output=node.name, layer=rec, stride=tuple(layer.stride),
                               padding=_conv_padding(layer), dilation=tuple(layer.dilation), groups=int(layer.groups)))
         else:
@@ -373,8 +393,8 @@ class _Compiler:
 
     def logits(self, node: fx.Node, rec, x: str) -> None:
         users = list(node.users)
-        if isinstance(self.mod(node), QuantConv2d):
-            raise PlanError(f"node {node.name!r} (QuantConv2d): its output is not followed by an activation "
+        if isinstance(self.mod(node), QUANT_CONV_TYPES):
+            raise PlanError(f"node {node.name!r} ({type(self.mod(node)).__name__}): its output is not followed by an activation "
                             "quantizer (QuantAct); only a Linear that returns logits may produce float output",
                             node.name)
         if not (len(users) == 1 and users[0].op == "output"):
@@ -396,9 +416,9 @@ class _Compiler:
             out_q, act = self.require_target(node)
             self.add(MaxPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
                                  stride=_pair(m.stride or m.kernel_size), padding=_pair(m.padding)))
-        elif isinstance(m, nn.AdaptiveAvgPool2d):
+        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)):
             if _pair(m.output_size) != (1, 1):
-                raise self.unsupported(node, f"AdaptiveAvgPool2d({m.output_size}) is not supported (only output "
+                raise self.unsupported(node, f"{type(m).__name__}({m.output_size}) is not supported (only output "
                                              "size 1, the global average pool)")
             out_q, act = self.require_target(node)
             self.add(GlobalAvgPoolStep(**common, quant=out_q, activation=act))
@@ -414,12 +434,14 @@ class _Compiler:
             self.add(ReshapeStep(name=name, inputs=(pooled,), output=node.name, x_q=out_q, flatten=(1, -1)))
 
     def add_node(self, node: fx.Node) -> None:
+        """An add or a mul of two quantized tensors."""
         if len(node.args) != 2 or node.kwargs:
-            raise self.unsupported(node, "add with extra arguments (alpha, out) is not supported")
+            raise self.unsupported(node, "add / mul with extra arguments (alpha, out) is not supported")
         a, b = (self.slot(v, node) for v in node.args)
         out_q, act = self.require_target(node)
-        self.add(AddStep(name=node.name, inputs=(a, b), output=node.name, x_q=self.q[a], y_q=self.q[b], quant=out_q,
-                         activation=act))
+        step = MulStep if node.target in MUL_FUNCTIONS else AddStep
+        self.add(step(name=node.name, inputs=(a, b), output=node.name, x_q=self.q[a], y_q=self.q[b], quant=out_q,
+                      activation=act))
 
     def concat(self, node: fx.Node) -> None:
         xs = [self.slot(v, node) for v in node.args[0]]
@@ -439,21 +461,38 @@ class _Compiler:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             spec["flatten"] = (int(start), int(end))
-        else:  # view / reshape: ints and x.size(0)
-            dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
-            shape = []
-            for d in dims:
-                if isinstance(d, int):
-                    shape.append(d)
-                elif isinstance(d, fx.Node) and d.op == "call_method" and d.target == "size" and \
-                        tuple(d.args[1:]) == (0,):
-                    shape.append("batch")
-                else:
-                    raise self.unsupported(node, f".{node.target}() with shape argument {d!r} is not supported")
-            spec["shape"] = tuple(shape)
         src = self.slot(node.args[0], node)
-        self.add(ReshapeStep(name=str(node.target) if node.op == "call_module" else node.name, inputs=(src,),
+        sized = [src]  # inputs[k] of the step: the tensors whose sizes the shape reads
+        if "flatten" not in spec:  # view / reshape: ints and arithmetic of tensor sizes
+            dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
+
+            def source_index(t: fx.Node) -> int:
+                slot = self.sized_slot(t, node)
+                if slot not in sized:
+                    sized.append(slot)
+                return sized.index(slot)
+            try:
+                shape = [shape_expr(d, source_index) for d in dims]
+            except ValueError as exc:
+                raise self.unsupported(node, f".{node.target}(): {exc}") from None
+            spec["shape"] = tuple("batch" if d == ("size", 0, 0) else d for d in shape)
+        self.add(ReshapeStep(name=str(node.target) if node.op == "call_module" else node.name, inputs=tuple(sized),
                              output=node.name, x_q=self.q[src], **spec))
+
+    def sized_slot(self, t: fx.Node, who: fx.Node) -> str:
+        """The slot whose shape a size expression reads (the model input for the normalizer /
+        placeholder: same shape)."""
+        name = self.alias.get(t.name, t.name)
+        if name in self.float_nodes:
+            return self.placeholder
+        return self.slot(t, who)
+
+    def layout(self, node: fx.Node, op: str, args: tuple) -> None:
+        """Permute / transpose / an item of chunk or split / nearest upsample: codes moved, record kept."""
+        data = node.args[0].args[0] if op in ("chunk", "split") else node.args[0]
+        x = self.slot(data, node)
+        name = str(node.target) if node.op == "call_module" else node.name
+        self.add(LayoutStep(name=name, inputs=(x,), output=node.name, x_q=self.q[x], op=op, args=args))
 
     def lookup(self, node: fx.Node) -> None:
         """An elementwise activation as a :class:`LookupStep` (table from its input / output records)."""
@@ -487,12 +526,15 @@ def _pair(v) -> tuple:
     return tuple(int(e) for e in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple:
-    """(top, left, bottom, right)."""
+def _conv_padding(conv: nn.Module) -> tuple:
+    """(top, left, bottom, right) of a Conv2d, or of a Conv1d seen as a Conv2d over [N, C, 1, L]."""
+    one_d = len(conv.kernel_size) == 1
+    dilation, kernel = ((1,) + tuple(conv.dilation), (1,) + tuple(conv.kernel_size)) if one_d else \
+        (conv.dilation, conv.kernel_size)
     if conv.padding == "valid":
         return (0, 0, 0, 0)
     if conv.padding == "same":
-        tot = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        tot = [d * (k - 1) for d, k in zip(dilation, kernel)]
         return (tot[0] // 2, tot[1] // 2, tot[0] - tot[0] // 2, tot[1] - tot[1] // 2)
-    ph, pw = _pair(conv.padding)
+    ph, pw = (0, int(conv.padding[0])) if one_d else _pair(conv.padding)
     return (ph, pw, ph, pw)

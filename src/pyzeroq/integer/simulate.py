@@ -58,6 +58,7 @@ __all__ = [
     "matmul_integer",
     "requantize",
     "qadd",
+    "qmul",
     "max_pool2d",
     "avg_pool2d",
     "global_avg_pool2d",
@@ -250,6 +251,21 @@ def qadd(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_poi
     return _core.integer_qadd(_np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), float(b_scale),
                               np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), rounding,
                               int(out_bits), bool(relu), dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+
+
+def qmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, rounding: str = "float32_rne",
+         relu: bool = False, out_bits: int = 8, *, dyadic_rounding: str = "half_even", dyadic_bits: int = 31,
+         dyadic_shift: Optional[int] = None) -> np.ndarray:
+    """Elementwise product of two code tensors (e.g. squeeze-excite gating ``x * gate``), shapes
+    broadcast as numpy does (formulas in csrc/kernels/integer_elementwise.hpp):
+    float32_rne ``clamp(rne(f32(f32(sa*(a-za)) * f32(sb*(b-zb))) / sy) + zy)`` (the fake-quant
+    model's float formula); gemmlowp = TFLite uint8 Mul (``acc = (a-za)*(b-zb)``,
+    MultiplyByQuantizedMultiplier with ``M = sa*sb/sy``); dyadic ``round(acc * b / 2^n) + zy``."""
+    a, b = np.broadcast_arrays(_np(a, "a"), _np(b, "b"))
+    return _core.integer_qmul(np.ascontiguousarray(a), float(a_scale), np.asarray(a_zero_point),
+                              np.ascontiguousarray(b), float(b_scale), np.asarray(b_zero_point), float(y_scale),
+                              np.asarray(y_zero_point), rounding, int(out_bits), bool(relu), dyadic_rounding,
+                              int(dyadic_bits), _shift(dyadic_shift))
 
 
 def max_pool2d(x, kernel_size: IntOrSeq, stride: Optional[IntOrSeq] = None, padding: IntOrSeq = 0) -> np.ndarray:

@@ -29,12 +29,17 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
+from ..layout_ops import LAYOUT_OPS, apply_layout, eval_shape_expr
 from ..qspec import ACTIVATIONS, LayerQuant, TensorQuant, activation_clamp  # noqa: F401 (activation_clamp re-exported)
 
 __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
            "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "LookupStep", "ConcatStep",
-           "DequantStep", "STEP_TYPES", "LAYER_STEPS", "output_leaves", "map_output", "check_output_spec",
+           "DequantStep", "LayoutStep", "MulStep", "STEP_TYPES", "LAYER_STEPS", "output_leaves", "map_output",
+           "check_output_spec",
            "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
+
+
+CONV_SPATIAL_DIMS = (1, 2)
 
 
 def _ints(v, n: int, what: str) -> tuple:
@@ -114,16 +119,21 @@ class _LayerStep(Step):
 @dataclass(frozen=True, kw_only=True)
 class ConvStep(_LayerStep):
     """QLinearConv: x uint8 [N, C, H, W] -> uint8 [N, O, OH, OW], weight codes [O, C/groups, KH, KW],
-    ``padding`` (top, left, bottom, right), fused clamp of ``layer.activation``."""
+    ``padding`` (top, left, bottom, right), fused clamp of ``layer.activation``.
+    ``spatial_dims=1``: a Conv1d, x [N, C, L] and weight codes [O, C/groups, K] run as the Conv2d
+    over [N, C, 1, L] that ``stride`` / ``padding`` / ``dilation`` describe."""
 
     kind: ClassVar[str] = "conv"
     stride: tuple
     padding: tuple
     dilation: tuple
     groups: int
+    spatial_dims: int = 2
 
     def __post_init__(self):
         super().__post_init__()
+        if self.spatial_dims not in CONV_SPATIAL_DIMS:
+            raise ValueError(f"spatial_dims must be one of {CONV_SPATIAL_DIMS}, got {self.spatial_dims!r}")
         object.__setattr__(self, "stride", _ints(self.stride, 2, "stride"))
         object.__setattr__(self, "padding", _ints(self.padding, 4, "padding"))
         object.__setattr__(self, "dilation", _ints(self.dilation, 2, "dilation"))
@@ -186,6 +196,15 @@ class AddStep(_RequantStep):
 
 
 @dataclass(frozen=True, kw_only=True)
+class MulStep(AddStep):
+    """Elementwise product of two code tensors (records ``x_q``, ``y_q``; shapes broadcast, e.g.
+    squeeze-excite gating [N, C, H, W] x [N, C, 1, 1]) requantized to ``quant``
+    (:func:`pyzeroq.integer.simulate.qmul`)."""
+
+    kind: ClassVar[str] = "mul"
+
+
+@dataclass(frozen=True, kw_only=True)
 class GlobalAvgPoolStep(_RequantStep):
     """[N, C, H, W] -> [N, C, 1, 1]: exact sum, one requantization ``M = f32(f32(sx/sy) / f32(H*W))``."""
 
@@ -245,8 +264,11 @@ class ClampStep(Step):
 
 @dataclass(frozen=True, kw_only=True)
 class ReshapeStep(Step):
-    """Reshape of the codes: ``flatten=(start_dim, end_dim)`` or ``shape`` (ints, -1, or
-    "batch" for the input's first dimension); exactly one is set. The record is unchanged."""
+    """Reshape of the codes: ``flatten=(start_dim, end_dim)`` or ``shape``; exactly one is set.
+    ``shape`` entries: ints (-1 included), "batch" (the input's first dimension) or a size
+    expression evaluated at run time (:func:`pyzeroq.layout_ops.shape_expr`: ("size", k, dim) is
+    dim ``dim`` of ``inputs[k]``; ``inputs[1:]`` are the tensors whose sizes it reads).
+    The record is unchanged."""
 
     kind: ClassVar[str] = "reshape"
     x_q: TensorQuant
@@ -260,16 +282,48 @@ class ReshapeStep(Step):
         if self.flatten is not None:
             object.__setattr__(self, "flatten", _ints(self.flatten, 2, "flatten"))
         else:
-            object.__setattr__(self, "shape", tuple(d if d == "batch" else int(d) for d in self.shape))
+            object.__setattr__(self, "shape", tuple(d if d == "batch" else _shape_entry(d) for d in self.shape))
+
+    in_q = property(lambda self: (self.x_q,) * len(self.inputs))
+    out_q = property(lambda self: self.x_q)
+
+    def apply(self, x: np.ndarray, *sized: np.ndarray) -> np.ndarray:
+        if self.flatten is not None:
+            start, end = self.flatten[0] % x.ndim, self.flatten[1] % x.ndim
+            return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
+        shapes = [x.shape] + [t.shape for t in sized]
+        return x.reshape([x.shape[0] if d == "batch" else eval_shape_expr(d, shapes) for d in self.shape])
+
+
+def _shape_entry(d):
+    """An int, or a size expression as nested tuples (lists from a loaded file become tuples)."""
+    if isinstance(d, (list, tuple)):
+        return tuple(e if isinstance(e, str) else _shape_entry(e) for e in d)
+    return int(d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayoutStep(Step):
+    """Data movement on the codes, record unchanged (:mod:`pyzeroq.layout_ops`): ``op`` "permute"
+    (``args``: the dims), "transpose" (two dims), "chunk" / "split" ((dim, n or sizes, item)) or
+    "upsample" ((fh, fw): nearest, integer factors)."""
+
+    kind: ClassVar[str] = "layout"
+    x_q: TensorQuant
+    op: str
+    args: tuple
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.op not in LAYOUT_OPS:
+            raise ValueError(f"op must be one of {LAYOUT_OPS}, got {self.op!r}")
+        object.__setattr__(self, "args", _shape_entry(self.args))
 
     in_q = property(lambda self: (self.x_q,))
     out_q = property(lambda self: self.x_q)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        if self.flatten is not None:
-            start, end = self.flatten[0] % x.ndim, self.flatten[1] % x.ndim
-            return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
-        return x.reshape([x.shape[0] if d == "batch" else d for d in self.shape])
+        return apply_layout(self.op, self.args, x)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,7 +395,8 @@ class DequantStep(Step):
 
 
 STEP_TYPES = (InputStep, ConvStep, LinearStep, LogitsStep, AddStep, GlobalAvgPoolStep, AvgPoolStep, MaxPoolStep,
-              RequantStep, ClampStep, ReshapeStep, LookupStep, ConcatStep, DequantStep)
+              RequantStep, ClampStep, ReshapeStep, LookupStep, ConcatStep, DequantStep, LayoutStep,
+              MulStep)
 LAYER_STEPS = (ConvStep, LinearStep, LogitsStep)
 _BY_NAME = {t.__name__: t for t in STEP_TYPES}
 
