@@ -67,3 +67,27 @@ def test_zoo_model(name, config, tmp_path):
     slots = dict(output_names(im.output))
     for out_name, value in zip(names, sess.run(None, {"input": x.numpy()})):
         np.testing.assert_array_equal(value, env[slots[out_name]], err_msg=out_name)
+
+
+def test_code_drift_report():
+    """to_integer(..., drift_images=x) reports, per activation quantizer, the codes where the
+    fake-quant model and the integer model differ; checked against a direct comparison."""
+    from test_integer_convert import fq_codes
+
+    shape = ZOO["resnet18"][1]
+    q = zq.quantize(build("resnet18"), zq.QuantConfig(**CONFIGS["W8A8"], **FAST), input_shape=shape)
+    x = inputs(shape)
+    im = zq.to_integer(q, drift_images=x)
+    drift = im.drift
+    quantizing = [n for n, m in q.graph_module.named_modules() if type(m).__name__ == "QuantAct" and m.mode == "quantize"]
+    assert [d.quantizer for d in drift.layers] == quantizing and drift.images == BATCH
+    codes, _ = fq_codes(q, x)
+    env = im.run(x.numpy())
+    for d in drift.layers:
+        diff = np.abs(env[d.slot].astype(np.int64).reshape(codes[d.quantizer].shape) - codes[d.quantizer])
+        assert (d.differing, d.max_distance, d.codes) == (int((diff > 0).sum()), int(diff.max()), diff.size)
+    assert drift.layers[0].differing == 0  # the input quantization is the same float32 formula
+    assert all(d.fraction <= MAX_CODE_DIFF_FRACTION for d in drift.layers)
+    assert "| quantizer |" in drift.to_markdown()
+    with pytest.raises(TypeError, match="float images"):
+        zq.to_integer(q, drift_images=(x * 255).to(torch.uint8))

@@ -331,3 +331,31 @@ def build(name: str, seed: int = 0) -> nn.Module:
     ctor, _ = ZOO[name]
     torch.manual_seed(seed)
     return ctor().eval()
+
+
+class DenseNet(nn.Module):
+    """DenseNet-style pre-activation: BN-ReLU-conv on concatenated features (BatchNorms that
+    follow a concat, not a conv), transition BN-ReLU-1x1-avgpool."""
+
+    def __init__(self, width: int = 4, growth: int = 4, layers: int = 3):
+        super().__init__()
+        self.normalize = norm3()
+        self.stem = nn.Conv2d(3, width * 2, 3, 2, 1, bias=False)
+        self.dense = nn.ModuleList()
+        c = width * 2
+        for _ in range(layers):
+            self.dense.append(nn.Sequential(bn(c), nn.ReLU(), nn.Conv2d(c, growth, 3, padding=1, bias=False)))
+            c += growth
+        self.transition = nn.Sequential(bn(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2))
+        self.final = nn.Sequential(bn(c // 2), nn.ReLU())
+        self.fc = nn.Linear(c // 2, CLASSES)
+
+    def forward(self, x):
+        x = self.stem(self.normalize(x))
+        for layer in self.dense:
+            x = torch.cat([x, layer(x)], 1)
+        x = self.final(self.transition(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+ZOO["densenet"] = (DenseNet, IMAGE)

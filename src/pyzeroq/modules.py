@@ -24,7 +24,9 @@ converter can run the same graph on codes):
 * biases, at the integer scale input_scale x weight_scale[c] (int32 in the integer model).
 
 BatchNorms are found through the graph: a BN is folded into the conv whose output it
-consumes when that conv has no other user. Anything the pass does not understand stays
+consumes when that conv has no other user; any other BatchNorm2d (pre-activation BN-ReLU-conv,
+a BN after a concat or an add) becomes the depthwise 1x1 conv of its affine map
+(:func:`bn_as_depthwise_conv`), quantized like every conv. Anything the pass does not understand stays
 float and is listed in ``float_ops``.
 """
 
@@ -100,6 +102,7 @@ class SurgeryInfo:
     layers: list[str] = field(default_factory=list)          # quantized conv/linear, graph order
     act_quants: list[str] = field(default_factory=list)      # inserted QuantAct modules
     folded_bn: dict[str, str] = field(default_factory=dict)  # bn name -> conv name
+    bn_as_conv: list[str] = field(default_factory=list)      # BNs after no layer: depthwise 1x1 convs
     float_ops: list[str] = field(default_factory=list)       # ops left in float (not understood)
 
 
@@ -217,8 +220,26 @@ def _fold_bns(gm: fx.GraphModule, info: SurgeryInfo) -> None:
             node.replace_all_uses_with(src)
             graph.erase_node(node)
             info.folded_bn[node.target] = src.target
+        elif _is_module(gm, node, (nn.BatchNorm2d,)):  # e.g. pre-activation BN-ReLU-conv, BN after a concat
+            _set_submodule(gm, node.target, bn_as_depthwise_conv(gm.get_submodule(node.target)))
+            info.bn_as_conv.append(node.target)
         else:
-            info.float_ops.append(f"{node.target} (BatchNorm not foldable)")
+            info.float_ops.append(f"{node.target} (BatchNorm1d that follows no Conv1d / Linear)")
+
+
+def bn_as_depthwise_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A BatchNorm2d (eval) as the depthwise 1x1 Conv2d computing the same per-channel affine map
+    ``y = x * g / sqrt(var + eps) + (beta - mean * g / sqrt(var + eps))``; quantized as a layer
+    (one weight per channel: exact at any bit width, its single value being a range end)."""
+    conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=True,
+                     device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    identity = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False,
+                         device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    with torch.no_grad():
+        identity.weight.fill_(1.0)
+    folded = fold_bn(identity, bn)
+    conv.load_state_dict(folded.state_dict())
+    return conv
 
 
 def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool) -> None:

@@ -569,6 +569,9 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
     layers = quant_layers(gm)
     report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
     report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)
+    if info.bn_as_conv:
+        report.notes.append(f"BatchNorm(s) {info.bn_as_conv} follow no conv / linear: each runs as the depthwise 1x1 "
+                            "conv of its affine map (a quantized layer)")
     _check_float_ops(report.float_ops, config.float_ops)
     report.timings["surgery"] = time.perf_counter() - t0
 

@@ -20,7 +20,9 @@ _LAZY = {
     "compile_plan": "plan", "IntegerPlan": "plan", "PlanError": "plan", "UnsupportedOperationError": "plan",
     "Step": "steps", "InputStep": "steps", "ConvStep": "steps", "LinearStep": "steps", "LogitsStep": "steps",
     "AddStep": "steps", "GlobalAvgPoolStep": "steps", "AvgPoolStep": "steps", "MaxPoolStep": "steps",
-    "RequantStep": "steps", "ClampStep": "steps", "ReshapeStep": "steps", "STEP_TYPES": "steps",
+    "RequantStep": "steps", "ClampStep": "steps", "ReshapeStep": "steps", "LookupStep": "steps",
+    "ConcatStep": "steps", "DequantStep": "steps", "LayoutStep": "steps", "MulStep": "steps", "STEP_TYPES": "steps",
+    "code_drift": "drift", "DriftReport": "drift", "LayerDrift": "drift",
 }
 
 __all__ = list(_simulate_all) + list(_LAZY)  # noqa: F405

@@ -276,6 +276,7 @@ class IntegerModel:
         self.input_rank = _input_rank(self.steps)
         self.trace = False
         self.trace_log: list = []
+        self.drift = None  # DriftReport when to_integer was given drift_images
         self._bound = {s.name: _worst_case_bits(s) for s in self.steps if isinstance(s, LAYER_STEPS)}
         self.reset_stats()
 
@@ -570,13 +571,17 @@ def load_integer(path, device="cpu") -> IntegerModel:
     return IntegerModel.load(path)
 
 
-def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overflow: str = "wrap") -> IntegerModel:
+def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overflow: str = "wrap",
+               drift_images=None) -> IntegerModel:
     """Integer-only model of a quantized model (see the module docstring for the mapping).
 
     ``rounding``: requantization mode of every conv / linear / add / pool ("float32_rne"
     matches onnxruntime and the fake-quant model best; "gemmlowp" TFLite; "dyadic" HAWQ-V3).
     ``acc_bits`` / ``overflow``: accumulator register model of the conv / linear layers
     ("error" raises :class:`AccumulatorOverflowError` naming the layer and the bits needed).
+    ``drift_images``: float images [N, ...]; when given, ``int_model.drift`` is a
+    :class:`pyzeroq.integer.drift.DriftReport` of how many activation codes of the fake-quant
+    model differ from the integer model's on them, per quantizer, and by how much.
     Raises :class:`pyzeroq.integer.plan.UnsupportedOperationError` for ops without an integer
     form and :class:`pyzeroq.integer.plan.PlanError` for a model that is not fully quantized.
     """
@@ -594,5 +599,9 @@ def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overfl
         raise UnsupportedOperationError(f"the quantized model keeps float ops that have no integer form: {float_ops}",
                                         node, op.rstrip(")") or None)
     plan = compile_plan(gm)
-    return IntegerModel(list(plan.steps), plan.output, rounding, int(acc_bits), overflow,
-                        getattr(report, "folded_bn", {}) or {}, getattr(qmodel, "bit_widths", {}) or {})
+    int_model = IntegerModel(list(plan.steps), plan.output, rounding, int(acc_bits), overflow,
+                             getattr(report, "folded_bn", {}) or {}, getattr(qmodel, "bit_widths", {}) or {})
+    if drift_images is not None:
+        from .drift import code_drift
+        int_model.drift = code_drift(qmodel, int_model, int_model.check_input(drift_images, "drift_images"))
+    return int_model
