@@ -192,14 +192,14 @@ class Fire(nn.Module):
 
 
 class SqueezeNet(nn.Module):
-    """SqueezeNet 1.1 layout (no BN; torchvision's max pools use ceil_mode=True, here floor)."""
+    """SqueezeNet 1.1 layout (no BN, max pools with ceil_mode=True, a conv classifier)."""
 
     def __init__(self, width: int = 8):
         super().__init__()
         self.normalize = norm3()
         self.features = nn.Sequential(
-            nn.Conv2d(3, width * 2, 3, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            Fire(width * 2, width // 2, width), Fire(width * 2, width // 2, width), nn.MaxPool2d(3, 2),
+            nn.Conv2d(3, width * 2, 3, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, ceil_mode=True),
+            Fire(width * 2, width // 2, width), Fire(width * 2, width // 2, width), nn.MaxPool2d(3, 2, ceil_mode=True),
             Fire(width * 2, width, width * 2))
         self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(width * 4, CLASSES, 1), nn.ReLU(inplace=True),
                                         nn.AdaptiveAvgPool2d(1))
@@ -227,11 +227,12 @@ class Inception(nn.Module):
         self.stem = cbr(3, width * 2, 3, 2)
         self.blocks = nn.Sequential(InceptionBlock(width * 2, width), nn.MaxPool2d(2),
                                     InceptionBlock(width * 4, width * 2))
-        self.fc = nn.Linear(width * 8, CLASSES)
+        self.pool = nn.AdaptiveAvgPool2d(2)  # 8x8 -> 2x2 (kernel = stride = 4)
+        self.fc = nn.Linear(width * 8 * 4, CLASSES)
 
     def forward(self, x):
         x = self.blocks(self.stem(self.normalize(x)))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(self.pool(x).flatten(1))
 
 
 # ---------------------------------------------------------------------------- dense prediction

@@ -23,7 +23,8 @@ GlobalAvgPoolStep,     depthwise ``QLinearConv`` with all-ones weights (scale 1,
 AvgPoolStep            ``x_scale = f32(sx / sy)``, ``y_scale = kh * kw``: its multiplier
                        ``f32(f32(x_scale * 1) / y_scale)`` is exactly the simulator's pooling
                        multiplier ``f32(f32(sx / sy) / f32(kh * kw))``
-MaxPoolStep            ``MaxPool`` on uint8 [+ 1x1 ones ``QLinearConv`` requantization]
+MaxPoolStep            ``MaxPool`` on uint8 (``ceil_mode`` as torch) [+ 1x1 ones ``QLinearConv`` requantization]
+AdaptiveAvgPoolStep    the AvgPoolStep emission with kernel = stride = input size / output size
 RequantStep            1x1 depthwise ones ``QLinearConv`` (``M = f32(sx / sy)``)
 fused ReLU / ReLU6,    ``Clip`` on uint8 (only where it changes something: the zero point of a
 ClampStep, bits < 8    ReLU output is usually 0 and the code of 6.0 usually beyond 255)
@@ -71,6 +72,7 @@ from ._checks import output_path
 from ._optional import require
 from .integer.convert import IntegerModel, to_integer
 from .integer.steps import (
+    AdaptiveAvgPoolStep,
     AddStep,
     AvgPoolStep,
     ClampStep,
@@ -330,11 +332,17 @@ class _Builder:
                        (ph, pw, ph, pw))
         self.finish(step, raw, *step.clamp_codes())
 
+    def adaptive_avg_pool(self, step: AdaptiveAvgPoolStep):
+        raw, window = f"{step.output}_raw", step.window(*self.shapes[step.inputs[0]][2:])
+        self.ones_conv(step, step.inputs[0], raw, self._ratio(step), float(window[0] * window[1]), window, window,
+                       (0,) * 4)
+        self.finish(step, raw, *step.clamp_codes())
+
     def max_pool(self, step: MaxPoolStep):
         raw = pooled = f"{step.output}_max"
         ph, pw = step.padding
         self.node("MaxPool", [step.inputs[0]], [pooled], f"{step.output}_maxpool", kernel_shape=list(step.kernel),
-                  strides=list(step.stride), pads=[ph, pw, ph, pw])
+                  strides=list(step.stride), pads=[ph, pw, ph, pw], ceil_mode=int(step.ceil_mode))
         if step.x_q != step.quant:
             raw = f"{step.output}_raw"
             self.ones_conv(step, pooled, raw, step.x_q.scale_value, step.quant.scale_value, (1, 1), (1, 1), (0,) * 4)
@@ -430,7 +438,7 @@ ONNX_HANDLERS = check_handlers({
     MaxPoolStep: _Builder.max_pool, RequantStep: _Builder.requant, ClampStep: _Builder.clamp,
     ReshapeStep: _Builder.reshape, LookupStep: _Builder.lookup,
     ConcatStep: _Builder.concat, DequantStep: _Builder.dequant,
-    LayoutStep: _Builder.layout, MulStep: _Builder.mul,
+    LayoutStep: _Builder.layout, MulStep: _Builder.mul, AdaptiveAvgPoolStep: _Builder.adaptive_avg_pool,
 }, "the ONNX builder")
 
 

@@ -47,6 +47,7 @@ from .plan import MIN_BITS, PlanError, UnsupportedOperationError, compile_plan
 from .simulate import AccumulatorOverflowError
 from .steps import (
     LAYER_STEPS,
+    AdaptiveAvgPoolStep,
     AddStep,
     AvgPoolStep,
     ClampStep,
@@ -500,17 +501,24 @@ class IntegerModel:
         return _clamp(y[:, :, 0] if one_d else y, *step.clamp_codes(), yq)
 
     def _avg_pool(self, step: AvgPoolStep, args: list) -> np.ndarray:
-        x, xq, yq, (kh, kw) = args[0], step.x_q, step.quant, step.kernel
+        return self._window_average(step, args[0], step.kernel, step.stride, step.padding)
+
+    def _adaptive_avg_pool(self, step: AdaptiveAvgPoolStep, args: list) -> np.ndarray:
+        window = step.window(*args[0].shape[2:])
+        return self._window_average(step, args[0], window, window, (0, 0))
+
+    def _window_average(self, step: Step, x: np.ndarray, kernel, stride, padding) -> np.ndarray:
+        """Exact window sums (an all-ones depthwise conv), one requantization ``M = f32(f32(sx/sy) / f32(kh*kw))``."""
+        xq, yq, (kh, kw) = step.x_q, step.quant, kernel
         ones = np.ones((x.shape[1], 1, kh, kw), np.uint8)
         ratio = np.float32(np.float32(xq.scale_value) / np.float32(yq.scale_value))
         y, _ = sim.qlinear_conv2d(x, ratio, xq.zero_point_value, ones, 1.0, 0, float(kh * kw), yq.zero_point_value,
-                                  None, step.stride, step.padding, 1, x.shape[1], out_bits=yq.bits,
-                                  rounding=self.rounding)
+                                  None, stride, padding, 1, x.shape[1], out_bits=yq.bits, rounding=self.rounding)
         return _clamp(y, *step.clamp_codes(), yq)
 
     def _max_pool(self, step: MaxPoolStep, args: list) -> np.ndarray:
         xq, yq = step.x_q, step.quant
-        y = sim.max_pool2d(args[0], step.kernel, step.stride, step.padding)
+        y = sim.max_pool2d(args[0], step.kernel, step.stride, step.ceil_padding(*args[0].shape[2:]))
         if xq != yq:
             y = self._requantize(y, xq, yq)
         return _clamp(y, *step.clamp_codes(), yq)
@@ -553,6 +561,7 @@ RUNTIME_HANDLERS = check_handlers({
     ClampStep: IntegerModel._clamp_step, ReshapeStep: IntegerModel._reshape, LookupStep: IntegerModel._lookup,
     ConcatStep: IntegerModel._concat, DequantStep: IntegerModel._dequant,
     LayoutStep: IntegerModel._layout, MulStep: IntegerModel._mul,
+    AdaptiveAvgPoolStep: IntegerModel._adaptive_avg_pool,
 }, "IntegerModel")
 
 

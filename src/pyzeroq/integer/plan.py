@@ -89,6 +89,7 @@ from ..modules import (
 from ..qspec import RELU6_MAX, TensorQuant
 from .lookup import lookup_table
 from .steps import (
+    AdaptiveAvgPoolStep,
     AddStep,
     AvgPoolStep,
     ClampStep,
@@ -411,17 +412,24 @@ class _Compiler:
         pooled = node.name if keepdim else f"{node.name}_pool"
         common = dict(name=name, inputs=(x,), output=pooled, x_q=self.q[x])
         if isinstance(m, nn.MaxPool2d):
-            if m.dilation not in (1, (1, 1)) or m.ceil_mode or m.return_indices:
-                raise self.unsupported(node, "MaxPool2d with dilation/ceil_mode/return_indices is not supported")
+            if m.dilation not in (1, (1, 1)) or m.return_indices:
+                raise self.unsupported(node, "MaxPool2d with dilation or return_indices is not supported")
             out_q, act = self.require_target(node)
             self.add(MaxPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
-                                 stride=_pair(m.stride or m.kernel_size), padding=_pair(m.padding)))
+                                 stride=_pair(m.stride or m.kernel_size), padding=_pair(m.padding),
+                                 ceil_mode=bool(m.ceil_mode)))
         elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)):
-            if _pair(m.output_size) != (1, 1):
-                raise self.unsupported(node, f"{type(m).__name__}({m.output_size}) is not supported (only output "
-                                             "size 1, the global average pool)")
+            raw = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
+            size = None if None in raw else (1, int(raw[0])) if isinstance(m, nn.AdaptiveAvgPool1d) else \
+                _pair(raw if len(raw) == 2 else raw[0])
+            if size is None or (isinstance(m, nn.AdaptiveAvgPool1d) and size != (1, 1)):
+                raise self.unsupported(node, f"{type(m).__name__}({m.output_size}) is not supported (AdaptiveAvgPool1d: "
+                                             "output size 1; AdaptiveAvgPool2d: sizes that divide the input)")
             out_q, act = self.require_target(node)
-            self.add(GlobalAvgPoolStep(**common, quant=out_q, activation=act))
+            if size == (1, 1):
+                self.add(GlobalAvgPoolStep(**common, quant=out_q, activation=act))
+            else:
+                self.add(AdaptiveAvgPoolStep(**common, quant=out_q, activation=act, output_size=size))
         else:
             pad = _pair(m.padding)
             if m.ceil_mode or m.divisor_override is not None or (any(pad) and not m.count_include_pad):

@@ -34,8 +34,8 @@ from ..qspec import ACTIVATIONS, LayerQuant, TensorQuant, activation_clamp  # no
 
 __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
            "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "LookupStep", "ConcatStep",
-           "DequantStep", "LayoutStep", "MulStep", "STEP_TYPES", "LAYER_STEPS", "output_leaves", "map_output",
-           "check_output_spec",
+           "DequantStep", "LayoutStep", "MulStep", "AdaptiveAvgPoolStep", "STEP_TYPES", "LAYER_STEPS",
+           "output_leaves", "map_output", "check_output_spec",
            "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
 
 
@@ -231,10 +231,43 @@ class AvgPoolStep(_WindowStep):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AdaptiveAvgPoolStep(_RequantStep):
+    """AdaptiveAvgPool2d to ``output_size`` (oh, ow) dividing the input's H, W: the AvgPool2d with
+    kernel = stride = (H / oh, W / ow), sized at run time (:class:`AvgPoolStep`'s arithmetic)."""
+
+    kind: ClassVar[str] = "adaptive_avg_pool"
+    output_size: tuple
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "output_size", _ints(self.output_size, 2, "output_size"))
+
+    def window(self, height: int, width: int) -> tuple:
+        """The kernel (= stride) for an input of ``height`` x ``width``; ValueError unless divisible."""
+        (oh, ow) = self.output_size
+        if height % oh or width % ow:
+            raise ValueError(f"{self.name}: AdaptiveAvgPool2d({self.output_size}) needs an input whose H, W are "
+                             f"multiples of the output size, got {height} x {width}")
+        return height // oh, width // ow
+
+
+@dataclass(frozen=True, kw_only=True)
 class MaxPoolStep(_WindowStep):
-    """Max of codes per window, then a requantization ``M = f32(sx/sy)`` when the records differ."""
+    """Max of codes per window, then a requantization ``M = f32(sx/sy)`` when the records differ.
+    ``ceil_mode``: the last window may run past the bottom / right edge (torch's rule)."""
 
     kind: ClassVar[str] = "max_pool"
+    ceil_mode: bool = False
+
+    def ceil_padding(self, height: int, width: int) -> tuple:
+        """(top, left, bottom, right) padding of the codes, with ceil_mode's extra bottom / right."""
+        pads = []
+        for size, k, s, p in zip((height, width), self.kernel, self.stride, self.padding):
+            out = (size + 2 * p - k + (s - 1 if self.ceil_mode else 0)) // s + 1
+            if self.ceil_mode and (out - 1) * s >= size + p:
+                out -= 1  # the last window must start inside the input or the left padding
+            pads.append(max((out - 1) * s + k - size - 2 * p, 0))
+        return (self.padding[0], self.padding[1], self.padding[0] + pads[0], self.padding[1] + pads[1])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -396,7 +429,7 @@ class DequantStep(Step):
 
 STEP_TYPES = (InputStep, ConvStep, LinearStep, LogitsStep, AddStep, GlobalAvgPoolStep, AvgPoolStep, MaxPoolStep,
               RequantStep, ClampStep, ReshapeStep, LookupStep, ConcatStep, DequantStep, LayoutStep,
-              MulStep)
+              MulStep, AdaptiveAvgPoolStep)
 LAYER_STEPS = (ConvStep, LinearStep, LogitsStep)
 _BY_NAME = {t.__name__: t for t in STEP_TYPES}
 
