@@ -385,10 +385,14 @@ py::array requantize(const py::object& acc_o, const py::object& multiplier, cons
   return y;
 }
 
-py::array qadd_binding(const py::object& a_o, double a_scale, const py::object& a_zp, const py::object& b_o,
-                       double b_scale, const py::object& b_zp, double y_scale, const py::object& y_zp,
-                       const std::string& rounding, int out_bits, bool relu, const std::string& dyadic_rounding,
-                       int dyadic_bits, int dyadic_shift) {
+using BinaryKernel = void (*)(const uint8_t*, const uint8_t*, int64_t, const QAddParams&, CodeOut);
+
+// qadd / qmul: same arguments, same checks, another kernel.
+template <BinaryKernel kernel>
+py::array qbinary_binding(const py::object& a_o, double a_scale, const py::object& a_zp, const py::object& b_o,
+                          double b_scale, const py::object& b_zp, double y_scale, const py::object& y_zp,
+                          const std::string& rounding, int out_bits, bool relu, const std::string& dyadic_rounding,
+                          int dyadic_bits, int dyadic_shift) {
   const U8 a = code_array(a_o, "a", 0, 32), b = code_array(b_o, "b", 0, 32);
   if (a.ndim() != b.ndim() || !std::equal(a.shape(), a.shape() + a.ndim(), b.shape()))
     value_error("a and b must have the same shape (no broadcasting)");
@@ -404,7 +408,7 @@ py::array qadd_binding(const py::object& a_o, double a_scale, const py::object& 
   const CodeOut out{y.mutable_data(), out_bits > 8};
   try {
     py::gil_scoped_release release;
-    qadd(a.data(), b.data(), a.size(), p, out);
+    kernel(a.data(), b.data(), a.size(), p, out);
   } catch (const std::invalid_argument& e) {
     value_error(e.what());
   }
@@ -451,7 +455,10 @@ void register_integer(py::module_& m) {
   m.def("integer_requantize", &requantize, "acc"_a, "multiplier"_a, "y_zero_point"_a, "axis"_a, "has_axis"_a,
         "rounding"_a, "out_bits"_a, "relu"_a, "dyadic_rounding"_a, "dyadic_bits"_a, "dyadic_shift"_a,
         "Requantize an int32 accumulator tensor with real multiplier(s) M.");
-  m.def("integer_qadd", &qadd_binding, "a"_a, "a_scale"_a, "a_zero_point"_a, "b"_a, "b_scale"_a, "b_zero_point"_a,
+  m.def("integer_qmul", &qbinary_binding<qmul>, "a"_a, "a_scale"_a, "a_zero_point"_a, "b"_a, "b_scale"_a,
+        "b_zero_point"_a, "y_scale"_a, "y_zero_point"_a, "rounding"_a, "out_bits"_a, "relu"_a, "dyadic_rounding"_a,
+        "dyadic_bits"_a, "dyadic_shift"_a, "Elementwise product of two code tensors, requantized.");
+  m.def("integer_qadd", &qbinary_binding<qadd>, "a"_a, "a_scale"_a, "a_zero_point"_a, "b"_a, "b_scale"_a, "b_zero_point"_a,
         "y_scale"_a, "y_zero_point"_a, "rounding"_a, "out_bits"_a, "relu"_a, "dyadic_rounding"_a, "dyadic_bits"_a,
         "dyadic_shift"_a, "Residual add of two code tensors, requantized.");
   m.def("integer_max_pool2d", [](const py::object& x_o, std::vector<int64_t> k, std::vector<int64_t> s, std::vector<int64_t> p) {

@@ -130,6 +130,36 @@ void avg_pool(const uint8_t* x, const PoolGeom& g, int32_t x_zero_point, bool co
   });
 }
 
+void qmul(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, CodeOut out) {
+  if (p.spec.mode == Rounding::Float32Rne) {
+    const float flo = static_cast<float>(p.lo - p.zy), fhi = static_cast<float>(p.hi - p.zy);
+    run_parallel(static_cast<std::size_t>(n), kGrain, [&](std::size_t s, std::size_t e) {
+      for (std::size_t i = s; i < e; ++i) {
+        const float va = p.sa * static_cast<float>(static_cast<int32_t>(a[i]) - p.za);
+        const float vb = p.sb * static_cast<float>(static_cast<int32_t>(b[i]) - p.zb);
+        const float prod = va * vb;
+        float f = prod / p.sy;
+        f = f < flo ? flo : f;
+        f = f > fhi ? fhi : f;
+        const float r = (f + kRoundMagic) - kRoundMagic;
+        out.store(static_cast<int64_t>(i), static_cast<int32_t>(r) + p.zy);
+      }
+    });
+    return;
+  }
+  Requantizer rq;
+  rq.spec = p.spec, rq.zero_point = p.zy, rq.lo = p.lo, rq.hi = p.hi;
+  const double m64 = static_cast<double>(p.sa) * static_cast<double>(p.sb) / static_cast<double>(p.sy);
+  rq.ch.push_back(make_multiplier(p.spec, static_cast<float>(m64), m64));
+  run_parallel(static_cast<std::size_t>(n), kGrain, [&](std::size_t s, std::size_t e) {
+    for (std::size_t i = s; i < e; ++i) {
+      // |(a - za) * (b - zb)| <= 255 * 255: exact in int32
+      const int32_t acc = (static_cast<int32_t>(a[i]) - p.za) * (static_cast<int32_t>(b[i]) - p.zb);
+      out.store(static_cast<int64_t>(i), rq.apply(acc, 0));
+    }
+  });
+}
+
 void global_avg_pool(const uint8_t* x, int64_t N, int64_t C, int64_t HW, int32_t x_zero_point, const Requantizer& rq,
                      CodeOut out) {
   run_parallel(static_cast<std::size_t>(N * C), 1, [&](std::size_t b, std::size_t e) {

@@ -44,6 +44,16 @@ struct QAddParams {
 constexpr int kQAddLeftShift = 20;
 void qadd(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, CodeOut out);
 
+// Elementwise product of two same-shape code tensors (squeeze-excite gating), requantized
+// to (sy, zy); the parameters and clamp are QAddParams'.
+//  float32_rne (the fake-quant model's float formula, as qadd):
+//      va = f32(sa * (a - za)), vb = f32(sb * (b - zb)),
+//      y = clamp(round_half_even(f32(f32(va * vb) / sy)) + zy)
+//  gemmlowp (TFLite reference Mul, uint8): acc = (a - za) * (b - zb) (exact int32),
+//      y = clamp(MultiplyByQuantizedMultiplier(acc, QuantizeMultiplier(sa * sb / sy)) + zy)
+//  dyadic: M = sa * sb / sy ~ b / 2^n, y = clamp(round(acc * b / 2^n) + zy)
+void qmul(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, CodeOut out);
+
 // Pooling over x [N*C planes, H, W] of codes (same scale / zero point out).
 struct PoolGeom {
   int64_t planes = 1, H = 1, W = 1;
