@@ -104,7 +104,18 @@ class _ViewHead(nn.Module):
         return self.fc(y.view(y.shape[0], -1))
 
 
+class _AssertsContiguous(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        assert x.is_contiguous(), "NCHW only"
+        return self.bn(self.conv(x))
+
+
 def test_memory_format_choice_and_fallback(one_thread):
+    assert input_memory_format(_AssertsContiguous().eval(), torch.zeros(2, 3, 4, 4)) == torch.contiguous_format
     assert input_memory_format(trained_tiny(), torch.zeros(2, 1, 16, 16)) == torch.channels_last
     head = _ViewHead().eval()
     assert input_memory_format(head, torch.zeros(2, 3, 6, 6)) == torch.contiguous_format

@@ -175,14 +175,16 @@ def input_memory_format(model: nn.Module, example: torch.Tensor) -> torch.memory
     """The layout distillation runs ``model`` in: ``torch.channels_last`` for 4-D inputs (NHWC:
     torch's CPU convolutions, pooling and the statistics reductions run faster on it, e.g. max
     pooling ~10x on one thread) when a one-sample forward on that layout works, else
-    ``torch.contiguous_format`` (e.g. a model calling ``.view`` on a spatial activation).
-    Layout never changes values beyond float rounding (torch ops are layout-agnostic)."""
+    ``torch.contiguous_format`` (e.g. a model calling ``.view`` on a spatial activation, or
+    asserting ``is_contiguous()``: any exception of the probe; a model that fails on every
+    layout fails again in the distillation itself). torch ops give the same values on both
+    layouts up to float rounding; custom code reading raw memory (``data_ptr``) is not covered."""
     if example.dim() != CHANNELS_LAST_DIMS:
         return torch.contiguous_format
     try:
         with torch.no_grad():
             model(example[:1].contiguous(memory_format=torch.channels_last))
-    except RuntimeError:
+    except Exception:
         return torch.contiguous_format
     return torch.channels_last
 
