@@ -74,6 +74,14 @@ def test_gradcheck_and_scalar_targets():
                                reference_loss(x.detach(), torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)))
 
 
+def test_second_derivative_refused():
+    x, m, s = _case((2, 3, 4), torch.float64)
+    x.requires_grad_(True)
+    (g,) = torch.autograd.grad(sample_stats_loss(x, m, s), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|not differentiable|does not require grad"):
+        g.sum().backward()
+
+
 def test_bn_statistics_losses_match_reference(one_thread):
     model = trained_tiny()
     x = torch.rand(4, 1, 16, 16)

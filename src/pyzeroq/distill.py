@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from tqdm import tqdm
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -73,6 +74,7 @@ class _SampleStatsLoss(torch.autograd.Function):
         return (d_mean.square().sum() + d_std.square().sum()) / t.shape[0]
 
     @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of being silently wrong
     def backward(ctx, grad):
         x, mean, std, d_mean, d_std = ctx.saved_tensors
         t, dims = _positions_last(x)
