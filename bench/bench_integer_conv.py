@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from timing import best_time
 
+import pyzeroq as zq
 import pyzeroq.integer as zi
 
 BATCH = 32
@@ -147,7 +148,7 @@ def implementations(p, threads=1, with_reference=True):
 
 
 def set_threads(threads):
-    zi.set_num_threads(1 if threads == 1 else 0)
+    zq.set_num_threads(threads)
     try:
         import torch
 

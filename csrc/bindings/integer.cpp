@@ -506,10 +506,6 @@ void register_integer(py::module_& m) {
     return y;
   }, "x"_a, "x_scale"_a, "x_zero_point"_a, "y_scale"_a, "y_zero_point"_a, "rounding"_a, "out_bits"_a,
         "dyadic_rounding"_a, "dyadic_bits"_a, "dyadic_shift"_a);
-  m.def("integer_set_num_threads", [](int n) {
-    if (n != 0 && n != 1) value_error("num_threads must be 0 (all hardware threads) or 1");
-    thread_setting().store(n);
-  }, "num_threads"_a, "0: integer kernels use all hardware threads; 1: run single-threaded.");
   m.def("integer_quantize_multiplier", [](double m) {
     if (!(std::isfinite(m) && m >= 0)) value_error("multiplier must be finite and >= 0");
     int32_t q; int s;

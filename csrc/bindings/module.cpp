@@ -5,4 +5,5 @@ PYBIND11_MODULE(_core, m) {
   pyzeroq::register_quantize(m);
   pyzeroq::register_pareto(m);
   pyzeroq::register_integer(m);
+  pyzeroq::register_parallel(m);
 }

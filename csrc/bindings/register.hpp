@@ -6,4 +6,5 @@ namespace pyzeroq {
 void register_quantize(pybind11::module_& m);
 void register_pareto(pybind11::module_& m);
 void register_integer(pybind11::module_& m);
+void register_parallel(pybind11::module_& m);
 }  // namespace pyzeroq

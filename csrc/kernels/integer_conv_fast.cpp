@@ -336,7 +336,8 @@ class StatsSink {
 AccStats run_sequential_parallel(const QConvArgs& a) {
   StatsSink sink;
   const int64_t P = a.g.OH * a.g.OW;
-  run_parallel(static_cast<std::size_t>(a.g.N * a.g.O), 1, [&](std::size_t b, std::size_t e) {
+  const std::size_t row_cost = static_cast<std::size_t>(P * a.g.Cg() * a.g.KH * a.g.KW);  // multiply-adds
+  parallel_for(static_cast<std::size_t>(a.g.N * a.g.O), grain_for_cost(row_cost), [&](std::size_t b, std::size_t e) {
     AccStats st;
     for (std::size_t r = b; r < e; ++r)
       for (int64_t p = 0; p < P; ++p)
@@ -393,9 +394,10 @@ AccStats run_general(const QConvArgs& a, bool force_generic) {
     }
   };
   StatsSink sink;
-  if (g.N >= kImagesPerThread * static_cast<int64_t>(hardware_threads())) {
+  const std::size_t image_cost = static_cast<std::size_t>(P * g.O * T * Cg);  // multiply-adds per image
+  if (g.N >= kImagesPerThread * static_cast<int64_t>(num_threads())) {
     // many images: one task per image, packed into a cache-resident per-thread buffer
-    run_parallel(static_cast<std::size_t>(g.N), 1, [&](std::size_t b, std::size_t e) {
+    parallel_for(static_cast<std::size_t>(g.N), grain_for_cost(image_cost), [&](std::size_t b, std::size_t e) {
       AccStats st;
       std::vector<int16_t> buf(static_cast<std::size_t>(pd.image_size()));
       for (std::size_t n = b; n < e; ++n) {
@@ -408,12 +410,13 @@ AccStats run_general(const QConvArgs& a, bool force_generic) {
   }
   // few images (matmul, batch 1): pack all, then split positions across threads
   std::vector<int16_t> xbuf(static_cast<std::size_t>(g.N * pd.image_size()));
-  run_parallel(static_cast<std::size_t>(g.N), 1, [&](std::size_t b, std::size_t e) {
+  parallel_for(static_cast<std::size_t>(g.N), grain_for_cost(static_cast<std::size_t>(pd.image_size())), [&](std::size_t b, std::size_t e) {
     for (std::size_t n = b; n < e; ++n)
       pack_image(a, pd, Cgp, static_cast<int64_t>(n), 0, g.C, 0, xbuf.data() + n * pd.image_size());
   });
   const int64_t chunks = (PB + kBlocksPerTask - 1) / kBlocksPerTask;
-  run_parallel(static_cast<std::size_t>(g.N * G * chunks), 1, [&](std::size_t b, std::size_t e) {
+  const std::size_t task_cost = static_cast<std::size_t>(kBlocksPerTask * kMR * Og * T * Cg);
+  parallel_for(static_cast<std::size_t>(g.N * G * chunks), grain_for_cost(task_cost), [&](std::size_t b, std::size_t e) {
     AccStats st;
     for (std::size_t task = b; task < e; ++task) {
       const int64_t n = static_cast<int64_t>(task) / (G * chunks);
@@ -442,7 +445,7 @@ AccStats run_depthwise(const QConvArgs& a, bool force_generic) {
   const DwKernel kernel = (!force_generic && has_avx2()) ? dw_avx2 : dw_generic;
   const Epilogue epi(a, T);
   StatsSink sink;
-  run_parallel(static_cast<std::size_t>(g.N * CB), 1, [&](std::size_t b, std::size_t e) {
+  parallel_for(static_cast<std::size_t>(g.N * CB), grain_for_cost(static_cast<std::size_t>(P * kDwC * T)), [&](std::size_t b, std::size_t e) {
     AccStats st;
     alignas(32) int32_t acc[kDwC];
     int32_t codes[kDwC];

@@ -3,21 +3,22 @@
 
 #include <algorithm>
 
-
 namespace pyzeroq {
 namespace integer {
 namespace {
-constexpr std::size_t kGrain = 1 << 16;
 
 int32_t clamp32(int64_t v, int32_t lo, int32_t hi) {
   return static_cast<int32_t>(v < lo ? lo : (v > hi ? hi : v));
 }
+
+// Work per plane of a pooling: one operation per window tap of every output.
+std::size_t plane_cost(const PoolGeom& g) { return static_cast<std::size_t>(g.OH * g.OW * g.KH * g.KW); }
 }  // namespace
 
 void requantize_tensor(const int32_t* acc, int64_t outer, int64_t channels, int64_t inner, const Requantizer& rq,
                        CodeOut out) {
   const int64_t total = outer * channels * inner;
-  run_parallel(static_cast<std::size_t>(total), kGrain, [&](std::size_t b, std::size_t e) {
+  parallel_for(static_cast<std::size_t>(total), grain_for_cost(1), [&](std::size_t b, std::size_t e) {
     for (std::size_t i = b; i < e; ++i) {
       const int64_t c = (static_cast<int64_t>(i) / inner) % channels;
       out.store(static_cast<int64_t>(i), rq.apply(acc[i], static_cast<std::size_t>(c)));
@@ -28,7 +29,7 @@ void requantize_tensor(const int32_t* acc, int64_t outer, int64_t channels, int6
 void qadd(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, CodeOut out) {
   if (p.spec.mode == Rounding::Float32Rne) {
     const float flo = static_cast<float>(p.lo - p.zy), fhi = static_cast<float>(p.hi - p.zy);
-    run_parallel(static_cast<std::size_t>(n), kGrain, [&](std::size_t s, std::size_t e) {
+    parallel_for(static_cast<std::size_t>(n), grain_for_cost(1), [&](std::size_t s, std::size_t e) {
       for (std::size_t i = s; i < e; ++i) {
         const float va = p.sa * static_cast<float>(static_cast<int32_t>(a[i]) - p.za);
         const float vb = p.sb * static_cast<float>(static_cast<int32_t>(b[i]) - p.zb);
@@ -49,7 +50,7 @@ void qadd(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, Co
     quantize_multiplier(static_cast<double>(p.sa) / twice_max, &qa, &ea);
     quantize_multiplier(static_cast<double>(p.sb) / twice_max, &qb, &eb);
     quantize_multiplier(twice_max / (static_cast<double>(int64_t{1} << kQAddLeftShift) * p.sy), &qo, &eo);
-    run_parallel(static_cast<std::size_t>(n), kGrain, [&](std::size_t s, std::size_t e) {
+    parallel_for(static_cast<std::size_t>(n), grain_for_cost(1), [&](std::size_t s, std::size_t e) {
       for (std::size_t i = s; i < e; ++i) {
         const int32_t xa = (static_cast<int32_t>(a[i]) - p.za) * (1 << kQAddLeftShift);
         const int32_t xb = (static_cast<int32_t>(b[i]) - p.zb) * (1 << kQAddLeftShift);
@@ -69,7 +70,7 @@ void qadd(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, Co
   dyadic_multiplier(std::max(ma, mb), p.spec.dyadic_bits, p.spec.dyadic_shift, &ba, &n_shift);
   dyadic_multiplier(ma, p.spec.dyadic_bits, n_shift, &ba, &unused);
   dyadic_multiplier(mb, p.spec.dyadic_bits, n_shift, &bb, &unused);
-  run_parallel(static_cast<std::size_t>(n), kGrain, [&](std::size_t s, std::size_t e) {
+  parallel_for(static_cast<std::size_t>(n), grain_for_cost(1), [&](std::size_t s, std::size_t e) {
     for (std::size_t i = s; i < e; ++i) {
       const int64_t v = (static_cast<int64_t>(a[i]) - p.za) * ba + (static_cast<int64_t>(b[i]) - p.zb) * bb;
       out.store(static_cast<int64_t>(i), clamp32(round_shift(v, n_shift, p.spec.dyadic_round) + p.zy, p.lo, p.hi));
@@ -78,7 +79,7 @@ void qadd(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, Co
 }
 
 void max_pool(const uint8_t* x, const PoolGeom& g, uint8_t* y) {
-  run_parallel(static_cast<std::size_t>(g.planes), 1, [&](std::size_t b, std::size_t e) {
+  parallel_for(static_cast<std::size_t>(g.planes), grain_for_cost(plane_cost(g)), [&](std::size_t b, std::size_t e) {
     for (std::size_t pl = b; pl < e; ++pl) {
       const uint8_t* xp = x + static_cast<int64_t>(pl) * g.H * g.W;
       uint8_t* yp = y + static_cast<int64_t>(pl) * g.OH * g.OW;
@@ -101,7 +102,7 @@ void max_pool(const uint8_t* x, const PoolGeom& g, uint8_t* y) {
 
 void avg_pool(const uint8_t* x, const PoolGeom& g, int32_t x_zero_point, bool count_include_pad, bool half_even,
               uint8_t* y) {
-  run_parallel(static_cast<std::size_t>(g.planes), 1, [&](std::size_t b, std::size_t e) {
+  parallel_for(static_cast<std::size_t>(g.planes), grain_for_cost(plane_cost(g)), [&](std::size_t b, std::size_t e) {
     for (std::size_t pl = b; pl < e; ++pl) {
       const uint8_t* xp = x + static_cast<int64_t>(pl) * g.H * g.W;
       uint8_t* yp = y + static_cast<int64_t>(pl) * g.OH * g.OW;
@@ -162,7 +163,7 @@ void qmul(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, Co
 
 void global_avg_pool(const uint8_t* x, int64_t N, int64_t C, int64_t HW, int32_t x_zero_point, const Requantizer& rq,
                      CodeOut out) {
-  run_parallel(static_cast<std::size_t>(N * C), 1, [&](std::size_t b, std::size_t e) {
+  parallel_for(static_cast<std::size_t>(N * C), grain_for_cost(static_cast<std::size_t>(HW)), [&](std::size_t b, std::size_t e) {
     for (std::size_t pl = b; pl < e; ++pl) {
       const uint8_t* xp = x + static_cast<int64_t>(pl) * HW;
       int64_t s = 0;

@@ -5,7 +5,6 @@
 // No FMA target is ever enabled in the integer_* sources (a contracted
 // multiply-add would change float32_rne results).
 #pragma once
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -18,21 +17,6 @@
 
 namespace pyzeroq {
 namespace integer {
-
-// Thread setting of the integer kernels: 0 = all hardware threads
-// (pyzeroq::parallel_for), 1 = run inline (single-thread benchmarks, debugging).
-inline std::atomic<int>& thread_setting() {
-  static std::atomic<int> v{0};
-  return v;
-}
-template <class Fn>
-void run_parallel(std::size_t n, std::size_t grain, Fn&& fn) {
-  if (thread_setting().load() == 1) {
-    if (n > 0) fn(std::size_t{0}, n);
-    return;
-  }
-  parallel_for(n, grain, fn);
-}
 
 enum class Rounding { Float32Rne, Gemmlowp, Dyadic };
 // Tie rule of the dyadic shift: half_even (torch.round / HAWQ-V3's fixed-point

@@ -26,7 +26,7 @@ namespace pyzeroq::quant {
 namespace {
 
 constexpr float kRoundMagic = 12582912.0f;            // 1.5 * 2^23
-constexpr std::size_t kGrain = std::size_t{1} << 16;  // elements per thread before splitting pays
+constexpr std::size_t kGrain = grain_for_cost(1);  // elements per chunk: one operation each (parallel.hpp)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // 1 when x is NaN or +-Inf.
@@ -231,17 +231,6 @@ PYZEROQ_SIMD_CLONES unsigned minmax_vec(const float* __restrict x, std::size_t n
 }
 
 // ---------------------------------------------------------------- driver
-// parallel_for asks the OS for the CPU count on every call (~10 us, reads /sys); calls that fit
-// one thread anyway skip it.
-template <class Fn>
-void chunked(std::size_t n, std::size_t grain, Fn&& fn) {
-  if (n <= grain) {
-    if (n != 0) fn(std::size_t{0}, n);
-    return;
-  }
-  parallel_for(n, grain, fn);
-}
-
 // Channels == 1 means one parameter set for everything: fold outer into inner.
 Layout normalized(const Layout& l) {
   if (l.channels == 1) return Layout{1, 1, l.outer * l.inner};
@@ -255,7 +244,7 @@ template <class Scalar, class Vec>
 bool run_segments(const Layout& l, Scalar&& scalar, Vec&& vec) {
   std::atomic<bool> any_bad{false};
   const std::size_t channels = l.channels, inner = l.inner;
-  chunked(l.size(), kGrain, [&](std::size_t begin, std::size_t end) {
+  parallel_for(l.size(), kGrain, [&](std::size_t begin, std::size_t end) {
     unsigned bad = 0;
     std::size_t i = begin;
     if (inner == 1 && channels > 1) {
@@ -445,7 +434,7 @@ bool asymmetric_params(const float* x, const Layout& layout, int bits, double pe
     std::vector<float> mn(channels, kInf), mx(channels, -kInf);
     std::mutex merge;
     const std::size_t inner = l.inner;
-    chunked(l.size(), kGrain, [&](std::size_t begin, std::size_t end) {
+    parallel_for(l.size(), kGrain, [&](std::size_t begin, std::size_t end) {
       std::vector<float> lmn(channels, kInf), lmx(channels, -kInf);
       unsigned bad = 0;
       std::size_t i = begin;
@@ -480,8 +469,8 @@ bool asymmetric_params(const float* x, const Layout& layout, int bits, double pe
     const double q_hi = percentile / kPercentScale;
     const double q_lo = (kPercentScale - percentile) / kPercentScale;
     const std::size_t per_channel = l.outer * l.inner;
-    // one thread per group of channels, unless the whole tensor is small
-    chunked(channels, channels * per_channel <= kGrain ? channels : 1, [&](std::size_t c_begin, std::size_t c_end) {
+    // chunks of whole channels, each of at least kMinParallelWork values
+    parallel_for(channels, grain_for_cost(per_channel), [&](std::size_t c_begin, std::size_t c_end) {
       std::vector<double> values(per_channel);
       for (std::size_t c = c_begin; c < c_end; ++c) {
         if (per_channel == 0) continue;

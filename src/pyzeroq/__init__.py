@@ -31,9 +31,11 @@ _LAZY = {
     "to_integer": ("pyzeroq.integer.convert", "to_integer"),
     "export_onnx": ("pyzeroq.export", "export_onnx"),
     "load": ("pyzeroq.io", "load"),
+    "set_num_threads": ("pyzeroq.threads", "set_num_threads"),
+    "get_num_threads": ("pyzeroq.threads", "get_num_threads"),
 }
 _SUBMODULES = ("ops", "data", "models", "pareto", "integer", "detection", "distill",
-               "sensitivity", "modules", "config", "export", "cli", "pipeline", "io")
+               "sensitivity", "modules", "config", "export", "cli", "pipeline", "io", "threads")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 

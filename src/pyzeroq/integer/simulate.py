@@ -48,6 +48,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import _core
+from ..threads import set_num_threads  # noqa: F401 (alias of pyzeroq.set_num_threads, kept public here)
 
 __all__ = [
     "AccStats",
@@ -303,9 +304,3 @@ def quantize_multiplier(multiplier: float) -> Tuple[int, int]:
 def dyadic_multiplier(multiplier: float, dyadic_bits: int = 31, dyadic_shift: Optional[int] = None) -> Tuple[int, int]:
     """Dyadic ``M ~ b / 2^n``; returns (b, n)."""
     return _core.integer_dyadic_multiplier(float(multiplier), int(dyadic_bits), _shift(dyadic_shift))
-
-
-def set_num_threads(num_threads: int) -> None:
-    """0: the integer kernels use all hardware threads (default); 1: single thread
-    (benchmarks against single-threaded runtimes, debugging)."""
-    _core.integer_set_num_threads(int(num_threads))
