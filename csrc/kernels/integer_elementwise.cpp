@@ -134,7 +134,7 @@ void avg_pool(const uint8_t* x, const PoolGeom& g, int32_t x_zero_point, bool co
 void qmul(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, CodeOut out) {
   if (p.spec.mode == Rounding::Float32Rne) {
     const float flo = static_cast<float>(p.lo - p.zy), fhi = static_cast<float>(p.hi - p.zy);
-    run_parallel(static_cast<std::size_t>(n), kGrain, [&](std::size_t s, std::size_t e) {
+    parallel_for(static_cast<std::size_t>(n), grain_for_cost(1), [&](std::size_t s, std::size_t e) {
       for (std::size_t i = s; i < e; ++i) {
         const float va = p.sa * static_cast<float>(static_cast<int32_t>(a[i]) - p.za);
         const float vb = p.sb * static_cast<float>(static_cast<int32_t>(b[i]) - p.zb);
@@ -152,7 +152,7 @@ void qmul(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, Co
   rq.spec = p.spec, rq.zero_point = p.zy, rq.lo = p.lo, rq.hi = p.hi;
   const double m64 = static_cast<double>(p.sa) * static_cast<double>(p.sb) / static_cast<double>(p.sy);
   rq.ch.push_back(make_multiplier(p.spec, static_cast<float>(m64), m64));
-  run_parallel(static_cast<std::size_t>(n), kGrain, [&](std::size_t s, std::size_t e) {
+  parallel_for(static_cast<std::size_t>(n), grain_for_cost(1), [&](std::size_t s, std::size_t e) {
     for (std::size_t i = s; i < e; ++i) {
       // |(a - za) * (b - zb)| <= 255 * 255: exact in int32
       const int32_t acc = (static_cast<int32_t>(a[i]) - p.za) * (static_cast<int32_t>(b[i]) - p.zb);
