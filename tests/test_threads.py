@@ -137,7 +137,8 @@ def test_integer_saturating_conv_and_elementwise_identical(restore_threads):
     def run():
         sat, st = zi.qlinear_conv2d(**args, acc_bits=16, overflow="saturate")
         return (sat, st.overflow_count, zi.requantize(acc, mult, 128, axis=1),
-                zi.qadd(a, 0.03, 120, b, 0.05, 130, 0.06, 125), zi.max_pool2d(a, 3, 2, 1),
+                zi.qadd(a, 0.03, 120, b, 0.05, 130, 0.06, 125), zi.qmul(a, 0.03, 120, b, 0.05, 130, 0.06, 125),
+                zi.max_pool2d(a, 3, 2, 1),
                 zi.avg_pool2d(a, 120, 3, 2, 1), zi.global_avg_pool2d(a, 0.03, 120, 0.02, 128))
 
     out = _at_each_thread_count(run)

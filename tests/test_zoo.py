@@ -91,3 +91,21 @@ def test_code_drift_report():
     assert "| quantizer |" in drift.to_markdown()
     with pytest.raises(TypeError, match="float images"):
         zq.to_integer(q, drift_images=(x * 255).to(torch.uint8))
+
+
+@pytest.mark.parametrize("config", ["W8A8", "W4A8"])
+def test_integer_exact_mode_equals_the_integer_model(name, config):
+    """zq.integer_exact(q): the fake-quant graph with the integer arithmetic, equal to the integer
+    model bit for bit on every activation code and every output."""
+    from pyzeroq.integer.drift import code_drift
+
+    shape = ZOO[name][1]
+    q = zq.quantize(build(name), zq.QuantConfig(**CONFIGS[config], **FAST), input_shape=shape)
+    im, exact = zq.to_integer(q), zq.integer_exact(q)
+    x = inputs(shape)
+    drift = code_drift(exact, im, x)
+    assert drift.layers and all(d.differing == 0 for d in drift.layers), drift.to_markdown()
+    with torch.no_grad():
+        want, got = output_leaves(im(x)), output_leaves(exact(x))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())

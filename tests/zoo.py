@@ -237,14 +237,15 @@ class Inception(nn.Module):
 
 # ---------------------------------------------------------------------------- dense prediction
 class UNet(nn.Module):
-    """Segmentation: two downsampling stages, nearest upsampling, skip concatenations, a class map
-    [N, K, H, W] as the output."""
+    """Segmentation: two downsampling stages, a ConvTranspose2d and a nearest upsampling, skip
+    concatenations, a class map [N, K, H, W] as the output."""
 
     def __init__(self, width: int = 8, classes: int = 4):
         super().__init__()
         self.normalize = norm3()
         self.e1, self.e2 = cbr(3, width), cbr(width, width * 2, 3, 2)
         self.mid = cbr(width * 2, width * 4, 3, 2)
+        self.up = nn.ConvTranspose2d(width * 4, width * 4, 2, 2)  # learned upsampling, then a nearest one
         self.d2 = cbr(width * 4 + width * 2, width * 2)
         self.d1 = cbr(width * 2 + width, width)
         self.head = nn.Conv2d(width, classes, 1)
@@ -253,7 +254,7 @@ class UNet(nn.Module):
         e1 = self.e1(self.normalize(x))
         e2 = self.e2(e1)
         m = self.mid(e2)
-        d2 = self.d2(torch.cat([F.interpolate(m, scale_factor=2, mode="nearest"), e2], 1))
+        d2 = self.d2(torch.cat([F.relu(self.up(m)), e2], 1))
         d1 = self.d1(torch.cat([F.interpolate(d2, scale_factor=2), e1], 1))
         return self.head(d1)
 

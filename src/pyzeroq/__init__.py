@@ -29,6 +29,7 @@ _LAZY = {
     "quantize": ("pyzeroq.pipeline", "quantize"),
     "evaluate": ("pyzeroq.evaluation", "evaluate"),
     "to_integer": ("pyzeroq.integer.convert", "to_integer"),
+    "integer_exact": ("pyzeroq.integer.exact", "integer_exact"),
     "export_onnx": ("pyzeroq.export", "export_onnx"),
     "load": ("pyzeroq.io", "load"),
     "set_num_threads": ("pyzeroq.threads", "set_num_threads"),

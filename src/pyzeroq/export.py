@@ -12,7 +12,8 @@ InputStep              float input: ``Sub(mean)``, ``Div(std)`` (the model's nor
                        ops), ``QuantizeLinear``; ``pixels="uint8"``: ``Cast(int32)`` [+ channel offset]
                        ``Gather`` from the 256-entry table (integer only)
 ConvStep               ``QLinearConv`` (uint8 per-channel weights and zero points, int32 bias); a Conv1d
-                       between ``Unsqueeze`` / ``Squeeze`` (the Conv2d over [N, C, 1, L])
+                       between ``Unsqueeze`` / ``Squeeze`` (the Conv2d over [N, C, 1, L]); a ConvTranspose2d
+                       after ``Reshape``, ``Pad`` (zero point), ``Reshape``, ``Slice`` (zero points inserted)
 LinearStep (hidden)    ``Unsqueeze`` -> 1x1 ``QLinearConv`` -> ``Flatten`` (QLinearMatMul has no bias)
 LogitsStep             ``MatMulInteger`` (per-column weight zero points) -> ``Add`` int32 bias ->
                        ``Cast(float)`` -> ``Mul`` by ``f32(x_scale * w_scale[c])``
@@ -243,11 +244,32 @@ class _Builder:
             src, w, raw4 = f"{b}_x4", w[:, :, None, :], f"{b}_raw4"
         else:
             raw4 = raw
+        if step.upsample != (1, 1):
+            src = self.insert_zero_points(step, src)
         self.conv_like(step, src, raw4, w, strides=list(step.stride), pads=list(step.padding),
                        dilations=list(step.dilation), group=step.groups)
         if step.spatial_dims == 1:
             self.node("Squeeze", [raw4, axes], [raw], f"{b}_squeeze")
         self.finish(step, raw, *step.clamp_codes())
+
+    def insert_zero_points(self, step: ConvStep, src: str) -> str:
+        """[N, C, H, W] -> [N, C, (H-1)*uh+1, (W-1)*uw+1] with the zero point between the pixels
+        (a transposed conv's input): Reshape to [N, C, H, 1, W, 1], Pad with the zero point to
+        [N, C, H, uh, W, uw], Reshape, Slice off the trailing fill."""
+        b, (uh, uw) = step.output, step.upsample
+        _, c, h, w = self.shapes[src]
+        self.node("Reshape", [src, self.const(f"{b}_split", np.array([-1, c, h, 1, w, 1], np.int64))],
+                  [f"{b}_x6"], f"{b}_reshape6")
+        pads = np.array([0] * 6 + [0, 0, 0, uh - 1, 0, uw - 1], np.int64)
+        self.node("Pad", [f"{b}_x6", self.const(f"{b}_pads", pads),
+                          self.const(f"{b}_fill", np.uint8(step.layer.input.zero_point_value))], [f"{b}_filled"],
+                  f"{b}_pad", mode="constant")
+        self.node("Reshape", [f"{b}_filled", self.const(f"{b}_merge", np.array([-1, c, h * uh, w * uw], np.int64))],
+                  [f"{b}_spread"], f"{b}_reshape4")
+        self.node("Slice", [f"{b}_spread", self.const(f"{b}_starts", np.array([0, 0], np.int64)),
+                            self.const(f"{b}_ends", np.array([(h - 1) * uh + 1, (w - 1) * uw + 1], np.int64)),
+                            self.const(f"{b}_axes", np.array([2, 3], np.int64))], [f"{b}_zeros_in"], f"{b}_slice")
+        return f"{b}_zeros_in"
 
     def _require_2d(self, step: Step):
         if len(self.shapes[step.inputs[0]]) != 2:

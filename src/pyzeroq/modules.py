@@ -51,13 +51,15 @@ from .quantizers import (  # noqa: F401 (re-exported: the quantizer family lives
     QuantAct,
     QuantConv1d,
     QuantConv2d,
+    QuantConvTranspose2d,
     QuantLinear,
     mse_clip_range,
 )
 
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
 BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
-FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the layers a BN reading their output folds into
+# the layers a BN reading their output folds into
+FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d)
 PASSTHROUGH_FUNCTIONS = (torch.flatten,)
@@ -92,7 +94,9 @@ def fold_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     factor = (gamma / std).detach()
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(std)
     with torch.no_grad():
-        folded.weight = nn.Parameter(conv.weight.detach() * factor.view(-1, *[1] * (conv.weight.dim() - 1)))
+        shape = [1] * conv.weight.dim()
+        shape[1 if isinstance(conv, nn.ConvTranspose2d) else 0] = -1  # the output channels' axis
+        folded.weight = nn.Parameter(conv.weight.detach() * factor.view(shape))
         folded.bias = nn.Parameter((bias - bn.running_mean) * factor + beta.detach())
     return folded
 
@@ -215,7 +219,7 @@ def _fold_bns(gm: fx.GraphModule, info: SurgeryInfo) -> None:
             continue
         src = node.args[0]
         if isinstance(src, fx.Node) and _is_module(gm, src, FOLDABLE_LAYERS) and len(src.users) == 1 and \
-                gm.get_submodule(src.target).weight.shape[0] == gm.get_submodule(node.target).num_features:
+                _out_channels(gm.get_submodule(src.target)) == gm.get_submodule(node.target).num_features:
             _set_submodule(gm, src.target, fold_bn(gm.get_submodule(src.target), gm.get_submodule(node.target)))
             node.replace_all_uses_with(src)
             graph.erase_node(node)
@@ -225,6 +229,10 @@ def _fold_bns(gm: fx.GraphModule, info: SurgeryInfo) -> None:
             info.bn_as_conv.append(node.target)
         else:
             info.float_ops.append(f"{node.target} (BatchNorm1d that follows no Conv1d / Linear)")
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def bn_as_depthwise_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -252,8 +260,10 @@ def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool) -> No
                          "each Conv / Linear call with its own quantizers: use one module per call (weights may be "
                          "copied)")
     for node in gm.graph.nodes:
-        if _is_module(gm, node, (nn.Conv2d, nn.Conv1d)):
-            cls = QuantConv2d if _is_module(gm, node, (nn.Conv2d,)) else QuantConv1d
+        if _is_module(gm, node, (nn.Conv2d, nn.Conv1d)) or _is_module(gm, node, (nn.ConvTranspose2d,)) and \
+                gm.get_submodule(node.target).groups == 1 and gm.get_submodule(node.target).padding_mode == "zeros":
+            cls = QuantConv2d if _is_module(gm, node, (nn.Conv2d,)) else \
+                QuantConv1d if _is_module(gm, node, (nn.Conv1d,)) else QuantConvTranspose2d
             _set_submodule(gm, node.target, cls.from_float(gm.get_submodule(node.target), per_channel))
             info.layers.append(node.target)
         elif _is_module(gm, node, (nn.Linear,)):
@@ -354,10 +364,15 @@ def keeps_quantization(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _quantized_source(gm: fx.GraphModule, node: fx.Node) -> QuantAct | None:
-    """The QuantAct whose codes reach ``node``'s data input through ops that keep the quantization
-    (reshapes such as ``x.view(x.size(0), -1)``, Identity / Dropout / Flatten, ReLU clamps: exact
-    on the codes); None when the input is a float tensor."""
-    src = node.args[0] if node.args else None
+    """The QuantAct whose codes reach ``node``'s data input (:func:`quantized_source_of` of its
+    first argument)."""
+    return quantized_source_of(gm, node.args[0] if node.args else None)
+
+
+def quantized_source_of(gm: fx.GraphModule, src) -> QuantAct | None:
+    """The QuantAct whose codes reach the value ``src`` through ops that keep the quantization
+    (reshapes such as ``x.view(x.size(0), -1)``, Identity / Dropout / Flatten, ReLU clamps, layout
+    ops: exact on the codes); None when it is a float tensor."""
     while isinstance(src, fx.Node):
         if src.op == "call_module":
             mod = gm.get_submodule(src.target)

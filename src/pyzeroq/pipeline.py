@@ -31,6 +31,7 @@ from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
 from .modules import act_quants, fit_bias_scales, is_normalizer, prepare, quant_layers, set_act_mode, set_weight_bits
 from .outputs import check_output, output_leaves, resolve_measure
+from .quantizers import QUANT_CONV_TYPES, QuantConvTranspose2d
 from .sensitivity import JointEvaluator, layer_sensitivities
 
 FLOAT_BITS = 32
@@ -388,7 +389,10 @@ def _layer_macs(gm: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     macs, handles = {}, []
     for name, layer in quant_layers(gm).items():
         def hook(mod, inputs, output, name=name):
-            positions = output.shape[2] * output.shape[3] if output.dim() == 4 else 1
+            # outputs per weight: conv output positions; a transposed conv scatters each input pixel;
+            # a Linear applies to every leading position of [N, ..., F]
+            shape = inputs[0].shape if isinstance(mod, QuantConvTranspose2d) else output.shape
+            positions = math.prod(shape[2:]) if isinstance(mod, QUANT_CONV_TYPES) else math.prod(shape[1:-1])
             macs[name] = int(mod.weight.numel() * positions)
         handles.append(layer.register_forward_hook(hook))
     gm(sample[:1])

@@ -38,7 +38,7 @@ from .config import ACT_RANGES
 from .qspec import INT32_MAX, INT32_MIN, LayerQuant, TensorQuant, quantize_bias
 
 __all__ = ["BitWidthMismatchError", "Quantizer", "QuantAct", "WeightQuant", "QuantConv2d", "QuantConv1d", "QuantLinear",
-           "QUANT_LAYER_TYPES", "QUANT_CONV_TYPES",
+           "QuantConvTranspose2d", "QUANT_LAYER_TYPES", "QUANT_CONV_TYPES",
            "lsq_fake_quantize", "lsq_round_ste", "mse_clip_range"]
 
 ACT_SAMPLE_CAP = 1 << 22  # values kept per quantizer for percentile / MSE calibration
@@ -453,5 +453,34 @@ class QuantLinear(nn.Linear, QuantLayerMixin):
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
 
 
-QUANT_LAYER_TYPES = (QuantConv2d, QuantConv1d, QuantLinear)
-QUANT_CONV_TYPES = (QuantConv2d, QuantConv1d)
+class QuantConvTranspose2d(nn.Conv2d, _QuantConvMixin):
+    """ConvTranspose2d (groups 1) held as the equivalent convolution: ``weight`` is the transposed
+    conv's weight in conv layout, ``w[o, i] = flip(w_t[i, o])`` (kernel flipped), so the weight is
+    quantized per output channel like every conv. The forward is torch's conv_transpose2d with
+    the (fake-quantized) weight mapped back; the integer model runs the same convolution on the
+    input with ``stride - 1`` zero-point codes inserted between pixels (ConvStep ``upsample``)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.ConvTranspose2d, per_channel: bool = True, act_quant: Optional[QuantAct] = None):
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError("ConvTranspose2d with groups > 1 or non-zero padding has no quantized form")
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, 1, 0, conv.dilation, 1,
+                bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            q.weight.copy_(conv.weight.detach().transpose(0, 1).flip(2, 3))
+            if conv.bias is not None:
+                q.bias.copy_(conv.bias.detach())
+        q.transpose_stride, q.transpose_padding = tuple(conv.stride), tuple(conv.padding)
+        q.output_padding = tuple(conv.output_padding)
+        q._init_quant(per_channel, act_quant)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        weight, bias = (self.weight, self.bias) if self.observing else (self.quantized_weight(), self.quantized_bias())
+        return F.conv_transpose2d(x, weight.flip(2, 3).transpose(0, 1), bias, self.transpose_stride,
+                                  self.transpose_padding, self.output_padding, 1, self.dilation)
+
+
+QUANT_LAYER_TYPES = (QuantConv2d, QuantConv1d, QuantConvTranspose2d, QuantLinear)
+QUANT_CONV_TYPES = (QuantConv2d, QuantConv1d, QuantConvTranspose2d)

@@ -22,7 +22,7 @@ _LAZY = {
     "AddStep": "steps", "GlobalAvgPoolStep": "steps", "AvgPoolStep": "steps", "MaxPoolStep": "steps",
     "RequantStep": "steps", "ClampStep": "steps", "ReshapeStep": "steps", "LookupStep": "steps",
     "ConcatStep": "steps", "DequantStep": "steps", "LayoutStep": "steps", "MulStep": "steps", "STEP_TYPES": "steps",
-    "code_drift": "drift", "DriftReport": "drift", "LayerDrift": "drift",
+    "code_drift": "drift", "DriftReport": "drift", "LayerDrift": "drift", "integer_exact": "exact",
 }
 
 __all__ = list(_simulate_all) + list(_LAZY)  # noqa: F405

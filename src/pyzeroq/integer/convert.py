@@ -68,6 +68,7 @@ from .steps import (
     check_handlers,
     check_output_spec,
     from_plain,
+    insert_zero_points,
     map_output,
     output_leaves,
     step_from_dict,
@@ -450,6 +451,8 @@ class IntegerModel:
         x, w = args[0], layer.weight_codes
         if step.spatial_dims == 1:  # Conv1d as a Conv2d over [N, C, 1, L]
             x, w = x[:, :, None, :], w[:, :, None, :]
+        if step.upsample != (1, 1):  # ConvTranspose2d: zero-point codes between the pixels
+            x = insert_zero_points(x, step.upsample, xq.zero_point_value)
         with _naming_layer(step):
             y, st = sim.qlinear_conv2d(x, xq.scale_value, xq.zero_point_value, w, w_scale, w_zp,
                                        yq.scale_value, yq.zero_point_value, layer.bias, step.stride, step.padding,

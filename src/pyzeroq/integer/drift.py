@@ -55,12 +55,12 @@ class DriftReport:
                           "|---|---|---|---|---|---|", *rows]) + "\n"
 
 
-def _fake_quant_codes(qmodel, x: torch.Tensor) -> dict:
-    """{QuantAct module name: int64 codes} of one forward pass of the fake-quant model."""
+def _fake_quant_codes(gm, x: torch.Tensor) -> dict:
+    """{QuantAct module name: int64 codes} of one forward pass of the fake-quant graph ``gm``."""
     from ..modules import QuantAct
 
     out, hooks = {}, []
-    for name, mod in qmodel.graph_module.named_modules():
+    for name, mod in gm.named_modules():
         if isinstance(mod, QuantAct) and mod.mode == "quantize":
             def hook(m, _inputs, o, name=name):
                 scale = np.float32(m.record().scale_value)
@@ -68,7 +68,7 @@ def _fake_quant_codes(qmodel, x: torch.Tensor) -> dict:
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            qmodel(x)
+            gm(x)
     finally:
         for h in hooks:
             h.remove()
@@ -76,7 +76,8 @@ def _fake_quant_codes(qmodel, x: torch.Tensor) -> dict:
 
 
 def code_drift(qmodel, int_model, x) -> DriftReport:
-    """:class:`DriftReport` of ``qmodel`` (a QuantizedModel) against ``int_model`` (its
+    """:class:`DriftReport` of ``qmodel`` (a QuantizedModel, or a fake-quant graph such as
+    :func:`pyzeroq.integer.exact.integer_exact`'s) against ``int_model`` (its
     :func:`pyzeroq.to_integer`) on images ``x`` ([N, ...] float in the model's input domain).
     An activation whose codes the integer plan fused away (a ReLU folded into its layer) is
     compared at the step that writes them."""
@@ -84,10 +85,10 @@ def code_drift(qmodel, int_model, x) -> DriftReport:
     if arr.dtype.kind != "f":
         raise TypeError(f"drift images must be float images (the fake-quant model's input), got dtype {arr.dtype}")
     x = torch.as_tensor(arr.astype(np.float32))
-    fq = _fake_quant_codes(qmodel, x)
+    gm = getattr(qmodel, "graph_module", qmodel)
+    fq = _fake_quant_codes(gm, x)
     env = int_model.run(x.numpy())
     slots = {s.output for s in int_model.steps}
-    gm = qmodel.graph_module
     report = DriftReport(images=int(x.shape[0]))
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target not in fq:

@@ -14,7 +14,8 @@ graph node                  integer step (codes are uint8, accumulators int32)
 input [+ Normalize] + act   :class:`InputStep`: float images -> ``(x - mean) / std`` (float32) ->
                             codes; uint8 pixels -> 256-entry lookup table (integer only)
 QuantConv2d [+ReLU(6)] +act :class:`ConvStep`: the layer record; ReLU = clamp at the zero point,
-(QuantConv1d: the same step over [N, C, 1, L], ``spatial_dims=1``)
+(QuantConv1d: the same step over [N, C, 1, L], ``spatial_dims=1``; QuantConvTranspose2d:
+the equivalent convolution on the input with zero points inserted, ``upsample``)
                             ReLU6 = clamp at the code of 6.0 (``LayerQuant.clamp_codes``)
 QuantLinear [+ReLU] + act   :class:`LinearStep` (same)
 final QuantLinear (logits)  :class:`LogitsStep`: int32 accumulator ``bias + sum((a - za) * (w - zw))``
@@ -80,6 +81,7 @@ from ..modules import (
     QuantAct,
     QuantConv1d,
     QuantConv2d,
+    QuantConvTranspose2d,
     functional_pool,
     is_cat,
     is_normalizer,
@@ -369,7 +371,11 @@ class _Compiler:
             return
         self.check_act(rec.output, f"the output quantizer of layer {name!r}", node)
         self.absorb_output(node, layer, rec.activation)
-        if isinstance(layer, QuantConv1d):  # as a Conv2d over [N, C, 1, L]
+        if isinstance(layer, QuantConvTranspose2d):
+            self.add(ConvStep(name=name, inputs=(x,), output=node.name, layer=rec, stride=(1, 1),
+                              padding=self.transpose_padding(node, layer), dilation=tuple(layer.dilation), groups=1,
+                              upsample=tuple(layer.transpose_stride)))
+        elif isinstance(layer, QuantConv1d):  # as a Conv2d over [N, C, 1, L]
             self.add(ConvStep(name=name, inputs=(x,), output=node.name, layer=rec, stride=(1, layer.stride[0]),
                               padding=_conv_padding(layer), dilation=(1, layer.dilation[0]), groups=int(layer.groups),
                               spatial_dims=1))
@@ -378,6 +384,14 @@ class _Compiler:
                               padding=_conv_padding(layer), dilation=tuple(layer.dilation), groups=int(layer.groups)))
         else:
             self.add(LinearStep(name=name, inputs=(x,), output=node.name, layer=rec))
+
+    def transpose_padding(self, node: fx.Node, layer) -> tuple:
+        """(top, left, bottom, right) of the convolution equivalent to a transposed one:
+        ``d * (k - 1) - p`` on each side, plus ``output_padding`` at the bottom / right."""
+        pads = [d * (k - 1) - p for d, k, p in zip(layer.dilation, layer.kernel_size, layer.transpose_padding)]
+        if min(pads) < 0:
+            raise self.unsupported(node, "ConvTranspose2d with padding > dilation * (kernel - 1) is not supported")
+        return (pads[0], pads[1], pads[0] + layer.output_padding[0], pads[1] + layer.output_padding[1])
 
     def absorb_output(self, node: fx.Node, layer, activation: Optional[str]) -> None:
         """Alias the [ReLU +] QuantAct nodes after a layer (located by the record's output quantizer)."""

@@ -35,7 +35,7 @@ from ..qspec import ACTIVATIONS, LayerQuant, TensorQuant, activation_clamp  # no
 __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
            "AvgPoolStep", "MaxPoolStep", "RequantStep", "ClampStep", "ReshapeStep", "LookupStep", "ConcatStep",
            "DequantStep", "LayoutStep", "MulStep", "AdaptiveAvgPoolStep", "STEP_TYPES", "LAYER_STEPS",
-           "output_leaves", "map_output", "check_output_spec",
+           "output_leaves", "map_output", "check_output_spec", "insert_zero_points",
            "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
 
 
@@ -121,7 +121,9 @@ class ConvStep(_LayerStep):
     """QLinearConv: x uint8 [N, C, H, W] -> uint8 [N, O, OH, OW], weight codes [O, C/groups, KH, KW],
     ``padding`` (top, left, bottom, right), fused clamp of ``layer.activation``.
     ``spatial_dims=1``: a Conv1d, x [N, C, L] and weight codes [O, C/groups, K] run as the Conv2d
-    over [N, C, 1, L] that ``stride`` / ``padding`` / ``dilation`` describe."""
+    over [N, C, 1, L] that ``stride`` / ``padding`` / ``dilation`` describe.
+    ``upsample`` (uh, uw) > 1: a ConvTranspose2d of that stride, run as this convolution on the
+    input with ``u - 1`` zero-point codes inserted between neighbouring pixels."""
 
     kind: ClassVar[str] = "conv"
     stride: tuple
@@ -129,15 +131,27 @@ class ConvStep(_LayerStep):
     dilation: tuple
     groups: int
     spatial_dims: int = 2
+    upsample: tuple = (1, 1)
 
     def __post_init__(self):
         super().__post_init__()
+        object.__setattr__(self, "upsample", _ints(self.upsample, 2, "upsample"))
         if self.spatial_dims not in CONV_SPATIAL_DIMS:
             raise ValueError(f"spatial_dims must be one of {CONV_SPATIAL_DIMS}, got {self.spatial_dims!r}")
         object.__setattr__(self, "stride", _ints(self.stride, 2, "stride"))
         object.__setattr__(self, "padding", _ints(self.padding, 4, "padding"))
         object.__setattr__(self, "dilation", _ints(self.dilation, 2, "dilation"))
         object.__setattr__(self, "groups", int(self.groups))
+
+
+def insert_zero_points(x: np.ndarray, upsample: tuple, zero_point: int) -> np.ndarray:
+    """[N, C, H, W] codes -> [N, C, (H-1)*uh+1, (W-1)*uw+1] with ``x`` at every (uh, uw)-th position
+    and the zero point (the code of 0.0) between: a transposed convolution's input as a convolution's."""
+    uh, uw = upsample
+    n, c, h, w = x.shape
+    out = np.full((n, c, (h - 1) * uh + 1, (w - 1) * uw + 1), zero_point, dtype=x.dtype)
+    out[:, :, ::uh, ::uw] = x
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
