@@ -139,3 +139,29 @@ def test_unsupported_interpolation_is_listed():
 
     with pytest.raises(ValueError, match="interpolate"):
         quantize(Bilinear())
+
+
+def test_zero_padding_asymmetric(tmp_path):
+    """TF-style 'same' for a strided conv: ZeroPad2d((0, 1, 0, 1)) then an unpadded conv; and F.pad."""
+    torch.manual_seed(0)
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize, self.pad = Normalize(), nn.ZeroPad2d((0, 1, 0, 1))
+            self.c1 = nn.Conv2d(1, WIDTH, 3, 2)
+            self.c2 = nn.Conv2d(WIDTH, WIDTH, 3)
+            self.fc = nn.Linear(WIDTH, CLASSES)
+
+        def forward(self, x):
+            x = torch.relu(self.c1(self.pad(self.normalize(x))))
+            x = torch.relu(self.c2(F.pad(x, (1, 1, 2, 0))))
+            return self.fc(x.mean((2, 3)))
+
+    q = quantize(Padded())
+    im = check_all(q, tmp_path, {"layout"})
+    pads = [s for s in im.steps if isinstance(s, S.LayoutStep) and s.op == "pad"]
+    assert [s.args for s in pads] == [(0, 1, 0, 1), (1, 1, 2, 0)]
+    x = np.arange(6, dtype=np.uint8).reshape(1, 1, 2, 3)
+    np.testing.assert_array_equal(apply_layout("pad", (1, 0, 0, 2), x, 7),
+                                  F.pad(torch.from_numpy(x), (1, 0, 0, 2), value=7).numpy())

@@ -1,6 +1,7 @@
 """The model zoo (tests/zoo.py) end to end at W8A8, W4A8 and MP4: no float op, ``to_integer``,
-``export_onnx``, onnxruntime equal to the integer model bit for bit, the integer model close to
-the fake-quant model (same top-1 on most images; dequantized maps within a code)."""
+``export_onnx``, onnxruntime equal to the integer model bit for bit, the integer-exact mode
+(``zq.integer_exact``) equal to it code for code, the default fake-quant model close to it (same
+top-1 on most images; dequantized maps within a code)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from zoo import ZOO, build
 
 import pyzeroq as zq
 from pyzeroq.export import output_names
+from pyzeroq.integer.drift import code_drift
 from pyzeroq.outputs import output_leaves
 
 CONFIGS = {
@@ -58,6 +60,13 @@ def test_zoo_model(name, config, tmp_path):
         else:  # a dequantized map: within one code (few) of the fake-quant model
             step = (g - f).abs()
             assert (step > 1e-6).float().mean() <= MAX_CODE_DIFF_FRACTION
+    # zq.integer_exact: the fake-quant graph with the integer arithmetic, equal to it code for code
+    exact = zq.integer_exact(q)
+    drift = code_drift(exact, im, x)
+    assert drift.layers and all(d.differing == 0 for d in drift.layers), drift.to_markdown()
+    with torch.no_grad():
+        for g, e in zip(got, output_leaves(exact(x))):
+            np.testing.assert_array_equal(e.numpy(), g.numpy())
     model = zq.export_onnx(q, tmp_path / f"{name}.onnx", x[:1])
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = 1, 3
@@ -92,20 +101,3 @@ def test_code_drift_report():
     with pytest.raises(TypeError, match="float images"):
         zq.to_integer(q, drift_images=(x * 255).to(torch.uint8))
 
-
-@pytest.mark.parametrize("config", ["W8A8", "W4A8"])
-def test_integer_exact_mode_equals_the_integer_model(name, config):
-    """zq.integer_exact(q): the fake-quant graph with the integer arithmetic, equal to the integer
-    model bit for bit on every activation code and every output."""
-    from pyzeroq.integer.drift import code_drift
-
-    shape = ZOO[name][1]
-    q = zq.quantize(build(name), zq.QuantConfig(**CONFIGS[config], **FAST), input_shape=shape)
-    im, exact = zq.to_integer(q), zq.integer_exact(q)
-    x = inputs(shape)
-    drift = code_drift(exact, im, x)
-    assert drift.layers and all(d.differing == 0 for d in drift.layers), drift.to_markdown()
-    with torch.no_grad():
-        want, got = output_leaves(im(x)), output_leaves(exact(x))
-    for w, g in zip(want, got):
-        np.testing.assert_array_equal(g.numpy(), w.numpy())

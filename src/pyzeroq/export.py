@@ -39,7 +39,8 @@ MulStep                ``DequantizeLinear`` x2 -> ``Mul`` -> ``Div(y_scale)`` ->
                        (as the add; shapes broadcast)
 DequantStep            ``DequantizeLinear`` (a returned tensor other than the logits)
 LayoutStep             ``Transpose`` (permute / transpose), ``Slice`` (an item of chunk / split), ``Resize``
-                       (nearest upsample, asymmetric coordinates, floor: plain replication)
+                       (nearest upsample, asymmetric coordinates, floor: plain replication), ``Pad`` (zero
+                       padding: the zero point)
 graph outputs          one ``Identity`` per returned tensor: "logits" for a single output; for a tuple /
                        list / dict, the keys / indices joined by "." ("boxes", "output.0", ...); an internal
                        value of that name is renamed ("<name>_value"); only "input" (the graph input)
@@ -429,6 +430,13 @@ class _Builder:
             scales = np.array([1.0] * (rank - 2) + [float(f) for f in step.args], np.float32)
             self.node("Resize", [src, "", self.const(f"{b}_scales", scales)], [out], f"{b}_resize", mode="nearest",
                       coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        elif step.op == "pad":  # torch (last dim first) -> ONNX [begins..., ends...], filled with the zero point
+            begins, ends = [0] * rank, [0] * rank
+            for i in range(len(step.args) // 2):
+                begins[rank - 1 - i], ends[rank - 1 - i] = step.args[2 * i], step.args[2 * i + 1]
+            self.node("Pad", [src, self.const(f"{b}_pads", np.array(begins + ends, np.int64)),
+                              self.const(f"{b}_fill", np.uint8(step.x_q.zero_point_value))], [out], f"{b}_pad",
+                      mode="constant")
         else:  # an item of chunk / split: a Slice along its dim
             dim = step.args[0] % rank
             start, stop = slice_bounds(step.op, step.args, self.shapes[src][dim])

@@ -11,6 +11,8 @@ graph node                                  :func:`layout_op` -> (op, args)
 ``x.chunk(n, dim)`` -> ``[i]``              ("chunk", (dim, n, i))   (``torch.chunk`` too)
 ``x.split(s, dim)`` -> ``[i]``              ("split", (dim, s, i))   s: an int or a list of sizes
 ``nn.Upsample`` / ``F.interpolate``         ("upsample", (fh, fw))  nearest, integer scale factors
+``nn.ZeroPad2d`` / ``F.pad`` (constant 0)  ("pad", torch's pad tuple (left, right, top, bottom, ...)):
+                                            the zero point fills (0.0 is exactly that code)
 ``x.contiguous()``                          an alias (no data movement on numpy codes)
 ==========================================  ==================================================
 
@@ -36,7 +38,7 @@ SHAPE_ARITHMETIC = {operator.floordiv: "floordiv", operator.mul: "mul", operator
 SPLIT_METHODS = ("chunk", "split")
 SPLIT_FUNCTIONS = {torch.chunk: "chunk", torch.split: "split"}
 NEAREST = "nearest"
-LAYOUT_OPS = ("permute", "transpose", "chunk", "split", "upsample")
+LAYOUT_OPS = ("permute", "transpose", "chunk", "split", "upsample", "pad")
 
 
 def _const(v) -> bool:
@@ -81,11 +83,34 @@ def _upsample(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple]:
     return int(factors[0]), int(factors[1])
 
 
+def _zero_pad(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple]:
+    """torch's pad tuple of a zero padding (``nn.ZeroPad2d``, ``nn.ConstantPad2d(p, 0)``,
+    ``F.pad(x, p)`` with mode "constant" and value 0), non-negative; else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d)) or float(mod.value) != 0.0:
+            return None
+        pads = mod.padding
+    elif node.op == "call_function" and node.target is F.pad:
+        if not all(_const(v) for v in list(node.args[1:]) + list(node.kwargs.values())):
+            return None
+        pads, mode, value = _arg(node, 1, "pad"), _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
+        if mode != "constant" or value not in (None, 0, 0.0):
+            return None
+    else:
+        return None
+    pads = tuple(int(p) for p in pads)
+    return pads if pads and len(pads) % 2 == 0 and min(pads) >= 0 else None
+
+
 def layout_op(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple]:
     """(op, args) of a layout node (module docstring), else None."""
     up = _upsample(gm, node)
     if up is not None:
         return "upsample", up
+    pads = _zero_pad(gm, node)
+    if pads is not None:
+        return "pad", pads
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         split = _split_node(node.args[0])
         if split is not None and isinstance(node.args[1], int):
@@ -178,10 +203,15 @@ def slice_bounds(op: str, args: tuple, size: int) -> tuple[int, int]:
     return starts[i], min(starts[i] + step, size)
 
 
-def apply_layout(op: str, args: tuple, x):
-    """The layout op on a numpy array of codes."""
+def apply_layout(op: str, args: tuple, x, fill: int = 0):
+    """The layout op on a numpy array of codes (``fill``: the zero point, for "pad")."""
     import numpy as np
 
+    if op == "pad":  # torch order: last dim first, (before, after) each
+        widths = [(0, 0)] * x.ndim
+        for i in range(len(args) // 2):
+            widths[x.ndim - 1 - i] = (args[2 * i], args[2 * i + 1])
+        return np.pad(x, widths, constant_values=fill)
     if op == "permute":
         return np.ascontiguousarray(np.transpose(x, [d % x.ndim for d in args]))
     if op == "transpose":

@@ -352,8 +352,8 @@ def _shape_entry(d):
 @dataclass(frozen=True, kw_only=True)
 class LayoutStep(Step):
     """Data movement on the codes, record unchanged (:mod:`pyzeroq.layout_ops`): ``op`` "permute"
-    (``args``: the dims), "transpose" (two dims), "chunk" / "split" ((dim, n or sizes, item)) or
-    "upsample" ((fh, fw): nearest, integer factors)."""
+    (``args``: the dims), "transpose" (two dims), "chunk" / "split" ((dim, n or sizes, item)),
+    "upsample" ((fh, fw): nearest, integer factors) or "pad" (torch's pad tuple; the zero point fills)."""
 
     kind: ClassVar[str] = "layout"
     x_q: TensorQuant
@@ -370,7 +370,7 @@ class LayoutStep(Step):
     out_q = property(lambda self: self.x_q)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        return apply_layout(self.op, self.args, x)
+        return apply_layout(self.op, self.args, x, self.x_q.zero_point_value)
 
 
 @dataclass(frozen=True, kw_only=True)
