@@ -39,6 +39,7 @@ from torch import fx, nn
 
 import pyzeroq as zq
 from pyzeroq.integer import steps as S
+from pyzeroq.integer.drift import code_drift
 from pyzeroq.models.layers import Normalize
 from pyzeroq.modules import QuantAct
 
@@ -904,6 +905,14 @@ def check_quantized(q, im, x: np.ndarray, onnx: bool = True, tolerance: int = 1,
             res.e2e_exact += int((d == 0).sum())
             res.max_e2e = max(res.max_e2e, int(d.max(initial=0)))
     res.argmax_same = float((fq_logits.argmax(1) == int_logits.argmax(1)).mean())
+
+    # property 5: the integer-exact fake-quant mode (zq.integer_exact) equals the integer model
+    exact = zq.integer_exact(q)
+    drift = code_drift(exact, im, x)
+    assert all(d.differing == 0 for d in drift.layers), f"integer_exact vs integer model:\n{drift.to_markdown()}"
+    with torch.no_grad():
+        np.testing.assert_array_equal(exact(torch.from_numpy(x)).numpy(), int_logits,
+                                      err_msg="integer_exact vs integer model: logits")
 
     # property 4: save / load round trips are exact (fake-quant model and integer model)
     if roundtrip:
