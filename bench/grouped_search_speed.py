@@ -130,7 +130,9 @@ def write(results: dict, args) -> None:
     lines = ["### Grouped search (Appendix A), MP4/A8: c868dd5 vs this tree", "",
              f"`{' '.join(sys.argv)}`; one thread each, {args.repeats} repeats interleaved (order swapped every "
              "repeat); the timed stage is JointEvaluator construction + grouped_search + the exact KL of the "
-             "independent choice. Selections asserted identical (bits, exact KL of every kept configuration).", "",
+             "independent choice. Selections asserted identical (bits, exact KL of every kept configuration). "
+             f"Load average (1 min) at start / end: {results['load'][0]:.1f} / {results['load'][1]:.1f} "
+             f"on {os.cpu_count()} cores.", "",
              "| model | evaluations | c868dd5 median (min-max) s | new median (min-max) s | speedup median (min-max) |",
              "|---|---|---|---|---|"]
     for model_name, s in results["summary"].items():
@@ -139,6 +141,11 @@ def write(results: dict, args) -> None:
                      f"{o['median_s']:.1f} ({o['min_s']:.1f}-{o['max_s']:.1f}) | "
                      f"{n['median_s']:.1f} ({n['min_s']:.1f}-{n['max_s']:.1f}) | "
                      f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}) |")
+    lines += ["", "Selections (identical on both sides): " + "; ".join(
+        f"{m}: exact KL {sel['total']:.6g} (independent DP choice {sel['independent_kl']:.6g}), "
+        f"evaluations per group {sel['evaluations']}" for m, sel in results["selections"].items()) + ".", "",
+        "Old side: c868dd5 installed in its own worktree and venv (see the script's docstring); new side: this "
+        "tree. Both read the same distilled images and compute their own sensitivities (asserted equal)."]
     (RESULTS / "grouped_search_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -155,6 +162,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     names = args.models.split(",")
     data = {m: distilled(m, cache) for m in names}
+    load_start = os.getloadavg()[0]
     times = {m: {"old": [], "new": []} for m in names}
     selections = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,7 +178,8 @@ def main() -> None:
                                                             "independent_kl")}
                 print(f"repeat {rep}: {m} old {got['old']['seconds']:.1f} s, new {got['new']['seconds']:.1f} s "
                       "(identical selection)", flush=True)
-    write({"summary": summary(times), "selections": selections, "threads": 1}, args)
+    write({"summary": summary(times), "selections": selections, "threads": 1,
+           "load": [load_start, os.getloadavg()[0]]}, args)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,27 @@ def test_grouped_search_with_prefix_reuse_selects_the_same(monkeypatch):
     assert new.total == old.total and new.evaluations == old.evaluations
 
 
+def test_grouped_search_passes_the_group_start():
+    rng = np.random.default_rng(4)
+    s, c = rng.random((7, 3)), rng.integers(1, 9, (7, 3))
+    budget = int(c.sum(axis=1).mean() * 1.5)
+    seen = []
+
+    def additive(p, decided=None):
+        seen.append((decided, len(np.unique(p[:, :decided], axis=0)) if decided else 1))
+        return s[np.arange(p.shape[1]), p].sum(axis=1) + 0.01 * (p == 0).sum(axis=1) ** 2  # not additive
+    kwargs = dict(group_size=3, keep_per_bin_estimate=4, size_bins=5, keep_per_bin_exact=2)
+    plain = pareto.grouped_search(s, c, budget, additive, **kwargs)
+    assert [d for d, _ in seen] == [None] * 3
+    seen.clear()
+    hinted = pareto.grouped_search(s, c, budget, additive, pass_decided=True, **kwargs)
+    assert [d for d, _ in seen] == [0, 3, 6]
+    assert all(prefixes <= 5 * 2 for _, prefixes in seen)  # at most the kept configurations
+    assert np.array_equal(plain.choice, hinted.choice) and plain.total == hinted.total
+    with pytest.raises(TypeError, match="pass_decided"):
+        pareto.grouped_search(s, c, budget, additive, pass_decided=1)
+
+
 def test_bad_arguments():
     gm, info = prepare(Branchy())
     ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 6, 6))

@@ -413,6 +413,8 @@ def grouped_search(sensitivity, cost, budget, evaluate: Callable[[np.ndarray], n
     bins = _check_bins(bins)
     if not callable(evaluate):
         raise TypeError("evaluate must be callable: evaluate(prefix_choices[N, e]) -> values[N]")
+    if not isinstance(pass_decided, bool):
+        raise TypeError(f"pass_decided must be a bool, got {type(pass_decided).__name__}")
     _check_feasible(c, budget)
 
     layers = s.shape[0]
