@@ -106,8 +106,8 @@ def output_distance(reference: list, output: list, measure: str) -> torch.Tensor
     ``measure``: "kl" or "mse" (:func:`resolve_measure`). float64, shape () or [R]."""
     if len(reference) != len(output):
         raise ValueError(f"output has {len(output)} tensors, the reference {len(reference)}")
-    if measure == "kl":
-        return kl_divergence(reference[0], output[0])
+    if measure == "kl":  # the reference expanded over a configuration dim, as ZeroQ's batched evaluation
+        return kl_divergence(reference[0].expand_as(output[0]), output[0])
     if measure != "mse":
         raise ValueError(f"measure must be 'kl' or 'mse', got {measure!r}")
     return sum(_normalised_mse(r, o) for r, o in zip(reference, output))

@@ -344,8 +344,8 @@ def _group_candidates(s: np.ndarray, c: np.ndarray, k: int, bins: int | None):
     return choices, values, _config_cost(c, choices)
 
 
-def _call_evaluate(evaluate, prefixes: np.ndarray) -> np.ndarray:
-    out = evaluate(prefixes.copy())
+def _call_evaluate(evaluate, prefixes: np.ndarray, **kwargs) -> np.ndarray:
+    out = evaluate(prefixes.copy(), **kwargs)
     if hasattr(out, "detach"):  # torch tensor
         out = out.detach().cpu().numpy()
     values = np.asarray(out, dtype=np.float64)
@@ -359,7 +359,8 @@ def _call_evaluate(evaluate, prefixes: np.ndarray) -> np.ndarray:
 
 def grouped_search(sensitivity, cost, budget, evaluate: Callable[[np.ndarray], np.ndarray],
                    group_size: int = 5, keep_per_bin_estimate: int = 10, size_bins: int = 200,
-                   keep_per_bin_exact: int = 5, bins: int | None = None) -> GroupedSearchResult:
+                   keep_per_bin_exact: int = 5, bins: int | None = None,
+                   pass_decided: bool = False) -> GroupedSearchResult:
     """ZeroQ Appendix A: relax the independence assumption of Eq. 4 group by group.
 
     The paper's four hyperparameters "typically 10, 5, 200, 5" map to:
@@ -390,6 +391,11 @@ def grouped_search(sensitivity, cost, budget, evaluate: Callable[[np.ndarray], n
        ``prefixes`` is an int64 array ``[N, e]`` (option index of layers
        ``0..e-1``); it must return ``N`` exact joint sensitivities of those
        configurations, with the layers not yet decided left unquantized.
+       With ``pass_decided=True`` it is called ``evaluate(prefixes,
+       decided=start)``: the first ``start`` columns are the kept prefixes of
+       the earlier groups (few distinct rows), so an evaluator can compute
+       what those layers alone determine once per distinct prefix
+       (:class:`pyzeroq.sensitivity.JointEvaluator` does).
     4. Per size bin keep the ``keep_per_bin_exact`` best by exact value.
 
     After the last group the best exactly evaluated full configuration wins.
@@ -407,6 +413,8 @@ def grouped_search(sensitivity, cost, budget, evaluate: Callable[[np.ndarray], n
     bins = _check_bins(bins)
     if not callable(evaluate):
         raise TypeError("evaluate must be callable: evaluate(prefix_choices[N, e]) -> values[N]")
+    if not isinstance(pass_decided, bool):
+        raise TypeError(f"pass_decided must be a bool, got {type(pass_decided).__name__}")
     _check_feasible(c, budget)
 
     layers = s.shape[0]
@@ -431,7 +439,7 @@ def grouped_search(sensitivity, cost, budget, evaluate: Callable[[np.ndarray], n
             raise ValueError(f"budget {budget!r}: no configuration of layers 0..{end - 1} fits "
                              "(costs sum to the budget within float rounding)")
         cand = np.concatenate([pre_choices[pi], x_choices[xi]], axis=1)
-        exact = _call_evaluate(evaluate, cand)
+        exact = _call_evaluate(evaluate, cand, **({"decided": start} if pass_decided else {}))
         order = _lex_order(cand, bin_, exact, size)
         keep = order[_rank_within(bin_[order]) < k_exact]
         keep = keep[_lex_order(cand[keep])]  # next group's prefixes in lexicographic order

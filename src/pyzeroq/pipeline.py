@@ -238,13 +238,13 @@ def _same_size_choice(objective: np.ndarray, cost: np.ndarray, budget: float, bi
 
 def _grouped_refinement(gm, layers, data, sensitivity, cost, budget, choice, config):
     """Appendix-A grouped search; (choice with the lower exact KL, :class:`Relaxation`)."""
-    evaluator = JointEvaluator(gm, list(layers), config.weight_candidates, data[:config.mp_eval_samples],
-                               measure=config.sensitivity)
-    result = pareto.grouped_search(
-        sensitivity, cost, budget, evaluator, group_size=config.mp_group_size,
-        keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
-        keep_per_bin_exact=config.mp_keep_exact, bins=config.pareto_bins)
-    independent_kl = float(evaluator(np.asarray(choice)[None, :])[0])
+    with JointEvaluator(gm, list(layers), config.weight_candidates, data[:config.mp_eval_samples],
+                        progress=config.progress, measure=config.sensitivity) as evaluator:
+        result = pareto.grouped_search(
+            sensitivity, cost, budget, evaluator, group_size=config.mp_group_size,
+            keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,
+            keep_per_bin_exact=config.mp_keep_exact, bins=config.pareto_bins, pass_decided=True)
+        independent_kl = float(evaluator(np.asarray(choice)[None, :])[0])
     grouped = np.asarray(result.choice)
     # keep the plain DP choice if the grouped search found nothing better by exact KL
     if float(result.total) <= independent_kl:

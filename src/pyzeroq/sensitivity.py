@@ -12,19 +12,35 @@ re-evaluation step of the Appendix-A grouped search.
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import NamedTuple
+
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.func import functional_call, vmap
 from tqdm import tqdm
 
+from .graph_split import Cut, cut, model_inputs, stage, tensor_nodes
 from .modules import quant_layers, set_act_mode, set_weight_bits
 from .outputs import concat_outputs, kl_divergence, output_distance, output_leaves, resolve_measure
 
 __all__ = ["layer_sensitivities", "JointEvaluator", "kl_divergence"]
 
-# Images x configurations per vmapped forward; bounds the memory of the exact re-evaluation.
-JOINT_EVAL_IMAGES_PER_CHUNK = 4096
+# Images x configurations per vmapped forward of the exact re-evaluation: bounds its memory. Small
+# batches stay in cache (4096 ran 3-4x slower per configuration on ResNet-20 / MobileNetV2).
+JOINT_EVAL_IMAGES_PER_CHUNK = 64
+# Images x prefixes whose frontier activations (what the decided layers alone determine) are held at once.
+JOINT_EVAL_PREFIX_IMAGES = 1024
+# Which kernel a conv takes depends on the batch: on one thread PyTorch runs a 1x1 stride-1 conv through
+# its native kernel below this many images and through oneDNN from it on, and one configuration's conv
+# under vmap is an ungrouped oneDNN conv, several a grouped one; their float results differ in the last
+# bits. So that each configuration takes the kernels it takes in a large batch whatever the chunking, a
+# vmapped forward of a call with several rows holds at least 2 configurations and this many images (a
+# short chunk is padded with repeated rows); a call with one row runs alone.
+ONEDNN_MIN_BATCH = 16
 
 
 @torch.no_grad()
@@ -55,24 +71,69 @@ def layer_sensitivities(gm: nn.Module, data: torch.Tensor, candidates: tuple[int
     return names, omega
 
 
-class JointEvaluator:
-    """Exact distance (``measure``, as :func:`layer_sensitivities`; "kl" for logits) of
-    configurations of the first layers (the rest stay float), batched.
+class _PrefixTree(NamedTuple):
+    """Distinct prefixes of a call's rows at increasing ``decided`` levels."""
 
-    ``evaluator(choices)`` with int64 choices [N, g] (index into ``candidates`` for
-    layers 0..g-1 of ``names``) returns float64 [N].
+    keys: list  # per level k: [U_k, d_k] int64 distinct prefixes (choices of layers 0..d_k-1), lexicographic
+    parent: list  # per level k: [U_k] int64 its node at level k-1 (0: the root), non-decreasing
+    owner: np.ndarray  # [N] int64 each row's node at the last level (0: the root)
+
+
+def _prefix_tree(choices: np.ndarray, levels: list[int]) -> _PrefixTree:
+    keys, parent, node = [], [], np.zeros(len(choices), dtype=np.int64)
+    for d in levels:
+        k, first, inverse = np.unique(choices[:, :d], axis=0, return_index=True, return_inverse=True)
+        keys.append(k)
+        parent.append(node[first])
+        node = inverse.reshape(-1)
+    return _PrefixTree(keys, parent, node)
+
+
+class JointEvaluator:
+    """Exact KL of configurations of the first layers (the rest stay float), batched.
+
+    ``evaluator(choices, decided=0)`` with int64 choices [N, g] (index into ``candidates``
+    for layers 0..g-1 of ``names``, graph order) returns float64 [N]: the KL (Eq. 2, mean
+    over ``data``) of the model with those layers' weights quantized, activations float.
+
+    ``decided``: rows sharing their first ``decided`` choices (the prefixes that the
+    grouped search keeps) share what those layers alone determine
+    (:mod:`pyzeroq.graph_split`): it is computed once per distinct prefix, and only the
+    rest of the graph once per row. The ``decided`` values of earlier calls (the grouped
+    search's group boundaries) cut the prefixes further: the layers before such a level
+    run once per distinct prefix up to it (a tree walked depth first). Configurations run
+    under ``torch.func.vmap``, ``JOINT_EVAL_IMAGES_PER_CHUNK`` images x configurations per
+    forward; each level holds the cut activations of ``JOINT_EVAL_PREFIX_IMAGES`` images
+    x prefixes at a time: the memory does not grow with N.
+
+    Every row takes the same float operations whatever ``decided``, the earlier calls, N
+    and the chunking: vmap batches configurations along the group / batch dimensions of
+    the same kernels, and a forward holds at least 2 configurations and
+    ``ONEDNN_MIN_BATCH`` images (padded) unless the call has one row, so that PyTorch
+    picks the kernels it picks for a large batch. The values are therefore bit-identical
+    to an evaluation of the whole graph in large chunks (the code of commit c868dd5). A
+    model that fails under vmap (e.g. ``.view`` of a tensor vmap leaves non-contiguous)
+    is run one configuration at a time instead, from then on (then bit-identical to one
+    plain forward per configuration).
+
+    Use as a context manager (or call :meth:`close`) to close the progress bar
+    (``progress``: a tqdm bar counting configurations). Raises TypeError when ``gm`` is not
+    a ``torch.fx.GraphModule`` (:func:`pyzeroq.modules.prepare` makes one), ValueError for
+    choices not [N, g] with g <= len(names), or ``decided`` outside 0..g.
     """
 
-    def __init__(self, gm: nn.Module, names: list[str], candidates: tuple[int, ...], data: torch.Tensor,
-                 measure: str = "auto"):
-        self.gm, self.names, self.candidates, self.data = gm, names, candidates, data
+    def __init__(self, gm: fx.GraphModule, names: list[str], candidates: tuple[int, ...], data: torch.Tensor,
+                 progress: bool = False, measure: str = "auto"):
+        if not isinstance(gm, fx.GraphModule):
+            raise TypeError(f"gm must be a torch.fx.GraphModule (pyzeroq.modules.prepare), got {type(gm).__name__}")
+        self.gm, self.names, self.candidates, self.data = gm, list(names), candidates, data
         layers = quant_layers(gm)
         set_act_mode(gm, "off")
         set_weight_bits(gm, None)
         self.reference = _forward_leaves(gm, data, len(data))
         self.measure = resolve_measure(self.reference, measure)
         self.qweights = {}
-        for name in names:
+        for name in self.names:
             layer = layers[name]
             per_bits = []
             for bits in candidates:
@@ -80,39 +141,142 @@ class JointEvaluator:
                 per_bits.append(layer.quantized_weight().detach().clone())
             layer.set_weight_bits(None)
             self.qweights[name] = torch.stack(per_bits)  # [B, *weight.shape]
+        self._tensors = tensor_nodes(gm, data)
+        self._cuts: dict[int, Cut] = {}
+        self._stages: dict[tuple, fx.GraphModule] = {}
+        self._levels: set[int] = set()  # decided values of earlier calls
+        self._bar = tqdm(total=0, desc="grouped search", unit="config", disable=not progress, leave=False)
         self.calls = 0
         self.configurations = 0
         self.vmapped = True  # False once the model failed under torch.func.vmap (then: a loop)
 
+    def __enter__(self) -> "JointEvaluator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the progress bar."""
+        self._bar.close()
+
     @torch.no_grad()
-    def __call__(self, choices) -> np.ndarray:
-        choices = torch.as_tensor(np.asarray(choices), dtype=torch.int64)
+    def __call__(self, choices, decided: int = 0) -> np.ndarray:
+        choices = np.asarray(choices).astype(np.int64)
         if choices.ndim != 2 or choices.shape[1] > len(self.names):
-            raise ValueError(f"choices must be [N, g] with g <= {len(self.names)}, got {tuple(choices.shape)}")
+            raise ValueError(f"choices must be [N, g] with g <= {len(self.names)}, got {choices.shape}")
+        if isinstance(decided, bool) or not isinstance(decided, numbers.Integral) or \
+                not 0 <= decided <= choices.shape[1]:
+            raise ValueError(f"decided must be an integer in [0, {choices.shape[1]}] (columns of choices), "
+                             f"got {decided!r}")
         self.calls += 1
         self.configurations += len(choices)
-        g = choices.shape[1]
-        chunk = max(1, JOINT_EVAL_IMAGES_PER_CHUNK // len(self.data))
-        out = []
-
-        def run(params, x):
-            return functional_call(self.gm, params, (x,))
-
-        for start in range(0, len(choices), chunk):
-            block = choices[start:start + chunk]
-            params = {f"{name}.weight": self.qweights[name][block[:, j]] for j, name in enumerate(self.names[:g])}
-            leaves = self._batched_outputs(run, params, len(block))
-            out.append(output_distance(self.reference, leaves, self.measure))
-        return torch.cat(out).numpy() if out else np.zeros(0)
-
-    def _batched_outputs(self, run, params: dict, rows: int) -> list:
-        """Output leaves [rows, images, ...]: one vmapped forward, or, for a model that cannot run
-        under vmap (e.g. ``.view`` of a tensor vmap leaves non-contiguous), one forward per row.
-        The choice is made once per evaluator, so a model always takes the same path."""
+        if len(choices) == 0:
+            return np.zeros(0)
+        levels = sorted(d for d in self._levels if 0 < d < decided) + ([int(decided)] if decided else [])
+        self._levels.add(int(decided))
+        self._bar.total += len(choices)
+        self._bar.refresh()
+        done = self._bar.n
         if self.vmapped:
             try:
-                return output_leaves(vmap(run, in_dims=({k: 0 for k in params}, None))(params, self.data))
+                return self._evaluate(choices, levels, vmapped=True)
             except RuntimeError:
                 self.vmapped = False
-        return [torch.stack(rows_of_leaf) for rows_of_leaf in
-                zip(*(output_leaves(run({k: v[r] for k, v in params.items()}, self.data)) for r in range(rows)))]
+                self._bar.n = done
+        return self._evaluate(choices, levels, vmapped=False)
+
+    def _cut(self, decided: int | None) -> Cut:
+        if decided is None:
+            return model_inputs(self.gm)
+        if decided not in self._cuts:
+            self._cuts[decided] = cut(self.gm, self.names, decided, self._tensors)
+        return self._cuts[decided]
+
+    def _stage(self, start: int | None, end: int | None) -> fx.GraphModule:
+        """The graph from level ``start`` (None: the model input) to ``end`` (None: the output)."""
+        if (start, end) not in self._stages:
+            self._stages[start, end] = stage(self.gm, self._cut(start), None if end is None else self._cut(end))
+        return self._stages[start, end]
+
+    def _evaluate(self, choices: np.ndarray, levels: list[int], vmapped: bool) -> np.ndarray:
+        tree = _prefix_tree(choices, levels)
+        min_rows = 1 if len(choices) == 1 else max(2, math.ceil(ONEDNN_MIN_BATCH / len(self.data)))
+        call = _Call(choices, levels, tree, np.argsort(tree.owner, kind="stable"), vmapped, min_rows,
+                     max(min_rows, JOINT_EVAL_IMAGES_PER_CHUNK // len(self.data)),
+                     max(1, JOINT_EVAL_PREFIX_IMAGES // len(self.data)), np.empty(len(choices)))
+        self._descend(call, 0, [self.data] if vmapped else [(self.data,)], 0, 1)
+        return call.out
+
+    def _descend(self, call: "_Call", k: int, values: list, p0: int, p1: int) -> None:
+        """Evaluate everything below the nodes p0..p1-1 of level k-1 (the root for k = 0), whose
+        cut values are ``values`` (vmapped: per cut node [p1 - p0, ...] or unbatched; else
+        per node the tuple of cut values)."""
+        start = call.levels[k - 1] if k else None
+        start_varies = self._cut(start).varies
+        if k == len(call.levels):  # the rows: the rest of the graph and the KL
+            owners = call.tree.owner[call.order]
+            lo, hi = np.searchsorted(owners, [p0, p1])
+            for r0 in range(lo, hi, call.rows_per_chunk):
+                r = call.order[r0:min(hi, r0 + call.rows_per_chunk)]
+                outs = self._run(call, self._stage(start, None), start_varies, (True,) * len(self.reference),
+                                 values, call.tree.owner[r] - p0, call.choices[r])
+                leaves = outs if call.vmapped else [torch.stack(leaf) for leaf in zip(*outs)]
+                call.out[r] = output_distance(self.reference, leaves, self.measure).numpy()
+                self._bar.update(len(r))
+            return
+        parent, end = call.tree.parent[k], call.levels[k]
+        c0, c1 = np.searchsorted(parent, [p0, p1])
+        for c in range(c0, c1, call.nodes_per_chunk):
+            cc = min(c1, c + call.nodes_per_chunk)
+            child = self._run(call, self._stage(start, end), start_varies, self._cut(end).varies, values,
+                              parent[c:cc] - p0, call.tree.keys[k][c:cc])
+            self._descend(call, k + 1, child, c, cc)
+
+    def _params(self, module: nn.Module, choices: np.ndarray) -> dict:
+        """{layer.weight: the quantized weights of the rows [R, *weight.shape]} for the layers
+        of ``choices``' columns that ``module`` holds."""
+        held = {name for name, _ in module.named_parameters()}
+        index = torch.as_tensor(choices)
+        return {f"{name}.weight": self.qweights[name][index[:, j]]
+                for j, name in enumerate(self.names[:choices.shape[1]]) if f"{name}.weight" in held}
+
+    def _run(self, call: "_Call", module: fx.GraphModule, in_varies: tuple, out_varies: tuple, values: list,
+             parents: np.ndarray, keys: np.ndarray):
+        """``module`` for each of C configurations (``keys`` [C, d]) on its parent's values
+        (``parents`` [C] into ``values``). vmapped: per output [C, ...] (or unbatched when it does
+        not vary), in forwards of ``rows_per_chunk`` padded to ``min_rows`` rows; else per
+        configuration the tuple of outputs (one plain forward each)."""
+        run = lambda p, *x: functional_call(module, p, x)
+        if not call.vmapped:
+            return [run({k: v[0] for k, v in self._params(module, keys[i:i + 1]).items()}, *values[int(parents[i])])
+                    for i in range(len(keys))]
+        parts = []
+        for i in range(0, len(keys), call.rows_per_chunk):
+            block = np.arange(i, min(len(keys), i + call.rows_per_chunk))
+            padded = np.resize(block, max(len(block), call.min_rows))
+            params = self._params(module, keys[padded])
+            index = torch.as_tensor(parents[padded])
+            args = [v.index_select(0, index) if varies else v for v, varies in zip(values, in_varies)]
+            if params or any(in_varies):
+                in_dims = ({k: 0 for k in params}, *(0 if varies else None for varies in in_varies))
+                outs = vmap(run, in_dims=in_dims)(params, *args)
+            else:  # nothing varies (no layer chosen yet): one plain forward
+                outs = [o.expand(len(padded), *o.shape) for o in run(params, *args)]
+            parts.append([o[:len(block)] for o in outs])
+        return [torch.cat([part[j] for part in parts]) if varies else parts[0][j][0]
+                for j, varies in enumerate(out_varies)]
+
+
+class _Call(NamedTuple):
+    """One evaluator call: its rows, their prefix tree and the chunking."""
+
+    choices: np.ndarray
+    levels: list
+    tree: _PrefixTree
+    order: np.ndarray  # rows sorted by their last-level node
+    vmapped: bool
+    min_rows: int
+    rows_per_chunk: int
+    nodes_per_chunk: int
+    out: np.ndarray

@@ -1,0 +1,208 @@
+"""The exact re-evaluation of the grouped search: graph split at the decided layers, prefix reuse,
+chunking, the vmap / loop paths -- all bit-identical to evaluating the whole graph per configuration."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from pyzeroq import models, pareto, sensitivity
+from pyzeroq.graph_split import cut, model_inputs, stage, tensor_nodes
+from pyzeroq.models.layers import Normalize
+from pyzeroq.modules import prepare, set_act_mode, set_weight_bits
+from pyzeroq.sensitivity import JointEvaluator, kl_divergence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CANDS = (2, 4, 8)
+
+
+class Branchy(nn.Module):
+    """A residual add, a branch reading the input beside the first layers, a concatenation, a
+    lookup activation and an ``x.view(x.size(0), -1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.5,), (0.5,))
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.side = nn.Conv2d(1, 4, 1)
+        self.u = nn.Conv2d(4, 4, 1)
+        self.act = nn.Hardswish()
+        self.fc = nn.Linear(8 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = self.normalize(x)
+        h = torch.relu(self.a(x))
+        h = self.b(h) + h
+        s = self.act(self.side(x))
+        c = torch.cat([self.u(h), s + h], 1)
+        return self.fc(c.view(c.size(0), -1))
+
+
+@torch.no_grad()
+def whole_graph_kl(ev: JointEvaluator, choices: np.ndarray, vmapped: bool = True) -> np.ndarray:
+    """c868dd5's evaluation: the whole graph, every row in one vmapped forward (or one forward per row);
+    ``ev.reference``: the list of the model's output tensors (one: the logits)."""
+    index = torch.as_tensor(choices)
+    params = {f"{n}.weight": ev.qweights[n][index[:, j]] for j, n in enumerate(ev.names[:choices.shape[1]])}
+    run = lambda p, x: functional_call(ev.gm, p, (x,))
+    if vmapped:
+        logits = vmap(run, in_dims=({k: 0 for k in params}, None))(params, ev.data)
+    else:
+        logits = torch.stack([run({k: v[r] for k, v in params.items()}, ev.data) for r in range(len(choices))])
+    return kl_divergence(ev.reference[0].expand_as(logits), logits).numpy()
+
+
+def grouped_rows(rng, layers: int, end: int, decided: int, rows: int = 24, prefixes: int = 3) -> np.ndarray:
+    """Rows as the grouped search makes them: a few prefixes of ``decided`` columns, varied after."""
+    pre = rng.integers(0, len(CANDS), (prefixes, decided))
+    return np.concatenate([pre[rng.integers(0, prefixes, rows)], rng.integers(0, len(CANDS), (rows, end - decided))],
+                          axis=1)
+
+
+@pytest.mark.parametrize("decided", range(6))
+def test_stages_through_a_cut_are_the_whole_graph(decided):
+    gm, info = prepare(Branchy())
+    set_act_mode(gm, "off")
+    x = torch.rand(3, 1, 6, 6)
+    c = cut(gm, info.layers, decided, tensor_nodes(gm, x))
+    with torch.no_grad():
+        values = stage(gm, model_inputs(gm), c)(x)
+        assert torch.equal(stage(gm, c, None)(*values)[0], gm(x))
+    assert len(c.varies) == len(values)
+    assert any(c.varies) == (decided > 0)  # a decided layer's output is read after the cut
+
+
+def test_chained_stages_in_any_layer_order():
+    """Cuts follow the data flow: 'decided' may count layers in any order, and the stages between
+    increasing cuts chain into the whole graph."""
+    gm, info = prepare(Branchy())
+    set_act_mode(gm, "off")
+    x = torch.rand(2, 1, 6, 6)
+    tensors = tensor_nodes(gm, x)
+    for order in (info.layers, ["side", "fc", "a", "u", "b"]):
+        assert sorted(order) == sorted(info.layers)
+        for levels in ([1, 3, 5], [2, 4], [0, 5]):
+            values, start = (x,), model_inputs(gm)
+            with torch.no_grad():
+                for d in levels:
+                    end = cut(gm, order, d, tensors)
+                    values, start = stage(gm, start, end)(*values), end
+                assert torch.equal(stage(gm, start, None)(*values)[0], gm(x))
+    with pytest.raises(ValueError, match="decided"):
+        cut(gm, info.layers, 6, tensors)
+    with pytest.raises(ValueError, match="precede"):
+        stage(gm, cut(gm, info.layers, 4, tensors), cut(gm, info.layers, 1, tensors))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_prefix_reuse_is_bit_identical_to_the_whole_graph(name, monkeypatch):
+    gm, info = prepare(models.load_pretrained(name))
+    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 28, 28))
+    rng = np.random.default_rng(0)
+    layers = len(info.layers)
+    for decided, end in ((0, 5), (5, 10), (layers - 5, layers)):
+        rows = grouped_rows(rng, layers, end, decided)
+        want = whole_graph_kl(ev, rows)
+        assert np.array_equal(ev(rows, decided=decided), want)
+        # other chunkings (several prefix chunks, partial row chunks): the same bits
+        monkeypatch.setattr(sensitivity, "JOINT_EVAL_IMAGES_PER_CHUNK", 6)
+        monkeypatch.setattr(sensitivity, "JOINT_EVAL_PREFIX_IMAGES", 4)
+        assert np.array_equal(ev(rows, decided=decided), want)
+        monkeypatch.undo()
+    assert ev.vmapped and ev.configurations == 6 * 24
+
+
+def test_loop_fallback_and_prefix_reuse_on_a_branchy_graph():
+    gm, info = prepare(Branchy())
+    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(3, 1, 6, 6))
+    rng = np.random.default_rng(1)
+    rows = grouped_rows(rng, 5, 4, 2)
+    vmapped = ev(rows, decided=2)
+    assert np.array_equal(vmapped, ev(rows))
+    if ev.vmapped:
+        assert np.array_equal(vmapped, whole_graph_kl(ev, rows))
+    ev.vmapped = False  # the path of models that fail under vmap: one forward per configuration
+    looped = ev(rows, decided=2)
+    assert np.array_equal(looped, whole_graph_kl(ev, rows, vmapped=False))
+    assert np.array_equal(looped, ev(rows))
+    np.testing.assert_allclose(looped, vmapped, rtol=1e-4, atol=1e-9)  # grouped vs plain float32 conv
+
+
+def test_memory_is_bounded_by_the_chunk_budget(monkeypatch):
+    gm, info = prepare(Branchy())
+    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 6, 6))
+    widths = []
+    real_vmap = sensitivity.vmap
+
+    def recording_vmap(fn, in_dims):
+        def call(params, *args):
+            widths.append(max(v.shape[0] for v in params.values()))
+            return real_vmap(fn, in_dims=in_dims)(params, *args)
+        return call
+
+    monkeypatch.setattr(sensitivity, "vmap", recording_vmap)
+    monkeypatch.setattr(sensitivity, "JOINT_EVAL_IMAGES_PER_CHUNK", 32)
+    rows = grouped_rows(np.random.default_rng(2), 5, 5, 3, rows=200, prefixes=20)
+    want = ev(rows)
+    assert np.array_equal(ev(rows, decided=3), want)
+    assert max(widths) == 32 // 2  # configurations per forward, whatever the 200 rows
+    # at least 2 configurations and ONEDNN_MIN_BATCH images per forward of a call with several rows
+    assert min(widths) == sensitivity.ONEDNN_MIN_BATCH // 2
+    widths.clear()
+    ev(rows[:1], decided=3)
+    assert widths == [1, 1]  # one row: prefix and suffix forwards of one configuration
+
+
+def test_grouped_search_with_prefix_reuse_selects_the_same(monkeypatch):
+    gm, info = prepare(models.load_pretrained("resnet20"))
+    data = torch.rand(2, 1, 28, 28)
+    names = info.layers
+    omega = np.random.default_rng(3).random((len(names), 3)) * np.array([1.0, 0.1, 0.01])
+    cost = np.array([[gm.get_submodule(n).weight.numel() * b for b in CANDS] for n in names]) // 4
+    budget = int(cost[:, 1].sum())
+    kwargs = dict(group_size=6, keep_per_bin_estimate=3, size_bins=8, keep_per_bin_exact=2)
+    with JointEvaluator(gm, names, CANDS, data, progress=True) as ev:
+        new = pareto.grouped_search(omega, cost, budget, ev, pass_decided=True, **kwargs)
+        assert ev._bar.n == ev._bar.total == ev.configurations == sum(new.evaluations)
+    set_weight_bits(gm, None)
+    old = pareto.grouped_search(omega, cost, budget, lambda c: whole_graph_kl(ev, c), **kwargs)
+    for field in ("choice", "kept_choices", "kept_totals", "kept_bin"):
+        assert np.array_equal(getattr(new, field), getattr(old, field)), field
+    assert new.total == old.total and new.evaluations == old.evaluations
+
+
+def test_grouped_search_passes_the_group_start():
+    rng = np.random.default_rng(4)
+    s, c = rng.random((7, 3)), rng.integers(1, 9, (7, 3))
+    budget = int(c.sum(axis=1).mean() * 1.5)
+    seen = []
+
+    def additive(p, decided=None):
+        seen.append((decided, len(np.unique(p[:, :decided], axis=0)) if decided else 1))
+        return s[np.arange(p.shape[1]), p].sum(axis=1) + 0.01 * (p == 0).sum(axis=1) ** 2  # not additive
+    kwargs = dict(group_size=3, keep_per_bin_estimate=4, size_bins=5, keep_per_bin_exact=2)
+    plain = pareto.grouped_search(s, c, budget, additive, **kwargs)
+    assert [d for d, _ in seen] == [None] * 3
+    seen.clear()
+    hinted = pareto.grouped_search(s, c, budget, additive, pass_decided=True, **kwargs)
+    assert [d for d, _ in seen] == [0, 3, 6]
+    assert all(prefixes <= 5 * 2 for _, prefixes in seen)  # at most the kept configurations
+    assert np.array_equal(plain.choice, hinted.choice) and plain.total == hinted.total
+    with pytest.raises(TypeError, match="pass_decided"):
+        pareto.grouped_search(s, c, budget, additive, pass_decided=1)
+
+
+def test_bad_arguments():
+    gm, info = prepare(Branchy())
+    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 6, 6))
+    with pytest.raises(ValueError, match="decided"):
+        ev(np.zeros((2, 3), dtype=np.int64), decided=4)
+    with pytest.raises(ValueError, match="decided"):
+        ev(np.zeros((2, 3), dtype=np.int64), decided=-1)
+    with pytest.raises(ValueError, match="choices"):
+        ev(np.zeros((2, 6), dtype=np.int64))
+    assert ev(np.zeros((0, 2), dtype=np.int64), decided=1).shape == (0,)
+    with pytest.raises(TypeError, match="GraphModule"):
+        JointEvaluator(Branchy(), info.layers, CANDS, torch.rand(2, 1, 6, 6))
