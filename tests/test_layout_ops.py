@@ -115,17 +115,34 @@ def test_upsample_is_nearest_replication(factor):
     np.testing.assert_array_equal(apply_layout("upsample", factor, x.numpy()), want.numpy())
 
 
-def test_a_layer_called_twice_is_refused():
+def test_a_layer_called_twice_runs_as_one_copy_per_call(tmp_path):
+    """A conv shared by two calls, each call followed by its own BatchNorm, and a per-channel
+    Scale after a shared conv (FCOS's head): one copy per call, BNs and scales folded."""
+    torch.manual_seed(0)
+
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c = nn.Conv2d(1, 1, 3, padding=1)
+            self.normalize, self.c = Normalize(), nn.Conv2d(1, 1, 3, padding=1)
+            self.head, self.scales = nn.Conv2d(1, WIDTH, 3, padding=1), nn.ParameterList(
+                [nn.Parameter(torch.tensor(1.5)), nn.Parameter(torch.rand(1, WIDTH, 1, 1) + 0.5)])
+            self.bns = nn.ModuleList([nn.BatchNorm2d(1), nn.BatchNorm2d(1)])
+            self.fc = nn.Linear(2 * WIDTH, CLASSES)
+            with torch.no_grad():
+                for bn in self.bns:
+                    bn.running_mean.uniform_(-0.3, 0.3)
 
         def forward(self, x):
-            return self.c(self.c(x))
+            x = self.normalize(x)
+            a = torch.relu(self.bns[0](self.c(x)))
+            b = torch.relu(self.bns[1](self.c(a)))
+            ya, yb = self.head(a) * self.scales[0], self.head(b) * self.scales[1]
+            return self.fc(torch.cat([ya, yb], 1).mean((2, 3)))
 
-    with pytest.raises(ValueError, match=r"\['c'\] are called more than once"):
-        quantize(Shared())
+    q = quantize(Shared())
+    assert len(q.report.layers) == 5 and set(q.report.folded_bn.values()) == {"c", "c_call1"}
+    assert any("called more than once" in n for n in q.report.notes)
+    check_all(q, tmp_path, {"conv", "concat"})
 
 
 def test_unsupported_interpolation_is_listed():

@@ -1,7 +1,7 @@
 """The model zoo (tests/zoo.py) end to end at W8A8, W4A8 and MP4: no float op, ``to_integer``,
 ``export_onnx``, onnxruntime equal to the integer model bit for bit, the integer-exact mode
 (``zq.integer_exact``) equal to it code for code, the default fake-quant model close to it (same
-top-1 on most images; dequantized maps within a code)."""
+top-1 on most images; few activation codes differ, each by a step or two)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ GROUPED_SEARCH_MODELS = ("mobilenetv3_small", "two_heads")
 FAST = dict(calibration="gaussian", num_samples=8, progress=False)
 BATCH = 8
 MIN_TOP1_AGREEMENT = 0.75  # integer vs fake-quant: conv requantization near-ties move a few codes
-MAX_CODE_DIFF_FRACTION = 0.02
+MAX_CODE_DIFF_FRACTION = 0.02  # of all activation codes (default fake-quant vs integer)
+MAX_DRIFT_STEPS = 4  # a differing code is amplified by later gains (DenseNet's BN-as-conv: up to 4 steps)
 
 
 def inputs(shape, n: int = BATCH) -> torch.Tensor:
@@ -57,9 +58,10 @@ def test_zoo_model(name, config, tmp_path):
         assert f.shape == g.shape
         if g.dim() == 2:  # logits
             assert (f.argmax(1) == g.argmax(1)).float().mean() >= MIN_TOP1_AGREEMENT
-        else:  # a dequantized map: within one code (few) of the fake-quant model
-            step = (g - f).abs()
-            assert (step > 1e-6).float().mean() <= MAX_CODE_DIFF_FRACTION
+    # every activation code (returned maps included) within a few steps of the default fake-quant model's
+    drift = code_drift(q, im, x)
+    assert drift.max_distance <= MAX_DRIFT_STEPS, drift.to_markdown()
+    assert sum(d.differing for d in drift.layers) <= MAX_CODE_DIFF_FRACTION * sum(d.codes for d in drift.layers)
     # zq.integer_exact: the fake-quant graph with the integer arithmetic, equal to it code for code
     exact = zq.integer_exact(q)
     drift = code_drift(exact, im, x)

@@ -361,3 +361,18 @@ class DenseNet(nn.Module):
 
 
 ZOO["densenet"] = (DenseNet, IMAGE)
+
+
+def _fcos():
+    from pyzeroq.detection.model import FCOSDetector
+
+    model = FCOSDetector()
+    for m in model.modules():  # untrained: BN statistics set as for every zoo model
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+ZOO["fcos"] = (_fcos, (1, 96, 96))  # the project's detector: shared head per FPN level, per-level Scale, dict

@@ -55,6 +55,7 @@ from .quantizers import (  # noqa: F401 (re-exported: the quantizer family lives
     QuantLinear,
     mse_clip_range,
 )
+from .rewrites import fold_constant_scales, split_shared_layers
 
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
 BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -107,6 +108,8 @@ class SurgeryInfo:
     act_quants: list[str] = field(default_factory=list)      # inserted QuantAct modules
     folded_bn: dict[str, str] = field(default_factory=dict)  # bn name -> conv name
     bn_as_conv: list[str] = field(default_factory=list)      # BNs after no layer: depthwise 1x1 convs
+    shared_layers: dict[str, list[str]] = field(default_factory=dict)  # layer called k times -> its k-1 copies
+    folded_scales: list[str] = field(default_factory=list)   # `layer(x) * constant` nodes folded into the layer
     float_ops: list[str] = field(default_factory=list)       # ops left in float (not understood)
 
 
@@ -251,14 +254,8 @@ def bn_as_depthwise_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool) -> None:
-    """Step 2: conv / linear -> their quantized versions (ValueError for a layer module called
-    more than once: each call would need its own input and output quantizers)."""
-    calls = [n.target for n in gm.graph.nodes if _is_module(gm, n, FOLDABLE_LAYERS)]
-    shared = sorted({t for t in calls if calls.count(t) > 1})
-    if shared:
-        raise ValueError(f"model: layer module(s) {shared} are called more than once in forward; pyzeroq quantizes "
-                         "each Conv / Linear call with its own quantizers: use one module per call (weights may be "
-                         "copied)")
+    """Step 2: conv / linear -> their quantized versions (one module per call: shared ones were
+    split by :func:`pyzeroq.rewrites.split_shared_layers`)."""
     for node in gm.graph.nodes:
         if _is_module(gm, node, (nn.Conv2d, nn.Conv1d)) or _is_module(gm, node, (nn.ConvTranspose2d,)) and \
                 gm.get_submodule(node.target).groups == 1 and gm.get_submodule(node.target).padding_mode == "zeros":
@@ -408,6 +405,8 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
     Raises ValueError when the model cannot be traced by torch.fx."""
     gm = _trace(copy.deepcopy(model).eval())
     info = SurgeryInfo()
+    info.shared_layers = split_shared_layers(gm)
+    info.folded_scales = fold_constant_scales(gm)
     _fold_bns(gm, info)
     _swap_layers(gm, info, per_channel)
     points, layer_points = _activation_points(gm, info)

@@ -364,6 +364,9 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
     layers = quant_layers(gm)
     report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
     report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)
+    if info.shared_layers:
+        report.notes.append(f"layer module(s) called more than once run as one copy per call (own quantizers; the "
+                            f"weights are stored per call): {info.shared_layers}")
     if info.bn_as_conv:
         report.notes.append(f"BatchNorm(s) {info.bn_as_conv} follow no conv / linear: each runs as the depthwise 1x1 "
                             "conv of its affine map (a quantized layer)")
