@@ -4,6 +4,7 @@ load; the surgery check refuses a BatchNorm1d whose channels are not the Linear'
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_integer_convert import FAST
@@ -113,3 +114,28 @@ def test_batchnorm1d_over_other_channels_is_refused():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="changed its float output"):
         zq.quantize(Wrong().eval(), zq.QuantConfig(**FAST), input_shape=(8, 8))
+
+
+def test_linear_on_sequences(tmp_path):
+    """Linear layers applied to [N, L, F] (rows of a sequence) and the logits Linear on [N, L, K]
+    too: the simulator, onnxruntime (Reshape to rows and back) and integer_exact agree."""
+    torch.manual_seed(0)
+
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = Normalize()
+            self.mix, self.mix2 = nn.Linear(28, FEATURES), nn.Linear(FEATURES, 8)
+            self.head = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            x = self.normalize(x).view(x.size(0), 28, 28)  # 28 rows of 28 pixels
+            x = torch.relu(self.mix2(torch.relu(self.mix(x))))
+            return self.head(x)  # per-row logits [N, 28, CLASSES]
+
+    q = zq.quantize(Rows().eval(), zq.QuantConfig(**FAST), input_shape=(1, 28, 28))
+    im = zq.to_integer(q)
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    assert im(x).shape == (6, 28, CLASSES)
+    check_all(q, tmp_path, {"linear", "linear_out"}, x=x)
+    np.testing.assert_array_equal(zq.integer_exact(q)(x).detach().numpy(), im(x).numpy())

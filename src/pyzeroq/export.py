@@ -14,7 +14,8 @@ InputStep              float input: ``Sub(mean)``, ``Div(std)`` (the model's nor
 ConvStep               ``QLinearConv`` (uint8 per-channel weights and zero points, int32 bias); a Conv1d
                        between ``Unsqueeze`` / ``Squeeze`` (the Conv2d over [N, C, 1, L]); a ConvTranspose2d
                        after ``Reshape``, ``Pad`` (zero point), ``Reshape``, ``Slice`` (zero points inserted)
-LinearStep (hidden)    ``Unsqueeze`` -> 1x1 ``QLinearConv`` -> ``Flatten`` (QLinearMatMul has no bias)
+LinearStep (hidden)    ``Unsqueeze`` -> 1x1 ``QLinearConv`` -> ``Flatten`` (QLinearMatMul has no bias); an
+                       [N, ..., K] input between ``Reshape`` to rows and back
 LogitsStep             ``MatMulInteger`` (per-column weight zero points) -> ``Add`` int32 bias ->
                        ``Cast(float)`` -> ``Mul`` by ``f32(x_scale * w_scale[c])``
 AddStep                ``DequantizeLinear`` x2 -> ``Add`` -> ``Div(y_scale)`` -> ``QuantizeLinear(scale 1)``
@@ -272,22 +273,27 @@ class _Builder:
                             self.const(f"{b}_axes", np.array([2, 3], np.int64))], [f"{b}_zeros_in"], f"{b}_slice")
         return f"{b}_zeros_in"
 
-    def _require_2d(self, step: Step):
-        if len(self.shapes[step.inputs[0]]) != 2:
-            raise ValueError(f"layer {step.name!r}: ONNX export supports Linear layers on [N, K] inputs only")
-
     def linear(self, step: LinearStep):
-        self._require_2d(step)
-        b = step.output
+        """[N, K]: Unsqueeze -> 1x1 QLinearConv -> Flatten; [N, ..., K]: Reshape to [-1, K] first
+        and back to [N, ..., O] after (the rows are independent)."""
+        b, src = step.output, step.inputs[0]
+        in_shape = self.shapes[src]
+        if len(in_shape) > 2:
+            self.node("Reshape", [src, self.const(f"{b}_rows", np.array([-1, in_shape[-1]], np.int64))],
+                      [f"{b}_x2"], f"{b}_to_rows")
+            src = f"{b}_x2"
         x4 = f"{b}_x4"
-        self.node("Unsqueeze", [step.inputs[0], self.const(f"{b}_axes", np.array([2, 3], np.int64))], [x4],
-                  f"{b}_unsqueeze")
+        self.node("Unsqueeze", [src, self.const(f"{b}_axes", np.array([2, 3], np.int64))], [x4], f"{b}_unsqueeze")
         self.conv_like(step, x4, f"{b}_y4", step.layer.weight_codes[:, :, None, None])
-        self.node("Flatten", [f"{b}_y4"], [f"{b}_raw"], f"{b}_flatten", axis=1)
+        flat = f"{b}_raw" if len(in_shape) == 2 else f"{b}_y2"
+        self.node("Flatten", [f"{b}_y4"], [flat], f"{b}_flatten", axis=1)
+        if len(in_shape) > 2:
+            out_shape = np.array([-1, *self.shapes[step.output][1:]], np.int64)
+            self.node("Reshape", [flat, self.const(f"{b}_shape", out_shape)], [f"{b}_raw"], f"{b}_from_rows")
         self.finish(step, f"{b}_raw", *step.clamp_codes())
 
     def logits(self, step: LogitsStep):
-        self._require_2d(step)
+        """MatMulInteger broadcasts over leading dims: [N, ..., K] works as [N, K]."""
         layer, b = step.layer, step.output
         _, w_zp = layer.weight.channels(layer.out_channels)
         acc = f"{b}_acc"
