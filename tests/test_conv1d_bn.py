@@ -139,3 +139,30 @@ def test_linear_on_sequences(tmp_path):
     assert im(x).shape == (6, 28, CLASSES)
     check_all(q, tmp_path, {"linear", "linear_out"}, x=x)
     np.testing.assert_array_equal(zq.integer_exact(q)(x).detach().numpy(), im(x).numpy())
+
+
+class PreActivation(nn.Module):
+    """BatchNorm1d that follows no layer: on [N, F] (the flattened input, and after a ReLU) and on
+    [N, C, L] (pre-activation BN-ReLU-Conv1d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize1d((0.5, 0.4), (0.25, 0.3))
+        self.bn_seq, self.conv = _bn(CHANNELS), nn.Conv1d(CHANNELS, 8, 5, 4)
+        self.bn_in, self.fc1 = _bn(8 * 15), nn.Linear(8 * 15, FEATURES)
+        self.bn_mid, self.fc2 = _bn(FEATURES), nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, x):
+        x = self.conv(torch.relu(self.bn_seq(self.normalize(x))))
+        x = self.fc1(self.bn_in(x.flatten(1)))
+        return self.fc2(self.bn_mid(torch.relu(x)))
+
+
+def test_batchnorm1d_after_no_layer(tmp_path):
+    torch.manual_seed(0)
+    q = zq.quantize(PreActivation().eval(), zq.QuantConfig(**FAST), input_shape=(CHANNELS, LENGTH))
+    assert q.report.float_ops == [] and len(q.report.layers) == 6
+    assert any("bn_in" in n and "bn_mid" in n for n in q.report.notes)
+    im = check_all(q, tmp_path, {"conv", "linear_out"}, x=signals(BATCH))
+    assert sorted(s.spatial_dims for s in im.steps if isinstance(s, S.ConvStep)) == [0, 0, 0, 1]
+    np.testing.assert_array_equal(zq.integer_exact(q)(signals(BATCH)).detach().numpy(), im(signals(BATCH)).numpy())

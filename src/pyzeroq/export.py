@@ -240,7 +240,13 @@ class _Builder:
 
     def conv(self, step: ConvStep):
         raw, src, w, b = f"{step.output}_raw", step.inputs[0], step.layer.weight_codes, step.output
-        if step.spatial_dims == 1:  # Conv1d: Unsqueeze -> the Conv2d over [N, C, 1, L] -> Squeeze
+        in_shape = self.shapes[src]
+        if step.spatial_dims == 0:  # a channel affine: Reshape to [N, C, 1, prod(...)] and back
+            flat = int(np.prod(in_shape[2:], dtype=np.int64))
+            self.node("Reshape", [src, self.const(f"{b}_flat", np.array([-1, in_shape[1], 1, flat], np.int64))],
+                      [f"{b}_x4"], f"{b}_to_4d")
+            src, w, raw4 = f"{b}_x4", w[:, :, None, :], f"{b}_raw4"
+        elif step.spatial_dims == 1:  # Conv1d: Unsqueeze -> the Conv2d over [N, C, 1, L] -> Squeeze
             axes = self.const(f"{b}_axes", np.array([2], np.int64))
             self.node("Unsqueeze", [src, axes], [f"{b}_x4"], f"{b}_unsqueeze")
             src, w, raw4 = f"{b}_x4", w[:, :, None, :], f"{b}_raw4"
@@ -250,7 +256,10 @@ class _Builder:
             src = self.insert_zero_points(step, src)
         self.conv_like(step, src, raw4, w, strides=list(step.stride), pads=list(step.padding),
                        dilations=list(step.dilation), group=step.groups)
-        if step.spatial_dims == 1:
+        if step.spatial_dims == 0:
+            self.node("Reshape", [raw4, self.const(f"{b}_back", np.array([-1, *in_shape[1:]], np.int64))], [raw],
+                      f"{b}_from_4d")
+        elif step.spatial_dims == 1:
             self.node("Squeeze", [raw4, axes], [raw], f"{b}_squeeze")
         self.finish(step, raw, *step.clamp_codes())
 

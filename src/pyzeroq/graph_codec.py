@@ -61,7 +61,15 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .modules import is_normalizer
-from .quantizers import QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear, WeightQuant
+from .quantizers import (
+    QuantAct,
+    QuantChannelAffine,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantLinear,
+    WeightQuant,
+)
 
 __all__ = ["encode_graph", "decode_graph", "plain", "GETATTR_NAMES", "NODE_OPS"]
 
@@ -94,6 +102,7 @@ def _pyzeroq_classes() -> dict:
     from .models import Normalize
     return {"pyzeroq.QuantAct": QuantAct, "pyzeroq.WeightQuant": WeightQuant, "pyzeroq.QuantConv2d": QuantConv2d,
             "pyzeroq.QuantConv1d": QuantConv1d, "pyzeroq.QuantConvTranspose2d": QuantConvTranspose2d,
+            "pyzeroq.QuantChannelAffine": QuantChannelAffine,
             "pyzeroq.QuantLinear": QuantLinear, "pyzeroq.Normalize": Normalize}
 
 

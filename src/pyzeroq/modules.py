@@ -24,9 +24,9 @@ converter can run the same graph on codes):
 * biases, at the integer scale input_scale x weight_scale[c] (int32 in the integer model).
 
 BatchNorms are found through the graph: a BN is folded into the conv whose output it
-consumes when that conv has no other user; any other BatchNorm2d (pre-activation BN-ReLU-conv,
-a BN after a concat or an add) becomes the depthwise 1x1 conv of its affine map
-(:func:`bn_as_depthwise_conv`), quantized like every conv. Anything the pass does not understand stays
+consumes when that conv has no other user; any other BatchNorm (pre-activation BN-ReLU-conv,
+a BN after a concat or an add, a BatchNorm1d in an MLP) becomes the depthwise 1x1 conv of its
+affine map (:func:`bn_as_depthwise_conv`), quantized like every conv. Anything the pass does not understand stays
 float and is listed in ``float_ops``.
 """
 
@@ -48,7 +48,9 @@ from .quantizers import (  # noqa: F401 (re-exported: the quantizer family lives
     MSE_CLIP_STEPS,
     QUANT_CONV_TYPES,
     QUANT_LAYER_TYPES,
+    ChannelAffine,
     QuantAct,
+    QuantChannelAffine,
     QuantConv1d,
     QuantConv2d,
     QuantConvTranspose2d,
@@ -227,25 +229,25 @@ def _fold_bns(gm: fx.GraphModule, info: SurgeryInfo) -> None:
             node.replace_all_uses_with(src)
             graph.erase_node(node)
             info.folded_bn[node.target] = src.target
-        elif _is_module(gm, node, (nn.BatchNorm2d,)):  # e.g. pre-activation BN-ReLU-conv, BN after a concat
+        else:  # e.g. pre-activation BN-ReLU-conv, a BN after a concat, a BatchNorm1d in an MLP
             _set_submodule(gm, node.target, bn_as_depthwise_conv(gm.get_submodule(node.target)))
             info.bn_as_conv.append(node.target)
-        else:
-            info.float_ops.append(f"{node.target} (BatchNorm1d that follows no Conv1d / Linear)")
 
 
 def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def bn_as_depthwise_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
+def bn_as_depthwise_conv(bn: nn.Module) -> nn.Module:
     """A BatchNorm2d (eval) as the depthwise 1x1 Conv2d computing the same per-channel affine map
-    ``y = x * g / sqrt(var + eps) + (beta - mean * g / sqrt(var + eps))``; quantized as a layer
-    (one weight per channel: exact at any bit width, its single value being a range end)."""
-    conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=True,
-                     device=bn.running_mean.device, dtype=bn.running_mean.dtype)
-    identity = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False,
-                         device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    ``y = x * g / sqrt(var + eps) + (beta - mean * g / sqrt(var + eps))``, a BatchNorm1d as the
+    same map on [N, C, ...] of any rank (:class:`pyzeroq.quantizers.ChannelAffine`); quantized as
+    a layer (one weight per channel: exact at any bit width, its single value being a range end)."""
+    cls = nn.Conv2d if isinstance(bn, nn.BatchNorm2d) else ChannelAffine
+    conv = cls(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=True,
+               device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    identity = cls(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False,
+                   device=bn.running_mean.device, dtype=bn.running_mean.dtype)
     with torch.no_grad():
         identity.weight.fill_(1.0)
     folded = fold_bn(identity, bn)
@@ -260,6 +262,7 @@ def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool) -> No
         if _is_module(gm, node, (nn.Conv2d, nn.Conv1d)) or _is_module(gm, node, (nn.ConvTranspose2d,)) and \
                 gm.get_submodule(node.target).groups == 1 and gm.get_submodule(node.target).padding_mode == "zeros":
             cls = QuantConv2d if _is_module(gm, node, (nn.Conv2d,)) else \
+                QuantChannelAffine if _is_module(gm, node, (ChannelAffine,)) else \
                 QuantConv1d if _is_module(gm, node, (nn.Conv1d,)) else QuantConvTranspose2d
             _set_submodule(gm, node.target, cls.from_float(gm.get_submodule(node.target), per_channel))
             info.layers.append(node.target)

@@ -38,7 +38,7 @@ from .config import ACT_RANGES
 from .qspec import INT32_MAX, INT32_MIN, LayerQuant, TensorQuant, quantize_bias
 
 __all__ = ["BitWidthMismatchError", "Quantizer", "QuantAct", "WeightQuant", "QuantConv2d", "QuantConv1d", "QuantLinear",
-           "QuantConvTranspose2d", "QUANT_LAYER_TYPES", "QUANT_CONV_TYPES",
+           "QuantConvTranspose2d", "ChannelAffine", "QuantChannelAffine", "QUANT_LAYER_TYPES", "QUANT_CONV_TYPES",
            "lsq_fake_quantize", "lsq_round_ste", "mse_clip_range"]
 
 ACT_SAMPLE_CAP = 1 << 22  # values kept per quantizer for percentile / MSE calibration
@@ -453,6 +453,21 @@ class QuantLinear(nn.Linear, QuantLayerMixin):
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
 
 
+class ChannelAffine(nn.Conv1d):
+    """A per-channel affine map ``y[:, c] = x[:, c] * w[c] + b[c]`` on [N, C, ...] of any rank, as the
+    depthwise 1x1 Conv1d over [N, C, prod(...)]: what a BatchNorm1d that follows no layer becomes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(x.shape[0], x.shape[1], -1)).reshape(x.shape)
+
+
+class QuantChannelAffine(QuantConv1d):
+    """Quantized :class:`ChannelAffine` (the integer model's ConvStep with ``spatial_dims=0``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantConvMixin.forward(self, x.reshape(x.shape[0], x.shape[1], -1)).reshape(x.shape)
+
+
 class QuantConvTranspose2d(nn.Conv2d, _QuantConvMixin):
     """ConvTranspose2d (groups 1) held as the equivalent convolution: ``weight`` is the transposed
     conv's weight in conv layout, ``w[o, i] = flip(w_t[i, o])`` (kernel flipped), so the weight is
@@ -482,5 +497,5 @@ class QuantConvTranspose2d(nn.Conv2d, _QuantConvMixin):
                                   self.transpose_padding, self.output_padding, 1, self.dilation)
 
 
-QUANT_LAYER_TYPES = (QuantConv2d, QuantConv1d, QuantConvTranspose2d, QuantLinear)
+QUANT_LAYER_TYPES = (QuantConv2d, QuantConv1d, QuantConvTranspose2d, QuantLinear)  # QuantChannelAffine: a Conv1d
 QUANT_CONV_TYPES = (QuantConv2d, QuantConv1d, QuantConvTranspose2d)

@@ -168,7 +168,7 @@ def _input_rank(steps: list) -> Optional[int]:
     """Rank of the input the plan expects: [N, C, L] before a Conv1d, [N, C, H, W] before a
     Conv2d; None (any rank >= 2) when no convolution reads the input."""
     conv = _first_conv(steps)
-    return None if conv is None else BATCH_AND_CHANNEL_DIMS + conv.spatial_dims
+    return None if conv is None or conv.spatial_dims == 0 else BATCH_AND_CHANNEL_DIMS + conv.spatial_dims
 
 
 def _clamp(y: np.ndarray, lo: int, hi: int, q) -> np.ndarray:
@@ -395,7 +395,11 @@ class IntegerModel:
         layer, xq, yq = step.layer, step.layer.input, step.layer.output
         w_scale, w_zp = layer.weight.channels(layer.out_channels)
         x, w = args[0], layer.weight_codes
-        if step.spatial_dims == 1:  # Conv1d as a Conv2d over [N, C, 1, L]
+        shape = x.shape
+        if step.spatial_dims == 0:  # a channel affine over any rank: [N, C, 1, prod(...)]
+            x = x.reshape(shape[0], shape[1], 1, -1)
+            w = w[:, :, None, :]
+        elif step.spatial_dims == 1:  # Conv1d as a Conv2d over [N, C, 1, L]
             x, w = x[:, :, None, :], w[:, :, None, :]
         if step.upsample != (1, 1):  # ConvTranspose2d: zero-point codes between the pixels
             x = insert_zero_points(x, step.upsample, xq.zero_point_value)
@@ -406,7 +410,9 @@ class IntegerModel:
                                        acc_bits=self.acc_bits, overflow=self.overflow,
                                        relu=layer.activation is not None)
         self._record(step.name, st)
-        return _clamp_hi(y[:, :, 0, :] if step.spatial_dims == 1 else y, step, yq)
+        y = y.reshape(shape[0], -1, *shape[2:]) if step.spatial_dims == 0 else \
+            y[:, :, 0, :] if step.spatial_dims == 1 else y
+        return _clamp_hi(y, step, yq)
 
     def _linear(self, step: LinearStep, args: list) -> np.ndarray:
         layer, xq, yq = step.layer, step.layer.input, step.layer.output

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..modules import QuantAct, functional_pool, is_cat, quant_layers, quantized_source_of
 from ..qspec import TensorQuant
-from ..quantizers import QuantConv1d, QuantConvTranspose2d, QuantLinear
+from ..quantizers import QuantChannelAffine, QuantConv1d, QuantConvTranspose2d, QuantLinear
 from .simulate import requant_multiplier
 
 __all__ = ["integer_exact", "ExactLayer", "ExactAvgPool", "ExactConcat"]
@@ -86,6 +86,10 @@ class ExactLayer(nn.Module):
         conv = F.conv1d if isinstance(layer, QuantConv1d) else F.conv2d
         if layer.padding_mode != "zeros":
             raise ValueError(f"layer {self.record.name!r}: padding_mode={layer.padding_mode!r} has no integer form")
+        if isinstance(layer, QuantChannelAffine):  # over [N, C, ...] of any rank
+            flat = conv(c.reshape(c.shape[0], c.shape[1], -1), w, b, layer.stride, layer.padding, layer.dilation,
+                        layer.groups)
+            return flat.reshape(c.shape)
         return conv(c, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

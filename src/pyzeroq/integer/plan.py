@@ -79,6 +79,7 @@ from ..modules import (
     QUANT_CONV_TYPES,
     QUANT_LAYER_TYPES,
     QuantAct,
+    QuantChannelAffine,
     QuantConv1d,
     QuantConv2d,
     QuantConvTranspose2d,
@@ -375,10 +376,10 @@ class _Compiler:
             self.add(ConvStep(name=name, inputs=(x,), output=node.name, layer=rec, stride=(1, 1),
                               padding=self.transpose_padding(node, layer), dilation=tuple(layer.dilation), groups=1,
                               upsample=tuple(layer.transpose_stride)))
-        elif isinstance(layer, QuantConv1d):  # as a Conv2d over [N, C, 1, L]
+        elif isinstance(layer, QuantConv1d):  # as a Conv2d over [N, C, 1, L]; a channel affine over any rank
             self.add(ConvStep(name=name, inputs=(x,), output=node.name, layer=rec, stride=(1, layer.stride[0]),
                               padding=_conv_padding(layer), dilation=(1, layer.dilation[0]), groups=int(layer.groups),
-                              spatial_dims=1))
+                              spatial_dims=0 if isinstance(layer, QuantChannelAffine) else 1))
         elif isinstance(layer, QuantConv2d):
             self.add(ConvStep(name=name, inputs=(x,), output=node.name, layer=rec, stride=tuple(layer.stride),
                               padding=_conv_padding(layer), dilation=tuple(layer.dilation), groups=int(layer.groups)))

@@ -39,7 +39,7 @@ __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep
            "activation_clamp", "check_handlers", "step_from_dict", "to_plain", "from_plain"]
 
 
-CONV_SPATIAL_DIMS = (1, 2)
+CONV_SPATIAL_DIMS = (0, 1, 2)  # 0: a per-channel 1x1 conv over [N, C, ...] of any rank
 
 
 def _ints(v, n: int, what: str) -> tuple:
@@ -121,7 +121,9 @@ class ConvStep(_LayerStep):
     """QLinearConv: x uint8 [N, C, H, W] -> uint8 [N, O, OH, OW], weight codes [O, C/groups, KH, KW],
     ``padding`` (top, left, bottom, right), fused clamp of ``layer.activation``.
     ``spatial_dims=1``: a Conv1d, x [N, C, L] and weight codes [O, C/groups, K] run as the Conv2d
-    over [N, C, 1, L] that ``stride`` / ``padding`` / ``dilation`` describe.
+    over [N, C, 1, L] that ``stride`` / ``padding`` / ``dilation`` describe; ``spatial_dims=0``: a
+    depthwise 1x1 conv (a BatchNorm1d's affine map) over [N, C, ...] of any rank, run on
+    [N, C, 1, prod(...)].
     ``upsample`` (uh, uw) > 1: a ConvTranspose2d of that stride, run as this convolution on the
     input with ``u - 1`` zero-point codes inserted between neighbouring pixels."""
 
