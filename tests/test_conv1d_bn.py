@@ -10,6 +10,7 @@ import torch
 from test_integer_convert import FAST
 from test_ops_coverage import check_all
 from torch import nn
+from zoo import bn
 
 import pyzeroq as zq
 from pyzeroq.integer import steps as S
@@ -31,14 +32,8 @@ class Normalize1d(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _bn(n: int, dims: int = 1) -> nn.Module:
-    bn = nn.BatchNorm1d(n) if dims == 1 else nn.BatchNorm2d(n)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.2, 0.2)
-    return bn
+def _bn(n: int) -> nn.Module:
+    return bn(n, dims=1)
 
 
 class AudioNet(nn.Module):

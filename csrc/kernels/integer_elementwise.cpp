@@ -11,6 +11,26 @@ int32_t clamp32(int64_t v, int32_t lo, int32_t hi) {
   return static_cast<int32_t>(v < lo ? lo : (v > hi ? hi : v));
 }
 
+// float32_rne add / mul: va = f32(sa * (a - za)), vb = f32(sb * (b - zb)),
+// y = clamp(round_half_even(f32(f32(combine(va, vb)) / sy)) + zy) (the fake-quant model's formula).
+template <class Combine>
+void float32_binary(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, CodeOut out,
+                    Combine combine) {
+  const float flo = static_cast<float>(p.lo - p.zy), fhi = static_cast<float>(p.hi - p.zy);
+  parallel_for(static_cast<std::size_t>(n), grain_for_cost(1), [&](std::size_t s, std::size_t e) {
+    for (std::size_t i = s; i < e; ++i) {
+      const float va = p.sa * static_cast<float>(static_cast<int32_t>(a[i]) - p.za);
+      const float vb = p.sb * static_cast<float>(static_cast<int32_t>(b[i]) - p.zb);
+      const float v = combine(va, vb);
+      float f = v / p.sy;
+      f = f < flo ? flo : f;
+      f = f > fhi ? fhi : f;
+      const float r = (f + kRoundMagic) - kRoundMagic;
+      out.store(static_cast<int64_t>(i), static_cast<int32_t>(r) + p.zy);
+    }
+  });
+}
+
 // Work per plane of a pooling: one operation per window tap of every output.
 std::size_t plane_cost(const PoolGeom& g) { return static_cast<std::size_t>(g.OH * g.OW * g.KH * g.KW); }
 }  // namespace
@@ -28,19 +48,7 @@ void requantize_tensor(const int32_t* acc, int64_t outer, int64_t channels, int6
 
 void qadd(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, CodeOut out) {
   if (p.spec.mode == Rounding::Float32Rne) {
-    const float flo = static_cast<float>(p.lo - p.zy), fhi = static_cast<float>(p.hi - p.zy);
-    parallel_for(static_cast<std::size_t>(n), grain_for_cost(1), [&](std::size_t s, std::size_t e) {
-      for (std::size_t i = s; i < e; ++i) {
-        const float va = p.sa * static_cast<float>(static_cast<int32_t>(a[i]) - p.za);
-        const float vb = p.sb * static_cast<float>(static_cast<int32_t>(b[i]) - p.zb);
-        const float sum = va + vb;
-        float f = sum / p.sy;
-        f = f < flo ? flo : f;
-        f = f > fhi ? fhi : f;
-        const float r = (f + kRoundMagic) - kRoundMagic;
-        out.store(static_cast<int64_t>(i), static_cast<int32_t>(r) + p.zy);
-      }
-    });
+    float32_binary(a, b, n, p, out, [](float va, float vb) { return va + vb; });
     return;
   }
   if (p.spec.mode == Rounding::Gemmlowp) {
@@ -133,19 +141,7 @@ void avg_pool(const uint8_t* x, const PoolGeom& g, int32_t x_zero_point, bool co
 
 void qmul(const uint8_t* a, const uint8_t* b, int64_t n, const QAddParams& p, CodeOut out) {
   if (p.spec.mode == Rounding::Float32Rne) {
-    const float flo = static_cast<float>(p.lo - p.zy), fhi = static_cast<float>(p.hi - p.zy);
-    parallel_for(static_cast<std::size_t>(n), grain_for_cost(1), [&](std::size_t s, std::size_t e) {
-      for (std::size_t i = s; i < e; ++i) {
-        const float va = p.sa * static_cast<float>(static_cast<int32_t>(a[i]) - p.za);
-        const float vb = p.sb * static_cast<float>(static_cast<int32_t>(b[i]) - p.zb);
-        const float prod = va * vb;
-        float f = prod / p.sy;
-        f = f < flo ? flo : f;
-        f = f > fhi ? fhi : f;
-        const float r = (f + kRoundMagic) - kRoundMagic;
-        out.store(static_cast<int64_t>(i), static_cast<int32_t>(r) + p.zy);
-      }
-    });
+    float32_binary(a, b, n, p, out, [](float va, float vb) { return va * vb; });
     return;
   }
   Requantizer rq;

@@ -435,17 +435,17 @@ class IntegerModel:
         return acc.astype(np.float32) * step.dequant  # the only float op: logits
 
     def _add(self, step: AddStep, args: list) -> np.ndarray:
-        a, b, yq = step.x_q, step.y_q, step.quant
-        y = sim.qadd(args[0], a.scale_value, a.zero_point_value, args[1], b.scale_value, b.zero_point_value,
-                     yq.scale_value, yq.zero_point_value, relu=step.activation is not None, out_bits=yq.bits,
-                     rounding=self.rounding)
-        return _clamp_hi(y, step, yq)
+        return self._binary(sim.qadd, step, args)
 
     def _mul(self, step: MulStep, args: list) -> np.ndarray:
+        return self._binary(sim.qmul, step, args)
+
+    def _binary(self, kernel, step: AddStep, args: list) -> np.ndarray:
+        """``sim.qadd`` / ``sim.qmul`` of the step's two code tensors, requantized to its record."""
         a, b, yq = step.x_q, step.y_q, step.quant
-        y = sim.qmul(args[0], a.scale_value, a.zero_point_value, args[1], b.scale_value, b.zero_point_value,
-                     yq.scale_value, yq.zero_point_value, relu=step.activation is not None, out_bits=yq.bits,
-                     rounding=self.rounding)
+        y = kernel(args[0], a.scale_value, a.zero_point_value, args[1], b.scale_value, b.zero_point_value,
+                   yq.scale_value, yq.zero_point_value, relu=step.activation is not None, out_bits=yq.bits,
+                   rounding=self.rounding)
         return _clamp_hi(y, step, yq)
 
     def _global_avg_pool(self, step: GlobalAvgPoolStep, args: list) -> np.ndarray:
