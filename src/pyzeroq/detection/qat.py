@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..outputs import output_leaves
 from ..quantizers import QUANT_LAYER_TYPES, QuantAct, QuantConv2d, Quantizer, QuantLinear
 from .config import QATConfig
 
@@ -171,16 +172,6 @@ class _Capture:
             h.remove()
 
 
-def _flat_outputs(outputs) -> list[torch.Tensor]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, dict):
-        return [t for v in outputs.values() for t in _flat_outputs(v)]
-    if isinstance(outputs, (list, tuple)):
-        return [t for v in outputs for t in _flat_outputs(v)]
-    return []
-
-
 def _set_bn_eval(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -242,7 +233,7 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
                 if feat_names:
                     pairs = [(t_cap.out[n], s_cap.out[n]) for n in feat_names]
                 else:
-                    pairs = list(zip(_flat_outputs(t_out), _flat_outputs(s_out)))
+                    pairs = list(zip(output_leaves(t_out), output_leaves(s_out)))
                 parts["mse"] = sum(F.mse_loss(s, t) for t, s in pairs)
                 loss = loss + cfg.w_mse * parts["mse"]
             opt.zero_grad(set_to_none=True)
