@@ -182,3 +182,27 @@ def test_zero_padding_asymmetric(tmp_path):
     x = np.arange(6, dtype=np.uint8).reshape(1, 1, 2, 3)
     np.testing.assert_array_equal(apply_layout("pad", (1, 0, 0, 2), x, 7),
                                   F.pad(torch.from_numpy(x), (1, 0, 0, 2), value=7).numpy())
+
+
+def test_size_products_are_not_tensor_products(tmp_path):
+    """``h * w`` of ``x.shape`` entries is shape arithmetic (a Python int at run time), not an
+    elementwise product of activations (was: compiled as a MulStep and refused)."""
+    torch.manual_seed(0)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize, self.c = Normalize(), _conv(1, WIDTH, 2)
+            self.fc = nn.Linear(WIDTH, CLASSES)
+
+        def forward(self, x):
+            y = torch.relu(self.c(self.normalize(x)))
+            b, c, h, w = y.shape
+            t = y.view(b, c, h * w).transpose(1, 2)  # [N, HW, C]
+            return self.fc(t).mean(1) if False else self.fc(t.flatten(0, 1)).view(b, h * w, CLASSES)
+
+    q = quantize(Tokens())
+    im = check_all(q, tmp_path, {"layout", "reshape"}, x=images(4))
+    views = [s for s in im.steps if isinstance(s, S.ReshapeStep) and s.shape is not None]
+    assert ("mul", ("size", 0, 2), ("size", 0, 3)) in views[0].shape
+    assert im(images(2)).shape == (2, 14 * 14, CLASSES)

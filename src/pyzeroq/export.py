@@ -419,12 +419,9 @@ class _Builder:
         self.clip(step.inputs[0], step.output, step.lo, step.hi, f"{step.output}_clip")
 
     def reshape(self, step: ReshapeStep):
-        shape = list(self.shapes[step.output])
-        in_shape = self.shapes[step.inputs[0]]
-        if shape and in_shape and shape[0] == in_shape[0] and not (step.flatten is not None
-                                                                     and step.flatten[0] % len(in_shape) == 0):
-            shape[0] = -1  # keep the batch dimension dynamic
-        self.node("Reshape", [step.inputs[0], self.const(f"{step.output}_shape", np.array(shape, np.int64))],
+        """``Reshape`` whose target keeps the batch size dynamic (:func:`reshape_target`)."""
+        target = reshape_target(step, [self.shapes[s] for s in step.inputs], self.shapes[step.output])
+        self.node("Reshape", [step.inputs[0], self.const(f"{step.output}_shape", np.array(target, np.int64))],
                   [step.output], f"{step.output}_reshape")
 
     def lookup(self, step: LookupStep):
@@ -462,6 +459,41 @@ class _Builder:
     def dequant(self, step: DequantStep):
         s, z = self.qparams(step.output, step.x_q)
         self.node("DequantizeLinear", [step.inputs[0], s, z], [step.output], f"{step.output}_dequantize")
+
+
+def _reads_batch(entry) -> bool:
+    """A ReshapeStep shape entry that depends on the batch size (dim 0 of a tensor)."""
+    if entry == "batch":
+        return True
+    if isinstance(entry, tuple):
+        return (entry[0] == "size" and entry[2] == 0) or any(_reads_batch(e) for e in entry[1:])
+    return False
+
+
+def reshape_target(step: ReshapeStep, in_shapes: list, out_shape: tuple) -> list:
+    """The ONNX Reshape target of a ReshapeStep: the example's output shape with the dims that
+    depend on the batch size made dynamic -- flatten: 0 (copy) before the merged dims, -1 for the
+    merged dims; view / reshape: the one batch-dependent entry -1 (or 0, a copy of the input's
+    dim 0, when it is a batch size at dim 0 and a -1 is already there). ValueError when two entries depend on the batch."""
+    if step.flatten is not None:
+        start = step.flatten[0] % len(in_shapes[0])
+        return [0] * start + [-1] + list(out_shape[start + 1:])
+    target, dynamic = list(out_shape), [i for i, d in enumerate(step.shape) if _reads_batch(d)]
+    has_minus_one = -1 in step.shape
+    for i, d in enumerate(step.shape):
+        if d == -1:
+            target[i] = -1
+    if not dynamic:
+        return target
+    if len(dynamic) == 1 and not has_minus_one:
+        target[dynamic[0]] = -1
+    elif dynamic == [0] and (step.shape[0] == "batch" or step.shape[0][0] == "size") and \
+            out_shape[0] == in_shapes[0][0]:
+        target[0] = 0  # a batch size equal to the input's dim 0: copied
+    else:
+        raise ValueError(f"node {step.name!r}: a reshape with more than one batch-dependent dimension cannot be "
+                         f"exported with a dynamic batch (shape {step.shape})")
+    return target
 
 
 def output_names(spec) -> list:

@@ -285,14 +285,14 @@ class _Compiler:
             self.standalone_relu(node)
         elif lookup_op(self.gm, node) is not None:
             self.lookup(node)
+        elif is_shape_node(node) or is_split_source(node):
+            pass  # sizes (x.size(), x.shape, their arithmetic): read by the reshapes; chunk / split: by their items
         elif node.op == "call_function" and node.target in ADD_FUNCTIONS + MUL_FUNCTIONS:
             self.add_node(node)
         elif is_cat(node):
             self.concat(node)
         elif node.op != "call_module" and functional_pool(node) is not None:
             self.pool(node, *functional_pool(node))
-        elif is_shape_node(node) or is_split_source(node):
-            pass  # sizes: evaluated by the reshapes that read them; chunk / split: by their items
         elif is_contiguous(node):
             self.alias[node.name] = self.slot(node.args[0], node)
         elif layout_op(self.gm, node) is not None:
