@@ -420,7 +420,7 @@ class _Builder:
 
     def reshape(self, step: ReshapeStep):
         """``Reshape`` whose target keeps the batch size dynamic (:func:`reshape_target`)."""
-        target = reshape_target(step, [self.shapes[s] for s in step.inputs], self.shapes[step.output])
+        target = reshape_target(step, self.shapes[step.inputs[0]], self.shapes[step.output])
         self.node("Reshape", [step.inputs[0], self.const(f"{step.output}_shape", np.array(target, np.int64))],
                   [step.output], f"{step.output}_reshape")
 
@@ -470,13 +470,13 @@ def _reads_batch(entry) -> bool:
     return False
 
 
-def reshape_target(step: ReshapeStep, in_shapes: list, out_shape: tuple) -> list:
+def reshape_target(step: ReshapeStep, in_shape: tuple, out_shape: tuple) -> list:
     """The ONNX Reshape target of a ReshapeStep: the example's output shape with the dims that
     depend on the batch size made dynamic -- flatten: 0 (copy) before the merged dims, -1 for the
     merged dims; view / reshape: the one batch-dependent entry -1 (or 0, a copy of the input's
     dim 0, when it is a batch size at dim 0 and a -1 is already there). ValueError when two entries depend on the batch."""
     if step.flatten is not None:
-        start = step.flatten[0] % len(in_shapes[0])
+        start = step.flatten[0] % len(in_shape)
         return [0] * start + [-1] + list(out_shape[start + 1:])
     target, dynamic = list(out_shape), [i for i, d in enumerate(step.shape) if _reads_batch(d)]
     has_minus_one = -1 in step.shape
@@ -488,7 +488,7 @@ def reshape_target(step: ReshapeStep, in_shapes: list, out_shape: tuple) -> list
     if len(dynamic) == 1 and not has_minus_one:
         target[dynamic[0]] = -1
     elif dynamic == [0] and (step.shape[0] == "batch" or step.shape[0][0] == "size") and \
-            out_shape[0] == in_shapes[0][0]:
+            out_shape[0] == in_shape[0]:
         target[0] = 0  # a batch size equal to the input's dim 0: copied
     else:
         raise ValueError(f"node {step.name!r}: a reshape with more than one batch-dependent dimension cannot be "
