@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .outputs import tree_items
+
 
 @dataclass(frozen=True)
 class Cut:
@@ -112,7 +114,10 @@ def stage(gm: fx.GraphModule, start: Cut, end: Cut | None) -> fx.GraphModule:
     ``functional_call`` with ``gm``'s parameter names works on it.
     """
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    targets = list(end.nodes) if end is not None else _output_leaf_nodes(output.args[0])
+    if end is not None:
+        targets = list(end.nodes)
+    else:  # the returned tensors, flattened in pyzeroq.outputs.output_leaves order
+        targets = [n for _, n in tree_items(output.args[0], fx.Node, "the graph output", "node")]
     inputs = set(start.nodes)
     needed, stack = set(), list(targets)
     while stack:  # ancestors of the targets, stopping at the start cut
@@ -135,11 +140,3 @@ def stage(gm: fx.GraphModule, start: Cut, end: Cut | None) -> fx.GraphModule:
         graph.output(tuple(env[n] for n in targets))
     return fx.GraphModule(gm, graph)
 
-
-def _output_leaf_nodes(out) -> list:
-    """The tensors a model returns, in :func:`pyzeroq.outputs.output_leaves` order (dict values
-    in insertion order, sequences in order)."""
-    if isinstance(out, fx.Node):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    return [n for v in items for n in _output_leaf_nodes(v)]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SENSITIVITY_MEASURES", "LOGITS_RANK", "VARIANCE_FLOOR", "output_leaves", "check_output",
+__all__ = ["SENSITIVITY_MEASURES", "LOGITS_RANK", "VARIANCE_FLOOR", "tree_items", "tree_map", "output_leaves", "check_output",
            "resolve_measure", "output_distance", "kl_divergence", "concat_outputs"]
 
 SENSITIVITY_MEASURES = ("auto", "kl", "mse")
@@ -38,16 +38,41 @@ LOGITS_RANK = 2  # [N, classes]
 VARIANCE_FLOOR = 1e-12
 
 
+def tree_items(obj, leaf_type, what: str = "an output", leaf_name: str = "tensor", path: tuple = ()) -> list:
+    """[(path, leaf)] of a structure of ``leaf_type`` leaves in tuples / lists / dicts, in order
+    (dict values in insertion order; ``path``: the keys / indices to the leaf). The one walker
+    behind the model outputs (tensors), the fx output node (nodes) and the integer plan's
+    output (slot names). TypeError "<what> must be a <leaf_name> or a tuple / list / dict of
+    <leaf_name>s" for anything else."""
+    if isinstance(obj, leaf_type):
+        return [(path, obj)]
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        raise TypeError(f"{what} must be a {leaf_name} or a tuple / list / dict of {leaf_name}s, "
+                        f"got {type(obj).__name__}")
+    return [item for k, v in items for item in tree_items(v, leaf_type, what, leaf_name, path + (k,))]
+
+
+def tree_map(obj, leaf_type, fn):
+    """The structure with every ``leaf_type`` leaf replaced by ``fn(leaf)``: dicts stay dicts,
+    lists lists, tuples (a named tuple too) become plain tuples; TypeError as :func:`tree_items`."""
+    if isinstance(obj, leaf_type):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: tree_map(v, leaf_type, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return (list if isinstance(obj, list) else tuple)(tree_map(v, leaf_type, fn) for v in obj)
+    tree_items(obj, leaf_type)  # raises the TypeError
+    return obj
+
+
 def output_leaves(out) -> list:
     """The tensors of an output structure in order (dict values in insertion order); TypeError
     for anything but tensors, tuples, lists and dicts."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in output_leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in output_leaves(v)]
-    raise TypeError(f"a model output must be a tensor or a tuple / list / dict of tensors, got {type(out).__name__}")
+    return [t for _, t in tree_items(out, torch.Tensor, "a model output")]
 
 
 def check_output(out, batch: int, argument: str) -> list:

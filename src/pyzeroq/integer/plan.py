@@ -89,6 +89,7 @@ from ..modules import (
     lookup_op,
     relu_kind,
 )
+from ..outputs import tree_map
 from ..qspec import RELU6_MAX, TensorQuant
 from .lookup import lookup_table
 from .steps import (
@@ -306,13 +307,13 @@ class _Compiler:
     def output_spec(self, res: Any, node: fx.Node):
         """The model's return value with each tensor replaced by its float slot: a final Linear's
         logits as they are, any other activation's codes through a :class:`DequantStep`."""
-        if isinstance(res, dict):
-            return {k: self.output_spec(v, node) for k, v in res.items()}
-        if isinstance(res, (list, tuple)):
-            return (list if isinstance(res, list) else tuple)(self.output_spec(v, node) for v in res)
-        if not isinstance(res, fx.Node):
-            raise self.unsupported(node, f"the model returns {res!r}; the integer model returns tensors (or "
-                                         "tuples / lists / dicts of tensors) only")
+        try:
+            return tree_map(res, fx.Node, lambda leaf: self.output_slot(leaf, node))
+        except TypeError as exc:
+            raise self.unsupported(node, f"{exc}: the integer model returns tensors (or tuples / lists / dicts "
+                                         "of tensors) only") from None
+
+    def output_slot(self, res: fx.Node, node: fx.Node) -> str:
         if res.name in self.float_slots:
             return res.name
         slot = self.slot(res, node)

@@ -30,6 +30,7 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from ..layout_ops import LAYOUT_OPS, apply_layout, eval_shape_expr
+from ..outputs import tree_items, tree_map
 from ..qspec import ACTIVATIONS, LayerQuant, TensorQuant, activation_clamp  # noqa: F401 (activation_clamp re-exported)
 
 __all__ = ["Step", "InputStep", "ConvStep", "LinearStep", "LogitsStep", "AddStep", "GlobalAvgPoolStep",
@@ -473,21 +474,14 @@ def check_output_spec(spec, where: str = "output") -> None:
         check_output_spec(e, where)
 
 
-def output_leaves(spec, path: tuple = ()) -> list:
+def output_leaves(spec) -> list:
     """[(path, slot)] of an output structure in order (``path``: the keys / indices to the leaf)."""
-    if isinstance(spec, str):
-        return [(path, spec)]
-    items = spec.items() if isinstance(spec, dict) else enumerate(spec)
-    return [leaf for k, v in items for leaf in output_leaves(v, path + (k,))]
+    return tree_items(spec, str, "an integer plan's output", "slot name")
 
 
 def map_output(spec, fn):
     """The output structure with every slot ``s`` replaced by ``fn(s)`` (same container types)."""
-    if isinstance(spec, str):
-        return fn(spec)
-    if isinstance(spec, dict):
-        return {k: map_output(v, fn) for k, v in spec.items()}
-    return type(spec)(map_output(v, fn) for v in spec)
+    return tree_map(spec, str, fn)
 
 
 def check_handlers(table: dict, owner: str) -> dict:
