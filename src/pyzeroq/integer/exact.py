@@ -30,14 +30,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import QuantAct, functional_pool, is_cat, quant_layers, quantized_source_of
-from ..qspec import TensorQuant
+from ..modules import quant_layers
+from ..qspec import LayerQuant, TensorQuant
 from ..quantizers import QuantChannelAffine, QuantConv1d, QuantConvTranspose2d, QuantLinear
+from .plan import compile_plan
 from .simulate import requant_multiplier
+from .steps import LAYER_STEPS, AdaptiveAvgPoolStep, AvgPoolStep, ConcatStep, GlobalAvgPoolStep, Step
 
 __all__ = ["integer_exact", "ExactLayer", "ExactAvgPool", "ExactConcat"]
 
-POOL_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d)
 
 
 def _centered_codes(x: torch.Tensor, q: TensorQuant) -> torch.Tensor:
@@ -61,11 +62,10 @@ def _requantize(acc: torch.Tensor, mult, q: TensorQuant, lo: int, hi: int, chann
 class ExactLayer(nn.Module):
     """A quantized conv / linear computing its integer form (module docstring) from its record."""
 
-    def __init__(self, layer: nn.Module, name: str):
+    def __init__(self, layer: nn.Module, record: LayerQuant):
         super().__init__()
-        self.layer = layer
-        self.record = layer.layer_record(name)
-        rec = self.record
+        self.layer, self.record = layer, record
+        rec = record
         w_scale, w_zp = rec.weight.channels(rec.out_channels)
         shape = (-1,) + (1,) * (rec.weight_codes.ndim - 1)
         centered = rec.weight_codes.astype(np.float64) - w_zp.astype(np.float64).reshape(shape)
@@ -103,65 +103,54 @@ class ExactLayer(nn.Module):
 
 
 class ExactAvgPool(nn.Module):
-    """An average pool on codes: exact window sums, ``M = f32(f32(sx / sy) / f32(count))``.
-    ``pool``: the pooling module (or the equivalent of a functional pool / spatial mean)."""
+    """An average pool on codes as the integer plan's ``step`` runs it (AvgPoolStep, GlobalAvgPoolStep
+    or AdaptiveAvgPoolStep): exact window sums, ``M = f32(f32(sx / sy) / f32(count))``, the step's
+    clamp; ``keepdim`` False: [N, C, 1, 1] flattened to [N, C] (a spatial mean)."""
 
-    def __init__(self, pool: nn.Module, x_q: TensorQuant, y_q: TensorQuant, keepdim: bool = True):
+    def __init__(self, step: Step, keepdim: bool = True):
         super().__init__()
-        self.pool, self.x_q, self.y_q, self.keepdim = pool, x_q, y_q, keepdim
+        self.step, self.keepdim = step, keepdim
 
     def window(self, x: torch.Tensor) -> tuple:
-        p = self.pool
-        if isinstance(p, nn.AvgPool2d):
-            k = p.kernel_size if isinstance(p.kernel_size, tuple) else (p.kernel_size,) * 2
-            s = p.stride if isinstance(p.stride, tuple) else (p.stride or p.kernel_size,) * 2
-            pad = p.padding if isinstance(p.padding, tuple) else (p.padding,) * 2
-            return k, s, pad
-        size = p.output_size if isinstance(p.output_size, tuple) else (p.output_size,) * (x.dim() - 2)
-        k = tuple(d // o for d, o in zip(x.shape[2:], size))
-        return k, k, (0,) * len(k)
+        """(kernel, stride, padding) over the last two dims of ``x`` ([N, C, L] seen as [N, C, 1, L])."""
+        size = (1,) * (4 - x.dim()) + tuple(x.shape[2:])
+        if isinstance(self.step, AvgPoolStep):
+            return self.step.kernel, self.step.stride, self.step.padding
+        kernel = self.step.window(*size) if isinstance(self.step, AdaptiveAvgPoolStep) else size
+        return kernel, kernel, (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = _centered_codes(x, self.x_q)
-        k, s, pad = self.window(x)
-        one_d = x.dim() == 3  # [N, C, L] pooled as [N, C, 1, L]
-        if one_d:
-            c, k, s, pad = c.unsqueeze(2), (1,) + tuple(k), (1,) + tuple(s), (0,) + tuple(pad)
-        count = int(np.prod(k))
+        xq, yq = self.step.x_q, self.step.quant
+        c = _centered_codes(x, xq)
+        one_d = x.dim() == 3
+        kernel, stride, padding = self.window(x)
         # float64 window sums of integers (divisor 1): exact; padding counts as the zero point (a centered 0)
-        acc = F.avg_pool2d(c, k, s, pad, count_include_pad=True, divisor_override=1)
+        acc = F.avg_pool2d(c.unsqueeze(2) if one_d else c, kernel, stride, padding, count_include_pad=True,
+                           divisor_override=1)
         acc = acc.squeeze(2) if one_d else acc
-        ratio = np.float32(np.float32(self.x_q.scale_value) / np.float32(self.y_q.scale_value))
-        y = _requantize(acc, np.float32(ratio / np.float32(count)), self.y_q, 0, self.y_q.qmax, None)
+        count = np.float32(kernel[0] * kernel[1])
+        ratio = np.float32(np.float32(xq.scale_value) / np.float32(yq.scale_value))
+        y = _requantize(acc, np.float32(ratio / count), yq, *self.step.clamp_codes(), None)
         return y if self.keepdim else y.flatten(1)
 
 
 class ExactConcat(nn.Module):
-    """``torch.cat`` whose inputs are requantized to the output record as the simulator does
+    """``torch.cat`` as the plan's ConcatStep runs it: inputs requantized to the output record
     (``rne(f32(x - z_in) * f32(s_in / s_out)) + z_out``; inputs already on it are copied)."""
 
-    def __init__(self, x_qs: list, y_q: TensorQuant, dim: int):
+    def __init__(self, step: ConcatStep):
         super().__init__()
-        self.x_qs, self.y_q, self.dim = x_qs, y_q, dim
+        self.step = step
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for x, q in zip(xs, self.x_qs):
-            if q == self.y_q:
+        parts, yq = [], self.step.quant
+        for x, q in zip(xs, self.step.x_qs):
+            if q == yq:
                 parts.append(x)
                 continue
-            ratio = np.float32(np.float32(q.scale_value) / np.float32(self.y_q.scale_value))
-            parts.append(_requantize(_centered_codes(x, q), ratio, self.y_q, 0, self.y_q.qmax, None))
-        return torch.cat(parts, self.dim)
-
-
-def _single_quant_user(gm: fx.GraphModule, node: fx.Node) -> Optional[QuantAct]:
-    users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module":
-        mod = gm.get_submodule(users[0].target)
-        if isinstance(mod, QuantAct):
-            return mod
-    return None
+            ratio = np.float32(np.float32(q.scale_value) / np.float32(yq.scale_value))
+            parts.append(_requantize(_centered_codes(x, q), ratio, yq, 0, yq.qmax, None))
+        return torch.cat(parts, self.step.dim)
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: tuple) -> None:
@@ -171,29 +160,15 @@ def _replace(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: tuple) 
     node.op, node.target, node.args, node.kwargs = "call_module", name, args, {}
 
 
-def _exact_ops(gm: fx.GraphModule) -> None:
-    """Pools and concats whose output quantizer follows them directly -> their exact modules."""
+def _exact_ops(gm: fx.GraphModule, steps: dict) -> None:
+    """Average pools and concats -> modules running their plan steps (``steps``: slot -> step)."""
     for node in list(gm.graph.nodes):
-        out = _single_quant_user(gm, node)
-        if out is None or out.mode != "quantize":
-            continue
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), POOL_TYPES):
-            pool, keepdim = gm.get_submodule(node.target), True
-        elif node.op != "call_module" and functional_pool(node) is not None and \
-                not isinstance(functional_pool(node)[0], nn.MaxPool2d):
-            pool, keepdim = functional_pool(node)
-        elif is_cat(node):
-            sources = [quantized_source_of(gm, n) for n in node.args[0]]
-            if all(s is not None and s.mode == "quantize" for s in sources):
-                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
-                _replace(gm, node, ExactConcat([s.record() for s in sources], out.record(), int(dim)),
-                         tuple(node.args[0]))
-            continue
-        else:
-            continue
-        src = quantized_source_of(gm, node.args[0])
-        if src is not None and src.mode == "quantize":
-            _replace(gm, node, ExactAvgPool(pool, src.record(), out.record(), keepdim), (node.args[0],))
+        # a spatial mean without keepdim: the pool step writes "<node>_pool", a reshape writes "<node>"
+        step = steps.get(f"{node.name}_pool", steps.get(node.name))
+        if isinstance(step, (AvgPoolStep, GlobalAvgPoolStep, AdaptiveAvgPoolStep)):
+            _replace(gm, node, ExactAvgPool(step, keepdim=step.output == node.name), (node.args[0],))
+        elif isinstance(step, ConcatStep):
+            _replace(gm, node, ExactConcat(step), tuple(node.args[0]))
 
 
 def integer_exact(qmodel) -> fx.GraphModule:
@@ -201,16 +176,18 @@ def integer_exact(qmodel) -> fx.GraphModule:
     (module docstring): same inputs, same outputs structure, float tensors on the model's device,
     equal to ``pyzeroq.to_integer(qmodel)`` code for code. ``qmodel`` is not changed.
 
-    Raises TypeError for anything but a QuantizedModel, ValueError for a model whose layers are
-    not all quantized (float weights or inputs: no integer form)."""
+    Raises TypeError for anything but a QuantizedModel, and the errors of
+    :func:`pyzeroq.integer.plan.compile_plan` (ValueErrors) for a model without an integer form."""
     gm = getattr(qmodel, "graph_module", None)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"qmodel must be a QuantizedModel returned by pyzeroq.quantize, got {type(qmodel).__name__}")
+    steps = {step.output: step for step in compile_plan(gm).steps}  # the plan's errors for what has no integer form
+    records = {step.name: step.layer for step in steps.values() if isinstance(step, LAYER_STEPS)}
     exact = copy.deepcopy(gm)
     for name, layer in quant_layers(exact).items():
         parent, _, attr = name.rpartition(".")
-        setattr(exact.get_submodule(parent) if parent else exact, attr, ExactLayer(layer, name))
-    _exact_ops(exact)
+        setattr(exact.get_submodule(parent) if parent else exact, attr, ExactLayer(layer, records[name]))
+    _exact_ops(exact, steps)
     exact.graph.lint()
     exact.recompile()
     return exact.eval()
