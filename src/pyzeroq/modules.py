@@ -259,16 +259,24 @@ def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool) -> No
     """Step 2: conv / linear -> their quantized versions (one module per call: shared ones were
     split by :func:`pyzeroq.rewrites.split_shared_layers`)."""
     for node in gm.graph.nodes:
-        if _is_module(gm, node, (nn.Conv2d, nn.Conv1d)) or _is_module(gm, node, (nn.ConvTranspose2d,)) and \
-                gm.get_submodule(node.target).groups == 1 and gm.get_submodule(node.target).padding_mode == "zeros":
-            cls = QuantConv2d if _is_module(gm, node, (nn.Conv2d,)) else \
-                QuantChannelAffine if _is_module(gm, node, (ChannelAffine,)) else \
-                QuantConv1d if _is_module(gm, node, (nn.Conv1d,)) else QuantConvTranspose2d
+        cls = _quant_class(gm.get_submodule(node.target)) if node.op == "call_module" else None
+        if cls is not None:
             _set_submodule(gm, node.target, cls.from_float(gm.get_submodule(node.target), per_channel))
             info.layers.append(node.target)
-        elif _is_module(gm, node, (nn.Linear,)):
-            _set_submodule(gm, node.target, QuantLinear.from_float(gm.get_submodule(node.target), per_channel))
-            info.layers.append(node.target)
+
+
+# float layer type -> its quantized form; checked in order (ChannelAffine is a Conv1d)
+QUANT_CLASSES = ((nn.Conv2d, QuantConv2d), (ChannelAffine, QuantChannelAffine), (nn.Conv1d, QuantConv1d),
+                 (nn.ConvTranspose2d, QuantConvTranspose2d), (nn.Linear, QuantLinear))
+
+
+def _quant_class(mod: nn.Module):
+    """The quantized class of a float layer, or None (not a layer, or a form without one: a grouped
+    or non-zero-padded ConvTranspose2d stays float and is listed)."""
+    for float_cls, quant_cls in QUANT_CLASSES:
+        if isinstance(mod, float_cls):
+            return quant_cls if getattr(quant_cls, "supports", lambda m: True)(mod) else None
+    return None
 
 
 def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dict]:

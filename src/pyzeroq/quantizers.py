@@ -475,9 +475,14 @@ class QuantConvTranspose2d(nn.Conv2d, _QuantConvMixin):
     the (fake-quantized) weight mapped back; the integer model runs the same convolution on the
     input with ``stride - 1`` zero-point codes inserted between pixels (ConvStep ``upsample``)."""
 
+    @staticmethod
+    def supports(conv: nn.ConvTranspose2d) -> bool:
+        """Groups 1 and zero padding: the forms with an equivalent convolution here."""
+        return conv.groups == 1 and conv.padding_mode == "zeros"
+
     @classmethod
     def from_float(cls, conv: nn.ConvTranspose2d, per_channel: bool = True, act_quant: Optional[QuantAct] = None):
-        if conv.groups != 1 or conv.padding_mode != "zeros":
+        if not cls.supports(conv):
             raise ValueError("ConvTranspose2d with groups > 1 or non-zero padding has no quantized form")
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, 1, 0, conv.dilation, 1,
                 bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)

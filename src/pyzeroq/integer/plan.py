@@ -292,12 +292,12 @@ class _Compiler:
             self.add_node(node)
         elif is_cat(node):
             self.concat(node)
-        elif node.op != "call_module" and functional_pool(node) is not None:
-            self.pool(node, *functional_pool(node))
+        elif node.op != "call_module" and (pool := functional_pool(node)) is not None:
+            self.pool(node, *pool)
         elif is_contiguous(node):
             self.alias[node.name] = self.slot(node.args[0], node)
-        elif layout_op(self.gm, node) is not None:
-            self.layout(node, *layout_op(self.gm, node))
+        elif (layout := layout_op(self.gm, node)) is not None:
+            self.layout(node, *layout)
         elif node.op == "output":
             self.output = self.output_spec(node.args[0], node)
             check_output_spec(self.output)
