@@ -26,6 +26,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -205,8 +206,6 @@ def slice_bounds(op: str, args: tuple, size: int) -> tuple[int, int]:
 
 def apply_layout(op: str, args: tuple, x, fill: int = 0):
     """The layout op on a numpy array of codes (``fill``: the zero point, for "pad")."""
-    import numpy as np
-
     if op == "pad":  # torch order: last dim first, (before, after) each
         widths = [(0, 0)] * x.ndim
         for i in range(len(args) // 2):

@@ -299,7 +299,8 @@ class IntegerModel:
 
     # ----------------------------------------------------------------- run
     def check_input(self, x, argument: str = "x") -> np.ndarray:
-        """``x`` as a numpy array [N, C, H, W] of uint8 pixels or float32 images, or a
+        """``x`` as a numpy array [N, C, ...] (the rank the first conv reads: [N, C, H, W] or
+        [N, C, L]) of uint8 pixels or float32 images, or a
         TypeError / ValueError naming ``argument``: not an array or tensor, another dtype
         (ints other than uint8, bool, complex), another rank, channels the model does not
         have, NaN / Inf. An empty batch (N = 0) is valid."""
