@@ -146,9 +146,10 @@ def test_non_array_like():
     _raises(TypeError, "zero_point must be integers", "quantize", X, 0.1, "3", 8)
 
 
-@pytest.mark.parametrize("q", [X, X.astype(np.int32), X.astype(np.int8), X > 0, X.astype(np.uint32)])
-def test_dequantize_requires_unsigned_codes(q):
-    _raises(TypeError, "q must hold unsigned codes", "dequantize", q, 0.1, 0)
+@pytest.mark.parametrize("q", [X, X.astype(np.int32), X.astype(np.int64), X > 0, X.astype(np.uint32)])
+def test_dequantize_requires_code_dtypes(q):
+    # int8 / int16 (signed codes) are accepted: tests/test_ops_signed.py
+    _raises(TypeError, r"q must hold integer codes \(uint8, uint16, int8 or int16\)", "dequantize", q, 0.1, 0)
 
 
 @pytest.mark.parametrize("p", [49.9, 100.01, -1.0, np.nan, 1000])

@@ -36,8 +36,13 @@ def test_code_ranges_signed_and_narrow():
     assert (tq(8, zp=0, signed=True).qmin, tq(8, zp=0, signed=True).qmax) == (-128, 127)
     assert tq(8, zp=0, signed=True, narrow_range=True).qmin == -127
     assert (tq(4, zp=1, narrow_range=True).qmin, tq(4, zp=1).qmax) == (1, 15)
-    with pytest.raises(ValueError, match="unsigned"):
-        tq(8, zp=0, signed=True).quantize(np.zeros(3, np.float32))
+    x = np.array([-200.0, -1.26, 0.5, 1.5, 200.0], np.float32)
+    signed = tq(8, scale=1.0, zp=0, signed=True, narrow_range=True)
+    q = signed.quantize(x)
+    assert q.dtype == np.int8 and q.tolist() == [-127, -1, 0, 2, 127]
+    assert signed.fake_quantize(x).tolist() == [-127.0, -1.0, 0.0, 2.0, 127.0]
+    assert signed.dequantize(q).tolist() == [-127.0, -1.0, 0.0, 2.0, 127.0]
+    assert tq(4, scale=1.0, zp=1, narrow_range=True).quantize(x).tolist() == [1, 1, 1, 3, 15]
 
 
 def test_records_are_frozen_and_compare_bit_exactly():

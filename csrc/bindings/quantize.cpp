@@ -1,4 +1,4 @@
-// pybind11 bindings of the asymmetric quantization kernels (csrc/kernels/quantize.hpp).
+// pybind11 bindings of the quantization kernels (csrc/kernels/quantize.hpp), unsigned and signed codes.
 // All argument validation happens here; the kernels trust their inputs. User errors are
 // ValueError / TypeError naming the argument.
 #include <pybind11/numpy.h>
@@ -62,6 +62,18 @@ int bits_arg(const py::handle& obj) {
   return static_cast<int>(b);
 }
 
+// True / False (Python or numpy bool) for a keyword flag such as `signed`.
+bool flag_arg(const py::handle& obj, const char* name) {
+  if (PyBool_Check(obj.ptr())) return obj.ptr() == Py_True;
+  if (py::isinstance(obj, py::module_::import("numpy").attr("bool_"))) return obj.cast<bool>();
+  throw py::type_error(std::string(name) + " must be a bool, got " + type_name(obj));
+}
+
+// [qmin, qmax] of the codes from the `bits`, `signed` and `narrow_range` arguments.
+quant::CodeRange range_arg(int bits, const py::handle& signed_obj, const py::handle& narrow_obj) {
+  return quant::code_range(bits, flag_arg(signed_obj, "signed"), flag_arg(narrow_obj, "narrow_range"));
+}
+
 // [outer, channels, inner] view of `shape` for `axis` (None: per tensor).
 quant::Layout layout_for(const py::array& x, const py::object& axis) {
   quant::Layout l;
@@ -87,7 +99,9 @@ quant::Layout layout_for(const py::array& x, const py::object& axis) {
 struct Params {
   std::vector<float> scale;
   std::vector<std::int32_t> zero_point;
-  quant::AffineParams view(std::int32_t qmax) const { return {scale.data(), zero_point.data(), qmax}; }
+  quant::AffineParams view(const quant::CodeRange& r) const {
+    return {scale.data(), zero_point.data(), r.qmin, r.qmax};
+  }
 };
 
 void check_count(std::size_t got, const quant::Layout& l, bool per_channel, const char* name) {
@@ -98,7 +112,7 @@ void check_count(std::size_t got, const quant::Layout& l, bool per_channel, cons
 }
 
 Params params_arg(const py::handle& scale_obj, const py::handle& zp_obj, const quant::Layout& l, bool per_channel,
-                  std::int32_t qmax) {
+                  const quant::CodeRange& range) {
   py::array s_arr = as_array(scale_obj, "scale");
   const char sk = s_arr.dtype().kind();
   if (sk != 'f' && sk != 'i' && sk != 'u')
@@ -124,9 +138,9 @@ Params params_arg(const py::handle& scale_obj, const py::handle& zp_obj, const q
   for (std::size_t i = 0; i < nz; ++i) {
     if (!std::isfinite(zp[i]) || std::floor(zp[i]) != zp[i])
       throw py::value_error("zero_point must be integer-valued, got " + std::to_string(zp[i]));
-    if (zp[i] < 0 || zp[i] > qmax)
-      throw py::value_error("zero_point must be in the code range [0, " + std::to_string(qmax) + "], got " +
-                            std::to_string(static_cast<long long>(zp[i])));
+    if (zp[i] < range.qmin || zp[i] > range.qmax)
+      throw py::value_error("zero_point must be in the code range [" + std::to_string(range.qmin) + ", " +
+                            std::to_string(range.qmax) + "], got " + std::to_string(static_cast<long long>(zp[i])));
   }
   for (std::size_t c = 0; c < l.channels; ++c) {
     p.scale[c] = sp[ns == 1 ? 0 : c];
@@ -140,13 +154,13 @@ std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.sha
 const char* const kNonFinite = "x contains NaN or Inf";
 
 template <class Code, bool Reference>
-py::array quantize_as(const FloatArray& x, const quant::Layout& l, const Params& p, std::int32_t qmax) {
+py::array quantize_as(const FloatArray& x, const quant::Layout& l, const Params& p, const quant::CodeRange& r) {
   py::array_t<Code> q(shape_of(x));
   bool bad;
   {
     py::gil_scoped_release nogil;
-    bad = Reference ? quant::quantize_reference(x.data(), q.mutable_data(), l, p.view(qmax))
-                    : quant::quantize(x.data(), q.mutable_data(), l, p.view(qmax));
+    bad = Reference ? quant::quantize_reference(x.data(), q.mutable_data(), l, p.view(r))
+                    : quant::quantize(x.data(), q.mutable_data(), l, p.view(r));
   }
   if (bad) throw py::value_error(kNonFinite);
   return std::move(q);
@@ -154,14 +168,17 @@ py::array quantize_as(const FloatArray& x, const quant::Layout& l, const Params&
 
 template <bool Reference>
 py::array quantize_py(const py::handle& x_obj, const py::handle& scale, const py::handle& zero_point,
-                      const py::handle& bits_obj, const py::object& axis) {
+                      const py::handle& bits_obj, const py::object& axis, const py::handle& signed_obj,
+                      const py::handle& narrow_obj) {
   const FloatArray x = float_data(x_obj, "x");
   const int bits = bits_arg(bits_obj);
-  const std::int32_t qmax = quant::qmax_for_bits(bits);
+  const quant::CodeRange r = range_arg(bits, signed_obj, narrow_obj);
   const quant::Layout l = layout_for(x, axis);
-  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
-  if (bits <= quant::kMaxBitsUint8) return quantize_as<std::uint8_t, Reference>(x, l, p, qmax);
-  return quantize_as<std::uint16_t, Reference>(x, l, p, qmax);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), r);
+  const bool small = bits <= quant::kMaxBitsUint8;
+  if (r.qmin < 0)
+    return small ? quantize_as<std::int8_t, Reference>(x, l, p, r) : quantize_as<std::int16_t, Reference>(x, l, p, r);
+  return small ? quantize_as<std::uint8_t, Reference>(x, l, p, r) : quantize_as<std::uint16_t, Reference>(x, l, p, r);
 }
 
 template <class Code, bool Reference>
@@ -169,16 +186,17 @@ py::array dequantize_as(const py::array& q_arr, const py::handle& scale, const p
                         const py::object& axis) {
   using CodeArray = py::array_t<Code, py::array::c_style | py::array::forcecast>;
   const CodeArray q = CodeArray::ensure(q_arr);
-  const auto qmax = static_cast<std::int32_t>(std::numeric_limits<Code>::max());
+  // the zero point may be any value of the code type
+  const quant::CodeRange r{std::numeric_limits<Code>::min(), std::numeric_limits<Code>::max()};
   const quant::Layout l = layout_for(q, axis);
-  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), r);
   py::array_t<float> y(shape_of(q));
   {
     py::gil_scoped_release nogil;
     if (Reference)
-      quant::dequantize_reference(q.data(), y.mutable_data(), l, p.view(qmax));
+      quant::dequantize_reference(q.data(), y.mutable_data(), l, p.view(r));
     else
-      quant::dequantize(q.data(), y.mutable_data(), l, p.view(qmax));
+      quant::dequantize(q.data(), y.mutable_data(), l, p.view(r));
   }
   return std::move(y);
 }
@@ -191,7 +209,9 @@ py::array dequantize_py(const py::handle& q_obj, const py::handle& scale, const 
   if (dt.kind() == 'u' && dt.itemsize() == 1) return dequantize_as<std::uint8_t, Reference>(q, scale, zero_point, axis);
   if (dt.kind() == 'u' && dt.itemsize() == 2)
     return dequantize_as<std::uint16_t, Reference>(q, scale, zero_point, axis);
-  throw py::type_error("q must hold unsigned codes (uint8 or uint16), got dtype " + dtype_name(q));
+  if (dt.kind() == 'i' && dt.itemsize() == 1) return dequantize_as<std::int8_t, Reference>(q, scale, zero_point, axis);
+  if (dt.kind() == 'i' && dt.itemsize() == 2) return dequantize_as<std::int16_t, Reference>(q, scale, zero_point, axis);
+  throw py::type_error("q must hold integer codes (uint8, uint16, int8 or int16), got dtype " + dtype_name(q));
 }
 
 // `out`: None (allocate) or a writeable C-contiguous float32 array of x's shape not overlapping x.
@@ -211,55 +231,63 @@ py::array_t<float> output_like(const FloatArray& x, const py::object& out_obj) {
 
 template <bool Reference>
 py::array fake_quantize_py(const py::handle& x_obj, const py::handle& scale, const py::handle& zero_point,
-                           const py::handle& bits_obj, const py::object& axis, const py::object& out) {
+                           const py::handle& bits_obj, const py::object& axis, const py::handle& signed_obj,
+                           const py::handle& narrow_obj, const py::object& out) {
   const FloatArray x = float_data(x_obj, "x");
   const int bits = bits_arg(bits_obj);
-  const std::int32_t qmax = quant::qmax_for_bits(bits);
+  const quant::CodeRange r = range_arg(bits, signed_obj, narrow_obj);
   const quant::Layout l = layout_for(x, axis);
-  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), r);
   py::array_t<float> y = output_like(x, out);
   bool bad;
   {
     py::gil_scoped_release nogil;
-    bad = Reference ? quant::fake_quantize_reference(x.data(), y.mutable_data(), l, p.view(qmax))
-                    : quant::fake_quantize(x.data(), y.mutable_data(), l, p.view(qmax));
+    bad = Reference ? quant::fake_quantize_reference(x.data(), y.mutable_data(), l, p.view(r))
+                    : quant::fake_quantize(x.data(), y.mutable_data(), l, p.view(r));
   }
   if (bad) throw py::value_error(kNonFinite);
   return std::move(y);
 }
 
+template <bool Reference>
 py::array ste_grad_py(const py::handle& grad_obj, const py::handle& x_obj, const py::handle& scale,
-                      const py::handle& zero_point, const py::handle& bits_obj, const py::object& axis) {
+                      const py::handle& zero_point, const py::handle& bits_obj, const py::object& axis,
+                      const py::handle& signed_obj, const py::handle& narrow_obj) {
   const FloatArray g = float_data(grad_obj, "grad");
   const FloatArray x = float_data(x_obj, "x");
   if (shape_of(g) != shape_of(x)) throw py::value_error("grad must have the shape of x");
   const int bits = bits_arg(bits_obj);
-  const std::int32_t qmax = quant::qmax_for_bits(bits);
+  const quant::CodeRange r = range_arg(bits, signed_obj, narrow_obj);
   const quant::Layout l = layout_for(x, axis);
-  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), qmax);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), r);
   py::array_t<float> dx(shape_of(x));
   {
     py::gil_scoped_release nogil;
-    quant::ste_grad(g.data(), x.data(), dx.mutable_data(), l, p.view(qmax));
+    if (Reference)
+      quant::ste_grad_reference(g.data(), x.data(), dx.mutable_data(), l, p.view(r));
+    else
+      quant::ste_grad(g.data(), x.data(), dx.mutable_data(), l, p.view(r));
   }
   return std::move(dx);
 }
 
-py::tuple asymmetric_params_py(const py::handle& x_obj, const py::handle& bits_obj, const py::object& axis,
-                               const py::object& percentile_obj) {
-  const FloatArray x = float_data(x_obj, "x");
-  const int bits = bits_arg(bits_obj);
-  const quant::Layout l = layout_for(x, axis);
-  double percentile = quant::kNoPercentile;
-  if (!percentile_obj.is_none()) {
-    if (py::isinstance<py::bool_>(percentile_obj) ||
-        !(py::isinstance<py::float_>(percentile_obj) || PyIndex_Check(percentile_obj.ptr()) ||
-          PyFloat_Check(percentile_obj.ptr()) || py::hasattr(percentile_obj, "__float__")))
-      throw py::type_error("percentile must be a number or None, got " + type_name(percentile_obj));
-    percentile = py::float_(percentile_obj).cast<double>();
-    if (!(percentile >= kMinPercentile && percentile <= kMaxPercentile))
-      throw py::value_error("percentile must be in [50, 100], got " + std::to_string(percentile));
-  }
+// percentile: None (-> kNoPercentile) or a number in [50, 100].
+double percentile_arg(const py::object& percentile_obj) {
+  if (percentile_obj.is_none()) return quant::kNoPercentile;
+  if (py::isinstance<py::bool_>(percentile_obj) ||
+      !(py::isinstance<py::float_>(percentile_obj) || PyIndex_Check(percentile_obj.ptr()) ||
+        PyFloat_Check(percentile_obj.ptr()) || py::hasattr(percentile_obj, "__float__")))
+    throw py::type_error("percentile must be a number or None, got " + type_name(percentile_obj));
+  const double percentile = py::float_(percentile_obj).cast<double>();
+  if (!(percentile >= kMinPercentile && percentile <= kMaxPercentile))
+    throw py::value_error("percentile must be in [50, 100], got " + std::to_string(percentile));
+  return percentile;
+}
+
+// (scale float32, zero_point int32) arrays, 0-d per tensor or [C], filled by
+// compute(scale, zero_point) without the GIL; ValueError when it reports a non-finite value.
+template <class Compute>
+py::tuple params_result(const quant::Layout& l, const py::object& axis, Compute&& compute) {
   std::vector<py::ssize_t> out_shape;
   if (!axis.is_none()) out_shape.push_back(static_cast<py::ssize_t>(l.channels));
   py::array_t<float> scale(out_shape);
@@ -267,38 +295,81 @@ py::tuple asymmetric_params_py(const py::handle& x_obj, const py::handle& bits_o
   bool bad;
   {
     py::gil_scoped_release nogil;
-    bad = quant::asymmetric_params(x.data(), l, bits, percentile, scale.mutable_data(), zero_point.mutable_data());
+    bad = compute(scale.mutable_data(), zero_point.mutable_data());
   }
   if (bad) throw py::value_error(kNonFinite);
   return py::make_tuple(scale, zero_point);
+}
+
+py::tuple asymmetric_params_py(const py::handle& x_obj, const py::handle& bits_obj, const py::object& axis,
+                               const py::object& percentile_obj) {
+  const FloatArray x = float_data(x_obj, "x");
+  const int bits = bits_arg(bits_obj);
+  const quant::Layout l = layout_for(x, axis);
+  const double percentile = percentile_arg(percentile_obj);
+  return params_result(l, axis, [&](float* scale, std::int32_t* zero_point) {
+    return quant::asymmetric_params(x.data(), l, bits, percentile, scale, zero_point);
+  });
+}
+
+template <bool Reference>
+py::tuple symmetric_params_py(const py::handle& x_obj, const py::handle& bits_obj, const py::object& axis,
+                              const py::object& percentile_obj, const py::handle& signed_obj,
+                              const py::handle& narrow_obj) {
+  const FloatArray x = float_data(x_obj, "x");
+  const int bits = bits_arg(bits_obj);
+  const bool is_signed = flag_arg(signed_obj, "signed");
+  flag_arg(narrow_obj, "narrow_range");  // validated only: the scale rule is the same for both ranges
+  const quant::Layout l = layout_for(x, axis);
+  const double percentile = percentile_arg(percentile_obj);
+  return params_result(l, axis, [&](float* scale, std::int32_t* zero_point) {
+    return Reference ? quant::symmetric_params_reference(x.data(), l, bits, is_signed, percentile, scale, zero_point)
+                     : quant::symmetric_params(x.data(), l, bits, is_signed, percentile, scale, zero_point);
+  });
 }
 
 }  // namespace
 
 void register_quantize(pybind11::module_& m) {
   using py::arg;
-  m.def("quantize", &quantize_py<false>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
-        arg("axis") = py::none(),
-        "q = clamp(rne(x / scale) + zero_point, 0, 2^bits - 1) as uint8 (bits <= 8) or uint16.");
+  const auto code_args = [](auto&& f, const char* name, const char* doc, pybind11::module_& mod) {
+    mod.def(name, f, arg("x"), arg("scale"), arg("zero_point"), arg("bits"), arg("axis") = py::none(), py::kw_only(),
+            arg("signed") = false, arg("narrow_range") = false, doc);
+  };
+  code_args(&quantize_py<false>, "quantize",
+            "q = clamp(rne(x / scale) + zero_point, qmin, qmax): uint8 / uint16 codes (unsigned: [0 or 1, "
+            "2^bits - 1]) or int8 / int16 (signed: [-2^(bits-1) (+1 narrow_range), 2^(bits-1) - 1]).",
+            m);
+  code_args(&quantize_py<true>, "_quantize_reference", "Plain-loop reference of quantize (tests only).", m);
   m.def("dequantize", &dequantize_py<false>, arg("q"), arg("scale"), arg("zero_point"), arg("axis") = py::none(),
-        "real = scale * (q - zero_point) as float32; q uint8 or uint16.");
+        "real = scale * (q - zero_point) as float32; q uint8, uint16, int8 or int16.");
+  m.def("_dequantize_reference", &dequantize_py<true>, arg("q"), arg("scale"), arg("zero_point"),
+        arg("axis") = py::none(), "Plain-loop reference of dequantize (tests only).");
   m.def("fake_quantize", &fake_quantize_py<false>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
-        arg("axis") = py::none(), py::kw_only(), arg("out") = py::none(),
+        arg("axis") = py::none(), py::kw_only(), arg("signed") = false, arg("narrow_range") = false,
+        arg("out") = py::none(),
         "dequantize(quantize(x)) in one pass, float32; `out`: optional preallocated result array.");
-  m.def("ste_grad", &ste_grad_py, arg("grad"), arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
-        arg("axis") = py::none(),
-        "Straight-through gradient: grad where scale*(0-zp) <= x <= scale*(2^bits-1-zp), else 0.");
+  m.def("_fake_quantize_reference", &fake_quantize_py<true>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
+        arg("axis") = py::none(), py::kw_only(), arg("signed") = false, arg("narrow_range") = false,
+        arg("out") = py::none(), "Plain-loop reference of fake_quantize (tests only).");
+  const char* ste_doc = "Straight-through gradient: grad where scale*(qmin-zp) <= x <= scale*(qmax-zp), else 0.";
+  m.def("ste_grad", &ste_grad_py<false>, arg("grad"), arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
+        arg("axis") = py::none(), py::kw_only(), arg("signed") = false, arg("narrow_range") = false, ste_doc);
+  m.def("_ste_grad_reference", &ste_grad_py<true>, arg("grad"), arg("x"), arg("scale"), arg("zero_point"),
+        arg("bits"), arg("axis") = py::none(), py::kw_only(), arg("signed") = false, arg("narrow_range") = false,
+        "Plain-loop reference of ste_grad (tests only).");
   m.def("asymmetric_params", &asymmetric_params_py, arg("x"), arg("bits"), arg("axis") = py::none(),
         arg("percentile") = py::none(),
         "(scale float32, zero_point int32) from the min/max (or [100-p, p] percentile) range of x, "
         "per tensor (0-d arrays) or per channel along axis (shape [C]).");
-  m.def("_quantize_reference", &quantize_py<true>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
-        arg("axis") = py::none(), "Plain-loop reference of quantize (tests only).");
-  m.def("_dequantize_reference", &dequantize_py<true>, arg("q"), arg("scale"), arg("zero_point"),
-        arg("axis") = py::none(), "Plain-loop reference of dequantize (tests only).");
-  m.def("_fake_quantize_reference", &fake_quantize_py<true>, arg("x"), arg("scale"), arg("zero_point"), arg("bits"),
-        arg("axis") = py::none(), py::kw_only(), arg("out") = py::none(),
-        "Plain-loop reference of fake_quantize (tests only).");
+  const char* sym_doc =
+      "(scale float32, zero_point int32): scale = f32(amax / (2^(bits-1) - 1)), amax = max |x| (or the "
+      "percentile of |x|), zero point 0 (signed) or 2^(bits-1) (unsigned); per tensor or per channel.";
+  m.def("symmetric_params", &symmetric_params_py<false>, arg("x"), arg("bits"), arg("axis") = py::none(),
+        arg("percentile") = py::none(), py::kw_only(), arg("signed") = true, arg("narrow_range") = false, sym_doc);
+  m.def("_symmetric_params_reference", &symmetric_params_py<true>, arg("x"), arg("bits"), arg("axis") = py::none(),
+        arg("percentile") = py::none(), py::kw_only(), arg("signed") = true, arg("narrow_range") = false,
+        "Single-threaded reference of symmetric_params (tests only).");
 }
 
 }  // namespace pyzeroq

@@ -10,37 +10,53 @@ from numpy.typing import ArrayLike
 # internally (C-contiguous native float32 used in place). Errors: ValueError / TypeError.
 
 
+# Codes: unsigned (uint8 for bits <= 8, else uint16) or, with signed=True, int8 / int16;
+# narrow_range raises qmin by one.
+_Codes = npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.int8] | npt.NDArray[np.int16]
+
 def quantize(
     x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
-    axis: SupportsIndex | None = None,
-) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
+    axis: SupportsIndex | None = None, *, signed: bool = False, narrow_range: bool = False,
+) -> _Codes: ...
 def dequantize(
-    q: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], scale: npt.ArrayLike, zero_point: npt.ArrayLike,
-    axis: SupportsIndex | None = None,
+    q: _Codes, scale: npt.ArrayLike, zero_point: npt.ArrayLike, axis: SupportsIndex | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def fake_quantize(
     x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
-    axis: SupportsIndex | None = None, *, out: npt.NDArray[np.float32] | None = None,
+    axis: SupportsIndex | None = None, *, signed: bool = False, narrow_range: bool = False,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def ste_grad(
     grad: npt.ArrayLike, x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
-    axis: SupportsIndex | None = None,
+    axis: SupportsIndex | None = None, *, signed: bool = False, narrow_range: bool = False,
 ) -> npt.NDArray[np.float32]: ...
 def asymmetric_params(
     x: npt.ArrayLike, bits: SupportsIndex, axis: SupportsIndex | None = None, percentile: float | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]: ...
+def symmetric_params(
+    x: npt.ArrayLike, bits: SupportsIndex, axis: SupportsIndex | None = None, percentile: float | None = None, *,
+    signed: bool = True, narrow_range: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]: ...
 def _quantize_reference(
     x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
-    axis: SupportsIndex | None = None,
-) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
+    axis: SupportsIndex | None = None, *, signed: bool = False, narrow_range: bool = False,
+) -> _Codes: ...
 def _dequantize_reference(
-    q: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], scale: npt.ArrayLike, zero_point: npt.ArrayLike,
-    axis: SupportsIndex | None = None,
+    q: _Codes, scale: npt.ArrayLike, zero_point: npt.ArrayLike, axis: SupportsIndex | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def _fake_quantize_reference(
     x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
-    axis: SupportsIndex | None = None, *, out: npt.NDArray[np.float32] | None = None,
+    axis: SupportsIndex | None = None, *, signed: bool = False, narrow_range: bool = False,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]: ...
+def _ste_grad_reference(
+    grad: npt.ArrayLike, x: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: SupportsIndex,
+    axis: SupportsIndex | None = None, *, signed: bool = False, narrow_range: bool = False,
+) -> npt.NDArray[np.float32]: ...
+def _symmetric_params_reference(
+    x: npt.ArrayLike, bits: SupportsIndex, axis: SupportsIndex | None = None, percentile: float | None = None, *,
+    signed: bool = True, narrow_range: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]: ...
 
 # --- pareto (csrc/bindings/pareto.cpp); private helpers behind pyzeroq.pareto ---
 

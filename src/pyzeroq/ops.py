@@ -1,11 +1,17 @@
-"""Asymmetric uniform quantization kernels (C++ underneath, ``pyzeroq._core``).
+"""Uniform affine quantization kernels, unsigned and signed codes (C++ underneath, ``pyzeroq._core``).
 
 Conventions (DESIGN.md)::
 
-    q    = clamp(round_half_even(x / scale) + zero_point, 0, 2**bits - 1)   # one float32 division
-    real = scale * (q - zero_point)                                         # one float32 multiply
+    q    = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)   # one float32 division
+    real = scale * (q - zero_point)                                     # one float32 multiply
 
-Codes are unsigned: bits 2..8 -> uint8, 9..16 -> uint16 (``code_dtype(bits)``).
+Code ranges (:func:`qrange`) and storage (:func:`code_dtype`):
+
+* unsigned (default): ``[0, 2**bits - 1]``; bits 2..8 -> uint8, 9..16 -> uint16.
+* ``signed=True``: ``[-2**(bits-1), 2**(bits-1) - 1]``; bits 2..8 -> int8, 9..16 -> int16
+  (onnxruntime S8 / TFLite int8 / TensorRT codes).
+* ``narrow_range=True`` raises ``qmin`` by one (signed 8 bit: ``[-127, 127]``, the symmetric
+  weight range of TFLite and TensorRT; unsigned: ``[1, 2**bits - 1]``).
 
 Inputs are numpy arrays or CPU torch tensors; the result is of the same kind (torch in ->
 torch out; a tensor that requires grad is detached — use :func:`fake_quantize_ste` for
@@ -19,9 +25,10 @@ gradients). ``scale`` / ``zero_point`` may be Python scalars, numpy arrays or te
 Data are float32 internally: C-contiguous native float32 input is used in place (no copy);
 other floating dtypes, non-contiguous or big-endian arrays are converted first. Every
 invalid argument (NaN/Inf in data or scale, scale <= 0, bits outside 2..16, zero point
-outside [0, 2**bits - 1] or not an integer, axis out of range, parameter count not matching
-the axis length, non-float data) raises ValueError/TypeError from the C++ binding, naming
-the argument. Empty arrays are valid and give empty results.
+outside [qmin, qmax] or not an integer, axis out of range, parameter count not matching
+the axis length, non-float data, ``signed`` / ``narrow_range`` not a bool) raises
+ValueError/TypeError from the C++ binding, naming the argument. Empty arrays are valid and
+give empty results.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "asymmetric_params",
+    "symmetric_params",
     "fake_quantize_ste",
     "code_dtype",
     "qrange",
@@ -46,14 +54,22 @@ __all__ = [
 _UINT8_MAX_BITS = 8
 
 
-def code_dtype(bits: int) -> type:
-    """Storage dtype of ``bits``-bit codes: ``np.uint8`` for bits <= 8, else ``np.uint16``."""
+def code_dtype(bits: int, signed: bool = False) -> type:
+    """Storage dtype of ``bits``-bit codes: ``np.uint8`` for bits <= 8, else ``np.uint16``
+    (``np.int8`` / ``np.int16`` when ``signed``)."""
+    if signed:
+        return np.int8 if bits <= _UINT8_MAX_BITS else np.int16
     return np.uint8 if bits <= _UINT8_MAX_BITS else np.uint16
 
 
-def qrange(bits: int) -> tuple[int, int]:
-    """Code range ``(0, 2**bits - 1)`` of unsigned ``bits``-bit codes."""
-    return 0, (1 << bits) - 1
+def qrange(bits: int, signed: bool = False, narrow_range: bool = False) -> tuple[int, int]:
+    """Code range ``(qmin, qmax)`` of ``bits``-bit codes: unsigned ``(0, 2**bits - 1)``, signed
+    ``(-2**(bits-1), 2**(bits-1) - 1)``; ``narrow_range`` adds 1 to ``qmin``."""
+    if signed:
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        lo, hi = 0, (1 << bits) - 1
+    return lo + (1 if narrow_range else 0), hi
 
 
 def _torch():
@@ -79,36 +95,44 @@ def _data(x: Any) -> tuple[Any, bool]:
     return x, False
 
 
-def quantize(x, scale, zero_point, bits: int, axis: int | None = None):
-    """Integer codes ``clamp(rne(x / scale) + zero_point, 0, 2**bits - 1)`` (uint8 / uint16)."""
+def quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, signed: bool = False,
+             narrow_range: bool = False):
+    """Integer codes ``clamp(rne(x / scale) + zero_point, qmin, qmax)``, ``(qmin, qmax) =
+    qrange(bits, signed, narrow_range)``, of dtype ``code_dtype(bits, signed)`` (uint8 / uint16,
+    or int8 / int16 when ``signed``) and x's shape. The zero point must lie in ``[qmin, qmax]``."""
     data, is_torch = _data(x)
-    q = _core.quantize(data, _param(scale), _param(zero_point), bits, axis)
+    q = _core.quantize(data, _param(scale), _param(zero_point), bits, axis, signed=signed,
+                       narrow_range=narrow_range)
     return _torch().from_numpy(q) if is_torch else q
 
 
 def dequantize(q, scale, zero_point, axis: int | None = None):
-    """float32 ``scale * (q - zero_point)``; ``q`` must be uint8 or uint16 codes."""
+    """float32 ``scale * (q - zero_point)`` of q's shape; ``q`` holds uint8, uint16, int8 or int16
+    codes (other dtypes: TypeError), the zero point any value of that dtype."""
     data, is_torch = _data(q)
     y = _core.dequantize(data, _param(scale), _param(zero_point), axis)
     return _torch().from_numpy(y) if is_torch else y
 
 
-def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, out=None):
-    """float32 ``dequantize(quantize(x))`` in one pass (non-CPU tensors: pure-torch formula).
+def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, signed: bool = False,
+                  narrow_range: bool = False, out=None):
+    """float32 ``dequantize(quantize(x))`` in one pass (non-CPU tensors: pure-torch formula);
+    ``signed`` / ``narrow_range`` choose the code range as in :func:`quantize`.
 
     ``out``: optional preallocated C-contiguous float32 array (or CPU tensor) of x's shape,
     not overlapping x, that receives the result (saves the allocation on repeated calls).
     """
     torch = _torch()
+    flags = {"signed": signed, "narrow_range": narrow_range}
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             with torch.no_grad():
-                y = _fake_quantize_torch(x, scale, zero_point, bits, axis)
+                y = _fake_quantize_torch(x, scale, zero_point, bits, axis, **flags)
             return y if out is None else out.copy_(y)
-        y = _core.fake_quantize(x.detach().numpy(), _param(scale), _param(zero_point), bits, axis,
+        y = _core.fake_quantize(x.detach().numpy(), _param(scale), _param(zero_point), bits, axis, **flags,
                                 out=None if out is None else out.detach().numpy())
         return torch.from_numpy(y) if out is None else out
-    return _core.fake_quantize(x, _param(scale), _param(zero_point), bits, axis, out=out)
+    return _core.fake_quantize(x, _param(scale), _param(zero_point), bits, axis, **flags, out=out)
 
 
 def asymmetric_params(x, bits: int, axis: int | None = None, percentile: float | None = None):
@@ -130,6 +154,36 @@ def asymmetric_params(x, bits: int, axis: int | None = None, percentile: float |
     """
     data, is_torch = _data(x)
     scale, zp = _core.asymmetric_params(data, bits, axis, percentile)
+    return _params_out(scale, zp, is_torch)
+
+
+def symmetric_params(x, bits: int, axis: int | None = None, percentile: float | None = None, *,
+                     signed: bool = True, narrow_range: bool = False):
+    """Symmetric ``(scale, zero_point)`` for ``bits``-bit codes from the magnitude of ``x``.
+
+    ``amax = max |x|`` (per channel along ``axis`` when given), or with ``percentile=p``
+    (50 <= p <= 100) ``amax = P(p)`` of the magnitudes ``|x|``, ``P`` being
+    ``numpy.percentile(abs(values), p, method="linear")`` on float64 (p=100 is max |x|). Then::
+
+        scale      = float32(amax / (2**(bits-1) - 1))     # computed in float64; 127 for 8 bits
+        zero_point = 0 if signed else 2**(bits-1)          # 128 for unsigned 8 bits
+
+    The divisor is ``2**(bits-1) - 1`` for full and narrow range alike (TFLite / TensorRT's
+    symmetric rule, onnxruntime's U8 symmetric for ``signed=False``), so ``+-amax`` map to
+    ``+-(2**(bits-1) - 1)`` around the zero point; ``narrow_range`` only describes the codes the
+    caller will use and does not change the result (it is validated as a bool). A channel with
+    ``amax == 0`` (all zeros, or no elements), or whose scale underflows float32, gets scale 1.0
+    and the same zero point (as :func:`asymmetric_params` gives degenerate channels scale 1.0).
+
+    Returns float32 ``scale`` and int32 ``zero_point`` arrays, 0-d for ``axis=None`` and of
+    shape ``[C]`` otherwise (torch tensors for a torch input). Errors as :func:`asymmetric_params`.
+    """
+    data, is_torch = _data(x)
+    scale, zp = _core.symmetric_params(data, bits, axis, percentile, signed=signed, narrow_range=narrow_range)
+    return _params_out(scale, zp, is_torch)
+
+
+def _params_out(scale, zp, is_torch: bool):
     if is_torch:
         torch = _torch()
         return torch.from_numpy(scale), torch.from_numpy(zp)
@@ -161,29 +215,31 @@ def _torch_params(x, scale, zero_point, axis: int | None):
     return s.reshape(()), z.reshape(())
 
 
-def _fake_quantize_torch(x, scale, zero_point, bits: int, axis: int | None = None):
+def _fake_quantize_torch(x, scale, zero_point, bits: int, axis: int | None = None, signed: bool = False,
+                         narrow_range: bool = False):
     """Pure-torch equivalent of :func:`fake_quantize` (for non-CPU tensors; no data validation).
 
-    ``scale * clamp(round(x / scale), -zp, qmax - zp)``: clamping the rounded offset equals
+    ``scale * clamp(round(x / scale), qmin - zp, qmax - zp)``: clamping the rounded offset equals
     clamping the code (integer bounds), torch.round is half-to-even; bit-exact to the kernel
     on finite float32 data (tested).
     """
     import torch
 
-    qmax = (1 << bits) - 1
+    qmin, qmax = qrange(bits, signed, narrow_range)
     s, z = _torch_params(x, scale, zero_point, axis)
     xf = x.to(torch.float32)
     offset = torch.round(xf / s)
-    offset = torch.minimum(torch.maximum(offset, -z), qmax - z)
+    offset = torch.minimum(torch.maximum(offset, qmin - z), qmax - z)
     return (offset * s).to(x.dtype)
 
 
-def _ste_mask_torch(x, scale, zero_point, bits: int, axis: int | None):
+def _ste_mask_torch(x, scale, zero_point, bits: int, axis: int | None, signed: bool = False,
+                    narrow_range: bool = False):
     import torch
 
-    qmax = (1 << bits) - 1
+    qmin, qmax = qrange(bits, signed, narrow_range)
     s, z = _torch_params(x, scale, zero_point, axis)
-    lo = s * (0 - z)
+    lo = s * (qmin - z)
     hi = s * (qmax - z)
     xf = x.to(torch.float32)
     return (xf >= lo) & (xf <= hi)
@@ -199,40 +255,43 @@ def _ste_function():
 
         class FakeQuantizeSTE(torch.autograd.Function):
             """Fake quantization; backward passes the gradient where
-            ``scale*(0-zp) <= x <= scale*(2**bits-1-zp)`` and zeroes it elsewhere.
+            ``scale*(qmin-zp) <= x <= scale*(qmax-zp)`` and zeroes it elsewhere.
             No gradient flows to scale or zero_point."""
 
             @staticmethod
-            def forward(ctx, x, scale, zero_point, bits, axis):
+            def forward(ctx, x, scale, zero_point, bits, axis, signed, narrow_range):
                 s, z = _param(scale), _param(zero_point)
+                flags = {"signed": signed, "narrow_range": narrow_range}
                 ctx.save_for_backward(x)
-                ctx.quant = (s, z, bits, axis)
+                ctx.quant = (s, z, bits, axis, flags)
                 if x.device.type != "cpu":
-                    return _fake_quantize_torch(x, s, z, bits, axis)
-                y = torch.from_numpy(_core.fake_quantize(x.detach().numpy(), s, z, bits, axis))
+                    return _fake_quantize_torch(x, s, z, bits, axis, **flags)
+                y = torch.from_numpy(_core.fake_quantize(x.detach().numpy(), s, z, bits, axis, **flags))
                 return y if x.dtype == torch.float32 else y.to(x.dtype)
 
             @staticmethod
             def backward(ctx, grad):
                 (x,) = ctx.saved_tensors
-                s, z, bits, axis = ctx.quant
+                s, z, bits, axis, flags = ctx.quant
                 if (x.device.type != "cpu" or x.dtype != torch.float32 or grad.dtype != torch.float32
                         or not grad.is_contiguous()):  # e.g. expanded grads: let torch broadcast
-                    dx = grad * _ste_mask_torch(x, s, z, bits, axis).to(grad.dtype)
+                    dx = grad * _ste_mask_torch(x, s, z, bits, axis, **flags).to(grad.dtype)
                 else:
-                    dx = torch.from_numpy(_core.ste_grad(grad.numpy(), x.detach().numpy(), s, z, bits, axis))
-                return dx, None, None, None, None
+                    dx = torch.from_numpy(_core.ste_grad(grad.numpy(), x.detach().numpy(), s, z, bits, axis, **flags))
+                return dx, None, None, None, None, None, None
 
         _STE = FakeQuantizeSTE
     return _STE
 
 
-def fake_quantize_ste(x, scale, zero_point, bits: int, axis: int | None = None):
+def fake_quantize_ste(x, scale, zero_point, bits: int, axis: int | None = None, *, signed: bool = False,
+                      narrow_range: bool = False):
     """Fake quantization of a tensor with a straight-through-estimator gradient (for QAT).
 
     Forward: :func:`fake_quantize` (the C++ kernel on CPU, :func:`_fake_quantize_torch`
     elsewhere); the output has x's dtype. Backward: ``grad`` where
-    ``scale * (0 - zp) <= x <= scale * (2**bits - 1 - zp)`` (closed range, float32
-    products), 0 outside. ``scale`` / ``zero_point`` get no gradient.
+    ``scale * (qmin - zp) <= x <= scale * (qmax - zp)`` (closed range, float32 products,
+    ``(qmin, qmax) = qrange(bits, signed, narrow_range)``), 0 outside. ``scale`` /
+    ``zero_point`` get no gradient.
     """
-    return (_STE or _ste_function()).apply(x, scale, zero_point, bits, axis)
+    return (_STE or _ste_function()).apply(x, scale, zero_point, bits, axis, signed, narrow_range)

@@ -12,9 +12,9 @@ Formula (onnxruntime QuantizeLinear / DequantizeLinear, one float32 operation ea
     real = scale * (q - zero_point)
 
 Unsigned codes: ``[0, 2^bits - 1]`` (uint8 for bits <= 8, uint16 above). Signed codes
-(``signed=True``: ``[-2^(bits-1), 2^(bits-1) - 1]``, with ``narrow_range`` dropping the
-lowest code as TFLite / TensorRT do) are representable in the record; the kernels of
-:mod:`pyzeroq.ops` are unsigned today, so :meth:`TensorQuant.quantize` refuses them.
+(``signed=True``: ``[-2^(bits-1), 2^(bits-1) - 1]``, int8 / int16), with ``narrow_range``
+dropping the lowest code as TFLite / TensorRT do; :meth:`TensorQuant.quantize` and friends
+pass the range to :mod:`pyzeroq.ops`.
 """
 
 from __future__ import annotations
@@ -131,25 +131,21 @@ class TensorQuant:
                 np.broadcast_to(self.zero_point, (n,)).astype(np.int32))
 
     # ---------------------------------------------------------------- apply
-    def _unsigned(self, what: str) -> None:
-        if self.signed or self.narrow_range:
-            raise ValueError(f"{what}: pyzeroq.ops kernels use unsigned full-range codes; this record is "
-                             f"signed={self.signed}, narrow_range={self.narrow_range}")
+    def _range_flags(self) -> dict:
+        return {"signed": self.signed, "narrow_range": self.narrow_range}
 
     def quantize(self, x):
-        """Codes of ``x`` (numpy or CPU tensor, float) by the formula above (``pyzeroq.ops.quantize``)."""
-        self._unsigned("quantize")
-        return ops.quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis)
+        """Codes of ``x`` (numpy or CPU tensor, float) by the formula above (``pyzeroq.ops.quantize``):
+        uint8 / uint16, or int8 / int16 for a signed record, within ``[qmin, qmax]``."""
+        return ops.quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis, **self._range_flags())
 
     def dequantize(self, q):
         """float32 ``scale * (q - zero_point)``."""
-        self._unsigned("dequantize")
         return ops.dequantize(q, self.scale, self.zero_point, axis=self.axis)
 
     def fake_quantize(self, x):
-        """``dequantize(quantize(x))`` in one pass."""
-        self._unsigned("fake_quantize")
-        return ops.fake_quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis)
+        """``dequantize(quantize(x))`` in one pass, over the record's code range."""
+        return ops.fake_quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis, **self._range_flags())
 
     def code_of(self, value: float) -> int:
         """Code of one real value (per-tensor records)."""
