@@ -1,10 +1,15 @@
 """Integer ALU simulator: bit-exact int8 inference arithmetic (C++ underneath).
 
-Every function takes unsigned integer codes (uint8 containers for 2..8-bit
-codes) with float32 scales and integer zero points, following the argument
-order of the ONNX QLinear* operators, and returns integer codes (uint8, or
-uint16 when ``out_bits > 8``). numpy arrays or CPU torch tensors are accepted;
-results are numpy arrays.
+Every function takes integer codes -- uint8, or int8 (signed) in any
+combination of inputs (ONNX S8S8, U8S8, S8U8, U8U8) -- with float32 scales and
+integer zero points, following the argument order of the ONNX QLinear*
+operators, and returns integer codes: uint8 (``out_bits <= 8``) / uint16, or
+int8 / int16 for a signed output. The output is signed when ``y_signed=True``,
+or, with ``y_signed=None``, when ``y_zero_point`` is a numpy / torch int8 or
+int16 value (the ONNX rule: y_zero_point's type is the output type); pooling
+keeps its input's type. Signed codes run on the unsigned kernels by an exact
+offset shift (:mod:`pyzeroq.integer.signed` says why it is exact). numpy
+arrays or CPU torch tensors are accepted; results are numpy arrays.
 
 Requantization modes (``rounding=``), each matching a real runtime:
 
@@ -49,6 +54,7 @@ import numpy as np
 
 from .. import _core
 from ..threads import set_num_threads  # noqa: F401 (alias of pyzeroq.set_num_threads, kept public here)
+from .signed import output_is_signed, signed_like_input, signed_output, unsigned_input, unsigned_output_zero_point
 
 __all__ = [
     "AccStats",
@@ -139,6 +145,16 @@ def _padding(v: IntOrSeq) -> list:
     raise ValueError(f"padding must be an int, a pair or a 4-tuple (top, left, bottom, right), got {v}")
 
 
+def _output(y_signed: Optional[bool], y_zero_point, out_bits: int):
+    """(signed, the y_zero_point the unsigned kernel gets) for an output of ``out_bits`` bits."""
+    signed = output_is_signed(y_signed, y_zero_point)
+    return signed, unsigned_output_zero_point(y_zero_point, out_bits, signed)
+
+
+def _codes_out(codes: np.ndarray, signed: bool, out_bits: int) -> np.ndarray:
+    return signed_output(codes, out_bits) if signed else codes
+
+
 def _shift(dyadic_shift: Optional[int]) -> int:
     if dyadic_shift is None:
         return -1
@@ -151,13 +167,18 @@ def qlinear_conv2d(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, 
                    stride: IntOrSeq = 1, padding: IntOrSeq = 0, dilation: IntOrSeq = 1, groups: int = 1,
                    rounding: str = "float32_rne", out_bits: int = 8, acc_bits: int = 32, overflow: str = "wrap",
                    relu: bool = False, *, impl: str = "fast", dyadic_rounding: str = "half_even",
-                   dyadic_bits: int = 31, dyadic_shift: Optional[int] = None) -> Tuple[np.ndarray, AccStats]:
-    """ONNX QLinearConv on codes: x [N, C, H, W] uint8 (per-tensor zero point,
-    padding holds it), w [O, C/groups, KH, KW] uint8 with per-output-channel
+                   dyadic_bits: int = 31, dyadic_shift: Optional[int] = None,
+                   y_signed: Optional[bool] = None) -> Tuple[np.ndarray, AccStats]:
+    """ONNX QLinearConv on codes: x [N, C, H, W] uint8 or int8 (per-tensor zero point,
+    padding holds it), w [O, C/groups, KH, KW] uint8 or int8 with per-output-channel
     (or scalar) scales and zero points, optional int32 bias at scale
     x_scale * w_scale[o]. ``relu`` clamps below at the output zero point.
     ``impl``: "fast" (packed SIMD, threads), "reference" (plain loops) or
-    "fast_generic" (fast layout, portable micro-kernel); all bit-identical."""
+    "fast_generic" (fast layout, portable micro-kernel); all bit-identical.
+    Output [N, O, OH, OW]: signed per ``y_signed`` / y_zero_point's dtype (module docstring)."""
+    x, x_zero_point, _ = unsigned_input(x, x_zero_point, "x")
+    w, w_zero_point, _ = unsigned_input(w, w_zero_point, "w")
+    signed, y_zero_point = _output(y_signed, y_zero_point, out_bits)
     with _overflow_errors():
         codes, st = _core.integer_qlinear_conv2d(
             _np(x, "x"), float(x_scale), _np(np.asarray(x_zero_point), "x_zero_point"), _np(w, "w"),
@@ -165,30 +186,35 @@ def qlinear_conv2d(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, 
             _np(np.asarray(y_zero_point), "y_zero_point"), _np(bias, "bias"), _pair(stride, "stride"),
             _padding(padding), _pair(dilation, "dilation"), int(groups), rounding, int(out_bits), int(acc_bits),
             overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
-    return codes, AccStats(**st)
+    return _codes_out(codes, signed, out_bits), AccStats(**st)
 
 
 def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, bias=None,
                    rounding: str = "float32_rne", out_bits: int = 8, acc_bits: int = 32, overflow: str = "wrap",
                    relu: bool = False, *, impl: str = "fast", dyadic_rounding: str = "half_even",
-                   dyadic_bits: int = 31, dyadic_shift: Optional[int] = None) -> Tuple[np.ndarray, AccStats]:
-    """ONNX QLinearMatMul: a [..., M, K] uint8 (per-tensor), b [K, N] uint8 with
-    per-column (or scalar) scales / zero points, optional int32 bias [N]."""
+                   dyadic_bits: int = 31, dyadic_shift: Optional[int] = None,
+                   y_signed: Optional[bool] = None) -> Tuple[np.ndarray, AccStats]:
+    """ONNX QLinearMatMul: a [..., M, K] uint8 or int8 (per-tensor), b [K, N] uint8 or int8 with
+    per-column (or scalar) scales / zero points, optional int32 bias [N]. Output [..., M, N],
+    signed per ``y_signed`` / y_zero_point's dtype (module docstring)."""
+    a, a_zero_point, _ = unsigned_input(a, a_zero_point, "a")
+    b, b_zero_point, _ = unsigned_input(b, b_zero_point, "b")
+    signed, y_zero_point = _output(y_signed, y_zero_point, out_bits)
     with _overflow_errors():
         codes, st = _core.integer_qlinear_matmul(
             _np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), np.asarray(b_scale),
             np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), _np(bias, "bias"), rounding,
             int(out_bits), int(acc_bits), overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits),
             _shift(dyadic_shift))
-    return codes, AccStats(**st)
+    return _codes_out(codes, signed, out_bits), AccStats(**st)
 
 
 def matmul_integer(a, a_zero_point, b, b_zero_point, bias=None, acc_bits: int = 32, overflow: str = "wrap", *,
                    impl: str = "fast") -> Tuple[np.ndarray, AccStats]:
     """ONNX MatMulInteger (plus an optional bias): the int32 accumulators, no requantization.
 
-    a [..., M, K] uint8 with a per-tensor zero point ``za``, b [K, N] uint8 with a
-    scalar or per-column zero point ``zb`` [N], optional integer bias [N] (int32 range)::
+    a [..., M, K] uint8 or int8 with a per-tensor zero point ``za``, b [K, N] uint8 or int8
+    with a scalar or per-column zero point ``zb`` [N], optional integer bias [N] (int32 range)::
 
         acc[..., m, n] = bias[n] + sum_k (a[..., m, k] - za) * (b[k, n] - zb[n])
 
@@ -198,6 +224,8 @@ def matmul_integer(a, a_zero_point, b, b_zero_point, bias=None, acc_bits: int = 
     :class:`AccumulatorOverflowError` ("accumulator overflow ... bits needed ...") when a final value
     does not fit. Returns (int32 array [..., M, N], :class:`AccStats`); it equals
     what :func:`qlinear_matmul` would requantize. ``impl`` as in :func:`qlinear_conv2d`."""
+    a, a_zero_point, _ = unsigned_input(a, a_zero_point, "a")
+    b, b_zero_point, _ = unsigned_input(b, b_zero_point, "b")
     with _overflow_errors():
         acc, st = _core.integer_matmul_integer(_np(a, "a"), np.asarray(a_zero_point), _np(b, "b"),
                                                np.asarray(b_zero_point), _np(bias, "bias"), int(acc_bits), overflow,
@@ -209,8 +237,10 @@ def conv_integer(x, x_zero_point, w, w_zero_point, bias=None, stride: IntOrSeq =
                  dilation: IntOrSeq = 1, groups: int = 1, acc_bits: int = 32, overflow: str = "wrap", *,
                  impl: str = "fast") -> Tuple[np.ndarray, AccStats]:
     """ONNX ConvInteger (plus an optional bias [O]): the int32 accumulators
-    [N, O, OH, OW] of :func:`qlinear_conv2d` (same arguments, formula and
-    accumulator model, without the requantization)."""
+    [N, O, OH, OW] of :func:`qlinear_conv2d` (same arguments -- uint8 or int8 x and w --,
+    formula and accumulator model, without the requantization)."""
+    x, x_zero_point, _ = unsigned_input(x, x_zero_point, "x")
+    w, w_zero_point, _ = unsigned_input(w, w_zero_point, "w")
     with _overflow_errors():
         acc, st = _core.integer_conv_integer(
             _np(x, "x"), np.asarray(x_zero_point), _np(w, "w"), np.asarray(w_zero_point), _np(bias, "bias"),
@@ -221,14 +251,17 @@ def conv_integer(x, x_zero_point, w, w_zero_point, bias=None, stride: IntOrSeq =
 
 def requantize(acc, multiplier, y_zero_point, axis: Optional[int] = None, rounding: str = "float32_rne",
                out_bits: int = 8, relu: bool = False, *, dyadic_rounding: str = "half_even", dyadic_bits: int = 31,
-               dyadic_shift: Optional[int] = None) -> np.ndarray:
+               dyadic_shift: Optional[int] = None, y_signed: Optional[bool] = None) -> np.ndarray:
     """Requantize an int32 accumulator tensor with the real multiplier M
     (scalar, or one per index of ``axis``): float32_rne uses f32(M), gemmlowp and
     dyadic quantize M (as float64). Use :func:`requant_multiplier` to get the
-    M a conv uses from its scales."""
-    return _core.integer_requantize(_np(acc, "acc"), np.asarray(multiplier), np.asarray(y_zero_point),
-                                    0 if axis is None else int(axis), axis is not None, rounding, int(out_bits),
-                                    bool(relu), dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+    M a conv uses from its scales. Output of acc's shape, signed per ``y_signed`` /
+    y_zero_point's dtype (module docstring)."""
+    signed, y_zero_point = _output(y_signed, y_zero_point, out_bits)
+    codes = _core.integer_requantize(_np(acc, "acc"), np.asarray(multiplier), np.asarray(y_zero_point),
+                                     0 if axis is None else int(axis), axis is not None, rounding, int(out_bits),
+                                     bool(relu), dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+    return _codes_out(codes, signed, out_bits)
 
 
 def requant_multiplier(x_scale, w_scale, y_scale, rounding: str = "float32_rne") -> np.ndarray:
@@ -243,57 +276,79 @@ def requant_multiplier(x_scale, w_scale, y_scale, rounding: str = "float32_rne")
 
 def qadd(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, rounding: str = "float32_rne",
          relu: bool = False, out_bits: int = 8, *, dyadic_rounding: str = "half_even", dyadic_bits: int = 31,
-         dyadic_shift: Optional[int] = None) -> np.ndarray:
-    """Residual add of two same-shape code tensors with different scales
+         dyadic_shift: Optional[int] = None, y_signed: Optional[bool] = None) -> np.ndarray:
+    """Residual add of two same-shape code tensors (uint8 or int8 each) with different scales
     (formulas in csrc/kernels/integer_elementwise.hpp):
     float32_rne ``clamp(rne(f32(f32(sa*(a-za)) + f32(sb*(b-zb))) / sy) + zy)``;
-    gemmlowp = TFLite uint8 Add (left shift 20, three Q31 multipliers);
-    dyadic ``clamp(round(((a-za)*ba + (b-zb)*bb) / 2^n) + zy)`` with one shared n."""
-    return _core.integer_qadd(_np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), float(b_scale),
-                              np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), rounding,
-                              int(out_bits), bool(relu), dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+    gemmlowp = TFLite uint8 Add (left shift 20, three Q31 multipliers; TFLite's int8 Add is the
+    same arithmetic on the differences); dyadic ``clamp(round(((a-za)*ba + (b-zb)*bb) / 2^n) + zy)``
+    with one shared n. Output signed per ``y_signed`` / y_zero_point's dtype."""
+    a, a_zero_point, _ = unsigned_input(a, a_zero_point, "a")
+    b, b_zero_point, _ = unsigned_input(b, b_zero_point, "b")
+    signed, y_zero_point = _output(y_signed, y_zero_point, out_bits)
+    codes = _core.integer_qadd(_np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), float(b_scale),
+                               np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), rounding,
+                               int(out_bits), bool(relu), dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+    return _codes_out(codes, signed, out_bits)
 
 
 def qmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, rounding: str = "float32_rne",
          relu: bool = False, out_bits: int = 8, *, dyadic_rounding: str = "half_even", dyadic_bits: int = 31,
-         dyadic_shift: Optional[int] = None) -> np.ndarray:
-    """Elementwise product of two code tensors (e.g. squeeze-excite gating ``x * gate``), shapes
-    broadcast as numpy does (formulas in csrc/kernels/integer_elementwise.hpp):
+         dyadic_shift: Optional[int] = None, y_signed: Optional[bool] = None) -> np.ndarray:
+    """Elementwise product of two code tensors (uint8 or int8 each; e.g. squeeze-excite gating
+    ``x * gate``), shapes broadcast as numpy does (formulas in csrc/kernels/integer_elementwise.hpp):
     float32_rne ``clamp(rne(f32(f32(sa*(a-za)) * f32(sb*(b-zb))) / sy) + zy)`` (the fake-quant
     model's float formula); gemmlowp = TFLite uint8 Mul (``acc = (a-za)*(b-zb)``,
-    MultiplyByQuantizedMultiplier with ``M = sa*sb/sy``); dyadic ``round(acc * b / 2^n) + zy``."""
+    MultiplyByQuantizedMultiplier with ``M = sa*sb/sy``); dyadic ``round(acc * b / 2^n) + zy``.
+    Output signed per ``y_signed`` / y_zero_point's dtype."""
+    a, a_zero_point, _ = unsigned_input(a, a_zero_point, "a")
+    b, b_zero_point, _ = unsigned_input(b, b_zero_point, "b")
+    signed, y_zero_point = _output(y_signed, y_zero_point, out_bits)
     a, b = np.broadcast_arrays(_np(a, "a"), _np(b, "b"))
-    return _core.integer_qmul(np.ascontiguousarray(a), float(a_scale), np.asarray(a_zero_point),
-                              np.ascontiguousarray(b), float(b_scale), np.asarray(b_zero_point), float(y_scale),
-                              np.asarray(y_zero_point), rounding, int(out_bits), bool(relu), dyadic_rounding,
-                              int(dyadic_bits), _shift(dyadic_shift))
+    codes = _core.integer_qmul(np.ascontiguousarray(a), float(a_scale), np.asarray(a_zero_point),
+                               np.ascontiguousarray(b), float(b_scale), np.asarray(b_zero_point), float(y_scale),
+                               np.asarray(y_zero_point), rounding, int(out_bits), bool(relu), dyadic_rounding,
+                               int(dyadic_bits), _shift(dyadic_shift))
+    return _codes_out(codes, signed, out_bits)
 
 
 def max_pool2d(x, kernel_size: IntOrSeq, stride: Optional[IntOrSeq] = None, padding: IntOrSeq = 0) -> np.ndarray:
-    """Max of codes over each window (padding ignored); scale and zero point unchanged."""
+    """Max of codes (uint8 or int8; output of the same dtype) over each window (padding
+    ignored); scale and zero point unchanged."""
     stride = kernel_size if stride is None else stride
-    return _core.integer_max_pool2d(_np(x, "x"), _pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
-                                    _padding(padding))
+    x, _, was_signed = unsigned_input(x, 0, "x")
+    y = _core.integer_max_pool2d(_np(x, "x"), _pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
+                                 _padding(padding))
+    return signed_like_input(y, was_signed)
 
 
 def avg_pool2d(x, x_zero_point, kernel_size: IntOrSeq, stride: Optional[IntOrSeq] = None, padding: IntOrSeq = 0,
                count_include_pad: bool = False, rounding: str = "half_up") -> np.ndarray:
-    """Integer average of codes: ``round(sum / count)``, ``half_up`` = TFLite's
-    ``(sum + count/2) / count`` or ``half_even``; padded positions are skipped,
-    or count as the zero point with ``count_include_pad``. Scale / zero point unchanged."""
+    """Integer average of codes (uint8 or int8; output of the same dtype): ``round(sum / count)``,
+    ``half_up`` = TFLite's uint8 ``(sum + count/2) / count`` (ties toward +inf) or ``half_even``;
+    padded positions are skipped, or count as the zero point with ``count_include_pad``. Scale /
+    zero point unchanged. int8 codes: the same rules on the signed sum (exact by the shift);
+    TFLite's *int8* AveragePool rounds ties away from zero instead, so it differs from
+    ``half_up`` exactly when ``sum / count`` is a negative tie (``k - 1/2``, sum < 0)."""
     stride = kernel_size if stride is None else stride
-    return _core.integer_avg_pool2d(_np(x, "x"), np.asarray(x_zero_point), _pair(kernel_size, "kernel_size"),
-                                    _pair(stride, "stride"), _padding(padding), bool(count_include_pad), rounding)
+    x, x_zero_point, was_signed = unsigned_input(x, x_zero_point, "x")
+    y = _core.integer_avg_pool2d(_np(x, "x"), np.asarray(x_zero_point), _pair(kernel_size, "kernel_size"),
+                                 _pair(stride, "stride"), _padding(padding), bool(count_include_pad), rounding)
+    return signed_like_input(y, was_signed)
 
 
 def global_avg_pool2d(x, x_scale, x_zero_point, y_scale, y_zero_point, rounding: str = "float32_rne",
                       out_bits: int = 8, *, dyadic_rounding: str = "half_even", dyadic_bits: int = 31,
-                      dyadic_shift: Optional[int] = None) -> np.ndarray:
-    """[N, C, H, W] -> [N, C, 1, 1]: ``acc = sum(x - zx)`` (exact), then one
-    requantization with ``M = sx / (sy * H * W)`` (float32: ``f32(f32(sx/sy) / f32(H*W))``)."""
-    return _core.integer_global_avg_pool(_np(x, "x"), float(x_scale), np.asarray(x_zero_point), float(y_scale),
-                                         np.asarray(y_zero_point), rounding, int(out_bits), dyadic_rounding,
-                                         int(dyadic_bits), _shift(dyadic_shift))
+                      dyadic_shift: Optional[int] = None, y_signed: Optional[bool] = None) -> np.ndarray:
+    """[N, C, H, W] (uint8 or int8) -> [N, C, 1, 1]: ``acc = sum(x - zx)`` (exact), then one
+    requantization with ``M = sx / (sy * H * W)`` (float32: ``f32(f32(sx/sy) / f32(H*W))``).
+    Output signed per ``y_signed`` / y_zero_point's dtype (module docstring)."""
+    x, x_zero_point, _ = unsigned_input(x, x_zero_point, "x")
+    signed, y_zero_point = _output(y_signed, y_zero_point, out_bits)
+    codes = _core.integer_global_avg_pool(_np(x, "x"), float(x_scale), np.asarray(x_zero_point), float(y_scale),
+                                          np.asarray(y_zero_point), rounding, int(out_bits), dyadic_rounding,
+                                          int(dyadic_bits), _shift(dyadic_shift))
+    return _codes_out(codes, signed, out_bits)
 
 
 def quantize_multiplier(multiplier: float) -> Tuple[int, int]:
