@@ -8,7 +8,11 @@ uniform and mixed precision (MPn = weights at an average of n bits over {2, 4, 8
 min/max activation ranges, percentile clipping, and the MSE range search
 (``act_range="mse"``). Table IV: Gaussian vs real (32 training images) vs distilled
 calibration, min/max and MSE ranges. Table V: ZeroQ vs Random (20 draws) vs Inverse mixed precision. Timing: one
-end-to-end W8A8 ``quantize`` call (distillation included) broken down by stage.
+end-to-end W8A8 ``quantize`` call (distillation included) broken down by stage. Formats:
+W8A8 / W4A8 / W4A4 with MSE and min/max activation ranges in the code formats users deploy
+to (``QuantConfig(target=...)``): pyzeroq's default (uint8 activations, asymmetric weights),
+"tflite" / "onnxruntime" (int8 activations, symmetric narrow-range int8 weights) and
+"tensorrt" (symmetric int8 activations too).
 
 Distilled data are computed once per model (``distill_data`` with the QuantConfig
 defaults and seed 0: the same tensor ``calibration="distilled"`` would recompute for
@@ -106,6 +110,9 @@ def fmt(x: float) -> str:
 
 RANGES = {"minmax": {}, "percentile": {"percentile": PERCENTILE}, "mse": {"act_range": "mse"}}
 SOURCES = ("gaussian", "real", "distilled")
+FORMATS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A4", 4, 4)]
+TARGET_COLUMNS = {"asymmetric uint8 (default)": {}, "tflite / onnxruntime": {"target": "tflite"},
+                  "tensorrt": {"target": "tensorrt"}}
 
 
 def table1(r: Runner, out: dict, save) -> list[str]:
@@ -150,6 +157,22 @@ def table5(r: Runner, out: dict, save) -> list[str]:
         rows[label] = {"zeroq": zeroq, "inverse": inverse, "random": randoms}
         lines.append(f"| {label} | {fmt(zeroq)} | {fmt(max(randoms))} | {fmt(min(randoms))} | "
                      f"{fmt(statistics.mean(randoms))} | {statistics.pstdev(randoms) * 100:.2f} | {fmt(inverse)} |")
+        print(lines[-1], flush=True)
+        save(lines)
+    return lines
+
+
+def formats(r: Runner, out: dict, save) -> list[str]:
+    """Accuracy per code format (min/max | MSE activation ranges), distilled data."""
+    lines = [f"### Code formats — {r.name}: top-1 % with min/max / MSE activation ranges, distilled data", "",
+             "| setting | " + " | ".join(TARGET_COLUMNS) + " |", "|---|" + "---|" * len(TARGET_COLUMNS)]
+    rows = out.setdefault("formats", {})
+    for label, wb, ab in FORMATS:
+        res = {col: {m: r.run(wb, None, ab, **kw, **RANGES[m]) for m in ("minmax", "mse")}
+               for col, kw in TARGET_COLUMNS.items()}
+        rows[label] = res
+        lines.append(f"| {label} | " + " | ".join(f"{fmt(res[c]['minmax']['top1'])} / {fmt(res[c]['mse']['top1'])}"
+                                                  for c in TARGET_COLUMNS) + " |")
         print(lines[-1], flush=True)
         save(lines)
     return lines
@@ -203,7 +226,7 @@ def main(argv=None) -> None:
         (RESULTS / f"{tag}.md").write_text("\n".join(lines + partial) + "\n")
         (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=1, default=str))
 
-    for key, fn in (("1", table1), ("4", table4), ("5", table5), ("timing", timing)):
+    for key, fn in (("1", table1), ("4", table4), ("5", table5), ("formats", formats), ("timing", timing)):
         if key in tables:
             lines += fn(runner, out, save) + [""]
             save([])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pyzeroq import ops
+from pyzeroq.qspec import CodeFormat
 from pyzeroq.quantizers import (
     BitWidthMismatchError,
     QuantAct,
@@ -167,10 +168,24 @@ def test_extra_state_bit_width_mismatch_raises():
         q.act_quant.learn_step()
         layers.append(q)
     state = layers[0].state_dict()
-    assert state["weight_quant._extra_state"] == {"bits": 4, "mode": "quantize", "learned": True}
+    assert state["weight_quant._extra_state"] == {"bits": 4, "mode": "quantize", "learned": True,
+                                                  "format": {"signed": False, "narrow_range": False,
+                                                             "symmetric": False}}
     with pytest.raises(BitWidthMismatchError, match="4-bit"):
         layers[1].load_state_dict(state)
     fixed = QuantConv2d.from_float(conv, act_quant=QuantAct(8))
     fixed.weight_quant.calibrate(conv.weight, 4)
     with pytest.raises(ValueError, match="learned"):
         fixed.load_state_dict(state)
+
+
+def test_extra_state_code_format_mismatch_raises():
+    """A state dict of symmetric signed weights does not load into an asymmetric quantizer."""
+    conv = torch.nn.Conv2d(2, 3, 3)
+    sym = CodeFormat(signed=True, narrow_range=True, symmetric=True)
+    a, b = QuantConv2d.from_float(conv, weight_format=sym), QuantConv2d.from_float(conv)
+    for layer in (a, b):
+        layer.weight_quant.calibrate(conv.weight, 8)
+    assert a.weight_quant.record().signed and (a.weight_quant.zero_point == 0).all()
+    with pytest.raises(BitWidthMismatchError, match="codes"):
+        b.load_state_dict(a.state_dict())

@@ -34,23 +34,11 @@ def inputs(shape, n: int = BATCH) -> torch.Tensor:
     return torch.rand((n, *shape), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="module", params=sorted(ZOO))
-def name(request):
-    return request.param
-
-
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_zoo_model(name, config, tmp_path):
+def check_integer_paths(q, x: torch.Tensor, onnx_path) -> None:
+    """``to_integer(q)`` against the fake-quant model (top-1 agreement, code drift bounded),
+    ``integer_exact(q)`` (equal code for code) and onnxruntime on ``export_onnx(q)`` (bit for bit)."""
     ort = pytest.importorskip("onnxruntime")
-    shape = ZOO[name][1]
-    settings = {**CONFIGS[config], **(GROUPED_SEARCH if config == "MP4" and name in GROUPED_SEARCH_MODELS else {})}
-    q = zq.quantize(build(name), zq.QuantConfig(**settings, **FAST), input_shape=shape)
-    assert q.report.float_ops == []
-    if config == "MP4":
-        assert set(q.bit_widths.values()) <= {2, 4, 8}
-        assert (q.report.relaxation is not None) == settings["mp_relaxation"]
     im = zq.to_integer(q)
-    x = inputs(shape)
     with torch.no_grad():
         fq = output_leaves(q(x))
     got = output_leaves(im(x))
@@ -69,7 +57,7 @@ def test_zoo_model(name, config, tmp_path):
     with torch.no_grad():
         for g, e in zip(got, output_leaves(exact(x))):
             np.testing.assert_array_equal(e.numpy(), g.numpy())
-    model = zq.export_onnx(q, tmp_path / f"{name}.onnx", x[:1])
+    model = zq.export_onnx(q, onnx_path, x[:1])
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = 1, 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -78,6 +66,23 @@ def test_zoo_model(name, config, tmp_path):
     slots = dict(output_names(im.output))
     for out_name, value in zip(names, sess.run(None, {"input": x.numpy()})):
         np.testing.assert_array_equal(value, env[slots[out_name]], err_msg=out_name)
+
+
+@pytest.fixture(scope="module", params=sorted(ZOO))
+def name(request):
+    return request.param
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_zoo_model(name, config, tmp_path):
+    shape = ZOO[name][1]
+    settings = {**CONFIGS[config], **(GROUPED_SEARCH if config == "MP4" and name in GROUPED_SEARCH_MODELS else {})}
+    q = zq.quantize(build(name), zq.QuantConfig(**settings, **FAST), input_shape=shape)
+    assert q.report.float_ops == []
+    if config == "MP4":
+        assert set(q.bit_widths.values()) <= {2, 4, 8}
+        assert (q.report.relaxation is not None) == settings["mp_relaxation"]
+    check_integer_paths(q, inputs(shape), tmp_path / f"{name}.onnx")
 
 
 def test_code_drift_report():

@@ -41,7 +41,8 @@ the fake-quant forward, the integer plan, the ONNX builder and save / load all r
        logits (float output):     step = min |b| * LOGITS_RELATIVE_STEP  (relative error <= 2^-21)
 
    (never below what int32 and float32 need), ``s_w = f32(step / s_in)`` and the zero point
-   ``clamp(rne(-min(w, 0) / s_w), 0, qmax)`` -- 0 for zero weights, which stay exactly 0; weights
+   ``clamp(rne(-min(w, 0) / s_w), 0, qmax)`` (symmetric signed weights keep zero point 0) -- 0 for
+   zero weights, which stay exactly 0; weights
    whose range underflowed float32 (``|w| < 2^-149 * qmax``) become 0. A channel whose weights
    are one nonzero constant is not degenerate: its range ``[0, c]`` (0 is always in range) gives
    ``s_w = c / qmax`` and the constant is the code ``qmax``, exact within float32 rounding.
@@ -71,6 +72,11 @@ USABLE_MARGIN = 2.0  # degenerate steps are at least this many times the smalles
 MAX_DOUBLINGS = 64  # a fitting scale is searched upward by doubling from the float64 estimate
 
 
+def _levels(weight_q: TensorQuant) -> int:
+    """Code steps across the weight range: 2^b - 1 asymmetric (the scale is span / that)."""
+    return weight_q.qmax - weight_q.qmin
+
+
 class BiasOverflowWarning(UserWarning):
     """A bias saturates at int32 (``bias_overflow="clip"``)."""
 
@@ -82,11 +88,12 @@ def _bias_codes(b: np.ndarray, step: np.ndarray) -> np.ndarray:
     return np.where(b == 0, 0.0, q)
 
 
-def _acc_limits(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int,
+def _acc_limits(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, weight_q: TensorQuant,
                 input_q: TensorQuant) -> tuple[np.ndarray, np.ndarray]:
     """(upper, lower-magnitude) limits [C] of the bias codes of weights ``w`` [C, K] at ``scale`` /
-    ``zp`` [C]: int32 less the largest accumulation of that sign."""
-    codes = ops.quantize(w, scale, zp, bits, axis=0).astype(np.int64) - zp.astype(np.int64)[:, None]
+    ``zp`` [C] (``weight_q``'s bits and code range): int32 less the largest accumulation of that sign."""
+    codes = ops.quantize(w, scale, zp, weight_q.bits, axis=0, signed=weight_q.signed,
+                         narrow_range=weight_q.narrow_range).astype(np.int64) - zp.astype(np.int64)[:, None]
     up, down = (np.minimum(a, MAX_ACCUMULATION_HEADROOM) for a in accumulation_extremes(codes, input_q))
     return (INT32_MAX - up).astype(np.float64), (-INT32_MIN - down).astype(np.float64)
 
@@ -114,9 +121,8 @@ class _Layer:
         channels = np.arange(self.w.shape[0])
         if not self.weight_q.per_channel:
             return [channels]
-        qmax = (1 << self.weight_q.bits) - 1
         span = np.maximum(self.w.max(1), 0).astype(np.float64) - np.minimum(self.w.min(1), 0).astype(np.float64)
-        zero = ~(np.float32(span / qmax) > 0) & (self.b != 0)
+        zero = ~(np.float32(span / _levels(self.weight_q)) > 0) & (self.b != 0)
         suspect = ~self.fits(channels, self.scale) | ~self.usable_each(self.scale) | zero
         return [np.array([c]) for c in np.flatnonzero(suspect)]
 
@@ -126,8 +132,7 @@ class _Layer:
     def limits(self, members: np.ndarray, s_w) -> tuple[np.ndarray, np.ndarray]:
         """:func:`_acc_limits` of the members at weight scale ``s_w`` (zero points as they are)."""
         s_w = np.broadcast_to(np.asarray(s_w, np.float32), members.shape)
-        return _acc_limits(self.w[members], np.ascontiguousarray(s_w), self.zp[members], self.weight_q.bits,
-                           self.input_q)
+        return _acc_limits(self.w[members], np.ascontiguousarray(s_w), self.zp[members], self.weight_q, self.input_q)
 
     def fits(self, members: np.ndarray, s_w) -> np.ndarray:
         """Bool per member: the bias code at weight scale ``s_w`` lies within the limits at ``s_w``."""
@@ -152,8 +157,7 @@ class _Layer:
 
     def record(self) -> TensorQuant:
         per = self.weight_q.per_channel
-        return TensorQuant(self.weight_q.bits, self.scale if per else self.scale[0],
-                           self.zp if per else self.zp[0], self.weight_q.axis)
+        return self.weight_q.with_params(self.scale if per else self.scale[0], self.zp if per else self.zp[0])
 
 
 def _fitting_scale(layer: _Layer, members: np.ndarray, start: float, floor: Optional[float] = None) -> np.float32:
@@ -197,8 +201,7 @@ def _degenerate_reason(layer: _Layer, members: np.ndarray) -> Optional[str]:
     if not layer.usable(layer.scale[members]):
         return "weight scale underflow (step or multiplier not a normal float32)"
     lo, hi = layer.weight_range(members)
-    qmax = (1 << layer.weight_q.bits) - 1
-    if np.float32((hi - lo) / qmax) > 0 or not layer.b[members].any():
+    if np.float32((hi - lo) / _levels(layer.weight_q)) > 0 or not layer.b[members].any():
         return None
     return "zero weights" if _degenerate_step(layer, members) < float(layer.step(layer.scale[members]).min()) \
         else None
@@ -254,8 +257,9 @@ def _degenerate(layer: _Layer, members: np.ndarray) -> Optional[dict]:
     target = max(_degenerate_step(layer, members) / float(layer.s_in), _min_fit(layer, members))
     new = _fitting_scale(layer, members, max(floor, target))
     lo, _ = layer.weight_range(members)
-    qmax = (1 << layer.weight_q.bits) - 1
-    zp = int(np.clip(np.rint(-lo / float(new)), 0, qmax))
+    q = layer.weight_q
+    # symmetric (signed) weights keep their fixed zero point; asymmetric ones place 0 at rne(-lo / s)
+    zp = int(layer.zp[members[0]]) if q.signed else int(np.clip(np.rint(-lo / float(new)), q.qmin, q.qmax))
     record = _adjustment(layer, members, reason, "weight scale set", new, zp)
     layer.scale[members], layer.zp[members] = new, zp
     return record

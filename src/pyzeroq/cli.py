@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import ACT_DTYPES, SCHEMES, TARGETS
 from .data import fashion_mnist_available, load_fashion_mnist
 
 
@@ -50,7 +51,8 @@ def cmd_quantize(args) -> int:
     config = QuantConfig(weight_bits=weight_bits, avg_weight_bits=args.avg_weight_bits,
                          act_bits=None if args.act_bits == 0 else args.act_bits, calibration=args.calibration,
                          num_samples=args.num_samples, distill_iters=args.distill_iters,
-                         percentile=args.percentile, act_range=args.act_range,
+                         percentile=args.percentile, act_range=args.act_range, target=args.target,
+                         weight_scheme=args.weight_scheme, act_dtype=args.act_dtype,
                          mp_relaxation=not args.no_relaxation,
                          mp_method=args.mp_method, seed=args.seed, device=args.device)
     model = models.load_pretrained(args.model)
@@ -109,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--distill-iters", type=int, default=500)
     p.add_argument("--percentile", type=float, default=None)
+    p.add_argument("--target", default=None, choices=sorted(TARGETS),
+                   help="deployment preset for the code formats (symmetric int8 weights, int8 activations)")
+    p.add_argument("--weight-scheme", default=None, choices=SCHEMES, help="weight quantization (default asymmetric)")
+    p.add_argument("--act-dtype", default=None, choices=ACT_DTYPES, help="activation codes (default uint8)")
     p.add_argument("--act-range", default="minmax", choices=("minmax", "mse"),
                    help="activation ranges: observed min/max (or its percentiles) or the MSE-optimal clipping")
     p.add_argument("--mp-method", default="zeroq", choices=("zeroq", "random", "inverse"))

@@ -6,6 +6,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from .qspec import CodeFormat
+
 MIN_BITS = 2
 MAX_BITS = 16
 CALIBRATIONS = ("distilled", "gaussian", "real")
@@ -15,6 +17,20 @@ ACT_RANGES = ("minmax", "mse")
 BIAS_OVERFLOW_MODES = ("enlarge", "error", "clip")
 FLOAT_OPS_MODES = ("error", "warn", "allow")
 SENSITIVITY_MEASURES = ("auto", "kl", "mse")  # pyzeroq.outputs
+SCHEMES = ("asymmetric", "symmetric")
+ACT_DTYPES = ("uint8", "int8")
+DEFAULT_FORMAT = {"weight_scheme": "asymmetric", "act_dtype": "uint8", "act_scheme": "asymmetric"}
+# deployment presets (QuantConfig.target): the code formats each runtime's int8 path expects
+TARGETS = {
+    # onnxruntime quantize_static defaults (QuantType.QInt8 both, WeightSymmetric for int8 weights,
+    # ActivationSymmetric False): S8S8, weights in [-127, 127]
+    "onnxruntime": {"weight_scheme": "symmetric", "act_dtype": "int8", "act_scheme": "asymmetric"},
+    # TFLite int8 quantization spec: int8 asymmetric activations, symmetric per-channel int8
+    # weights with zero point 0 in [-127, 127], int32 bias
+    "tflite": {"weight_scheme": "symmetric", "act_dtype": "int8", "act_scheme": "asymmetric"},
+    # TensorRT explicit quantization: symmetric int8 everywhere (zero point 0)
+    "tensorrt": {"weight_scheme": "symmetric", "act_dtype": "int8", "act_scheme": "symmetric"},
+}
 
 
 def _is_int(v) -> bool:
@@ -71,6 +87,17 @@ class QuantConfig:
         :mod:`pyzeroq.outputs`): "kl" (ZeroQ Eq. 2, on one logits tensor [N, classes]), "mse"
         (squared error of every returned tensor over its variance, summed: segmentation maps,
         tuples, dicts, detection heads) or "auto" (default: "kl" for logits, else "mse").
+    weight_scheme: "asymmetric" (default: unsigned codes, scale and zero point per channel from
+        [min, max]) or "symmetric" (signed codes in the narrow range [-(2^(b-1) - 1), 2^(b-1) - 1],
+        zero point 0, scale max|w| / (2^(b-1) - 1): TFLite / TensorRT / onnxruntime S8S8 weights).
+    act_dtype: "uint8" (default) or "int8": the signedness of activation codes (any ``act_bits``:
+        codes in [0, 2^b - 1] or [-2^(b-1), 2^(b-1) - 1]). Asymmetric int8 activations have the
+        same scales and real values as uint8 ones (zero points shifted by 2^(b-1)).
+    act_scheme: "asymmetric" (default) or "symmetric" (scale max|x| / (2^(b-1) - 1), zero point 0
+        for int8, 2^(b-1) for uint8: TensorRT's activations).
+    target: None, or a deployment preset that sets the three above ("onnxruntime" and "tflite":
+        symmetric weights, asymmetric int8 activations; "tensorrt": symmetric weights and
+        activations; :data:`TARGETS`). A field given explicitly must agree with the preset.
     float_ops: what ``quantize`` does with ops it cannot quantize (they would stay float, and a
         conv / linear after them would read a float input): "error" (default: a ValueError
         listing every such op, raised before any costly stage; README "Supported operations"),
@@ -106,6 +133,10 @@ class QuantConfig:
     bias_overflow: str = "enlarge"
     sensitivity: str = "auto"
     float_ops: str = "error"
+    weight_scheme: str | None = None
+    act_dtype: str | None = None
+    act_scheme: str | None = None
+    target: str | None = None
 
     def __post_init__(self):
         wb = self.weight_bits
@@ -169,8 +200,35 @@ class QuantConfig:
             raise ValueError(f"sensitivity must be one of {SENSITIVITY_MEASURES}, got {self.sensitivity!r}")
         if self.float_ops not in FLOAT_OPS_MODES:
             raise ValueError(f"float_ops must be one of {FLOAT_OPS_MODES}, got {self.float_ops!r}")
+        self._resolve_formats()
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
+
+    def _resolve_formats(self) -> None:
+        """Fill weight_scheme / act_dtype / act_scheme from ``target`` (or the defaults)."""
+        if self.target is not None and self.target not in TARGETS:
+            raise ValueError(f"target must be None or one of {tuple(TARGETS)}, got {self.target!r}")
+        preset = DEFAULT_FORMAT if self.target is None else TARGETS[self.target]
+        for name, allowed in (("weight_scheme", SCHEMES), ("act_dtype", ACT_DTYPES), ("act_scheme", SCHEMES)):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, preset[name])
+            elif value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+            elif self.target is not None and value != preset[name]:
+                raise ValueError(f"{name}={value!r} contradicts target={self.target!r}, which sets "
+                                 f"{name}={preset[name]!r}; leave it unset or drop target")
+
+    @property
+    def weight_format(self) -> CodeFormat:
+        """:class:`pyzeroq.qspec.CodeFormat` of the weights."""
+        symmetric = self.weight_scheme == "symmetric"
+        return CodeFormat(signed=symmetric, narrow_range=symmetric, symmetric=symmetric)
+
+    @property
+    def act_format(self) -> CodeFormat:
+        """:class:`pyzeroq.qspec.CodeFormat` of the activations."""
+        return CodeFormat(signed=self.act_dtype == "int8", symmetric=self.act_scheme == "symmetric")
 
     @property
     def weight_candidates(self) -> tuple[int, ...]:

@@ -104,13 +104,25 @@ ONNX_OPSET = 17
 MS_DOMAIN = "com.microsoft"
 MS_OPSET = 1
 IR_VERSION = 8
-CODE_MAX8 = 255
+CODE_BITS8 = 8
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 STRUCTURED_OUTPUT_PREFIX = "output"
 PIXEL_LEVELS = 256
 ADD_OPS = ("exact", "qlinearadd")
 PIXELS = ("float", "uint8")
+
+
+def code_type(q) -> type:
+    """ONNX container of the codes of record ``q``: uint8, or int8 for signed codes (bits <= 8)."""
+    if q.bits > CODE_BITS8:
+        raise ValueError(f"ONNX QOperator codes are 8-bit; a {q.bits}-bit record cannot be exported")
+    return np.int8 if q.signed else np.uint8
+
+
+def code_array(q, values) -> np.ndarray:
+    """``values`` (zero points, clip bounds) as an array of ``q``'s ONNX code type."""
+    return np.asarray(values).astype(code_type(q))
 
 
 class _Builder:
@@ -161,24 +173,28 @@ class _Builder:
         self.nodes.append(self.h.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
 
     def qparams(self, base: str, q):
-        """(scale, zero point) initializers of a per-tensor record: float32 and uint8 scalars."""
+        """(scale, zero point) initializers of a per-tensor record: float32 and uint8 / int8 scalars
+        (the zero point's type is the codes' type in ONNX)."""
         return (self.const(f"{base}_scale", np.float32(q.scale_value)),
-                self.const(f"{base}_zero_point", np.uint8(q.zero_point_value)))
+                self.const(f"{base}_zero_point", code_array(q, q.zero_point_value)))
 
-    def clip(self, src: str, out: str, lo: int, hi: int, name: str) -> str:
-        """uint8 Clip to [lo, hi], or an Identity when it changes nothing."""
-        if lo <= 0 and hi >= CODE_MAX8:
+    def clip(self, src: str, out: str, lo: int, hi: int, name: str, q) -> str:
+        """Clip of codes of record ``q`` (uint8 / int8 tensor) to [lo, hi], or an Identity when it
+        changes nothing."""
+        info = np.iinfo(code_type(q))
+        if lo <= info.min and hi >= info.max:
             self.node("Identity", [src], [out], name)
         else:
-            self.node("Clip", [src, self.const(f"{name}_lo", np.uint8(max(lo, 0))),
-                               self.const(f"{name}_hi", np.uint8(min(hi, CODE_MAX8)))], [out], name)
+            self.node("Clip", [src, self.const(f"{name}_lo", code_array(q, max(lo, info.min))),
+                               self.const(f"{name}_hi", code_array(q, min(hi, info.max)))], [out], name)
         return out
 
-    def finish(self, step: Step, raw: str, lo: int = 0, hi: Optional[int] = None):
+    def finish(self, step: Step, raw: str, lo: Optional[int] = None, hi: Optional[int] = None):
         """Clamp of a fused ReLU / ReLU6 (``lo``, ``hi`` codes) and of bits < 8 into the step's output slot."""
         q = step.out_q
+        bottom = q.qmin if lo is None else max(lo, q.qmin)
         top = q.qmax if hi is None else min(hi, q.qmax)
-        self.clip(raw, step.output, lo, top, f"{step.output}_clip")
+        self.clip(raw, step.output, bottom, top, f"{step.output}_clip", q)
 
     def ones_conv(self, step: Step, src: str, out: str, x_scale: float, y_scale: float, kernel, stride, pads,
                   index: int = 0, base: Optional[str] = None):
@@ -187,11 +203,11 @@ class _Builder:
         channels = self.shapes[step.inputs[index]][1]
         b = base or f"{step.output}_pool"
         ins = [src, self.const(f"{b}_x_scale", np.float32(x_scale)),
-               self.const(f"{b}_x_zero_point", np.uint8(xq.zero_point_value)),
-               self.const(f"{b}_w", np.ones((channels, 1) + tuple(kernel), np.uint8)),
-               self.const(f"{b}_w_scale", np.float32(1.0)), self.const(f"{b}_w_zero_point", np.uint8(0)),
+               self.const(f"{b}_x_zero_point", code_array(xq, xq.zero_point_value)),
+               self.const(f"{b}_w", code_array(xq, np.ones((channels, 1) + tuple(kernel)))),  # x's type: S8S8 / U8U8
+               self.const(f"{b}_w_scale", np.float32(1.0)), self.const(f"{b}_w_zero_point", code_array(xq, 0)),
                self.const(f"{b}_y_scale", np.float32(y_scale)),
-               self.const(f"{b}_y_zero_point", np.uint8(yq.zero_point_value))]
+               self.const(f"{b}_y_zero_point", code_array(yq, yq.zero_point_value))]
         self.node("QLinearConv", ins, [out], b, group=int(channels), kernel_shape=list(kernel), strides=list(stride),
                   pads=list(pads))
 
@@ -227,13 +243,14 @@ class _Builder:
         self.finish(step, raw)
 
     def conv_like(self, step: Step, src: str, out: str, w: np.ndarray, **attrs):
-        """QLinearConv of a layer record (uint8 weights [O, C, KH, KW], per-channel scales / zero points)."""
+        """QLinearConv of a layer record (uint8 / int8 weights [O, C, KH, KW], per-channel scales / zero
+        points)."""
         layer, b = step.layer, step.output
         w_scale, w_zp = layer.weight.channels(layer.out_channels)
         sx, zx = self.qparams(f"{b}_x", layer.input)
         sy, zy = self.qparams(f"{b}_y", layer.output)
         ins = [src, sx, zx, self.const(f"{b}_w", w), self.const(f"{b}_w_scale", w_scale.astype(np.float32)),
-               self.const(f"{b}_w_zero_point", w_zp.astype(np.uint8)), sy, zy]
+               self.const(f"{b}_w_zero_point", code_array(layer.weight, w_zp)), sy, zy]
         if layer.bias is not None:
             ins.append(self.const(f"{b}_bias", layer.bias.astype(np.int32)))
         self.node("QLinearConv", ins, [out], f"{b}_qlinearconv", kernel_shape=list(w.shape[2:]), **attrs)
@@ -273,7 +290,8 @@ class _Builder:
                   [f"{b}_x6"], f"{b}_reshape6")
         pads = np.array([0] * 6 + [0, 0, 0, uh - 1, 0, uw - 1], np.int64)
         self.node("Pad", [f"{b}_x6", self.const(f"{b}_pads", pads),
-                          self.const(f"{b}_fill", np.uint8(step.layer.input.zero_point_value))], [f"{b}_filled"],
+                          self.const(f"{b}_fill", code_array(step.layer.input, step.layer.input.zero_point_value))],
+                  [f"{b}_filled"],
                   f"{b}_pad", mode="constant")
         self.node("Reshape", [f"{b}_filled", self.const(f"{b}_merge", np.array([-1, c, h * uh, w * uw], np.int64))],
                   [f"{b}_spread"], f"{b}_reshape4")
@@ -307,8 +325,9 @@ class _Builder:
         _, w_zp = layer.weight.channels(layer.out_channels)
         acc = f"{b}_acc"
         self.node("MatMulInteger", [step.inputs[0], self.const(f"{b}_w", np.ascontiguousarray(layer.weight_codes.T)),
-                                    self.const(f"{b}_x_zero_point", np.uint8(layer.input.zero_point_value)),
-                                    self.const(f"{b}_w_zero_point", w_zp.astype(np.uint8))], [acc],
+                                    self.const(f"{b}_x_zero_point", code_array(layer.input,
+                                                                               layer.input.zero_point_value)),
+                                    self.const(f"{b}_w_zero_point", code_array(layer.weight, w_zp))], [acc],
                   f"{b}_matmulinteger")
         if layer.bias is not None:
             self.node("Add", [acc, self.const(f"{b}_bias", layer.bias.astype(np.int32))], [f"{b}_acc_bias"],
@@ -416,7 +435,7 @@ class _Builder:
         self.finish(step, f"{step.output}_raw")
 
     def clamp(self, step: ClampStep):
-        self.clip(step.inputs[0], step.output, step.lo, step.hi, f"{step.output}_clip")
+        self.clip(step.inputs[0], step.output, step.lo, step.hi, f"{step.output}_clip", step.x_q)
 
     def reshape(self, step: ReshapeStep):
         """``Reshape`` whose target keeps the batch size dynamic (:func:`reshape_target`)."""
@@ -447,7 +466,8 @@ class _Builder:
             for i in range(len(step.args) // 2):
                 begins[rank - 1 - i], ends[rank - 1 - i] = step.args[2 * i], step.args[2 * i + 1]
             self.node("Pad", [src, self.const(f"{b}_pads", np.array(begins + ends, np.int64)),
-                              self.const(f"{b}_fill", np.uint8(step.x_q.zero_point_value))], [out], f"{b}_pad",
+                              self.const(f"{b}_fill", code_array(step.x_q, step.x_q.zero_point_value))], [out],
+                      f"{b}_pad",
                       mode="constant")
         else:  # an item of chunk / split: a Slice along its dim
             dim = step.args[0] % rank

@@ -20,7 +20,8 @@ the rebuilt graph as usual). Used by :mod:`pyzeroq.io`::
 ``value`` is None / bool / int / float / str, a list of values, or a one-key tagged
 dict: ``{"tuple": [..]}``, ``{"dict": [[key, value], ..]}``, ``{"slice": [start, stop,
 step]}``, ``{"size": [..]}`` (torch.Size), ``{"torch": "float32"}`` (a dtype, layout or
-memory format), ``{"device": "cpu"}``, ``{"ellipsis": None}``, ``{"node": name}`` (an
+memory format), ``{"device": "cpu"}``, ``{"ellipsis": None}``, ``{"code_format": {signed,
+narrow_range, symmetric}}`` (a quantizer's :class:`pyzeroq.qspec.CodeFormat`), ``{"node": name}`` (an
 earlier graph node) and ``{"module": name}`` (a module of the model: the plain
 cross-references ``input_quant`` / ``output_quant`` / ``same_as``).
 
@@ -61,6 +62,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .modules import is_normalizer
+from .qspec import CodeFormat
 from .quantizers import (
     QuantAct,
     QuantChannelAffine,
@@ -134,6 +136,8 @@ def _encode(value, where: str, modules: dict | None = None):
         return {"device": str(value)}
     if value is Ellipsis:
         return {"ellipsis": None}
+    if kind is CodeFormat:
+        return {"code_format": value.to_dict()}
     raise ValueError(f"{where}: a {kind.__module__}.{kind.__qualname__} value cannot be saved "
                      f"(only primitives, tuples, lists, dicts, slices, dtypes, devices and references)")
 
@@ -177,6 +181,9 @@ def _decode(value, where: str, nodes: dict | None = None, modules: dict | None =
                 raise ValueError(f"{where}: {body!r:.80} is not a torch device") from exc
         if tag == "ellipsis":
             return Ellipsis
+        if tag == "code_format" and type(body) is dict and set(body) == set(CodeFormat().to_dict()) \
+                and all(type(v) is bool for v in body.values()):
+            return CodeFormat(**body)
         if tag == "node" and nodes is not None and type(body) is str and body in nodes:
             return nodes[body]
         if tag == "module" and modules is not None and type(body) is str and body in modules:

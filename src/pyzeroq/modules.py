@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout_ops import is_contiguous, is_shape_node, is_split_source, layout_op
-from .qspec import LayerQuant, TensorQuant
+from .qspec import UNSIGNED_ASYMMETRIC, CodeFormat, LayerQuant, TensorQuant
 from .quantizers import (  # noqa: F401 (re-exported: the quantizer family lives in quantizers.py)
     ACT_SAMPLE_CAP,
     MSE_CLIP_STEPS,
@@ -255,13 +255,14 @@ def bn_as_depthwise_conv(bn: nn.Module) -> nn.Module:
     return conv
 
 
-def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool) -> None:
+def _swap_layers(gm: fx.GraphModule, info: SurgeryInfo, per_channel: bool, weight_format: CodeFormat) -> None:
     """Step 2: conv / linear -> their quantized versions (one module per call: shared ones were
     split by :func:`pyzeroq.rewrites.split_shared_layers`)."""
     for node in gm.graph.nodes:
         cls = _quant_class(gm.get_submodule(node.target)) if node.op == "call_module" else None
         if cls is not None:
-            _set_submodule(gm, node.target, cls.from_float(gm.get_submodule(node.target), per_channel))
+            _set_submodule(gm, node.target, cls.from_float(gm.get_submodule(node.target), per_channel,
+                                                          weight_format=weight_format))
             info.layers.append(node.target)
 
 
@@ -319,8 +320,8 @@ def _is_logits(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _is_module(gm, node, (QuantLinear,)) and all(u.op == "output" for u in node.users)
 
 
-def _new_act_quant(gm: fx.GraphModule, node: fx.Node, act_bits, percentile, act_range) -> QuantAct:
-    quant = QuantAct(act_bits, percentile, act_range)
+def _new_act_quant(gm: fx.GraphModule, node: fx.Node, act_bits, percentile, act_range, act_format) -> QuantAct:
+    quant = QuantAct(act_bits, percentile, act_range, act_format)
     if node.op == "call_module" and _is_normalizer(gm.get_submodule(node.target)):
         # models take images in [0, 1]: the normalized range is known exactly, so the
         # input quantizer does not depend on the (unbounded) calibration images
@@ -331,7 +332,7 @@ def _new_act_quant(gm: fx.GraphModule, node: fx.Node, act_bits, percentile, act_
 
 
 def _insert_act_quants(gm: fx.GraphModule, info: SurgeryInfo, points: list, layer_points: dict,
-                       act_bits, percentile, act_range) -> None:
+                       act_bits, percentile, act_range, act_format: CodeFormat) -> None:
     """Step 3b: a QuantAct after every point (not the logits); layers learn their output quantizer."""
     graph = gm.graph
     inserted: dict[fx.Node, QuantAct] = {}
@@ -339,7 +340,7 @@ def _insert_act_quants(gm: fx.GraphModule, info: SurgeryInfo, points: list, laye
         if _is_logits(gm, node):
             continue  # logits stay float (dequantized accumulator)
         name = f"act_quant_{i}"
-        quant = _new_act_quant(gm, node, act_bits, percentile, act_range)
+        quant = _new_act_quant(gm, node, act_bits, percentile, act_range, act_format)
         gm.add_module(name, quant)
         with graph.inserting_after(node):
             q = graph.call_module(name, (node,))
@@ -410,8 +411,11 @@ def _link_inputs(gm: fx.GraphModule, info: SurgeryInfo) -> None:
 
 
 def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True,
-            percentile: float | None = None, act_range: str = "minmax") -> tuple[fx.GraphModule, SurgeryInfo]:
-    """Trace a copy of ``model`` (eval mode), fold BNs, insert quantized layers and QuantActs.
+            percentile: float | None = None, act_range: str = "minmax", *,
+            weight_format: CodeFormat = UNSIGNED_ASYMMETRIC,
+            act_format: CodeFormat = UNSIGNED_ASYMMETRIC) -> tuple[fx.GraphModule, SurgeryInfo]:
+    """Trace a copy of ``model`` (eval mode), fold BNs, insert quantized layers and QuantActs
+    (weights in ``weight_format``, activations in ``act_format``: :class:`pyzeroq.qspec.CodeFormat`).
 
     Raises ValueError when the model cannot be traced by torch.fx."""
     gm = _trace(copy.deepcopy(model).eval())
@@ -419,9 +423,9 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
     info.shared_layers = split_shared_layers(gm)
     info.folded_scales = fold_constant_scales(gm)
     _fold_bns(gm, info)
-    _swap_layers(gm, info, per_channel)
+    _swap_layers(gm, info, per_channel, weight_format)
     points, layer_points = _activation_points(gm, info)
-    _insert_act_quants(gm, info, points, layer_points, act_bits, percentile, act_range)
+    _insert_act_quants(gm, info, points, layer_points, act_bits, percentile, act_range, act_format)
     _link_inputs(gm, info)
     gm.graph.lint()
     gm.delete_all_unused_submodules()  # the folded BNs

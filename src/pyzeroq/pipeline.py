@@ -353,7 +353,8 @@ def _size_bytes(gm: nn.Module, report: QuantReport, bit_widths: dict[str, int]) 
 
 def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport) -> QuantizedModel:
     t0 = time.perf_counter()
-    gm, info = prepare(work, config.act_bits, config.per_channel, config.percentile, config.act_range)
+    gm, info = prepare(work, config.act_bits, config.per_channel, config.percentile, config.act_range,
+                       weight_format=config.weight_format, act_format=config.act_format)
     gm.to(config.device)
     _check_surgery(work, gm, config, shape)
     report.layers = list(info.layers)

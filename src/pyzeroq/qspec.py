@@ -12,9 +12,10 @@ Formula (onnxruntime QuantizeLinear / DequantizeLinear, one float32 operation ea
     real = scale * (q - zero_point)
 
 Unsigned codes: ``[0, 2^bits - 1]`` (uint8 for bits <= 8, uint16 above). Signed codes
-(``signed=True``: ``[-2^(bits-1), 2^(bits-1) - 1]``, int8 / int16), with ``narrow_range``
-dropping the lowest code as TFLite / TensorRT do; :meth:`TensorQuant.quantize` and friends
-pass the range to :mod:`pyzeroq.ops`.
+(``signed=True``: ``[-2^(bits-1), 2^(bits-1) - 1]``, with ``narrow_range`` dropping the
+lowest code as TFLite / TensorRT do; int8 / int16 containers) serve the symmetric-weight
+formats of TFLite, TensorRT and onnxruntime S8S8. :class:`CodeFormat` says which layout a
+quantizer produces and how it picks its parameters (asymmetric or symmetric).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 
 from . import ops
 
-__all__ = ["TensorQuant", "LayerQuant", "ACTIVATIONS", "RELU6_MAX", "activation_clamp", "bias_scale", "quantize_bias",
+__all__ = ["TensorQuant", "LayerQuant", "CodeFormat", "UNSIGNED_ASYMMETRIC",
+           "ACTIVATIONS", "RELU6_MAX", "activation_clamp", "bias_scale", "quantize_bias",
            "accumulation_extremes"]
 
 MIN_BITS, MAX_BITS = 2, 16
@@ -147,6 +149,15 @@ class TensorQuant:
         """``dequantize(quantize(x))`` in one pass, over the record's code range."""
         return ops.fake_quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis, **self._range_flags())
 
+    @property
+    def code_dtype(self) -> type:
+        """numpy dtype of the codes: uint8 / uint16, or int8 / int16 when signed."""
+        return ops.code_dtype(self.bits, signed=self.signed)
+
+    def with_params(self, scale, zero_point) -> "TensorQuant":
+        """The same bits, axis and code range with other parameters."""
+        return TensorQuant(self.bits, scale, zero_point, self.axis, self.signed, self.narrow_range)
+
     def code_of(self, value: float) -> int:
         """Code of one real value (per-tensor records)."""
         self._require_per_tensor("code_of")
@@ -180,6 +191,52 @@ class TensorQuant:
         kind = f"per-channel axis={self.axis} [{self.scale.size}]" if self.per_channel else \
             f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
         return f"TensorQuant(bits={self.bits}, {kind}{', signed' if self.signed else ''})"
+
+
+@dataclass(frozen=True)
+class CodeFormat:
+    """The code layout a quantizer produces and how it chooses its parameters.
+
+    signed: codes in ``[-2^(b-1), 2^(b-1) - 1]`` (int8 / int16) instead of ``[0, 2^b - 1]``.
+    narrow_range: the lowest code is unused (``[-(2^(b-1) - 1), 2^(b-1) - 1]`` signed), as TFLite
+        and TensorRT weights; only with ``symmetric``.
+    symmetric: scale from ``max |x|`` and a fixed zero point (0 signed, ``2^(b-1)`` unsigned:
+        :func:`pyzeroq.ops.symmetric_params`), else from ``[min, max]`` with a computed zero point
+        (:func:`pyzeroq.ops.asymmetric_params`; a signed asymmetric zero point is the unsigned one
+        less ``2^(b-1)``, the same scale and real values: only the codes shift).
+    """
+
+    signed: bool = False
+    narrow_range: bool = False
+    symmetric: bool = False
+
+    def __post_init__(self):
+        for name in ("signed", "narrow_range", "symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.narrow_range and not self.symmetric:
+            raise ValueError("narrow_range needs symmetric=True (asymmetric ranges use every code)")
+
+    def zero_point(self, bits: int) -> int:
+        """The fixed zero point of the symmetric format (0 signed, 2^(bits-1) unsigned)."""
+        return 0 if self.signed else 1 << (bits - 1)
+
+    def params(self, x, bits: int, axis: Optional[int] = None, percentile: Optional[float] = None):
+        """(float32 scale, int32 zero point) of ``x`` for ``bits``-bit codes of this format."""
+        if self.symmetric:
+            return ops.symmetric_params(x, bits, axis, percentile, signed=self.signed,
+                                        narrow_range=self.narrow_range)
+        scale, zp = ops.asymmetric_params(x, bits, axis, percentile)
+        return (scale, zp - (1 << (bits - 1))) if self.signed else (scale, zp)
+
+    def record(self, bits: int, scale, zero_point, axis: Optional[int] = None) -> "TensorQuant":
+        return TensorQuant(bits, scale, zero_point, axis, self.signed, self.narrow_range)
+
+    def to_dict(self) -> dict:
+        return {"signed": self.signed, "narrow_range": self.narrow_range, "symmetric": self.symmetric}
+
+
+UNSIGNED_ASYMMETRIC = CodeFormat()  # pyzeroq's default: uint8 codes, per-channel zero points
 
 
 def activation_clamp(q: TensorQuant, activation: Optional[str]) -> tuple[int, int]:

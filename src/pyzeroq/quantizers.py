@@ -6,13 +6,15 @@ tensor or per channel); :meth:`Quantizer.record` returns it as a frozen
 records ranges), "quantize" (fake quantization). After :meth:`Quantizer.learn_step`
 the step is an ``nn.Parameter`` trained by LSQ (Esser et al. 2020, "Learned Step Size
 Quantization"); the forward is the same formula either way (``pyzeroq.ops.fake_quantize``:
-``q = clamp(rne(x / s) + z, 0, Qmax)``, ``real = s * (q - z)``).
+``q = clamp(rne(x / s) + z, Qmin, Qmax)``, ``real = s * (q - z)``). The code range and the
+choice of parameters (asymmetric / symmetric, unsigned / signed codes) come from each
+quantizer's :class:`pyzeroq.qspec.CodeFormat`.
 
-LSQ gradients, with ``v = x / s``, ``lo = -z``, ``hi = Qmax - z``::
+LSQ gradients, with ``v = x / s``, ``lo = Qmin - z``, ``hi = Qmax - z``::
 
     d out / d x = 1 if lo <= v <= hi else 0                     (straight-through)
     d out / d s = (rne(v) - v if lo <= v <= hi else clamp bound) * g
-    g = 1 / sqrt(N * Qmax)                                     (LSQ's gradient scale)
+    g = 1 / sqrt(N * Qmax)                                     (LSQ's gradient scale, Qmax = Q_P)
 
 N = elements per step (per output channel for weights, per sample for activations).
 
@@ -35,7 +37,7 @@ from torch import nn
 from . import ops
 from .bias import fit_weight_scale
 from .config import ACT_RANGES
-from .qspec import INT32_MAX, INT32_MIN, LayerQuant, TensorQuant, quantize_bias
+from .qspec import INT32_MAX, INT32_MIN, UNSIGNED_ASYMMETRIC, CodeFormat, LayerQuant, TensorQuant, quantize_bias
 
 __all__ = ["BitWidthMismatchError", "Quantizer", "QuantAct", "WeightQuant", "QuantConv2d", "QuantConv1d", "QuantLinear",
            "QuantConvTranspose2d", "ChannelAffine", "QuantChannelAffine", "QUANT_LAYER_TYPES", "QUANT_CONV_TYPES",
@@ -50,10 +52,10 @@ MODES = ("off", "observe", "quantize")
 # ---------------------------------------------------------------------------- LSQ autograd
 class LSQFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmax: int, grad_scale: float):
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
         v = x / scale
-        lo, hi = -zero_point, qmax - zero_point
-        q = torch.clamp(torch.round(v) + zero_point, 0, qmax) - zero_point
+        lo, hi = qmin - zero_point, qmax - zero_point
+        q = torch.clamp(torch.round(v) + zero_point, qmin, qmax) - zero_point
         ctx.save_for_backward(v, lo, hi, q)
         ctx.scale_shape = scale.shape
         ctx.grad_scale = grad_scale
@@ -68,27 +70,28 @@ class LSQFunction(torch.autograd.Function):
         grad_s = grad * ds * ctx.grad_scale
         shape = ctx.scale_shape
         grad_s = grad_s.sum() if len(shape) == 0 else grad_s.sum_to_size(shape)
-        return grad_x, grad_s.reshape(shape), None, None, None
+        return grad_x, grad_s.reshape(shape), None, None, None, None
 
 
-def lsq_fake_quantize(x, scale, zero_point, qmax: int, grad_scale: float) -> torch.Tensor:
-    """LSQ fake quantization (forward = ``ops.fake_quantize``; gradients above)."""
-    return LSQFunction.apply(x, scale, zero_point, qmax, grad_scale)
+def lsq_fake_quantize(x, scale, zero_point, qmax: int, grad_scale: float, qmin: int = 0) -> torch.Tensor:
+    """LSQ fake quantization over codes ``[qmin, qmax]`` (forward = ``ops.fake_quantize``; gradients above)."""
+    return LSQFunction.apply(x, scale, zero_point, qmin, qmax, grad_scale)
 
 
-def lsq_round_ste(x, scale, zero_point, qmax: int, grad_scale: float) -> torch.Tensor:
+def lsq_round_ste(x, scale, zero_point, qmax: int, grad_scale: float, qmin: int = 0) -> torch.Tensor:
     """The same quantizer by the round-STE trick (for testing; forward may differ in the last ulp)."""
     s = (scale - scale * grad_scale).detach() + scale * grad_scale
-    v = torch.clamp(x / s, -zero_point, qmax - zero_point)
+    v = torch.clamp(x / s, qmin - zero_point, qmax - zero_point)
     v = (torch.round(v) - v).detach() + v
     return v * s
 
 
-def mse_clip_range(values: np.ndarray, bits: int) -> tuple[float, float]:
+def mse_clip_range(values: np.ndarray, bits: int, fmt: CodeFormat = UNSIGNED_ASYMMETRIC) -> tuple[float, float]:
     """The clipping range ``[a * min, a * max]`` (``a = k / MSE_CLIP_STEPS``, k = 1..steps)
-    whose ``bits``-bit asymmetric fake quantization of ``values`` has the least squared
-    error (sum over values, in float64); ties go to the widest range. ``min <= 0 <= max``
-    as in :func:`pyzeroq.ops.asymmetric_params`."""
+    whose ``bits``-bit fake quantization in format ``fmt`` (its parameters from that range,
+    :meth:`CodeFormat.params`) of ``values`` has the least squared error (sum over values, in
+    float64); ties go to the widest range. ``min <= 0 <= max`` as in
+    :func:`pyzeroq.ops.asymmetric_params`."""
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     if values.size == 0:
         raise ValueError("mse_clip_range: no activation values to calibrate on")
@@ -100,8 +103,8 @@ def mse_clip_range(values: np.ndarray, bits: int) -> tuple[float, float]:
     for k in range(MSE_CLIP_STEPS, 0, -1):  # widest first: strict "<" keeps it on ties
         a = k / MSE_CLIP_STEPS
         rng = np.array([a * lo, a * hi], dtype=np.float32)
-        scale, zp = ops.asymmetric_params(rng, bits)
-        ops.fake_quantize(values, scale, zp, bits, out=out)
+        scale, zp = fmt.params(rng, bits)
+        ops.fake_quantize(values, scale, zp, bits, out=out, signed=fmt.signed, narrow_range=fmt.narrow_range)
         err = float(np.square(out.astype(np.float64) - values).sum())
         if err < best_err:
             best, best_err = (float(rng[0]), float(rng[1])), err
@@ -114,17 +117,22 @@ class BitWidthMismatchError(ValueError):
 
 
 class Quantizer(nn.Module):
-    """Asymmetric fake quantizer of one tensor (base of :class:`QuantAct` and :class:`WeightQuant`).
+    """Fake quantizer of one tensor (base of :class:`QuantAct` and :class:`WeightQuant`).
 
     ``bits``: 2..16, or None (float: mode stays "off"). ``channels``: None per tensor
     (``scale`` / ``zero_point`` shape ``()``), else per channel along axis 0 (shape ``[C]``).
+    ``fmt``: the code range and parameter rule (:class:`pyzeroq.qspec.CodeFormat`; default
+    unsigned asymmetric).
     Buffers ``scale`` (float32; an ``nn.Parameter`` once :meth:`learn_step` was called) and
     ``zero_point`` (int64) are the state-dict layout.
     """
 
-    def __init__(self, bits: Optional[int], channels: Optional[int] = None):
+    def __init__(self, bits: Optional[int], channels: Optional[int] = None, fmt: CodeFormat = UNSIGNED_ASYMMETRIC):
         super().__init__()
+        if not isinstance(fmt, CodeFormat):
+            raise TypeError(f"fmt must be a pyzeroq.qspec.CodeFormat, got {type(fmt).__name__}")
         self.bits = bits
+        self.fmt = fmt
         self.axis = None if channels is None else 0
         shape = () if channels is None else (int(channels),)
         self.register_buffer("scale", torch.ones(shape))
@@ -133,12 +141,17 @@ class Quantizer(nn.Module):
         self.learned = False
 
     @property
+    def qmin(self) -> int:
+        return ops.qrange(self.bits, signed=self.fmt.signed, narrow_range=self.fmt.narrow_range)[0]
+
+    @property
     def qmax(self) -> int:
-        return (1 << self.bits) - 1
+        return ops.qrange(self.bits, signed=self.fmt.signed, narrow_range=self.fmt.narrow_range)[1]
 
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.axis is None else f"per-channel[{self.scale.numel()}]"
-        return f"bits={self.bits}, {kind}, mode={self.mode}{', learned step' if self.learned else ''}"
+        fmt = "" if self.fmt == UNSIGNED_ASYMMETRIC else f", {self.fmt}"
+        return f"bits={self.bits}, {kind}, mode={self.mode}{', learned step' if self.learned else ''}{fmt}"
 
     def learn_step(self) -> "Quantizer":
         """Make ``scale`` a trainable LSQ step (same state-dict key)."""
@@ -152,7 +165,7 @@ class Quantizer(nn.Module):
     def get_extra_state(self) -> dict:
         """Bits and mode travel in the state dict (``<prefix>._extra_state``), so that loading a
         state dict quantized with other bit widths fails instead of silently mixing."""
-        return {"bits": self.bits, "mode": self.mode, "learned": self.learned}
+        return {"bits": self.bits, "mode": self.mode, "learned": self.learned, "format": self.fmt.to_dict()}
 
     def set_extra_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "bits" not in state:
@@ -160,6 +173,9 @@ class Quantizer(nn.Module):
         if state["bits"] != self.bits:
             raise BitWidthMismatchError(f"the state dict has {state['bits']}-bit codes where this model has "
                                         f"{self.bits}-bit codes")
+        fmt = CodeFormat(**state.get("format", UNSIGNED_ASYMMETRIC.to_dict()))
+        if fmt != self.fmt:
+            raise BitWidthMismatchError(f"the state dict has codes {fmt} where this model has {self.fmt}")
         if bool(state.get("learned", False)) != self.learned:
             raise ValueError(f"the state dict has a {'learned' if state.get('learned') else 'fixed'} step where "
                              f"this model has a {'learned' if self.learned else 'fixed'} one")
@@ -179,7 +195,7 @@ class Quantizer(nn.Module):
             raise ValueError(f"quantizer is not quantizing (bits={self.bits}, mode={self.mode!r}): "
                              "calibrate it first (act_bits / weight bits set)")
         scale = self.effective_scale().detach().cpu().float().numpy()
-        return TensorQuant(self.bits, scale, self.zero_point.detach().cpu().numpy(), self.axis)
+        return self.fmt.record(self.bits, scale, self.zero_point.detach().cpu().numpy(), self.axis)
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return t if self.axis is None else t.view(-1, *([1] * (x.dim() - 1)))
@@ -189,16 +205,18 @@ class Quantizer(nn.Module):
         if self.learned:
             grad_scale = 1.0 / math.sqrt(x[0].numel() * self.qmax)
             return lsq_fake_quantize(x, self._view(self.effective_scale(), x),
-                                     self._view(self.zero_point.to(x.dtype), x), self.qmax, grad_scale)
-        return ops.fake_quantize_ste(x, self.scale, self.zero_point, self.bits, axis=self.axis)
+                                     self._view(self.zero_point.to(x.dtype), x), self.qmax, grad_scale, self.qmin)
+        return ops.fake_quantize_ste(x, self.scale, self.zero_point, self.bits, axis=self.axis,
+                                     signed=self.fmt.signed, narrow_range=self.fmt.narrow_range)
 
 
 class QuantAct(Quantizer):
     """Per-tensor activation quantizer: "observe" collects the range, :meth:`freeze` sets
     scale / zero point by ``act_range`` ("minmax", or its ``percentile`` clipping, or "mse")."""
 
-    def __init__(self, bits: Optional[int] = 8, percentile: Optional[float] = None, act_range: str = "minmax"):
-        super().__init__(bits)
+    def __init__(self, bits: Optional[int] = 8, percentile: Optional[float] = None, act_range: str = "minmax",
+                 fmt: CodeFormat = UNSIGNED_ASYMMETRIC):
+        super().__init__(bits, fmt=fmt)
         if act_range not in ACT_RANGES:
             raise ValueError(f"act_range must be one of {ACT_RANGES}, got {act_range!r}")
         self.percentile = percentile
@@ -237,7 +255,7 @@ class QuantAct(Quantizer):
         if self.percentile is not None:
             return torch.cat(self._samples).numpy()
         if self.act_range == "mse":
-            return np.asarray(mse_clip_range(torch.cat(self._samples).numpy(), self.bits), dtype=np.float32)
+            return np.asarray(mse_clip_range(torch.cat(self._samples).numpy(), self.bits, self.fmt), dtype=np.float32)
         return torch.stack([self._min, self._max]).numpy()
 
     @torch.no_grad()
@@ -253,7 +271,7 @@ class QuantAct(Quantizer):
                 self.same_as.freeze()
             self.set_params(self.same_as.effective_scale().detach(), self.same_as.zero_point)
         else:
-            scale, zp = ops.asymmetric_params(self._range_values(), self.bits, percentile=self.percentile)
+            scale, zp = self.fmt.params(self._range_values(), self.bits, percentile=self.percentile)
             self.set_params(scale, zp)
         self.reset()
         self.mode = "quantize"
@@ -272,8 +290,8 @@ class WeightQuant(Quantizer):
     from :func:`pyzeroq.ops.asymmetric_params` of the weight (:meth:`calibrate`). With a
     fixed step the fake-quantized weight is cached until the weight or the bits change."""
 
-    def __init__(self, bits: Optional[int], channels: Optional[int] = None):
-        super().__init__(bits, channels)
+    def __init__(self, bits: Optional[int], channels: Optional[int] = None, fmt: CodeFormat = UNSIGNED_ASYMMETRIC):
+        super().__init__(bits, channels, fmt)
         self._cache = None
 
     @torch.no_grad()
@@ -285,14 +303,15 @@ class WeightQuant(Quantizer):
             return
         w = weight.detach().float().cpu()
         w = w.reshape(w.shape[0], -1).contiguous() if self.axis == 0 else w.reshape(-1).contiguous()
-        scale, zp = ops.asymmetric_params(w, bits, axis=self.axis)
+        scale, zp = self.fmt.params(w, bits, axis=self.axis)
         self.set_params(scale, zp)
         self.mode = "quantize"
 
     def set_record(self, record: TensorQuant) -> None:
         """Apply a weight record of this quantizer's bits and layout (e.g. from
         :func:`pyzeroq.bias.fit_weight_scale`): its scale and zero point become the buffers."""
-        if record.bits != self.bits or record.axis != self.axis or record.scale.shape != tuple(self.scale.shape):
+        if record.bits != self.bits or record.axis != self.axis or record.scale.shape != tuple(self.scale.shape) \
+                or (record.signed, record.narrow_range) != (self.fmt.signed, self.fmt.narrow_range):
             raise ValueError(f"record {record!r} does not fit this quantizer ({self.extra_repr()})")
         self.set_params(np.array(record.scale), np.array(record.zero_point))  # writable copies for torch
         self._cache = None
@@ -306,7 +325,7 @@ class WeightQuant(Quantizer):
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 qw = ops.fake_quantize(weight.detach().cpu().contiguous(), self.scale, self.zero_point, self.bits,
-                                       axis=self.axis)
+                                       axis=self.axis, signed=self.fmt.signed, narrow_range=self.fmt.narrow_range)
             self._cache = (key, qw.to(weight.device))
         return self._cache[1]
 
@@ -322,8 +341,9 @@ class QuantLayerMixin:
     clamp ("relu" / "relu6" / None), set by the fx surgery (None for a float output).
     """
 
-    def _init_quant(self, per_channel: bool, act_quant: Optional[QuantAct] = None) -> None:
-        self.weight_quant = WeightQuant(None, self.weight.shape[0] if per_channel else None)
+    def _init_quant(self, per_channel: bool, act_quant: Optional[QuantAct] = None,
+                    weight_format: CodeFormat = UNSIGNED_ASYMMETRIC) -> None:
+        self.weight_quant = WeightQuant(None, self.weight.shape[0] if per_channel else None, weight_format)
         self.act_quant = act_quant
         object.__setattr__(self, "input_quant", act_quant)
         object.__setattr__(self, "output_quant", None)
@@ -406,12 +426,13 @@ class _QuantConvMixin(QuantLayerMixin):
     """The conv forms: one constructor and forward for Conv1d and Conv2d."""
 
     @classmethod
-    def from_float(cls, conv: nn.Module, per_channel: bool = True, act_quant: Optional[QuantAct] = None):
+    def from_float(cls, conv: nn.Module, per_channel: bool = True, act_quant: Optional[QuantAct] = None,
+                   weight_format: CodeFormat = UNSIGNED_ASYMMETRIC):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                 device=conv.weight.device, dtype=conv.weight.dtype)
         q.load_state_dict(conv.state_dict())
-        q._init_quant(per_channel, act_quant)
+        q._init_quant(per_channel, act_quant, weight_format)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -438,12 +459,12 @@ class QuantLinear(nn.Linear, QuantLayerMixin):
     """Linear with quantized weight (per output feature), int32 bias and, in QAT, input."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, per_channel: bool = True,
-                   act_quant: Optional[QuantAct] = None) -> "QuantLinear":
+    def from_float(cls, linear: nn.Linear, per_channel: bool = True, act_quant: Optional[QuantAct] = None,
+                   weight_format: CodeFormat = UNSIGNED_ASYMMETRIC) -> "QuantLinear":
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype)
         q.load_state_dict(linear.state_dict())
-        q._init_quant(per_channel, act_quant)
+        q._init_quant(per_channel, act_quant, weight_format)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -481,7 +502,8 @@ class QuantConvTranspose2d(nn.Conv2d, _QuantConvMixin):
         return conv.groups == 1 and conv.padding_mode == "zeros"
 
     @classmethod
-    def from_float(cls, conv: nn.ConvTranspose2d, per_channel: bool = True, act_quant: Optional[QuantAct] = None):
+    def from_float(cls, conv: nn.ConvTranspose2d, per_channel: bool = True, act_quant: Optional[QuantAct] = None,
+                   weight_format: CodeFormat = UNSIGNED_ASYMMETRIC):
         if not cls.supports(conv):
             raise ValueError("ConvTranspose2d with groups > 1 or non-zero padding has no quantized form")
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, 1, 0, conv.dilation, 1,
@@ -492,7 +514,7 @@ class QuantConvTranspose2d(nn.Conv2d, _QuantConvMixin):
                 q.bias.copy_(conv.bias.detach())
         q.transpose_stride, q.transpose_padding = tuple(conv.stride), tuple(conv.padding)
         q.output_padding = tuple(conv.output_padding)
-        q._init_quant(per_channel, act_quant)
+        q._init_quant(per_channel, act_quant, weight_format)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

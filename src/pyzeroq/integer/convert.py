@@ -3,7 +3,7 @@
 :func:`to_integer` compiles the fx graph of a quantized model into a typed integer plan
 (:func:`pyzeroq.integer.plan.compile_plan`; its docstring has the node -> step mapping) and
 returns an :class:`IntegerModel` that runs the steps on :mod:`pyzeroq.integer.simulate`
-(codes are uint8, accumulators int32; the only float ops are the logits and the
+(codes are uint8, or int8 for signed records; accumulators int32; the only float ops are the logits and the
 dequantization of other returned tensors). The runtime
 dispatches on the step type through one table, :data:`RUNTIME_HANDLERS`.
 
@@ -108,7 +108,8 @@ def normalize_input(step: InputStep, x: np.ndarray) -> np.ndarray:
 
 
 def input_lut(step: InputStep) -> np.ndarray:
-    """uint8 [C or 1, 256]: pixel code p -> activation code of the float image ``f32(p / 255)``."""
+    """[C or 1, 256] codes (the input record's dtype): pixel code p -> activation code of the float
+    image ``f32(p / 255)``."""
     pixels = torch.arange(PIXEL_LEVELS, dtype=torch.uint8).float() / PIXEL_MAX
     if step.mean is None:
         return step.quant.quantize(pixels.numpy())[None]
@@ -409,7 +410,7 @@ class IntegerModel:
                                        yq.scale_value, yq.zero_point_value, layer.bias, step.stride, step.padding,
                                        step.dilation, step.groups, rounding=self.rounding, out_bits=yq.bits,
                                        acc_bits=self.acc_bits, overflow=self.overflow,
-                                       relu=layer.activation is not None)
+                                       relu=layer.activation is not None, y_signed=yq.signed)
         self._record(step.name, st)
         y = y.reshape(shape[0], -1, *shape[2:]) if step.spatial_dims == 0 else \
             y[:, :, 0, :] if step.spatial_dims == 1 else y
@@ -423,7 +424,7 @@ class IntegerModel:
                                        np.ascontiguousarray(layer.weight_codes.T), w_scale, w_zp, yq.scale_value,
                                        yq.zero_point_value, layer.bias, rounding=self.rounding, out_bits=yq.bits,
                                        acc_bits=self.acc_bits, overflow=self.overflow,
-                                       relu=layer.activation is not None)
+                                       relu=layer.activation is not None, y_signed=yq.signed)
         self._record(step.name, st)
         return _clamp_hi(y, step, yq)
 
@@ -446,14 +447,15 @@ class IntegerModel:
         a, b, yq = step.x_q, step.y_q, step.quant
         y = kernel(args[0], a.scale_value, a.zero_point_value, args[1], b.scale_value, b.zero_point_value,
                    yq.scale_value, yq.zero_point_value, relu=step.activation is not None, out_bits=yq.bits,
-                   rounding=self.rounding)
+                   rounding=self.rounding, y_signed=yq.signed)
         return _clamp_hi(y, step, yq)
 
     def _global_avg_pool(self, step: GlobalAvgPoolStep, args: list) -> np.ndarray:
         xq, yq, x = step.x_q, step.quant, args[0]
         one_d = x.ndim == 3  # [N, C, L] (AdaptiveAvgPool1d(1)) as [N, C, 1, L]
         y = sim.global_avg_pool2d(x[:, :, None, :] if one_d else x, xq.scale_value, xq.zero_point_value,
-                                  yq.scale_value, yq.zero_point_value, out_bits=yq.bits, rounding=self.rounding)
+                                  yq.scale_value, yq.zero_point_value, out_bits=yq.bits, rounding=self.rounding,
+                                  y_signed=yq.signed)
         return _clamp(y[:, :, 0] if one_d else y, *step.clamp_codes(), yq)
 
     def _avg_pool(self, step: AvgPoolStep, args: list) -> np.ndarray:
@@ -469,7 +471,8 @@ class IntegerModel:
         ones = np.ones((x.shape[1], 1, kh, kw), np.uint8)
         ratio = np.float32(np.float32(xq.scale_value) / np.float32(yq.scale_value))
         y, _ = sim.qlinear_conv2d(x, ratio, xq.zero_point_value, ones, 1.0, 0, float(kh * kw), yq.zero_point_value,
-                                  None, stride, padding, 1, x.shape[1], out_bits=yq.bits, rounding=self.rounding)
+                                  None, stride, padding, 1, x.shape[1], out_bits=yq.bits, rounding=self.rounding,
+                                  y_signed=yq.signed)
         return _clamp(y, *step.clamp_codes(), yq)
 
     def _max_pool(self, step: MaxPoolStep, args: list) -> np.ndarray:
@@ -486,7 +489,7 @@ class IntegerModel:
         """Codes of ``xq`` -> codes of ``yq`` with ``M = f32(sx / sy)``."""
         mult = np.float32(np.float32(xq.scale_value) / np.float32(yq.scale_value))
         return sim.requantize(x.astype(np.int32) - np.int32(xq.zero_point_value), mult, yq.zero_point_value,
-                              out_bits=yq.bits, rounding=self.rounding)
+                              out_bits=yq.bits, rounding=self.rounding, y_signed=yq.signed)
 
     def _clamp_step(self, step: ClampStep, args: list) -> np.ndarray:
         return _clamp(args[0], step.lo, step.hi, step.x_q)
@@ -499,7 +502,7 @@ class IntegerModel:
 
     def _concat(self, step: ConcatStep, args: list) -> np.ndarray:
         """Each input requantized to the output record (``M = f32(s_in / s_out)``), then concatenated."""
-        parts = [x if xq == step.quant else self._requantize(x, xq, step.quant).astype(np.uint8)
+        parts = [x if xq == step.quant else self._requantize(x, xq, step.quant)
                  for x, xq in zip(args, step.x_qs)]
         return np.concatenate(parts, axis=step.dim)
 

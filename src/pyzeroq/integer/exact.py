@@ -149,7 +149,7 @@ class ExactConcat(nn.Module):
                 parts.append(x)
                 continue
             ratio = np.float32(np.float32(q.scale_value) / np.float32(yq.scale_value))
-            parts.append(_requantize(_centered_codes(x, q), ratio, yq, 0, yq.qmax, None))
+            parts.append(_requantize(_centered_codes(x, q), ratio, yq, yq.qmin, yq.qmax, None))
         return torch.cat(parts, self.step.dim)
 
 

@@ -211,9 +211,9 @@ class _Compiler:
         if not MIN_BITS <= rec.bits <= MAX_ACT_BITS:
             raise UnsupportedOperationError(f"{what} has {rec.bits} bits; the integer simulator supports "
                                             f"{MIN_BITS}..{MAX_ACT_BITS}-bit activations", node.name, "QuantAct")
-        if rec.signed or rec.narrow_range or rec.per_channel:
-            raise UnsupportedOperationError(f"{what}: the integer simulator takes unsigned full-range per-tensor "
-                                            f"activation codes, got {rec!r}", node.name, "QuantAct")
+        if rec.per_channel:
+            raise UnsupportedOperationError(f"{what}: the integer simulator takes per-tensor activation codes, "
+                                            f"got {rec!r}", node.name, "QuantAct")
         return rec
 
     def act_record(self, node: fx.Node) -> TensorQuant:
@@ -361,9 +361,9 @@ class _Compiler:
         except ValueError as exc:
             raise PlanError(f"{exc}; to_integer needs quantized weights and inputs", node.name) from exc
         bits = rec.weight.bits
-        if not MIN_BITS <= bits <= MAX_WEIGHT_BITS or rec.weight.signed or rec.weight.narrow_range:
-            raise UnsupportedOperationError(f"layer {name!r} has {bits}-bit weights (signed={rec.weight.signed}); the "
-                                            f"simulator supports unsigned {MIN_BITS}..{MAX_WEIGHT_BITS}-bit weight codes",
+        if not MIN_BITS <= bits <= MAX_WEIGHT_BITS:
+            raise UnsupportedOperationError(f"layer {name!r} has {bits}-bit weights; the simulator supports "
+                                            f"{MIN_BITS}..{MAX_WEIGHT_BITS}-bit weight codes",
                                             node.name, type(layer).__name__)
         if rec.input != self.q[x]:
             raise PlanError(f"layer {name!r}: its input record {rec.input!r} is not the record of the activation it "

@@ -11,7 +11,7 @@ Every step names the value slots it reads (``inputs``, fx node names) and writes
 (:class:`pyzeroq.qspec.TensorQuant` for activations, the layer's
 :class:`pyzeroq.qspec.LayerQuant` for conv / linear / logits: weight codes, int32 bias and
 fused clamp are read from the record, never recomputed). Activation codes are unsigned
-2..8-bit codes in uint8 containers, accumulators int32; the only float tensors are the
+2..8-bit codes in uint8 containers (int8 for signed records), accumulators int32; the only float tensors are the
 model input (before :class:`InputStep`) and the logits (after :class:`LogitsStep`).
 
 ``kind`` (a class attribute) is a display label only (accumulator report, trace log).
@@ -380,7 +380,8 @@ class LayoutStep(Step):
 class LookupStep(Step):
     """Elementwise activation ``f`` (``op``: its name, display only) as a table on the input codes:
     ``y = table[x]`` with ``table[q] = out_q.quantize(f(x_q.dequantize(q)))`` computed once in
-    float32 by :func:`pyzeroq.integer.lookup.lookup_table` (2**x_q.bits entries, uint8)."""
+    float32 by :func:`pyzeroq.integer.lookup.lookup_table` (2**x_q.bits entries of ``quant``'s code
+    dtype; a signed code ``q < 0`` reads entry ``2**bits + q``, numpy / ONNX negative indexing)."""
 
     kind: ClassVar[str] = "lookup"
     x_q: TensorQuant
@@ -390,7 +391,7 @@ class LookupStep(Step):
 
     def __post_init__(self):
         super().__post_init__()
-        table = np.ascontiguousarray(self.table, dtype=np.uint8).reshape(-1)
+        table = np.ascontiguousarray(self.table, dtype=self.quant.code_dtype).reshape(-1)
         if table.shape[0] != 1 << self.x_q.bits:
             raise ValueError(f"a lookup table of {self.x_q.bits}-bit codes has {1 << self.x_q.bits} entries, "
                              f"got {table.shape[0]}")
