@@ -48,7 +48,7 @@ def _as_numpy(x, name: str) -> np.ndarray:
 
 
 def _integer_array(value, name: str) -> np.ndarray:
-    arr = _as_numpy(value, name)
+    arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array or scalar, got dtype {arr.dtype}")
     return arr
