@@ -155,6 +155,32 @@ def test_clamp_edges(bits, signed, narrow):
     assert q.tolist() == [lo, lo, lo, lo + 1, hi - 1, hi, hi, hi, lo, hi, lo, hi]
 
 
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_threaded_sizes_equal_the_reference(axis):
+    """Arrays well above MIN_PARALLEL_WORK per thread: the chunked, threaded kernels (scalar and
+    per-element channel runs) equal the single-threaded references."""
+    import pyzeroq
+
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((64, 4099)) * 40).astype(np.float32)
+    c = 1 if axis is None else x.shape[axis]
+    scale = rng.uniform(0.2, 0.4, c).astype(np.float32)
+    zp = rng.integers(-20, 20, c)
+    if axis is None:
+        scale, zp = scale[0], zp[0]
+    before = pyzeroq.get_num_threads()
+    pyzeroq.set_num_threads(4)
+    try:
+        check_all(x, scale, zp, 8, axis, True, True)
+        for percentile in (None, 99.9):
+            s, z = ops.symmetric_params(x, 8, axis, percentile)
+            s_ref, z_ref = _core._symmetric_params_reference(x, 8, axis, percentile)
+            assert_same(s, s_ref)
+            assert_same(z, z_ref)
+    finally:
+        pyzeroq.set_num_threads(before)
+
+
 def test_narrow_range_drops_the_lowest_code():
     x = np.array([-300.0, -128.0, -127.6, -127.0, 127.0, 300.0], np.float32)
     assert ops.quantize(x, 1.0, 0, 8, signed=True).tolist() == [-128, -128, -128, -127, 127, 127]
