@@ -254,6 +254,8 @@ def test_signed_argument_errors():
         zi.qlinear_conv2d(x, w=w, **{**ok, "x_zero_point": 0.5})
     with pytest.raises(TypeError, match="y_signed must be a bool or None"):
         zi.qlinear_conv2d(x, w=w, **ok, y_signed="yes")
+    with pytest.raises(TypeError, match="y_zero_point must be an integer array or scalar, got dtype float32"):
+        zi.requantize(np.zeros(3, np.int32), 0.1, np.float32(3))
     with pytest.raises(ValueError, match="out_bits must lie in"):
         zi.requantize(np.zeros(3, np.int32), 0.1, 0, out_bits=17, y_signed=True)
     with pytest.raises(ValueError, match=r"x_zero_point must lie in \[-128, 127\]"):
