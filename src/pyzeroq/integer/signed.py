@@ -48,7 +48,7 @@ def _as_numpy(x, name: str) -> np.ndarray:
 
 
 def _integer_array(value, name: str) -> np.ndarray:
-    arr = _as_numpy(value, name)
+    arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array or scalar, got dtype {arr.dtype}")
     return arr
@@ -81,9 +81,11 @@ def output_is_signed(y_signed: Optional[bool], y_zero_point) -> bool:
         if not isinstance(y_signed, (bool, np.bool_)):
             raise TypeError(f"y_signed must be a bool or None, got {type(y_signed).__name__}")
         return bool(y_signed)
-    if hasattr(y_zero_point, "detach") or isinstance(y_zero_point, (np.ndarray, np.generic)):
-        return _as_numpy(y_zero_point, "y_zero_point").dtype in _SIGNED_ZERO_POINT_DTYPES
-    return False
+    if hasattr(y_zero_point, "detach"):  # torch tensor
+        return y_zero_point.detach().cpu().numpy().dtype in _SIGNED_ZERO_POINT_DTYPES
+    if isinstance(y_zero_point, (np.ndarray, np.generic)):
+        return y_zero_point.dtype in _SIGNED_ZERO_POINT_DTYPES
+    return False  # Python ints, lists: unsigned unless y_signed says otherwise
 
 
 _MIN_OUT_BITS, _MAX_OUT_BITS = 2, 16
