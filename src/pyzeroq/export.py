@@ -48,6 +48,10 @@ graph outputs          one ``Identity`` per returned tensor: "logits" for a sing
                        becomes "input_output"
 =====================  ==========================================================================
 
+Weights of every bit width are stored as uint8 codes (QLinearConv and MatMulInteger take 8-bit
+weights): a 2- or 4-bit model's file is as large as at 8 bits. ``format="qdq"``
+(:mod:`pyzeroq.export_qdq`) packs them into INT4 / UINT4 (or INT2 / UINT2) initializers instead.
+
 Agreement with the simulator (float32_rne): every op above is bit-exact -- QuantizeLinear,
 QLinearConv, MatMulInteger, Cast, Mul, MaxPool and Clip by construction (QLinearConv is tested
 against the simulator on constructed ties in tests/test_integer_onnxruntime.py), the add because
