@@ -386,8 +386,8 @@ def test_clamp_and_requant_steps(tmp_path):
 def test_mixed_precision_packed_size(tmp_path):
     """MP4/A8 (2-, 4- and 8-bit weights): the QDQ file's weight and bias initializers hold exactly
     ``report.size_bytes`` (weights at their bits + every other parameter as 4 bytes: the int32 biases)
-    with ``int2_weights=True`` (plus under one byte of padding per layer), and 2-bit weights cost one
-    nibble each more by default (stored as UINT4, which every onnxruntime optimization level runs).
+    with ``int2_weights=True`` (plus under one byte of padding per layer), and 2-bit weights cost 2 bits
+    each more by default (stored as UINT4, which every onnxruntime optimization level runs).
     Scales, zero points and the graph come on top. onnxruntime agrees with the simulator as established
     above (int2 graphs at ORT_ENABLE_BASIC or below: the fused QLinearConv refuses 2-bit weights)."""
     q = zq.quantize(build("mobilenetv2"), zq.QuantConfig(weight_bits=(2, 4, 8), avg_weight_bits=4, act_bits=8,

@@ -39,7 +39,7 @@ byte as UINT4 / INT4 (opset 21), 5..8 bits uint8 / int8. 2-bit weights are UINT4
 runs only at ORT_ENABLE_BASIC or below: at EXTENDED / ALL (its default) its QDQ fusion builds a
 QLinearConv / QGemm with 2-bit weights and the session fails its type check. So the weights and
 biases of the file take ``report.size_bytes`` bytes exactly with ``int2_weights`` (plus the padding
-of the last byte per layer), and one nibble more per 2-bit weight without.
+of the last byte per layer), and 2 bits more per 2-bit weight without.
 
 What onnxruntime 1.32 (CPU) computes, against the simulator (float32_rne; tests/test_export_qdq.py
 runs every op alone on the simulator's input codes and whole graphs on nine zoo models):
