@@ -192,11 +192,11 @@ class _QdqBuilder(GraphBuilder):
         layer, b = step.layer, step.output
         ins = [x_real, self.weight(step, codes)]
         if layer.bias is not None:
-            zeros = np.zeros(layer.out_channels, np.int32)
-            self.node("DequantizeLinear", [self.const(f"{b}_bias", layer.bias), self.const(f"{b}_bias_scale",
-                                                                                           layer.bias_scale),
-                                           self.const(f"{b}_bias_zero_point", zeros)], [f"{b}_bias_real"],
-                      f"{b}_bias_dequantize", axis=WEIGHT_AXIS)
+            bias = self.const(f"{b}_bias", layer.bias)
+            scale = self.const(f"{b}_bias_scale", layer.bias_scale)
+            zp = self.const(f"{b}_bias_zero_point", np.zeros(layer.out_channels, np.int32))
+            self.node("DequantizeLinear", [bias, scale, zp], [f"{b}_bias_real"], f"{b}_bias_dequantize",
+                      axis=WEIGHT_AXIS)
             ins.append(f"{b}_bias_real")
         return ins
 
