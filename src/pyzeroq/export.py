@@ -11,7 +11,7 @@ integer step           ONNX
 InputStep              float input: ``Sub(mean)``, ``Div(std)`` (the model's normalization, same float32
                        ops), ``QuantizeLinear``; ``pixels="uint8"``: ``Cast(int32)`` [+ channel offset]
                        ``Gather`` from the 256-entry table (integer only)
-ConvStep               ``QLinearConv`` (uint8 per-channel weights and zero points, int32 bias); a Conv1d
+ConvStep               ``QLinearConv`` (uint8 / int8 per-channel weights and zero points, int32 bias); a Conv1d
                        between ``Unsqueeze`` / ``Squeeze`` (the Conv2d over [N, C, 1, L]); a ConvTranspose2d
                        after ``Reshape``, ``Pad`` (zero point), ``Reshape``, ``Slice`` (zero points inserted)
 LinearStep (hidden)    ``Unsqueeze`` -> 1x1 ``QLinearConv`` -> ``Flatten`` (QLinearMatMul has no bias); an
@@ -25,16 +25,16 @@ GlobalAvgPoolStep,     depthwise ``QLinearConv`` with all-ones weights (scale 1,
 AvgPoolStep            ``x_scale = f32(sx / sy)``, ``y_scale = kh * kw``: its multiplier
                        ``f32(f32(x_scale * 1) / y_scale)`` is exactly the simulator's pooling
                        multiplier ``f32(f32(sx / sy) / f32(kh * kw))``
-MaxPoolStep            ``MaxPool`` on uint8 (``ceil_mode`` as torch) [+ 1x1 ones ``QLinearConv`` requantization]
+MaxPoolStep            ``MaxPool`` on codes (``ceil_mode`` as torch) [+ 1x1 ones ``QLinearConv`` requantization]
 AdaptiveAvgPoolStep    the AvgPoolStep emission with kernel = stride = input size / output size
 RequantStep            1x1 depthwise ones ``QLinearConv`` (``M = f32(sx / sy)``)
-fused ReLU / ReLU6,    ``Clip`` on uint8 (only where it changes something: the zero point of a
-ClampStep, bits < 8    ReLU output is usually 0 and the code of 6.0 usually beyond 255)
+fused ReLU / ReLU6,    ``Clip`` on codes (only where it changes something: the zero point of a
+ClampStep, bits < 8    ReLU output is usually a code above the lowest, the code of 6.0 beyond the top)
 ReshapeStep            ``Reshape`` (batch dimension kept dynamic)
 ConcatStep             per input whose record differs from the output's: the RequantStep emission (1x1
                        depthwise ones ``QLinearConv``; 2-D inputs through ``Unsqueeze`` / ``Flatten``), then
                        ``Concat`` [+ ``Clip``, bits < 8]
-LookupStep             ``Cast(int32)`` -> ``Gather`` from the step's uint8 table (Hardswish, SiLU, GELU,
+LookupStep             ``Cast(int32)`` -> ``Gather`` from the step's table (int8 codes: negative indices) (Hardswish, SiLU, GELU,
                        Sigmoid, Tanh, ...: the table is the simulator's, so bit-exact by construction)
 MulStep                ``DequantizeLinear`` x2 -> ``Mul`` -> ``Div(y_scale)`` -> ``QuantizeLinear(scale 1)``
                        (as the add; shapes broadcast)
@@ -47,6 +47,12 @@ graph outputs          one ``Identity`` per returned tensor: "logits" for a sing
                        value of that name is renamed ("<name>_value"); only "input" (the graph input)
                        becomes "input_output"
 =====================  ==========================================================================
+
+Codes take their record's type: uint8, or int8 for signed records (``QuantConfig(target=...)``:
+S8S8 / U8S8 ``QLinearConv`` and ``MatMulInteger``, int8 ``QuantizeLinear`` / ``MaxPool`` / ``Clip``).
+Weights of every bit width are stored as 8-bit codes (QLinearConv and MatMulInteger take 8-bit
+weights): a 2- or 4-bit model's file is as large as at 8 bits. ``format="qdq"``
+(:mod:`pyzeroq.export_qdq`) packs them into INT4 / UINT4 (or INT2 / UINT2) initializers instead.
 
 Agreement with the simulator (float32_rne): every op above is bit-exact -- QuantizeLinear,
 QLinearConv, MatMulInteger, Cast, Mul, MaxPool and Clip by construction (QLinearConv is tested
@@ -73,6 +79,7 @@ import numpy as np
 
 from ._checks import output_path
 from ._optional import require
+from .export_qdq import build_qdq
 from .integer.convert import IntegerModel, to_integer
 from .integer.steps import (
     AdaptiveAvgPoolStep,
@@ -94,99 +101,46 @@ from .integer.steps import (
     ReshapeStep,
     Step,
     check_handlers,
-    output_leaves,
 )
-from .layout_ops import slice_bounds
+from .onnx_graph import (
+    PIXELS,
+    GraphBuilder,
+    assemble,
+    check_choice,
+    check_integer_model,
+    code_dtype,
+    example_shapes,
+    output_names,
+    reshape_target,
+)
 
-__all__ = ["export_onnx", "build_onnx", "ONNX_HANDLERS"]
+__all__ = ["export_onnx", "build_onnx", "ONNX_HANDLERS", "FORMATS", "output_names", "reshape_target"]
 
 ONNX_OPSET = 17
 MS_DOMAIN = "com.microsoft"
 MS_OPSET = 1
 IR_VERSION = 8
-CODE_BITS8 = 8
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-STRUCTURED_OUTPUT_PREFIX = "output"
-PIXEL_LEVELS = 256
 ADD_OPS = ("exact", "qlinearadd")
-PIXELS = ("float", "uint8")
+FORMATS = ("qoperator", "qdq")
 
 
-def code_type(q) -> type:
-    """ONNX container of the codes of record ``q``: uint8, or int8 for signed codes (bits <= 8)."""
-    if q.bits > CODE_BITS8:
-        raise ValueError(f"ONNX QOperator codes are 8-bit; a {q.bits}-bit record cannot be exported")
-    return np.int8 if q.signed else np.uint8
-
-
-def code_array(q, values) -> np.ndarray:
-    """``values`` (zero points, clip bounds) as an array of ``q``'s ONNX code type."""
-    return np.asarray(values).astype(code_type(q))
-
-
-class _Builder:
-    """Collects the ONNX nodes / initializers of one integer model; one method per step type
-    (:data:`ONNX_HANDLERS`). ``shapes``: value slot -> shape from a run on the example input."""
+class _Builder(GraphBuilder):
+    """QOperator handlers, one method per step type (:data:`ONNX_HANDLERS`); the bookkeeping and
+    the emissions both exporters share are :class:`pyzeroq.onnx_graph.GraphBuilder`'s."""
 
     def __init__(self, int_model: IntegerModel, shapes: dict, add_op: str, pixels: str):
-        from onnx import TensorProto, helper, numpy_helper
-        self.h, self.nh, self.tp = helper, numpy_helper, TensorProto
-        self.im = int_model
-        self.shapes = shapes
+        super().__init__(int_model, shapes, pixels)
         self.add_op = add_op
-        self.pixels = pixels
-        self.nodes: list = []
-        self.inits: list = []
-        self._names: set = set()
-
-    def const(self, base: str, value) -> str:
-        name = base
-        i = 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        self.inits.append(self.nh.from_array(np.asarray(value), name))
-        return name
-
-    def free_names(self, names: set) -> dict:
-        """Rename the internal values and initializers called ``names`` (``name_value``) so that
-        graph outputs can take those names; returns {old: new}."""
-        used = {o for n in self.nodes for o in n.output} | {i.name for i in self.inits} | self._names
-        renamed = {}
-        for name in sorted(names & used):
-            new = f"{name}_value"
-            while new in used:
-                new = f"{new}_"
-            used.add(new)
-            renamed[name] = new
-        for n in self.nodes:
-            for field in (n.input, n.output):
-                for i, v in enumerate(field):
-                    field[i] = renamed.get(v, v)
-        for init in self.inits:
-            init.name = renamed.get(init.name, init.name)
-        return renamed
-
-    def node(self, op: str, inputs: list, outputs: list, name: str, domain: Optional[str] = None, **attrs):
-        self.nodes.append(self.h.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
-
-    def qparams(self, base: str, q):
-        """(scale, zero point) initializers of a per-tensor record: float32 and uint8 / int8 scalars
-        (the zero point's type is the codes' type in ONNX)."""
-        return (self.const(f"{base}_scale", np.float32(q.scale_value)),
-                self.const(f"{base}_zero_point", code_array(q, q.zero_point_value)))
 
     def clip(self, src: str, out: str, lo: int, hi: int, name: str, q) -> str:
-        """Clip of codes of record ``q`` (uint8 / int8 tensor) to [lo, hi], or an Identity when it
+        """Clip of codes of record ``q`` (a uint8 / int8 tensor) to [lo, hi], or an Identity when it
         changes nothing."""
-        info = np.iinfo(code_type(q))
+        info = np.iinfo(code_dtype(q))
         if lo <= info.min and hi >= info.max:
             self.node("Identity", [src], [out], name)
         else:
-            self.node("Clip", [src, self.const(f"{name}_lo", code_array(q, max(lo, info.min))),
-                               self.const(f"{name}_hi", code_array(q, min(hi, info.max)))], [out], name)
+            self.node("Clip", [src, self.code_const(f"{name}_lo", max(lo, info.min), q),
+                               self.code_const(f"{name}_hi", min(hi, info.max), q)], [out], name)
         return out
 
     def finish(self, step: Step, raw: str, lo: Optional[int] = None, hi: Optional[int] = None):
@@ -203,41 +157,23 @@ class _Builder:
         channels = self.shapes[step.inputs[index]][1]
         b = base or f"{step.output}_pool"
         ins = [src, self.const(f"{b}_x_scale", np.float32(x_scale)),
-               self.const(f"{b}_x_zero_point", code_array(xq, xq.zero_point_value)),
-               self.const(f"{b}_w", code_array(xq, np.ones((channels, 1) + tuple(kernel)))),  # x's type: S8S8 / U8U8
-               self.const(f"{b}_w_scale", np.float32(1.0)), self.const(f"{b}_w_zero_point", code_array(xq, 0)),
+               self.code_const(f"{b}_x_zero_point", xq.zero_point_value, xq),
+               # weights of x's type: onnxruntime has U8U8 / S8S8 (no S8U8) QLinearConv kernels
+               self.code_const(f"{b}_w", np.ones((channels, 1) + tuple(kernel), np.int64), xq),
+               self.const(f"{b}_w_scale", np.float32(1.0)), self.code_const(f"{b}_w_zero_point", 0, xq),
                self.const(f"{b}_y_scale", np.float32(y_scale)),
-               self.const(f"{b}_y_zero_point", code_array(yq, yq.zero_point_value))]
+               self.code_const(f"{b}_y_zero_point", yq.zero_point_value, yq)]
         self.node("QLinearConv", ins, [out], b, group=int(channels), kernel_shape=list(kernel), strides=list(stride),
                   pads=list(pads))
-
-    def channel_shape(self) -> tuple:
-        """[1, C, 1, ...]: per-channel constants broadcast over an input of the example's rank."""
-        return (1, -1) + (1,) * (len(self.shapes[self.im.steps[0].output]) - 2)
 
     # ------------------------------------------------------------------ steps
     def input(self, step: InputStep):
         raw = f"{step.output}_raw"
         if self.pixels == "uint8":
-            lut = self.im.input_lut
-            idx = f"{step.output}_index"
-            self.node("Cast", [INPUT_NAME], [idx], f"{step.output}_cast", to=self.tp.INT32)
-            if lut.shape[0] > 1:
-                offs = (np.arange(lut.shape[0], dtype=np.int32) * PIXEL_LEVELS).reshape(self.channel_shape())
-                self.node("Add", [idx, self.const(f"{step.output}_channel_offset", offs)], [f"{idx}_c"],
-                          f"{step.output}_offset")
-                idx = f"{idx}_c"
-            self.node("Gather", [self.const(f"{step.output}_lut", lut.reshape(-1)), idx], [raw],
-                      f"{step.output}_lookup", axis=0)
+            self.pixel_input(step, raw)
             self.node("Identity", [raw], [step.output], f"{step.output}_codes")
             return
-        src = INPUT_NAME
-        if step.mean is not None:
-            mean = np.asarray(step.mean, np.float32).reshape(self.channel_shape())
-            std = np.asarray(step.std, np.float32).reshape(self.channel_shape())
-            self.node("Sub", [src, self.const("normalize_mean", mean)], ["normalize_centered"], "normalize_sub")
-            self.node("Div", ["normalize_centered", self.const("normalize_std", std)], ["normalized"], "normalize_div")
-            src = "normalized"
+        src = self.normalized_input(step)
         s, z = self.qparams(step.output, step.quant)
         self.node("QuantizeLinear", [src, s, z], [raw], f"{step.output}_quantize")
         self.finish(step, raw)
@@ -250,7 +186,7 @@ class _Builder:
         sx, zx = self.qparams(f"{b}_x", layer.input)
         sy, zy = self.qparams(f"{b}_y", layer.output)
         ins = [src, sx, zx, self.const(f"{b}_w", w), self.const(f"{b}_w_scale", w_scale.astype(np.float32)),
-               self.const(f"{b}_w_zero_point", code_array(layer.weight, w_zp)), sy, zy]
+               self.code_const(f"{b}_w_zero_point", w_zp, layer.weight), sy, zy]
         if layer.bias is not None:
             ins.append(self.const(f"{b}_bias", layer.bias.astype(np.int32)))
         self.node("QLinearConv", ins, [out], f"{b}_qlinearconv", kernel_shape=list(w.shape[2:]), **attrs)
@@ -280,26 +216,6 @@ class _Builder:
             self.node("Squeeze", [raw4, axes], [raw], f"{b}_squeeze")
         self.finish(step, raw, *step.clamp_codes())
 
-    def insert_zero_points(self, step: ConvStep, src: str) -> str:
-        """[N, C, H, W] -> [N, C, (H-1)*uh+1, (W-1)*uw+1] with the zero point between the pixels
-        (a transposed conv's input): Reshape to [N, C, H, 1, W, 1], Pad with the zero point to
-        [N, C, H, uh, W, uw], Reshape, Slice off the trailing fill."""
-        b, (uh, uw) = step.output, step.upsample
-        _, c, h, w = self.shapes[src]
-        self.node("Reshape", [src, self.const(f"{b}_split", np.array([-1, c, h, 1, w, 1], np.int64))],
-                  [f"{b}_x6"], f"{b}_reshape6")
-        pads = np.array([0] * 6 + [0, 0, 0, uh - 1, 0, uw - 1], np.int64)
-        self.node("Pad", [f"{b}_x6", self.const(f"{b}_pads", pads),
-                          self.const(f"{b}_fill", code_array(step.layer.input, step.layer.input.zero_point_value))],
-                  [f"{b}_filled"],
-                  f"{b}_pad", mode="constant")
-        self.node("Reshape", [f"{b}_filled", self.const(f"{b}_merge", np.array([-1, c, h * uh, w * uw], np.int64))],
-                  [f"{b}_spread"], f"{b}_reshape4")
-        self.node("Slice", [f"{b}_spread", self.const(f"{b}_starts", np.array([0, 0], np.int64)),
-                            self.const(f"{b}_ends", np.array([(h - 1) * uh + 1, (w - 1) * uw + 1], np.int64)),
-                            self.const(f"{b}_axes", np.array([2, 3], np.int64))], [f"{b}_zeros_in"], f"{b}_slice")
-        return f"{b}_zeros_in"
-
     def linear(self, step: LinearStep):
         """[N, K]: Unsqueeze -> 1x1 QLinearConv -> Flatten; [N, ..., K]: Reshape to [-1, K] first
         and back to [N, ..., O] after (the rows are independent)."""
@@ -325,9 +241,9 @@ class _Builder:
         _, w_zp = layer.weight.channels(layer.out_channels)
         acc = f"{b}_acc"
         self.node("MatMulInteger", [step.inputs[0], self.const(f"{b}_w", np.ascontiguousarray(layer.weight_codes.T)),
-                                    self.const(f"{b}_x_zero_point", code_array(layer.input,
-                                                                               layer.input.zero_point_value)),
-                                    self.const(f"{b}_w_zero_point", code_array(layer.weight, w_zp))], [acc],
+                                    self.code_const(f"{b}_x_zero_point", layer.input.zero_point_value,
+                                                    layer.input),
+                                    self.code_const(f"{b}_w_zero_point", w_zp, layer.weight)], [acc],
                   f"{b}_matmulinteger")
         if layer.bias is not None:
             self.node("Add", [acc, self.const(f"{b}_bias", layer.bias.astype(np.int32))], [f"{b}_acc_bias"],
@@ -438,95 +354,16 @@ class _Builder:
         self.clip(step.inputs[0], step.output, step.lo, step.hi, f"{step.output}_clip", step.x_q)
 
     def reshape(self, step: ReshapeStep):
-        """``Reshape`` whose target keeps the batch size dynamic (:func:`reshape_target`)."""
-        target = reshape_target(step, self.shapes[step.inputs[0]], self.shapes[step.output])
-        self.node("Reshape", [step.inputs[0], self.const(f"{step.output}_shape", np.array(target, np.int64))],
-                  [step.output], f"{step.output}_reshape")
-
-    def lookup(self, step: LookupStep):
-        b = step.output
-        self.node("Cast", [step.inputs[0]], [f"{b}_index"], f"{b}_cast", to=self.tp.INT32)
-        self.node("Gather", [self.const(f"{b}_table", step.table), f"{b}_index"], [b], f"{b}_lookup", axis=0)
+        self.reshape_node(step, step.inputs[0], step.output)
 
     def layout(self, step: LayoutStep):
-        src, out, b = step.inputs[0], step.output, step.output
-        rank = len(self.shapes[src])
-        if step.op in ("permute", "transpose"):
-            perm = [d % rank for d in step.args] if step.op == "permute" else list(range(rank))
-            if step.op == "transpose":
-                i, j = (d % rank for d in step.args)
-                perm[i], perm[j] = perm[j], perm[i]
-            self.node("Transpose", [src], [out], f"{b}_transpose", perm=perm)
-        elif step.op == "upsample":  # nearest, integer factors: output index i reads floor(i / f)
-            scales = np.array([1.0] * (rank - 2) + [float(f) for f in step.args], np.float32)
-            self.node("Resize", [src, "", self.const(f"{b}_scales", scales)], [out], f"{b}_resize", mode="nearest",
-                      coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-        elif step.op == "pad":  # torch (last dim first) -> ONNX [begins..., ends...], filled with the zero point
-            begins, ends = [0] * rank, [0] * rank
-            for i in range(len(step.args) // 2):
-                begins[rank - 1 - i], ends[rank - 1 - i] = step.args[2 * i], step.args[2 * i + 1]
-            self.node("Pad", [src, self.const(f"{b}_pads", np.array(begins + ends, np.int64)),
-                              self.const(f"{b}_fill", code_array(step.x_q, step.x_q.zero_point_value))], [out],
-                      f"{b}_pad",
-                      mode="constant")
-        else:  # an item of chunk / split: a Slice along its dim
-            dim = step.args[0] % rank
-            start, stop = slice_bounds(step.op, step.args, self.shapes[src][dim])
-            self.node("Slice", [src, self.const(f"{b}_starts", np.array([start], np.int64)),
-                                self.const(f"{b}_ends", np.array([stop], np.int64)),
-                                self.const(f"{b}_axes", np.array([dim], np.int64))], [out], f"{b}_slice")
+        """Data movement on the codes (``Pad`` fills with the zero point)."""
+        fill = self.code_const(f"{step.output}_fill", np.int64(step.x_q.zero_point_value), step.x_q)
+        self.layout_node(step, step.inputs[0], step.output, fill)
 
     def dequant(self, step: DequantStep):
         s, z = self.qparams(step.output, step.x_q)
         self.node("DequantizeLinear", [step.inputs[0], s, z], [step.output], f"{step.output}_dequantize")
-
-
-def _reads_batch(entry) -> bool:
-    """A ReshapeStep shape entry that depends on the batch size (dim 0 of a tensor)."""
-    if entry == "batch":
-        return True
-    if isinstance(entry, tuple):
-        return (entry[0] == "size" and entry[2] == 0) or any(_reads_batch(e) for e in entry[1:])
-    return False
-
-
-def reshape_target(step: ReshapeStep, in_shape: tuple, out_shape: tuple) -> list:
-    """The ONNX Reshape target of a ReshapeStep: the example's output shape with the dims that
-    depend on the batch size made dynamic -- flatten: 0 (copy) before the merged dims, -1 for the
-    merged dims; view / reshape: the one batch-dependent entry -1 (or 0, a copy of the input's
-    dim 0, when it is a batch size at dim 0 and a -1 is already there). ValueError when two entries depend on the batch."""
-    if step.flatten is not None:
-        start = step.flatten[0] % len(in_shape)
-        return [0] * start + [-1] + list(out_shape[start + 1:])
-    target, dynamic = list(out_shape), [i for i, d in enumerate(step.shape) if _reads_batch(d)]
-    has_minus_one = -1 in step.shape
-    for i, d in enumerate(step.shape):
-        if d == -1:
-            target[i] = -1
-    if not dynamic:
-        return target
-    if len(dynamic) == 1 and not has_minus_one:
-        target[dynamic[0]] = -1
-    elif dynamic == [0] and (step.shape[0] == "batch" or step.shape[0][0] == "size") and \
-            out_shape[0] == in_shape[0]:
-        target[0] = 0  # a batch size equal to the input's dim 0: copied
-    else:
-        raise ValueError(f"node {step.name!r}: a reshape with more than one batch-dependent dimension cannot be "
-                         f"exported with a dynamic batch (shape {step.shape})")
-    return target
-
-
-def output_names(spec) -> list:
-    """[(ONNX output name, slot)]: one tensor -> "logits"; a structure -> its keys / indices
-    joined by "." (a dict ``{"boxes": ..., "scores": ...}`` -> "boxes", "scores"; a tuple ->
-    "output.0", "output.1")."""
-    if isinstance(spec, str):
-        return [(OUTPUT_NAME, spec)]
-    names = []
-    for path, slot in output_leaves(spec):
-        name = ".".join(str(p) for p in path)
-        names.append((name if isinstance(path[0], str) else f"{STRUCTURED_OUTPUT_PREFIX}.{name}", slot))
-    return names
 
 
 ONNX_HANDLERS = check_handlers({
@@ -539,83 +376,63 @@ ONNX_HANDLERS = check_handlers({
 }, "the ONNX builder")
 
 
-def _check_names(pixels, add_op) -> None:
-    if not isinstance(pixels, str) or pixels not in PIXELS:
-        raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
-    if not isinstance(add_op, str) or add_op not in ADD_OPS:
-        raise ValueError(f"add_op must be one of {ADD_OPS}, got {add_op!r}")
+def _check_names(pixels, add_op, format: str = FORMATS[0]) -> None:
+    check_choice(pixels, PIXELS, "pixels")
+    check_choice(add_op, ADD_OPS, "add_op")
+    check_choice(format, FORMATS, "format")
+    if format == "qdq" and add_op != ADD_OPS[0]:
+        raise ValueError(f"add_op={add_op!r} applies to format='qoperator' only (a QDQ graph's adds are "
+                         "DequantizeLinear -> Add -> QuantizeLinear; onnxruntime fuses them into QLinearAdd)")
 
 
 def build_onnx(int_model: IntegerModel, example_input, pixels: str = "float", add_op: str = "exact",
                intermediate: bool = False):
-    """ONNX ModelProto of an integer model (float32_rne); ``example_input`` fixes the shapes.
-    ``intermediate``: also output every integer activation (named by its fx node) for checks."""
-    onnx = require("onnx", "onnx", "ONNX export")
-    from onnx import TensorProto, helper
-
-    if int_model.rounding != "float32_rne":
-        raise ValueError(f"ONNX export needs rounding='float32_rne' (onnxruntime's arithmetic), "
-                         f"got {int_model.rounding!r}")
+    """QOperator ONNX ModelProto of an integer model (float32_rne); ``example_input`` fixes the shapes.
+    ``intermediate``: also output every integer activation (named by its fx node) for checks.
+    TypeError unless ``int_model`` is an IntegerModel; ValueError for another rounding, a bad
+    ``pixels`` / ``add_op`` or ``example_input`` (:meth:`IntegerModel.check_input`)."""
+    require("onnx", "onnx", "ONNX export")
+    check_integer_model(int_model)
     _check_names(pixels, add_op)
-    if not isinstance(int_model, IntegerModel):
-        raise TypeError(f"int_model must be a pyzeroq IntegerModel (pyzeroq.to_integer), got {type(int_model).__name__}")
-    example = int_model.check_input(example_input, "example_input")
-    if pixels == "uint8" and example.dtype != np.uint8:
-        example = np.clip(np.rint(example.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
-    env = int_model.run(example)
-    shapes = {k: tuple(v.shape) for k, v in env.items()}
+    example, shapes = example_shapes(int_model, example_input, pixels)
     b = _Builder(int_model, shapes, add_op, pixels)
     for step in int_model.steps:
         ONNX_HANDLERS[type(step)](b, step)
-    batch = "N"
-    in_type = TensorProto.UINT8 if pixels == "uint8" else TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, in_type, [batch] + list(example.shape[1:]))]
-    wanted = output_names(int_model.output)
-    renamed = b.free_names({name for name, _ in wanted})
-    outputs, taken = [], {INPUT_NAME}
-    for name, slot in wanted:
-        while name in taken:  # the graph input's name, or the same key twice
-            name = f"{name}_output"
-        taken.add(name)
-        b.node("Identity", [renamed.get(slot, slot)], [name], f"{name}_output")
-        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch] + list(shapes[slot][1:])))
-    if intermediate:
-        outputs += [helper.make_tensor_value_info(renamed.get(st.output, st.output), TensorProto.UINT8,
-                                                  [batch] + list(shapes[st.output][1:]))
-                    for st in int_model.steps if st.out_q is not None]
-    graph = helper.make_graph(b.nodes, "pyzeroq_integer", inputs, outputs, b.inits)
-    model = helper.make_model(graph, producer_name="pyzeroq",
-                              opset_imports=[helper.make_opsetid("", ONNX_OPSET),
-                                             helper.make_opsetid(MS_DOMAIN, MS_OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return assemble(b, example, "pyzeroq_integer", {"": ONNX_OPSET, MS_DOMAIN: MS_OPSET}, IR_VERSION, intermediate)
 
 
-def export_onnx(qmodel, path, example_input, pixels: str = "float", add_op: str = "exact"):
-    """Write ``qmodel`` as a QOperator ONNX graph to ``path``; returns the ModelProto.
+def export_onnx(qmodel, path, example_input, pixels: str = "float", add_op: str = "exact", format: str = "qoperator"):
+    """Write ``qmodel`` as an ONNX graph to ``path``; returns the ModelProto.
 
+    ``format``: "qoperator" (default; :func:`build_onnx`, this module's docstring) or "qdq"
+    (:func:`pyzeroq.export_qdq.build_qdq`: float ops between QuantizeLinear / DequantizeLinear,
+    weights stored as their codes, sub-byte weights packed into INT4 / UINT4 / INT2 / UINT2).
     The graph takes float images in [0, 1] [N, C, H, W] (``pixels="float"``; the model's
     Normalize runs in float, then QuantizeLinear) or uint8 pixels (``pixels="uint8"``,
     integer only) and returns float32 logits (or the model's tuple / dict of outputs as separate
-    graph outputs, named as in the module docstring). Its outputs equal ``pyzeroq.to_integer(qmodel)``
-    (float32_rne; 2..8-bit codes) on onnxruntime's CPU provider, and so does every activation
-    of ``build_onnx(..., intermediate=True)``.
+    graph outputs, named as in the module docstring). QOperator: its outputs equal
+    ``pyzeroq.to_integer(qmodel)`` (float32_rne; 2..8-bit codes) on onnxruntime's CPU provider, and
+    so does every activation of ``build_onnx(..., intermediate=True)``; QDQ: where it does and where
+    it does not is in :mod:`pyzeroq.export_qdq`.
     ``example_input`` ([N, C, H, W]) fixes the per-sample shape (the batch stays dynamic).
-    ``add_op``: "exact" (residual adds as DequantizeLinear, Add, Div, QuantizeLinear: the
-    simulator's formula op for op) or "qlinearadd" (com.microsoft QLinearAdd: onnxruntime's
+    ``add_op`` (QOperator only): "exact" (residual adds as DequantizeLinear, Add, Div, QuantizeLinear:
+    the simulator's formula op for op) or "qlinearadd" (com.microsoft QLinearAdd: onnxruntime's
     fixed-point kernel, off by one code where the sum lies within ~2^-22 of a rounding tie).
 
     Arguments are checked before anything is built: TypeError / ValueError naming ``qmodel``,
     ``path`` (not a path, a directory; FileNotFoundError when its directory does not exist,
     PermissionError when it is not writable), ``example_input`` (not an array or tensor, not
-    float / uint8, not 4-D, channels the model does not take, NaN / Inf), ``pixels`` or ``add_op``.
+    float / uint8, not 4-D, channels the model does not take, NaN / Inf), ``pixels``, ``add_op``
+    or ``format`` (also ``add_op="qlinearadd"`` with ``format="qdq"``).
     """
     onnx = require("onnx", "onnx", "ONNX export")
 
     path = output_path(path, "path")
-    _check_names(pixels, add_op)
+    _check_names(pixels, add_op, format)
     int_model = to_integer(qmodel, rounding="float32_rne")
-    model = build_onnx(int_model, example_input, pixels, add_op)
+    if format == "qdq":
+        model = build_qdq(int_model, example_input, pixels)
+    else:
+        model = build_onnx(int_model, example_input, pixels, add_op)
     onnx.save(model, str(path))
     return model
