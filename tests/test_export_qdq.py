@@ -61,7 +61,10 @@ FUSED, FLOAT = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationL
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 LEVELS = {"fused": FUSED, "float": FLOAT}
 FAST = dict(calibration="gaussian", num_samples=8, progress=False)
-CONFIGS = {"W8A8": dict(weight_bits=8, act_bits=8), "W4A8": dict(weight_bits=4, act_bits=8)}
+CONFIGS = {"W8A8": dict(weight_bits=8, act_bits=8), "W4A8": dict(weight_bits=4, act_bits=8),
+           # int8 activations, symmetric int8 weights (TFLite / onnxruntime S8S8); TensorRT's zero points 0
+           "W8A8-tflite": dict(weight_bits=8, act_bits=8, target="tflite"),
+           "W4A8-tensorrt": dict(weight_bits=4, act_bits=8, target="tensorrt")}
 # every step type of the plan but the standalone clamp / requantization (test_clamp_and_requant_steps)
 MODELS = ("resnet18", "mobilenetv3_small", "shufflenetv2", "inception", "unet", "audio_cnn", "mlp_bn1d", "densenet",
           "two_heads")

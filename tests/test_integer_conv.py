@@ -8,6 +8,7 @@ integer test files import them.
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -206,7 +207,7 @@ def random_problem(rng, n, c, h, w, o, k, groups, wzp_zero=False):
     dict(n=1, c=8, h=8, w=8, o=16, k=3, groups=8, stride=1, pad=1, dil=1),  # depthwise multiplier 2
 ])
 def test_conv_matches_numpy(rounding, cfg):
-    rng = np.random.default_rng(hash((rounding, str(cfg))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((rounding, str(cfg))).encode()))
     x, zx, w, zw, sw, bias = random_problem(rng, cfg["n"], cfg["c"], cfg["h"], cfg["w"], cfg["o"], cfg["k"], cfg["groups"])
     pad = zi.simulate._padding(cfg["pad"])
     stride, dil = zi.simulate._pair(cfg["stride"], "s"), zi.simulate._pair(cfg["dil"], "d")

@@ -8,6 +8,8 @@ tests/test_integer_signed_runtimes.py.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -50,7 +52,7 @@ def assert_codes(got, want, dtype):
     dict(c=33, o=17, k=1, groups=1, stride=(1, 1), pad=(0, 0, 0, 0)),
 ])
 def test_qlinear_conv2d_signed_vs_numpy(xt, wt, rounding, cfg):
-    rng = np.random.default_rng(abs(hash((str(xt), str(wt), rounding, str(cfg)))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((str(xt), str(wt), rounding, str(cfg))).encode()))
     x = codes(rng, xt, (2, cfg["c"], 9, 8))
     w = codes(rng, wt, (cfg["o"], cfg["c"] // cfg["groups"], cfg["k"], cfg["k"]))
     zx, zw, zy = zero_point(rng, xt), zero_point(rng, wt, cfg["o"]), int(rng.integers(-20, 20))
@@ -70,7 +72,7 @@ def test_qlinear_conv2d_signed_vs_numpy(xt, wt, rounding, cfg):
 @pytest.mark.parametrize("at,bt", COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_qlinear_matmul_signed_vs_numpy(at, bt, rounding):
-    rng = np.random.default_rng(abs(hash((str(at), str(bt), rounding))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((str(at), str(bt), rounding)).encode()))
     a, b = codes(rng, at, (2, 5, 37)), codes(rng, bt, (37, 11))
     za, zb = zero_point(rng, at), zero_point(rng, bt, 11)
     sb = rng.uniform(0.001, 0.01, 11).astype(np.float32)
@@ -150,7 +152,7 @@ def ref_elementwise(op, a, sa, za, b, sb, zb, sy, zy, lo, hi):
 @pytest.mark.parametrize("at,bt", COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("op", ["add", "mul"])
 def test_qadd_qmul_signed(at, bt, op):
-    rng = np.random.default_rng(abs(hash((str(at), str(bt), op))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((str(at), str(bt), op)).encode()))
     a, b = codes(rng, at, (4, 50)), codes(rng, bt, (4, 50))
     za, zb = int(zero_point(rng, at)), int(zero_point(rng, bt))
     sy = 0.05 if op == "add" else 0.5
