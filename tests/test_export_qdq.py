@@ -42,6 +42,7 @@ from pyzeroq.integer.steps import (
     AddStep,
     AvgPoolStep,
     ConcatStep,
+    ConvStep,
     GlobalAvgPoolStep,
     InputStep,
     LogitsStep,
@@ -59,7 +60,11 @@ from pyzeroq.onnx_graph import code_type, container_bits, pack_codes  # noqa: E4
 
 FUSED, FLOAT = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-LEVELS = {"fused": FUSED, "float": FLOAT}
+# onnxruntime fuses DQ -> Conv -> Q with int8 activations (S8S8) into QLinearConv only when told to: x86
+# builds keep it off by default (session option "session.qdqisint8allowed", on by default for ARM); Gemm
+# (QGemm) fuses either way
+FUSED_INT8 = "fused, session.qdqisint8allowed=1"
+LEVELS = {"fused": FUSED, "fused_int8": FUSED_INT8, "float": FLOAT}
 FAST = dict(calibration="gaussian", num_samples=8, progress=False)
 CONFIGS = {"W8A8": dict(weight_bits=8, act_bits=8), "W4A8": dict(weight_bits=4, act_bits=8),
            # int8 activations, symmetric int8 weights (TFLite / onnxruntime S8S8); TensorRT's zero points 0
@@ -82,7 +87,9 @@ MIN_TOP1 = 0.75
 
 def session(model, level, optimized_path=None):
     so = ort.SessionOptions()
-    so.graph_optimization_level = level
+    so.graph_optimization_level = FUSED if level == FUSED_INT8 else level
+    if level == FUSED_INT8:
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
     so.intra_op_num_threads, so.log_severity_level = 1, 3
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
@@ -123,9 +130,10 @@ def isolated(im, step, shapes: dict):
 
 def expectation(step, level, shapes: dict):
     """None where onnxruntime must equal the simulator bit for bit (module docstring), else the bound."""
-    fused = level == FUSED
+    fused = level in (FUSED, FUSED_INT8)
     if isinstance(step, LAYER_STEPS):
-        return None if fused and container_bits(step.layer.weight, NIBBLE) == BYTE else FLOAT_ACC
+        s8s8_conv = isinstance(step, ConvStep) and step.layer.input.signed and level != FUSED_INT8
+        return None if fused and container_bits(step.layer.weight, NIBBLE) == BYTE and not s8s8_conv else FLOAT_ACC
     if isinstance(step, AddStep):  # and MulStep
         return NEAR_TIE if fused else None
     if isinstance(step, GlobalAvgPoolStep):
@@ -151,7 +159,7 @@ def check_isolated(im, x, env, level, tmp_path) -> dict:
         feeds = {i.name: x if i.name == "input" else env[i.name] for i in sess.get_inputs()}
         got, want, bound = sess.run(None, feeds)[0], env[step.output], expectation(step, level, shapes)
         ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-        if isinstance(step, LAYER_STEPS) and level == FUSED:  # QDQ fusion happened exactly where claimed
+        if isinstance(step, LAYER_STEPS) and level in (FUSED, FUSED_INT8):  # QDQ fusion happened exactly where claimed
             assert bool(ops & {"QLinearConv", "QGemm"}) == (bound is None), (step.name, ops)
         if isinstance(step, LogitsStep):
             err = np.abs(got - want).max() / np.abs(want).max()

@@ -54,7 +54,10 @@ runs every op alone on the simulator's input codes and whole graphs on nine zoo 
 * QDQ fusion on (ORT_ENABLE_EXTENDED / ALL): Conv / Gemm with 8-bit weights become QLinearConv /
   QGemm, bit-exact (integer accumulator, multiplier ``f32(f32(sx*sw)/sy)``, half-to-even; QGemm's
   float logits ``f32(acc) * f32(sx*sw)``); 4-bit (and 2-bit) weights are not fused (QLinearConv
-  takes 8-bit weights) and stay float as above; adds / products become the fixed-point QLinearAdd /
+  takes 8-bit weights) and stay float as above; with int8 activations (``target="tflite"`` /
+  ``"onnxruntime"`` / ``"tensorrt"``: S8S8) onnxruntime's x86 builds fuse Conv only with the session
+  option ``session.qdqisint8allowed=1`` (on by default for ARM; bit-exact then, float Conv without
+  it), Gemm either way; adds / products become the fixed-point QLinearAdd /
   QLinearMul (one code off at near-ties); QLinearGlobalAveragePool is bit-exact over power-of-two
   windows (its multiplier ``sx / (sy*HW)`` is the simulator's ``f32(sx/sy) / HW`` then);
   QLinearAveragePool rounds ``y/sy + zp``, so every exact tie of the simulator's ``rne(y/sy) + zp``
