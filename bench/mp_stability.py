@@ -64,7 +64,7 @@ def summary_rows(out: dict) -> list[str]:
     return lines
 
 
-def write(out: dict, command: str) -> None:
+def write(out: dict, command: str, stem: str = "mp_stability") -> None:
     lines = [f"## Mixed-precision stability (`{command}`)", "",
              f"Full Fashion-MNIST {out['split']} set; {out['threads']} torch thread(s); distilled data "
              f"({NUM_SAMPLES} images, seed s) for calibration, sensitivities and the grouped search.", ""]
@@ -74,8 +74,8 @@ def write(out: dict, command: str) -> None:
         lines += [f"- {k}: {'same' if v['same'] else 'DIFFERENT'} (top-1 {v['top1'] * PERCENT:.2f} at 2 threads)"
                   for k, v in out["thread_check"].items()]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mp_stability.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "mp_stability.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
 
 
 def main(argv=None) -> None:
@@ -86,6 +86,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-samples", default="8,16,32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-thread-check", action="store_true")
+    p.add_argument("--out", default="mp_stability", help="file stem under bench/results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     split = "test" if fashion_mnist_available() else "embedded"
@@ -95,7 +96,8 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for name in args.models.split(","):
         model = models.load_pretrained(name)
-        data = {s: distill_data(model, INPUT_SHAPE, num_samples=NUM_SAMPLES, seed=s).data for s in seeds}
+        data = {s: distill_data(model, INPUT_SHAPE, num_samples=NUM_SAMPLES, seed=s, progress=False).data
+                for s in seeds}
         for setting in args.settings.split(","):
             for n in (int(v) for v in args.eval_samples.split(",")):
                 runs = out["runs"].setdefault(f"{name}|{setting}|{n}", {})
@@ -103,14 +105,14 @@ def main(argv=None) -> None:
                     runs[s] = run(model, data[s], SETTINGS[setting], n, s, images, labels)
                     print(f"{name} {setting} eval={n} seed={s}: {runs[s]['top1'] * PERCENT:.2f} "
                           f"({runs[s]['quantize_s']:.0f} s)", flush=True)
-                    write(out, command)
+                    write(out, command, args.out)
                 if not args.no_thread_check and seeds[0] == 0:
                     torch.set_num_threads(THREAD_CHECK)
                     again = run(model, data[0], SETTINGS[setting], n, 0, images, labels)
                     torch.set_num_threads(args.threads)
                     out["thread_check"][f"{name} {setting} eval={n}"] = {
                         "same": again["bit_widths"] == runs[0]["bit_widths"], "top1": again["top1"]}
-                    write(out, command)
+                    write(out, command, args.out)
     print("\n".join(summary_rows(out)))
 
 

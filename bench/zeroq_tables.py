@@ -61,8 +61,8 @@ SELECTION_FIELDS = ("mp_method", "seed")
 
 
 class Runner:
-    def __init__(self, name: str, split: str, draws: int, progress: bool):
-        self.name, self.draws, self.progress = name, draws, progress
+    def __init__(self, name: str, split: str, draws: int, progress: bool, distill_seed: int = 0):
+        self.name, self.draws, self.progress, self.distill_seed = name, draws, progress, distill_seed
         self.model = models.load_pretrained(name)
         self.images, self.labels = load_fashion_mnist(split)
         self.split = split
@@ -80,7 +80,7 @@ class Runner:
         """Distilled once, on first use (the timing table does not need it)."""
         if self._distilled is None:
             t0 = time.perf_counter()
-            self._distilled = distill_data(self.model, INPUT_SHAPE, num_samples=NUM_SAMPLES, seed=0,
+            self._distilled = distill_data(self.model, INPUT_SHAPE, num_samples=NUM_SAMPLES, seed=self.distill_seed,
                                            progress=self.progress).data
             self.distill_seconds = time.perf_counter() - t0
         return self._distilled
@@ -200,13 +200,14 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default=None, choices=("test", "embedded"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--distill-seed", type=int, default=0, help="seed of the distilled data (rows' spread)")
     parser.add_argument("--rows", default=None,
                         help="only these settings, e.g. MP3/A8 (comma-separated; parallel partial runs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     split = args.split or ("test" if fashion_mnist_available() else "embedded")
-    runner = Runner(args.model, split, args.draws, args.progress)
+    runner = Runner(args.model, split, args.draws, args.progress, args.distill_seed)
     out = {"model": args.model, "split": split, "fp32_top1": runner.fp_top1,
            "distill_seconds": runner.distill_seconds, "threads": torch.get_num_threads()}
     tables = args.tables.split(",")
@@ -215,10 +216,11 @@ def main(argv=None) -> None:
              "", f"FP32 top-1 {fmt(runner.fp_top1)} %; {torch.get_num_threads()} torch threads.", ""]
     if args.rows:
         keep = set(args.rows.split(","))
-        for table in (TABLE1, TABLE4, TABLE5):
+        for table in (TABLE1, TABLE4, TABLE5, FORMATS):
             table[:] = [row for row in table if row[0] in keep]
     tag = f"zeroq_{args.model}_" + "_".join(tables) + \
-        ("_" + args.rows.replace("/", "").replace(",", "_") if args.rows else "")
+        ("_" + args.rows.replace("/", "").replace(",", "_") if args.rows else "") + \
+        (f"_seed{args.distill_seed}" if args.distill_seed else "")
     RESULTS.mkdir(exist_ok=True)
 
     def save(partial: list[str]) -> None:
