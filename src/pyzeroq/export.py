@@ -110,6 +110,7 @@ from .onnx_graph import (
     check_integer_model,
     code_dtype,
     example_shapes,
+    max_pool_attrs,
     output_names,
     reshape_target,
 )
@@ -313,9 +314,8 @@ class _Builder(GraphBuilder):
 
     def max_pool(self, step: MaxPoolStep):
         raw = pooled = f"{step.output}_max"
-        ph, pw = step.padding
-        self.node("MaxPool", [step.inputs[0]], [pooled], f"{step.output}_maxpool", kernel_shape=list(step.kernel),
-                  strides=list(step.stride), pads=[ph, pw, ph, pw], ceil_mode=int(step.ceil_mode))
+        self.node("MaxPool", [step.inputs[0]], [pooled], f"{step.output}_maxpool",
+                  **max_pool_attrs(step, *self.shapes[step.inputs[0]][2:]))
         if step.x_q != step.quant:
             raw = f"{step.output}_raw"
             self.ones_conv(step, pooled, raw, step.x_q.scale_value, step.quant.scale_value, (1, 1), (1, 1), (0,) * 4)
@@ -336,16 +336,18 @@ class _Builder(GraphBuilder):
                 parts.append(src)
                 continue
             rank, out = len(self.shapes[src]), f"{step.output}_in{i}"
-            if rank not in (2, 4):
-                raise ValueError(f"node {step.name!r}: ONNX export of a concat requantizes 2-D or 4-D inputs only")
+            if rank not in (2, 3, 4):
+                raise ValueError(f"node {step.name!r}: ONNX export of a concat requantizes 2-D to 4-D inputs only")
             x4, y4 = (src, out) if rank == 4 else (f"{out}_x4", f"{out}_y4")
-            if rank == 2:  # [N, K] -> [N, K, 1, 1]
-                self.node("Unsqueeze", [src, self.const(f"{out}_axes", np.array([2, 3], np.int64))], [x4],
-                          f"{out}_unsqueeze")
+            if rank != 4:  # [N, K] -> [N, K, 1, 1]; [N, C, L] -> [N, C, 1, L]
+                axes = self.const(f"{out}_axes", np.array([2, 3] if rank == 2 else [2], np.int64))
+                self.node("Unsqueeze", [src, axes], [x4], f"{out}_unsqueeze")
             self.ones_conv(step, x4, y4, xq.scale_value, step.quant.scale_value, (1, 1), (1, 1), (0,) * 4,
                            index=i, base=f"{step.output}_requant{i}")
             if rank == 2:
                 self.node("Flatten", [y4], [out], f"{out}_flatten", axis=1)
+            elif rank == 3:
+                self.node("Squeeze", [y4, axes], [out], f"{out}_squeeze")
             parts.append(out)
         self.node("Concat", parts, [f"{step.output}_raw"], f"{step.output}_concat", axis=step.dim)
         self.finish(step, f"{step.output}_raw")

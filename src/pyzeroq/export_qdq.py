@@ -109,6 +109,7 @@ from .onnx_graph import (
     container_bits,
     container_range,
     example_shapes,
+    max_pool_attrs,
 )
 from .qspec import TensorQuant
 
@@ -300,9 +301,7 @@ class _QdqBuilder(GraphBuilder):
         self.pool(step, "AveragePool", kernel_shape=window, strides=window)
 
     def max_pool(self, step: MaxPoolStep):
-        (ph, pw) = step.padding
-        self.pool(step, "MaxPool", kernel_shape=list(step.kernel), strides=list(step.stride), pads=[ph, pw, ph, pw],
-                  ceil_mode=int(step.ceil_mode))
+        self.pool(step, "MaxPool", **max_pool_attrs(step, *self.shapes[step.inputs[0]][2:]))
 
     def requant(self, step: RequantStep):
         self.requantize(self.dq(step.inputs[0], step.x_q), step.quant, step.output, *step.clamp_codes())

@@ -314,10 +314,10 @@ def _activation_points(gm: fx.GraphModule, info: SurgeryInfo) -> tuple[list, dic
 
 
 def _is_logits(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A Linear (no fused clamp) whose only user is the graph output: its float output is the
+    """A Linear (no fused clamp) whose only user is the graph output (not one nobody reads): its float output is the
     dequantized int32 accumulator. Every other tensor the model returns is quantized (and
     dequantized at the output)."""
-    return _is_module(gm, node, (QuantLinear,)) and all(u.op == "output" for u in node.users)
+    return _is_module(gm, node, (QuantLinear,)) and bool(node.users) and all(u.op == "output" for u in node.users)
 
 
 def _new_act_quant(gm: fx.GraphModule, node: fx.Node, act_bits, percentile, act_range, act_format) -> QuantAct:

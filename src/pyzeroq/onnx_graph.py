@@ -82,6 +82,19 @@ def pack_codes(codes: np.ndarray, width: int) -> bytes:
     return np.bitwise_or.reduce(flat << shifts, axis=1).astype(np.uint8).tobytes()
 
 
+def max_pool_attrs(step, height: int, width: int) -> dict:
+    """ONNX ``MaxPool`` attributes of a MaxPoolStep on a [N, C, height, width] input: torch's
+    ``ceil_mode`` drops a last window that would start in the right padding, ONNX's keeps it, so the
+    padding is given explicitly (:meth:`MaxPoolStep.ceil_padding`, ``ceil_mode=0``) where onnxruntime
+    takes it (every pad smaller than the kernel), else as ``ceil_mode=1`` with symmetric pads."""
+    top, left, bottom, right = step.ceil_padding(height, width)
+    attrs = {"kernel_shape": list(step.kernel), "strides": list(step.stride)}
+    if bottom < step.kernel[0] and right < step.kernel[1]:
+        return {**attrs, "pads": [top, left, bottom, right], "ceil_mode": 0}
+    ph, pw = step.padding
+    return {**attrs, "pads": [ph, pw, ph, pw], "ceil_mode": int(step.ceil_mode)}
+
+
 def check_choice(value, choices: tuple, argument: str) -> None:
     """ValueError naming ``argument`` unless ``value`` is one of the strings ``choices``."""
     if not isinstance(value, str) or value not in choices:

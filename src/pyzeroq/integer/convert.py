@@ -137,8 +137,8 @@ def logits_accumulator(a: np.ndarray, step: LogitsStep, acc_bits: int, overflow:
                                   layer.bias, acc_bits, overflow)
 
 
-# steps that keep the channels of their first input
-_CHANNEL_KEEPING = (AddStep, AvgPoolStep, ClampStep, GlobalAvgPoolStep, MaxPoolStep, RequantStep, LookupStep)
+# steps that keep the channels of their first input (not the binary add / mul: they broadcast)
+_CHANNEL_KEEPING = (AvgPoolStep, ClampStep, GlobalAvgPoolStep, MaxPoolStep, RequantStep, LookupStep)
 
 
 def _first_conv(steps: list) -> Optional[ConvStep]:
