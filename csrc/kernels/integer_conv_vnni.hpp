@@ -11,7 +11,9 @@
 // reads at(ki*dh, kj*dw) + v with the "virtual position" v = oh * Wq + ow: a run of
 // consecutive v is one contiguous vector load, whatever the stride and dilation.
 // Virtual positions with ow >= OW are computed and dropped (the vector lanes are
-// output positions, the rows of a tile are output channels).
+// output positions, the rows of a tile are output channels). Small images are
+// stacked: B images one below the other (each padded to a multiple of sh rows)
+// form one unit, when that wastes fewer lanes (e.g. 1x1 convs on 7x7 maps).
 //
 // Exact decomposition (s8 weights): with w' = w - 128 in [-128, 127],
 //   sum (x - zx)(w - zw) = sum x * w' + (128 - zw) * sum x - zx * sum (w - zw)
@@ -43,7 +45,7 @@ constexpr int32_t kWeightOffset = 128;                                     // w'
 constexpr int64_t kQuad = 4;                                               // channels per dpbusd lane
 
 // acc[r * ld + l] = sum_t sum_cq dot4(x[cq * plane + tapbase[t] + l], w[(t * cquads + cq) * rows + r])
-// for r < rows, l < vectors * lanes (the ISA's tile shape); x, w: uint8 / int8 quads.
+// for r < rows, l < (tile vectors) * lanes; x, w: uint8 / int8 quads.
 struct GemmTile {
   const uint32_t* x;
   int64_t plane;
@@ -54,13 +56,17 @@ struct GemmTile {
   int64_t ld;
 };
 
-// acc[l] = sum_p dot2(x[tapbase[p] + l], w[p]) for l < dw_vectors * lanes; int16 pairs.
+// acc[r * ld + l] = sum_p dot2(x[r * plane + tapbase[p] + l], w[r * pairs + p]) for r < rows,
+// l < dw_vectors * lanes; int16 pairs (one channel per row).
 struct DwTile {
   const uint32_t* x;
+  int64_t plane;
   const int64_t* tapbase;
   int64_t pairs;
   const uint32_t* w;
+  int64_t rows;
   int32_t* acc;
+  int64_t ld;
 };
 
 // What finish writes per lane: requantized codes (uint8 / uint16), the biased
@@ -89,11 +95,13 @@ struct FinishTile {
   int32_t* mx;
 };
 
-// One ISA's kernels and tile shape: a GEMM tile is rows x (vectors * lanes) lanes,
-// a depthwise tile one row of dw_vectors * lanes.
+constexpr int64_t kMaxTileVectors = 3;  // lane vectors of the widest GEMM tile
+
+// One ISA's kernels and tile shape: a GEMM tile is rows x (v * lanes) lanes for
+// v = 1 .. max_vectors (gemm[v - 1]), a depthwise tile one row of dw_vectors * lanes.
 struct IsaKernels {
-  int64_t lanes, rows, vectors, dw_vectors;
-  void (*gemm)(const GemmTile&);
+  int64_t lanes, rows, max_vectors, dw_vectors;
+  void (*gemm[kMaxTileVectors])(const GemmTile&);
   void (*dw)(const DwTile&);
   void (*finish)(const FinishTile&);
   // out[i] = sum_{cq < cquads} (sum of the 4 bytes of x[cq * plane + i]), i < n

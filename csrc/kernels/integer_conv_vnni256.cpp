@@ -14,12 +14,13 @@ namespace {
 
 constexpr int64_t kLanes = 8;
 constexpr int64_t kRows = 4;       // output channels per GEMM tile
-constexpr int64_t kVectors = 3;    // lane vectors per GEMM tile: 12 accumulators of 16 ymm
+constexpr int64_t kMaxVectors = kMaxTileVectors;  // lane vectors per GEMM tile: up to 12 accumulators of 16 ymm
 constexpr int64_t kDwVectors = 4;  // lane vectors per depthwise tile
 
 #pragma GCC push_options
 #pragma GCC target("avx2,avxvnni")
 
+template <int64_t kVectors>
 void gemm(const GemmTile& g) {
   __m256i acc[kRows][kVectors];
 #pragma GCC unroll 4
@@ -49,18 +50,23 @@ void gemm(const GemmTile& g) {
 }
 
 void dw(const DwTile& d) {
-  __m256i acc[kDwVectors];
+  for (int64_t r = 0; r < d.rows; ++r) {
+    const uint32_t* x = d.x + r * d.plane;
+    const uint32_t* w = d.w + r * d.pairs;
+    int32_t* out = d.acc + r * d.ld;
+    __m256i acc[kDwVectors];
 #pragma GCC unroll 4
-  for (int64_t j = 0; j < kDwVectors; ++j) acc[j] = _mm256_setzero_si256();
-  for (int64_t p = 0; p < d.pairs; ++p) {
-    const uint32_t* xp = d.x + d.tapbase[p];
-    const __m256i b = _mm256_set1_epi32(static_cast<int32_t>(d.w[p]));
+    for (int64_t j = 0; j < kDwVectors; ++j) acc[j] = _mm256_setzero_si256();
+    for (int64_t p = 0; p < d.pairs; ++p) {
+      const uint32_t* xp = x + d.tapbase[p];
+      const __m256i b = _mm256_set1_epi32(static_cast<int32_t>(w[p]));
 #pragma GCC unroll 4
-    for (int64_t j = 0; j < kDwVectors; ++j)
-      acc[j] = _mm256_dpwssd_avx_epi32(acc[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + j * kLanes)), b);
+      for (int64_t j = 0; j < kDwVectors; ++j)
+        acc[j] = _mm256_dpwssd_avx_epi32(acc[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + j * kLanes)), b);
+    }
+#pragma GCC unroll 4
+    for (int64_t j = 0; j < kDwVectors; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * kLanes), acc[j]);
   }
-#pragma GCC unroll 4
-  for (int64_t j = 0; j < kDwVectors; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d.acc + j * kLanes), acc[j]);
 }
 
 // float32_rne codes of e (Requantizer::apply: one float32 multiply, clamp, magic rounding).
@@ -156,7 +162,7 @@ void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int
 
 #pragma GCC pop_options
 
-const IsaKernels kKernels{kLanes, kRows, kVectors, kDwVectors, gemm, dw, finish, pixel_sums};
+const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, finish, pixel_sums};
 
 }  // namespace
 
