@@ -126,7 +126,6 @@ class GemmPlan {
   void compute(int64_t n0, int64_t grp, const uint32_t* buf, int64_t tb, int64_t te, AccStats& st,
                Workspace& ws) const {
     const int64_t R = k_.rows, ld = L_.tile;
-    int32_t* acc = Workspace::get(ws.acc, R * ld);
     int32_t* staging = Workspace::get(ws.staging, R * ld);
     const int32_t* sumx = sumx_needed_[grp] ? reinterpret_cast<const int32_t*>(buf + L_.buffer) : nullptr;
     const auto gemm = k_.gemm[L_.vectors - 1];
@@ -137,11 +136,12 @@ class GemmPlan {
       for (int64_t j = 0; j < inner; ++j) {
         const int64_t ob = blocks_outer ? i : j, v0 = (tb + (blocks_outer ? j : i)) * ld;
         const int64_t slot = (grp * OB_ + ob) * R;
-        gemm({buf + v0, L_.plane, L_.tapbase.data(), T_, CQ_, w_->quads.data() + slot * T_ * CQ_, acc, ld});
-        k_.finish({acc, R, L_.vectors, ld, sumx ? sumx + v0 : nullptr, f_.add.data() + slot, f_.coef.data() + slot,
-                   f_.m.data() + slot, L_.valid.data() + v0 / L_.lanes, f_.flo, f_.fhi, f_.zp, f_.mode, staging,
-                   &range.mn, &range.mx});
-        emit_.rows(staging, n0, grp * Og_ + ob * R, std::min(R, Og_ - ob * R), v0, st);
+        const int64_t rows = std::min(R, Og_ - ob * R);
+        gemm({buf + v0, L_.plane, L_.tapbase.data(), T_, CQ_, w_->quads.data() + slot * T_ * CQ_},
+             {rows, L_.vectors, ld, sumx ? sumx + v0 : nullptr, f_.add.data() + slot, f_.coef.data() + slot,
+              f_.m.data() + slot, L_.valid.data() + v0 / L_.lanes, f_.flo, f_.fhi, f_.zp, f_.mode, staging, &range.mn,
+              &range.mx});
+        emit_.rows(staging, n0, grp * Og_ + ob * R, rows, v0, st);
       }
     range.flush(st);
   }
@@ -203,14 +203,13 @@ class DwPlan {
   void compute(int64_t n0, int64_t c0, const uint32_t* buf, int64_t tb, int64_t te, AccStats& st,
                Workspace& ws) const {
     const int64_t ld = L_.tile, rows = std::min(kDwChannels, a_.g.C - c0);
-    int32_t* acc = Workspace::get(ws.acc, kDwChannels * ld);
     int32_t* staging = Workspace::get(ws.staging, kDwChannels * ld);
     Range range;
     for (int64_t tile = tb; tile < te; ++tile) {
       const int64_t v0 = tile * ld;
-      k_.dw({buf + v0, L_.plane, tap_.data(), P_, w_.data() + c0 * P_, rows, acc, ld});
-      k_.finish({acc, rows, L_.vectors, ld, nullptr, f_.add.data() + c0, f_.coef.data() + c0, f_.m.data() + c0,
-                 L_.valid.data() + v0 / L_.lanes, f_.flo, f_.fhi, f_.zp, f_.mode, staging, &range.mn, &range.mx});
+      k_.dw({buf + v0, L_.plane, tap_.data(), P_, w_.data() + c0 * P_},
+            {rows, L_.vectors, ld, nullptr, f_.add.data() + c0, f_.coef.data() + c0, f_.m.data() + c0,
+             L_.valid.data() + v0 / L_.lanes, f_.flo, f_.fhi, f_.zp, f_.mode, staging, &range.mn, &range.mx});
       emit_.rows(staging, n0, c0, rows, v0, st);
     }
     range.flush(st);
@@ -232,6 +231,13 @@ bool fits(const QConvArgs& a) { return a.g.KH * a.g.KW * a.g.Cg() <= kMaxVnniRed
 
 AccStats run(const QConvArgs& a, const IsaKernels& k) {
   if (a.g.Cg() == 1 && a.g.Og() == 1) return DwPlan(a, k).run();
+  const ConvGeom& g = a.g;
+  if (g.KH == 1 && g.KW == 1 && g.pt + g.pl + g.pb + g.pr == 0 && g.sh * g.sw > 1) {
+    // strided 1x1 conv = unstrided 1x1 conv of the subsampled input (packs only what is read)
+    QConvArgs s = a;
+    s.g.H = g.OH, s.g.W = g.OW, s.g.in_sh = g.in_sh * g.sh, s.g.in_sw = g.in_sw * g.sw, s.g.sh = s.g.sw = 1;
+    return GemmPlan(s, k).run();
+  }
   return GemmPlan(a, k).run();
 }
 

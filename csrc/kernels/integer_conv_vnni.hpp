@@ -44,43 +44,38 @@ constexpr int64_t kMaxVnniReduction = INT32_MAX / kMaxProduct;             // ta
 constexpr int32_t kWeightOffset = 128;                                     // w' = w - 128 is int8
 constexpr int64_t kQuad = 4;                                               // channels per dpbusd lane
 
-// acc[r * ld + l] = sum_t sum_cq dot4(x[cq * plane + tapbase[t] + l], w[(t * cquads + cq) * rows + r])
-// for r < rows, l < (tile vectors) * lanes; x, w: uint8 / int8 quads.
+// GEMM tile: acc[r][l] = sum_t sum_cq dot4(x[cq * plane + tapbase[t] + l], w[(t * cquads + cq) * rows + r])
+// for r < rows (the ISA's), l < (tile vectors) * lanes; x, w: uint8 / int8 quads. The
+// accumulators then go through the epilogue (FinishTile) in registers.
 struct GemmTile {
   const uint32_t* x;
   int64_t plane;
   const int64_t* tapbase;
   int64_t taps, cquads;
   const uint32_t* w;
-  int32_t* acc;
-  int64_t ld;
 };
 
-// acc[r * ld + l] = sum_p dot2(x[r * plane + tapbase[p] + l], w[r * pairs + p]) for r < rows,
-// l < dw_vectors * lanes; int16 pairs (one channel per row).
+// Depthwise tile: acc[r][l] = sum_p dot2(x[r * plane + tapbase[p] + l], w[r * pairs + p]) for
+// r < rows (FinishTile::rows), l < dw_vectors * lanes; int16 pairs, one channel per row.
 struct DwTile {
   const uint32_t* x;
   int64_t plane;
   const int64_t* tapbase;
   int64_t pairs;
   const uint32_t* w;
-  int64_t rows;
-  int32_t* acc;
-  int64_t ld;
 };
 
-// What finish writes per lane: requantized codes (uint8 / uint16), the biased
-// accumulator (int32, acc_out), or the exact sum of products (int32; the driver
-// then runs the scalar accumulator model / requantizer).
+// What the epilogue writes per lane: requantized codes (uint8 / uint16), the biased
+// accumulator (int32, acc_out), or the exact sum of products (int32; the driver then
+// runs the scalar accumulator model / requantizer).
 enum class FinishMode { CodesU8, CodesU16, Acc, Exact };
 
-// For r < rows, l < vectors * lanes:
-//   e = acc[r * ld + l] + add[r] (+ sumx[l] * coef[r] when sumx)   (int32, wrapping)
+// Epilogue of a tile, for r < rows, l < vectors * lanes:
+//   e = acc[r][l] + add[r] (+ sumx[l] * coef[r] when sumx)   (int32, wrapping)
 // then by mode: Exact / Acc store e; Codes store the float32_rne code of e with
-// multiplier m[r] (Requantizer::apply's arithmetic). Except in Exact mode, *mn / *mx
-// take the min / max of e over the lanes whose bit is set in valid[l / lanes].
+// multiplier m[r] (Requantizer::apply's arithmetic), at out[r * ld + l]. Except in Exact
+// mode, *mn / *mx take the min / max of e over the lanes whose bit is set in valid[l / lanes].
 struct FinishTile {
-  const int32_t* acc;
   int64_t rows, vectors, ld;
   const int32_t* sumx;
   const int32_t* add;
@@ -98,12 +93,12 @@ struct FinishTile {
 constexpr int64_t kMaxTileVectors = 3;  // lane vectors of the widest GEMM tile
 
 // One ISA's kernels and tile shape: a GEMM tile is rows x (v * lanes) lanes for
-// v = 1 .. max_vectors (gemm[v - 1]), a depthwise tile one row of dw_vectors * lanes.
+// v = 1 .. max_vectors (gemm[v - 1]), a depthwise tile up to FinishTile::rows channels x
+// dw_vectors * lanes.
 struct IsaKernels {
   int64_t lanes, rows, max_vectors, dw_vectors;
-  void (*gemm[kMaxTileVectors])(const GemmTile&);
-  void (*dw)(const DwTile&);
-  void (*finish)(const FinishTile&);
+  void (*gemm[kMaxTileVectors])(const GemmTile&, const FinishTile&);
+  void (*dw)(const DwTile&, const FinishTile&);
   // out[i] = sum_{cq < cquads} (sum of the 4 bytes of x[cq * plane + i]), i < n
   void (*pixel_sums)(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int32_t* out);
 };

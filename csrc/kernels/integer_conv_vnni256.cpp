@@ -20,8 +20,74 @@ constexpr int64_t kDwVectors = 4;  // lane vectors per depthwise tile
 #pragma GCC push_options
 #pragma GCC target("avx2,avxvnni")
 
+// Low byte (u8) or low half (u16) of each int32 lane, in lane order, in the low 8 / 16 bytes.
+inline __m128i narrow(__m256i v, bool u16) {
+  const __m256i pick = u16 ? _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                              0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1)
+                           : _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                              0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  // the picked bytes are dwords {0} / {0, 1} of each 128-bit half: gather them to the bottom
+  const __m256i order = u16 ? _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7) : _mm256_setr_epi32(0, 4, 1, 5, 2, 3, 6, 7);
+  return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, pick), order));
+}
+
+// All-ones int32 lanes where bit l of `bits` is set.
+inline __m256i lane_mask(uint16_t bits) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), bit), bit);
+}
+
+// The tile epilogue (FinishTile) on accumulators in registers.
+class Epilogue {
+ public:
+  explicit Epilogue(const FinishTile& f)
+      : f_(f), codes_(f.mode == FinishMode::CodesU8 || f.mode == FinishMode::CodesU16),
+        stats_(f.mode != FinishMode::Exact), mn_(_mm256_set1_epi32(*f.mn)), mx_(_mm256_set1_epi32(*f.mx)) {}
+  // Lanes j * kLanes .. of row r.
+  void put(__m256i acc, int64_t r, int64_t j) {
+    __m256i e = _mm256_add_epi32(acc, _mm256_set1_epi32(f_.add[r]));
+    if (f_.sumx)
+      e = _mm256_add_epi32(e, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(f_.sumx + j * kLanes)),
+                                                 _mm256_set1_epi32(f_.coef[r])));
+    if (stats_) {
+      const __m256i valid = lane_mask(f_.valid[j]);
+      mn_ = _mm256_min_epi32(mn_, _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), e, valid));
+      mx_ = _mm256_max_epi32(mx_, _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MIN), e, valid));
+    }
+    const int64_t at = r * f_.ld + j * kLanes;
+    if (!codes_) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int32_t*>(f_.out) + at), e);
+      return;
+    }
+    // Requantizer::apply: one float32 multiply, clamp, magic rounding (half to even), + zp
+    const __m256 magic = _mm256_set1_ps(kRoundMagic);
+    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(e), _mm256_set1_ps(f_.m[r]));
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(f_.flo)), _mm256_set1_ps(f_.fhi));
+    v = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+    const __m256i code = _mm256_add_epi32(_mm256_cvttps_epi32(v), _mm256_set1_epi32(f_.zp));
+    if (f_.mode == FinishMode::CodesU8)
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(f_.out) + at), narrow(code, false));
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(f_.out) + at), narrow(code, true));
+  }
+  void done() {
+    alignas(32) int32_t lo[kLanes], hi[kLanes];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lo), mn_);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(hi), mx_);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      *f_.mn = lo[l] < *f_.mn ? lo[l] : *f_.mn;
+      *f_.mx = hi[l] > *f_.mx ? hi[l] : *f_.mx;
+    }
+  }
+
+ private:
+  const FinishTile& f_;
+  const bool codes_, stats_;
+  __m256i mn_, mx_;
+};
+
 template <int64_t kVectors>
-void gemm(const GemmTile& g) {
+void gemm(const GemmTile& g, const FinishTile& f) {
   __m256i acc[kRows][kVectors];
 #pragma GCC unroll 4
   for (int64_t r = 0; r < kRows; ++r)
@@ -42,18 +108,21 @@ void gemm(const GemmTile& g) {
       }
     }
   }
+  Epilogue epi(f);
 #pragma GCC unroll 4
-  for (int64_t r = 0; r < kRows; ++r)
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (r >= f.rows) break;
 #pragma GCC unroll 4
-    for (int64_t j = 0; j < kVectors; ++j)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.acc + r * g.ld + j * kLanes), acc[r][j]);
+    for (int64_t j = 0; j < kVectors; ++j) epi.put(acc[r][j], r, j);
+  }
+  epi.done();
 }
 
-void dw(const DwTile& d) {
-  for (int64_t r = 0; r < d.rows; ++r) {
+void dw(const DwTile& d, const FinishTile& f) {
+  Epilogue epi(f);
+  for (int64_t r = 0; r < f.rows; ++r) {
     const uint32_t* x = d.x + r * d.plane;
     const uint32_t* w = d.w + r * d.pairs;
-    int32_t* out = d.acc + r * d.ld;
     __m256i acc[kDwVectors];
 #pragma GCC unroll 4
     for (int64_t j = 0; j < kDwVectors; ++j) acc[j] = _mm256_setzero_si256();
@@ -65,80 +134,9 @@ void dw(const DwTile& d) {
         acc[j] = _mm256_dpwssd_avx_epi32(acc[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + j * kLanes)), b);
     }
 #pragma GCC unroll 4
-    for (int64_t j = 0; j < kDwVectors; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * kLanes), acc[j]);
+    for (int64_t j = 0; j < kDwVectors; ++j) epi.put(acc[j], r, j);
   }
-}
-
-// float32_rne codes of e (Requantizer::apply: one float32 multiply, clamp, magic rounding).
-inline __m256i requant(__m256i e, __m256 m, __m256 flo, __m256 fhi, __m256i zp) {
-  const __m256 magic = _mm256_set1_ps(kRoundMagic);
-  __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(e), m);
-  f = _mm256_min_ps(_mm256_max_ps(f, flo), fhi);
-  f = _mm256_sub_ps(_mm256_add_ps(f, magic), magic);
-  return _mm256_add_epi32(_mm256_cvttps_epi32(f), zp);
-}
-
-// Low byte (u8) or low half (u16) of each int32 lane, in lane order, in the low 8 / 16 bytes.
-inline __m128i narrow(__m256i v, bool u16) {
-  const __m256i pick = u16 ? _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
-                                              0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1)
-                           : _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                              0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  // the picked bytes are dwords {0} / {0, 1} of each 128-bit half: gather them to the bottom
-  const __m256i order = u16 ? _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7) : _mm256_setr_epi32(0, 4, 1, 5, 2, 3, 6, 7);
-  return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, pick), order));
-}
-
-void store_lanes(const FinishTile& f, __m256i v, int64_t at) {
-  switch (f.mode) {
-    case FinishMode::CodesU8:
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(f.out) + at), narrow(v, false));
-      break;
-    case FinishMode::CodesU16:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(f.out) + at), narrow(v, true));
-      break;
-    default:
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int32_t*>(f.out) + at), v);
-  }
-}
-
-// All-ones int32 lanes where bit l of `bits` is set.
-inline __m256i lane_mask(uint16_t bits) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), bit), bit);
-}
-
-void finish(const FinishTile& f) {
-  const __m256i lowest = _mm256_set1_epi32(INT32_MIN), highest = _mm256_set1_epi32(INT32_MAX);
-  __m256i mn = _mm256_set1_epi32(*f.mn), mx = _mm256_set1_epi32(*f.mx);
-  const __m256 flo = _mm256_set1_ps(f.flo), fhi = _mm256_set1_ps(f.fhi);
-  const __m256i zp = _mm256_set1_epi32(f.zp);
-  const bool codes = f.mode == FinishMode::CodesU8 || f.mode == FinishMode::CodesU16;
-  for (int64_t r = 0; r < f.rows; ++r) {
-    const __m256i add = _mm256_set1_epi32(f.add[r]);
-    const __m256i coef = _mm256_set1_epi32(f.sumx ? f.coef[r] : 0);
-    const __m256 m = _mm256_set1_ps(codes ? f.m[r] : 0.0f);
-    for (int64_t j = 0; j < f.vectors; ++j) {
-      const int64_t at = r * f.ld + j * kLanes;
-      __m256i e = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(f.acc + at)), add);
-      if (f.sumx)
-        e = _mm256_add_epi32(
-            e, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(f.sumx + j * kLanes)), coef));
-      if (f.mode != FinishMode::Exact) {
-        const __m256i valid = lane_mask(f.valid[j]);
-        mn = _mm256_min_epi32(mn, _mm256_blendv_epi8(highest, e, valid));
-        mx = _mm256_max_epi32(mx, _mm256_blendv_epi8(lowest, e, valid));
-      }
-      store_lanes(f, codes ? requant(e, m, flo, fhi, zp) : e, at);
-    }
-  }
-  alignas(32) int32_t lo[kLanes], hi[kLanes];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lo), mn);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(hi), mx);
-  for (int64_t l = 0; l < kLanes; ++l) {
-    *f.mn = lo[l] < *f.mn ? lo[l] : *f.mn;
-    *f.mx = hi[l] > *f.mx ? hi[l] : *f.mx;
-  }
+  epi.done();
 }
 
 void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int32_t* out) {
@@ -162,7 +160,7 @@ void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int
 
 #pragma GCC pop_options
 
-const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, finish, pixel_sums};
+const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, pixel_sums};
 
 }  // namespace
 

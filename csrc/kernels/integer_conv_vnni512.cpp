@@ -26,8 +26,56 @@ constexpr int64_t kDwVectors = 4;  // lane vectors per depthwise tile
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vnni")
 
+// The tile epilogue (FinishTile) on accumulators in registers.
+class Epilogue {
+ public:
+  explicit Epilogue(const FinishTile& f)
+      : f_(f), codes_(f.mode == FinishMode::CodesU8 || f.mode == FinishMode::CodesU16),
+        stats_(f.mode != FinishMode::Exact), mn_(_mm512_set1_epi32(*f.mn)), mx_(_mm512_set1_epi32(*f.mx)),
+        flo_(_mm512_set1_ps(f.flo)), fhi_(_mm512_set1_ps(f.fhi)), magic_(_mm512_set1_ps(kRoundMagic)),
+        zp_(_mm512_set1_epi32(f.zp)) {}
+  // Lanes j * kLanes .. of row r.
+  void put(__m512i acc, int64_t r, int64_t j) {
+    __m512i e = _mm512_add_epi32(acc, _mm512_set1_epi32(f_.add[r]));
+    if (f_.sumx)
+      e = _mm512_add_epi32(e, _mm512_mullo_epi32(_mm512_loadu_si512(f_.sumx + j * kLanes),
+                                                 _mm512_set1_epi32(f_.coef[r])));
+    if (stats_) {
+      const __mmask16 valid = f_.valid[j];
+      mn_ = _mm512_mask_min_epi32(mn_, valid, mn_, e);
+      mx_ = _mm512_mask_max_epi32(mx_, valid, mx_, e);
+    }
+    const int64_t at = r * f_.ld + j * kLanes;
+    if (!codes_) {
+      _mm512_storeu_si512(static_cast<int32_t*>(f_.out) + at, e);
+      return;
+    }
+    // Requantizer::apply: one float32 multiply, clamp, magic rounding (half to even), + zp
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(f_.m[r]));
+    v = _mm512_min_ps(_mm512_max_ps(v, flo_), fhi_);
+    v = _mm512_sub_ps(_mm512_add_ps(v, magic_), magic_);
+    const __m512i code = _mm512_add_epi32(_mm512_cvttps_epi32(v), zp_);
+    if (f_.mode == FinishMode::CodesU8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(f_.out) + at), _mm512_cvtepi32_epi8(code));
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(f_.out) + at),
+                          _mm512_cvtepi32_epi16(code));
+  }
+  void done() {
+    *f_.mn = _mm512_reduce_min_epi32(mn_);
+    *f_.mx = _mm512_reduce_max_epi32(mx_);
+  }
+
+ private:
+  const FinishTile& f_;
+  const bool codes_, stats_;
+  __m512i mn_, mx_;
+  const __m512 flo_, fhi_, magic_;
+  const __m512i zp_;
+};
+
 template <int64_t kVectors>
-void gemm(const GemmTile& g) {
+void gemm(const GemmTile& g, const FinishTile& f) {
   __m512i acc[kRows][kVectors];
 #pragma GCC unroll 8
   for (int64_t r = 0; r < kRows; ++r)
@@ -48,17 +96,21 @@ void gemm(const GemmTile& g) {
       }
     }
   }
+  Epilogue epi(f);
 #pragma GCC unroll 8
-  for (int64_t r = 0; r < kRows; ++r)
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (r >= f.rows) break;
 #pragma GCC unroll 4
-    for (int64_t j = 0; j < kVectors; ++j) _mm512_storeu_si512(g.acc + r * g.ld + j * kLanes, acc[r][j]);
+    for (int64_t j = 0; j < kVectors; ++j) epi.put(acc[r][j], r, j);
+  }
+  epi.done();
 }
 
-void dw(const DwTile& d) {
-  for (int64_t r = 0; r < d.rows; ++r) {
+void dw(const DwTile& d, const FinishTile& f) {
+  Epilogue epi(f);
+  for (int64_t r = 0; r < f.rows; ++r) {
     const uint32_t* x = d.x + r * d.plane;
     const uint32_t* w = d.w + r * d.pairs;
-    int32_t* out = d.acc + r * d.ld;
     __m512i acc[kDwVectors];
 #pragma GCC unroll 4
     for (int64_t j = 0; j < kDwVectors; ++j) acc[j] = _mm512_setzero_si512();
@@ -66,59 +118,12 @@ void dw(const DwTile& d) {
       const uint32_t* xp = x + d.tapbase[p];
       const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(w[p]));
 #pragma GCC unroll 4
-      for (int64_t j = 0; j < kDwVectors; ++j)
-        acc[j] = _mm512_dpwssd_epi32(acc[j], _mm512_loadu_si512(xp + j * kLanes), b);
+      for (int64_t j = 0; j < kDwVectors; ++j) acc[j] = _mm512_dpwssd_epi32(acc[j], _mm512_loadu_si512(xp + j * kLanes), b);
     }
 #pragma GCC unroll 4
-    for (int64_t j = 0; j < kDwVectors; ++j) _mm512_storeu_si512(out + j * kLanes, acc[j]);
+    for (int64_t j = 0; j < kDwVectors; ++j) epi.put(acc[j], r, j);
   }
-}
-
-// float32_rne codes of e (Requantizer::apply: one float32 multiply, clamp, magic rounding).
-inline __m512i requant(__m512i e, __m512 m, __m512 flo, __m512 fhi, __m512i zp) {
-  const __m512 magic = _mm512_set1_ps(kRoundMagic);
-  __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(e), m);
-  f = _mm512_min_ps(_mm512_max_ps(f, flo), fhi);
-  f = _mm512_sub_ps(_mm512_add_ps(f, magic), magic);
-  return _mm512_add_epi32(_mm512_cvttps_epi32(f), zp);
-}
-
-void store_lanes(const FinishTile& f, __m512i v, int64_t at) {
-  switch (f.mode) {
-    case FinishMode::CodesU8:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(f.out) + at), _mm512_cvtepi32_epi8(v));
-      break;
-    case FinishMode::CodesU16:
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(f.out) + at), _mm512_cvtepi32_epi16(v));
-      break;
-    default:
-      _mm512_storeu_si512(static_cast<int32_t*>(f.out) + at, v);
-  }
-}
-
-void finish(const FinishTile& f) {
-  __m512i mn = _mm512_set1_epi32(*f.mn), mx = _mm512_set1_epi32(*f.mx);
-  const __m512 flo = _mm512_set1_ps(f.flo), fhi = _mm512_set1_ps(f.fhi);
-  const __m512i zp = _mm512_set1_epi32(f.zp);
-  const bool codes = f.mode == FinishMode::CodesU8 || f.mode == FinishMode::CodesU16;
-  for (int64_t r = 0; r < f.rows; ++r) {
-    const __m512i add = _mm512_set1_epi32(f.add[r]);
-    const __m512i coef = _mm512_set1_epi32(f.sumx ? f.coef[r] : 0);
-    const __m512 m = _mm512_set1_ps(codes ? f.m[r] : 0.0f);
-    for (int64_t j = 0; j < f.vectors; ++j) {
-      const int64_t at = r * f.ld + j * kLanes;
-      __m512i e = _mm512_add_epi32(_mm512_loadu_si512(f.acc + at), add);
-      if (f.sumx) e = _mm512_add_epi32(e, _mm512_mullo_epi32(_mm512_loadu_si512(f.sumx + j * kLanes), coef));
-      if (f.mode != FinishMode::Exact) {
-        const __mmask16 valid = f.valid[j];
-        mn = _mm512_mask_min_epi32(mn, valid, mn, e);
-        mx = _mm512_mask_max_epi32(mx, valid, mx, e);
-      }
-      store_lanes(f, codes ? requant(e, m, flo, fhi, zp) : e, at);
-    }
-  }
-  *f.mn = _mm512_reduce_min_epi32(mn);
-  *f.mx = _mm512_reduce_max_epi32(mx);
+  epi.done();
 }
 
 void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int32_t* out) {
@@ -138,7 +143,7 @@ void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int
 
 #pragma GCC pop_options
 
-const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, finish, pixel_sums};
+const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, pixel_sums};
 
 }  // namespace
 

@@ -18,7 +18,8 @@ constexpr int kByteBits = 8;
 constexpr int kHalfBits = 16;
 constexpr int64_t kMaxStackBytes = int64_t{1} << 18;  // packed bytes of a stacked unit (fits L2)
 constexpr int64_t kUnitsPerThread = 2;                // stacking keeps this many units per thread
-constexpr int64_t kShortRow = 32;                     // padded rows shorter than this are packed via planes
+constexpr int64_t kShortRow = 32;
+constexpr int64_t kTileOverheadLanes = 16;            // a tile costs about as much as this many more lanes                     // padded rows shorter than this are packed via planes
 
 // ---- layout ------------------------------------------------------------------
 Layout make_layout(const ConvGeom& g, int64_t planes, int64_t lanes, int64_t vectors, int64_t images) {
@@ -43,11 +44,12 @@ Layout make_layout(const ConvGeom& g, int64_t planes, int64_t lanes, int64_t vec
   return L;
 }
 
-// Lanes computed per image with `images` per unit and tiles of `vectors` lane vectors.
-double lanes_per_image(const ConvGeom& g, int64_t lanes, int64_t vectors, int64_t images) {
+// Cost per image, in lanes, with `images` per unit and tiles of `vectors` lane vectors: the
+// lanes computed plus a per-tile overhead (calls, epilogue set-up, stores).
+double cost_per_image(const ConvGeom& g, int64_t lanes, int64_t vectors, int64_t images) {
   const int64_t Hs = round_up(g.H + g.pt + g.pb, g.sh), Wq = ceil_div(g.W + g.pl + g.pr, g.sw);
-  const int64_t V = ((images - 1) * (Hs / g.sh) + g.OH) * Wq;
-  return static_cast<double>(round_up(V, vectors * lanes)) / static_cast<double>(images);
+  const int64_t V = ((images - 1) * (Hs / g.sh) + g.OH) * Wq, tile = vectors * lanes;
+  return static_cast<double>(round_up(V, tile) + kTileOverheadLanes * ceil_div(V, tile)) / static_cast<double>(images);
 }
 
 // ---- packing -----------------------------------------------------------------
@@ -148,10 +150,10 @@ Layout plan_layout(const ConvGeom& g, const IsaKernels& k, int64_t planes, bool 
   if (g.in_sc == 1) stack = 1;  // channels-last input (matmul): packed per image
   while (g.N % stack != 0) --stack;  // every unit full: no lanes of images past N
   int64_t best_images = 1, best_vectors = depthwise ? k.dw_vectors : k.max_vectors;
-  double best = lanes_per_image(g, k.lanes, best_vectors, 1);
+  double best = cost_per_image(g, k.lanes, best_vectors, 1);
   for (int64_t images : {int64_t{1}, stack})
     for (int64_t v = depthwise ? k.dw_vectors : k.max_vectors; v >= (depthwise ? k.dw_vectors : 1); --v) {
-      const double cost = lanes_per_image(g, k.lanes, v, images);
+      const double cost = cost_per_image(g, k.lanes, v, images);
       if (cost < best) best = cost, best_images = images, best_vectors = v;
     }
   return make_layout(g, planes, k.lanes, best_vectors, best_images);

@@ -42,7 +42,7 @@ Layout plan_layout(const ConvGeom& g, const IsaKernels& k, int64_t planes, bool 
 struct Workspace {
   std::vector<uint8_t> rows;      // padded input planes
   std::vector<uint32_t*> phases;  // phase rows of one padded row
-  std::vector<int32_t> acc, staging, pix;
+  std::vector<int32_t> staging, pix;
   template <class T>
   static T* get(std::vector<T>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
