@@ -16,7 +16,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -455,8 +457,20 @@ const vnni::IsaKernels* vnni_kernels(SimdPath p) {
   return nullptr;
 }
 
+// PYZEROQ_DISABLE_SIMD (read once): comma-separated paths treated as absent, e.g.
+// "avx512vnni,avxvnni" (tests of the fallbacks on a CPU that has everything).
+bool disabled_by_env(SimdPath p) {
+  static const std::string names = [] {
+    const char* e = std::getenv("PYZEROQ_DISABLE_SIMD");
+    return "," + std::string(e ? e : "") + ",";
+  }();
+  const char* name = p == SimdPath::Avx512Vnni ? ",avx512vnni," : p == SimdPath::AvxVnni ? ",avxvnni," : ",avx2,";
+  return p != SimdPath::Generic && names.find(name) != std::string::npos;
+}
+
 // cpuid + OS register state (libgcc's __builtin_cpu_supports checks XCR0 for the AVX / AVX-512 state).
 bool cpu_has(SimdPath p) {
+  if (disabled_by_env(p)) return false;
   switch (p) {
     case SimdPath::Avx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -24,7 +24,7 @@ constexpr int64_t kTileOverheadLanes = 16;            // a tile costs about as m
 // ---- layout ------------------------------------------------------------------
 Layout make_layout(const ConvGeom& g, int64_t planes, int64_t lanes, int64_t vectors, int64_t images) {
   Layout L;
-  L.sh = g.sh, L.sw = g.sw, L.Hp = g.H + g.pt + g.pb, L.Wp = g.W + g.pl + g.pr;
+  L.sh = g.sh, L.sw = g.sw, L.Hp = g.H + g.pt + g.pb, L.Wp = round_up(g.W + g.pl + g.pr, g.sw);
   L.Hs = round_up(L.Hp, g.sh), L.images = images, L.rows = images * L.Hs;
   L.Hq = L.rows / g.sh, L.Wq = ceil_div(L.Wp, g.sw), L.plane = g.sh * g.sw * L.Hq * L.Wq;
   L.out_rows = L.Hs / g.sh, L.OH = g.OH, L.OW = g.OW;
@@ -55,7 +55,8 @@ double cost_per_image(const ConvGeom& g, int64_t lanes, int64_t vectors, int64_t
 // ---- packing -----------------------------------------------------------------
 // Stores 16 consecutive columns (quads or pairs) q[0..3] starting at column w (a
 // multiple of 16) into the phase rows dst[w % sw] (sw 1 or 2).
-void store_columns(const __m128i q[4], int64_t w, int64_t sw, uint32_t* const* dst) {
+inline __attribute__((always_inline)) void store_columns(const __m128i q[4], int64_t w, int64_t sw,
+                                                         uint32_t* const* dst) {
   if (sw == 1) {
     for (int i = 0; i < 4; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst[0] + w + 4 * i), q[i]);
     return;
@@ -210,12 +211,13 @@ void RowPacker::quads(int64_t n0, int64_t grp, Workspace& ws, uint32_t* buf) con
       const int64_t size = L_.rows * L_.Wp;
       uint8_t* p = Workspace::get(ws.rows, kQuad * size);
       const uint8_t* planes[kQuad];
+      const int64_t offsets[kQuad] = {};
       for (int64_t k = 0; k < kQuad; ++k) {
         const int64_t ci = cq * kQuad + k;
         plane(n0, ci < Cg ? grp * Cg + ci : -1, 0, p + k * size);
         planes[k] = p + k * size;
       }
-      interleave_planes(planes, kQuad, plane0, ws, interleave_quads);
+      interleave_planes(planes, offsets, kQuad, 0, plane0, ws, interleave_quads);
       continue;
     }
     for (int64_t i = 0; i < L_.images; ++i) {
@@ -253,49 +255,43 @@ void RowPacker::quads(int64_t n0, int64_t grp, Workspace& ws, uint32_t* buf) con
 
 void RowPacker::plane(int64_t n0, int64_t c, int64_t below, uint8_t* dst) const {
   const ConvGeom& g = a_.g;
-  const int64_t Wp = L_.Wp;
-  if (c < 0) {
-    std::memset(dst, 0, static_cast<std::size_t>((L_.rows + below) * Wp));
-    return;
-  }
-  for (int64_t i = 0; i < L_.images; ++i) {
-    uint8_t* d = dst + i * L_.Hs * Wp;
-    std::memset(d, a_.x_zero_point, static_cast<std::size_t>(L_.Hp * Wp));
-    std::memset(d + L_.Hp * Wp, 0, static_cast<std::size_t>((L_.Hs - L_.Hp) * Wp));
-    const uint8_t* src = a_.x + (n0 + i) * g.in_sn + c * g.in_sc;
-    d += g.pt * Wp + g.pl;
-    for (int64_t h = 0; h < g.H; ++h, d += Wp, src += g.in_sh) {
+  const int64_t Wp = L_.Wp, Hb = L_.Hq + ceil_div(below, L_.sh);  // rows per row-phase block
+  if (c < 0 || L_.Hs != L_.Hp || below > 0) std::memset(dst, 0, static_cast<std::size_t>(L_.sh * Hb * Wp));
+  if (c < 0) return;
+  for (int64_t i = 0; i < L_.images; ++i)
+    for (int64_t hp = 0; hp < L_.Hp; ++hp) {
+      const int64_t h = i * L_.Hs + hp;  // unit row, stored in phase order
+      uint8_t* d = dst + (h % L_.sh * Hb + h / L_.sh) * Wp;
+      copy_bytes(d, zx_.data(), Wp);
+      if (hp < g.pt || hp >= g.pt + g.H) continue;
+      const uint8_t* src = a_.x + (n0 + i) * g.in_sn + c * g.in_sc + (hp - g.pt) * g.in_sh;
       if (g.in_sw == 1)
-        copy_bytes(d, src, g.W);
+        copy_bytes(d + g.pl, src, g.W);
       else
-        for (int64_t w = 0; w < g.W; ++w) d[w] = src[w * g.in_sw];
+        for (int64_t w = 0; w < g.W; ++w) d[g.pl + w] = src[w * g.in_sw];
     }
-  }
-  std::memset(dst + L_.rows * Wp, 0, static_cast<std::size_t>(below * Wp));
 }
 
-void RowPacker::interleave_planes(const uint8_t* const* planes, int count, uint32_t* plane0, Workspace& ws,
-                                  Interleave f) const {
-  if (L_.sh == 1 && L_.sw == 1) {  // the layout is row-major like the planes: one call
-    uint32_t* const dst[1] = {plane0};
-    f(planes, L_.rows * L_.Wp, 1, dst);
-    return;
-  }
+void RowPacker::interleave_planes(const uint8_t* const* planes, const int64_t* offsets, int count, int64_t below,
+                                  uint32_t* plane0, Workspace& ws, Interleave f) const {
+  const int64_t Hb = L_.Hq + ceil_div(below, L_.sh);
   uint32_t** dst = Workspace::get(ws.phases, L_.sw);
-  const uint8_t* r[kQuad];
-  for (int64_t h = 0; h < L_.rows; ++h) {
-    for (int64_t pw = 0; pw < L_.sw; ++pw) dst[pw] = plane0 + L_.row_at[h] + pw * L_.Hq * L_.Wq;
-    for (int i = 0; i < count; ++i) r[i] = planes[i] + h * L_.Wp;
-    f(r, L_.Wp, L_.sw, dst);
+  const uint8_t* src[kQuad];
+  for (int64_t ph = 0; ph < L_.sh; ++ph) {  // unit rows ph, ph + sh, ...: one row of the layout's phase blocks each
+    for (int i = 0; i < count; ++i)  // plane i is read offsets[i] unit rows further down
+      src[i] = planes[i] + ((ph + offsets[i]) % L_.sh * Hb + (ph + offsets[i]) / L_.sh) * L_.Wp;
+    for (int64_t pw = 0; pw < L_.sw; ++pw) dst[pw] = plane0 + (ph * L_.sw + pw) * L_.Hq * L_.Wq;
+    f(src, L_.Hq * L_.Wp, L_.sw, dst);  // Wp % sw == 0: column c of the run is column c % Wp of its row
   }
 }
 
 void RowPacker::pairs(int64_t n0, int64_t c, Workspace& ws, uint32_t* buf) const {
-  const int64_t dh = a_.g.dh, size = (L_.rows + dh) * L_.Wp;
-  uint8_t* p = Workspace::get(ws.rows, size);
+  const int64_t dh = a_.g.dh, Hb = L_.Hq + ceil_div(dh, L_.sh);
+  uint8_t* p = Workspace::get(ws.rows, L_.sh * Hb * L_.Wp);
   plane(n0, c, dh, p);
-  const uint8_t* const planes[2] = {p, p + dh * L_.Wp};
-  interleave_planes(planes, 2, buf, ws, interleave_pairs);
+  const uint8_t* const planes[2] = {p, p};
+  const int64_t offsets[2] = {0, dh};
+  interleave_planes(planes, offsets, 2, dh, buf, ws, interleave_pairs);
 }
 
 void pack_quads_channels(const QConvArgs& a, const Layout& L, int64_t n, int64_t grp, uint32_t* buf) {

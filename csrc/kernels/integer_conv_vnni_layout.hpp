@@ -18,7 +18,7 @@ inline int64_t ceil_div(int64_t v, int64_t m) { return (v + m - 1) / m; }
 // Unit = `images` consecutive images (one below the other) of one group (GEMM) or
 // one channel (depthwise), packed into `planes` planes.
 struct Layout {
-  int64_t sh = 1, sw = 1, Hp = 0, Wp = 0;
+  int64_t sh = 1, sw = 1, Hp = 0, Wp = 0;  // Wp: padded width rounded up to a multiple of sw
   int64_t Hs = 0;           // rows per stacked image: Hp rounded up to a multiple of sh
   int64_t images = 1;       // images per unit
   int64_t rows = 0;         // padded rows per unit: images * Hs
@@ -72,12 +72,14 @@ class RowPacker {
   Src row(int64_t n, int64_t c, int64_t hp) const;
   // Unit row h from `count` source rows, interleaved by f into the plane at plane0.
   void put(const Src* rows, int count, int64_t h, uint32_t* plane0, Workspace& ws, Interleave f) const;
-  // Padded planes of channel c (< 0: zeros) of the unit's images into dst: Hs rows of Wp
-  // bytes per image (zx padding, rows past Hp 0), then `below` rows of 0.
+  // Padded plane of channel c (< 0: zeros) of the unit's images into dst, its unit rows in
+  // phase order: row h at (h % sh) * Hb + h / sh (rows of Wp bytes, zx padding, rows past Hp
+  // 0), Hb = Hq + ceil(below / sh) rows per phase block (the last ones 0).
   void plane(int64_t n0, int64_t c, int64_t below, uint8_t* dst) const;
-  // `count` such planes (rows x Wp bytes each) interleaved by f into the plane at plane0.
-  void interleave_planes(const uint8_t* const* planes, int count, uint32_t* plane0, Workspace& ws,
-                         Interleave f) const;
+  // `count` such planes interleaved by f into the layout at plane0, one call per row phase;
+  // plane i contributes its unit row h + offsets[i] to unit row h.
+  void interleave_planes(const uint8_t* const* planes, const int64_t* offsets, int count, int64_t below,
+                         uint32_t* plane0, Workspace& ws, Interleave f) const;
   const QConvArgs& a_;
   const Layout& L_;
   std::vector<uint8_t> zx_, zero_;
