@@ -54,18 +54,19 @@ double cost_per_image(const ConvGeom& g, int64_t lanes, int64_t vectors, int64_t
 
 // ---- packing -----------------------------------------------------------------
 // Stores 16 consecutive columns (quads or pairs) q[0..3] starting at column w (a
-// multiple of 16) into the phase rows dst[w % sw] (sw 1 or 2).
-inline __attribute__((always_inline)) void store_columns(const __m128i q[4], int64_t w, int64_t sw,
-                                                         uint32_t* const* dst) {
+// multiple of 16) into the phase rows d0 (even columns) and d1 (odd; sw 2), or d0 (sw 1).
+// (Pointers by value: vector stores may alias anything, an array of them would be reloaded.)
+inline __attribute__((always_inline)) void store_columns(const __m128i q[4], int64_t w, int64_t sw, uint32_t* d0,
+                                                         uint32_t* d1) {
   if (sw == 1) {
-    for (int i = 0; i < 4; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst[0] + w + 4 * i), q[i]);
+    for (int i = 0; i < 4; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(d0 + w + 4 * i), q[i]);
     return;
   }
   for (int half = 0; half < 2; ++half) {  // columns w + 8 half .. + 7
     const __m128i a = _mm_shuffle_epi32(q[2 * half], _MM_SHUFFLE(3, 1, 2, 0));
     const __m128i b = _mm_shuffle_epi32(q[2 * half + 1], _MM_SHUFFLE(3, 1, 2, 0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst[0] + w / 2 + 4 * half), _mm_unpacklo_epi64(a, b));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst[1] + w / 2 + 4 * half), _mm_unpackhi_epi64(a, b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d0 + w / 2 + 4 * half), _mm_unpacklo_epi64(a, b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d1 + w / 2 + 4 * half), _mm_unpackhi_epi64(a, b));
   }
 }
 
@@ -73,16 +74,18 @@ inline __attribute__((always_inline)) void store_columns(const __m128i q[4], int
 void interleave_quads(const uint8_t* const* r, int64_t n, int64_t sw, uint32_t* const* dst) {
   int64_t w = 0;
   if (sw <= 2) {
+    const uint8_t *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+    uint32_t *d0 = dst[0], *d1 = sw == 2 ? dst[1] : nullptr;
     for (; w + kSseColumns <= n; w += kSseColumns) {
-      const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[0] + w));
-      const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[1] + w));
-      const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[2] + w));
-      const __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[3] + w));
+      const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + w));
+      const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + w));
+      const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r2 + w));
+      const __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r3 + w));
       const __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
       const __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
       const __m128i q[4] = {_mm_unpacklo_epi16(t0, t2), _mm_unpackhi_epi16(t0, t2), _mm_unpacklo_epi16(t1, t3),
                             _mm_unpackhi_epi16(t1, t3)};
-      store_columns(q, w, sw, dst);
+      store_columns(q, w, sw, d0, d1);
     }
   }
   for (int64_t pw = 0; pw < sw; ++pw)  // w % sw == 0 here
@@ -96,14 +99,16 @@ void interleave_pairs(const uint8_t* const* r, int64_t n, int64_t sw, uint32_t* 
   int64_t w = 0;
   if (sw <= 2) {
     const __m128i z = _mm_setzero_si128();
+    const uint8_t *r0 = r[0], *r1 = r[1];
+    uint32_t *d0 = dst[0], *d1 = sw == 2 ? dst[1] : nullptr;
     for (; w + kSseColumns <= n; w += kSseColumns) {
-      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[0] + w));
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[1] + w));
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + w));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + w));
       const __m128i a0 = _mm_unpacklo_epi8(a, z), a1 = _mm_unpackhi_epi8(a, z);
       const __m128i b0 = _mm_unpacklo_epi8(b, z), b1 = _mm_unpackhi_epi8(b, z);
       const __m128i q[4] = {_mm_unpacklo_epi16(a0, b0), _mm_unpackhi_epi16(a0, b0), _mm_unpacklo_epi16(a1, b1),
                             _mm_unpackhi_epi16(a1, b1)};
-      store_columns(q, w, sw, dst);
+      store_columns(q, w, sw, d0, d1);
     }
   }
   for (int64_t pw = 0; pw < sw; ++pw)  // w % sw == 0 here
@@ -258,18 +263,22 @@ void RowPacker::plane(int64_t n0, int64_t c, int64_t below, uint8_t* dst) const 
   const int64_t Wp = L_.Wp, Hb = L_.Hq + ceil_div(below, L_.sh);  // rows per row-phase block
   if (c < 0 || L_.Hs != L_.Hp || below > 0) std::memset(dst, 0, static_cast<std::size_t>(L_.sh * Hb * Wp));
   if (c < 0) return;
-  for (int64_t i = 0; i < L_.images; ++i)
-    for (int64_t hp = 0; hp < L_.Hp; ++hp) {
-      const int64_t h = i * L_.Hs + hp;  // unit row, stored in phase order
-      uint8_t* d = dst + (h % L_.sh * Hb + h / L_.sh) * Wp;
-      copy_bytes(d, zx_.data(), Wp);
-      if (hp < g.pt || hp >= g.pt + g.H) continue;
-      const uint8_t* src = a_.x + (n0 + i) * g.in_sn + c * g.in_sc + (hp - g.pt) * g.in_sh;
-      if (g.in_sw == 1)
-        copy_bytes(d + g.pl, src, g.W);
+  const int64_t sh = L_.sh, Hs = L_.Hs, Hp = L_.Hp, pt = g.pt, pl = g.pl, H = g.H, W = g.W;
+  const int64_t in_sh = g.in_sh, in_sw = g.in_sw;
+  const uint8_t* zx = zx_.data();
+  for (int64_t i = 0; i < L_.images; ++i) {
+    const uint8_t* src = a_.x + (n0 + i) * g.in_sn + c * g.in_sc;
+    for (int64_t hp = 0, h = i * Hs; hp < Hp; ++hp, ++h) {  // h: unit row, stored in phase order
+      uint8_t* d = dst + (sh == 1 ? h : h % sh * Hb + h / sh) * Wp;
+      copy_bytes(d, zx, Wp);
+      if (hp < pt || hp >= pt + H) continue;
+      const uint8_t* s = src + (hp - pt) * in_sh;
+      if (in_sw == 1)
+        copy_bytes(d + pl, s, W);
       else
-        for (int64_t w = 0; w < g.W; ++w) d[g.pl + w] = src[w * g.in_sw];
+        for (int64_t w = 0; w < W; ++w) d[pl + w] = s[w * in_sw];
     }
+  }
 }
 
 void RowPacker::interleave_planes(const uint8_t* const* planes, const int64_t* offsets, int count, int64_t below,
