@@ -6,6 +6,8 @@
 // weights are kept in a small LRU cache keyed by the weight buffer and layout, and an
 // entry is only used while the raw weight bytes still equal its private copy (memcmp):
 // a weight array edited in place, or a new array at a recycled address, is repacked.
+// Weights are cached from their second sighting on (same address and layout), so that
+// arrays made afresh for every call (each at a new address) do not fill the cache.
 #include <algorithm>
 #include <cstring>
 #include <list>
@@ -20,8 +22,9 @@ namespace {
 
 constexpr int kByteBits = 8;
 constexpr uint32_t kSignFlip = 0x80808080u;                // w ^ 0x80 = w - 128 as int8, in each byte
-constexpr int64_t kCacheBytes = int64_t{256} << 20;        // raw + packed bytes kept at most
-constexpr std::size_t kCacheEntries = 512;                 // entries kept at most
+constexpr int64_t kCacheBytes = int64_t{128} << 20;        // raw + packed bytes kept at most
+constexpr std::size_t kCacheEntries = 256;                 // entries kept at most
+constexpr std::size_t kSeenKeys = 1024;                    // keys remembered for the second-sighting rule
 constexpr int64_t kMinCachedBytes = int64_t{1} << 12;      // smaller layers are simply repacked
 
 struct Key {
@@ -77,6 +80,7 @@ class WeightCache {
     std::shared_ptr<const PackedWeights> hit = find(key);
     if (hit && std::memcmp(hit->raw.data(), a.w, static_cast<std::size_t>(bytes)) == 0) return hit;
     PackedWeights p = pack(a, rows);
+    if (!hit && !seen_before(key)) return std::make_shared<const PackedWeights>(std::move(p));
     p.raw.assign(a.w, a.w + bytes);
     auto entry = std::make_shared<const PackedWeights>(std::move(p));
     insert(key, entry);
@@ -97,6 +101,15 @@ class WeightCache {
       }
     return nullptr;
   }
+  // Whether `key` was looked up before (and remembers it).
+  bool seen_before(const Key& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Key& k : seen_)
+      if (k == key) return true;
+    seen_.push_front(key);
+    if (seen_.size() > kSeenKeys) seen_.pop_back();
+    return false;
+  }
   void insert(const Key& key, std::shared_ptr<const PackedWeights> entry) {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = items_.begin(); it != items_.end(); ++it)
@@ -114,6 +127,7 @@ class WeightCache {
   }
   std::mutex mu_;
   std::list<Item> items_;
+  std::list<Key> seen_;
   int64_t bytes_ = 0;
 };
 
