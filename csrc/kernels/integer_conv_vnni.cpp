@@ -15,63 +15,10 @@ namespace integer {
 namespace vnni {
 namespace {
 
-constexpr int64_t kImagesPerThread = 2;  // units per thread above which tasks are whole units
-constexpr int64_t kTilesPerTask = 8;    // tiles per task when units are split
 constexpr int kByteBits = 8;
 constexpr int kHalfBits = 16;
 constexpr int64_t kDwChannels = 4;  // channels (tile rows) per depthwise unit
 constexpr int64_t kCachedWeightBytes = int64_t{1} << 18;  // packed weights of a group kept in cache across tiles
-
-// Running min / max of the vector modes, added to the stats at the end of a task.
-struct Range {
-  int32_t mn = std::numeric_limits<int32_t>::max(), mx = std::numeric_limits<int32_t>::min();
-  void flush(AccStats& st) const {
-    if (mn > mx) return;  // no output seen
-    st.add(mn);
-    st.add(mx);
-  }
-};
-
-// parallel_for over `units` packed units (image, group / channel), each of `tiles` tiles:
-// whole units per task when there are many, else units packed first and tiles split.
-// prepare(unit, buf, ws) packs a unit; compute(unit, buf, tile_begin, tile_end, st, ws) runs tiles.
-template <class Prepare, class Compute>
-AccStats drive(int64_t units, int64_t tiles, int64_t buffer, std::size_t tile_cost, Prepare prepare, Compute compute) {
-  StatsSink sink;
-  const std::size_t unit_cost = tile_cost * static_cast<std::size_t>(tiles);
-  if (units >= kImagesPerThread * static_cast<int64_t>(num_threads())) {
-    parallel_for(static_cast<std::size_t>(units), grain_for_cost(unit_cost), [&](std::size_t b, std::size_t e) {
-      AccStats st;
-      Workspace ws;
-      std::vector<uint32_t> buf(static_cast<std::size_t>(buffer), 0);
-      for (std::size_t u = b; u < e; ++u) {
-        prepare(static_cast<int64_t>(u), buf.data(), ws);
-        compute(static_cast<int64_t>(u), buf.data(), int64_t{0}, tiles, st, ws);
-      }
-      sink.merge(st);
-    });
-    return sink.total();
-  }
-  std::vector<uint32_t> all(static_cast<std::size_t>(units * buffer), 0);
-  parallel_for(static_cast<std::size_t>(units), grain_for_cost(static_cast<std::size_t>(buffer)),
-               [&](std::size_t b, std::size_t e) {
-                 Workspace ws;
-                 for (std::size_t u = b; u < e; ++u) prepare(static_cast<int64_t>(u), all.data() + u * buffer, ws);
-               });
-  const int64_t chunks = ceil_div(tiles, kTilesPerTask);
-  parallel_for(static_cast<std::size_t>(units * chunks), grain_for_cost(tile_cost * kTilesPerTask),
-               [&](std::size_t b, std::size_t e) {
-                 AccStats st;
-                 Workspace ws;
-                 for (std::size_t task = b; task < e; ++task) {
-                   const int64_t u = static_cast<int64_t>(task) / chunks, c = static_cast<int64_t>(task) % chunks;
-                   compute(u, all.data() + u * buffer, c * kTilesPerTask, std::min(tiles, (c + 1) * kTilesPerTask), st,
-                           ws);
-                 }
-                 sink.merge(st);
-               });
-  return sink.total();
-}
 
 // ---- general (grouped) conv / matmul -------------------------------------------
 class GemmPlan {
@@ -230,7 +177,10 @@ class DwPlan {
 bool fits(const QConvArgs& a) { return a.g.KH * a.g.KW * a.g.Cg() <= kMaxVnniReduction; }
 
 AccStats run(const QConvArgs& a, const IsaKernels& k) {
-  if (a.g.Cg() == 1 && a.g.Og() == 1) return DwPlan(a, k).run();
+  if (a.g.Cg() == 1 && a.g.Og() == 1) {
+    if (depthwise_in_lanes(a)) return run_depthwise_in_lanes(a, k);
+    return DwPlan(a, k).run();
+  }
   const ConvGeom& g = a.g;
   if (g.KH == 1 && g.KW == 1 && g.pt + g.pl + g.pb + g.pr == 0 && g.sh * g.sw > 1) {
     // strided 1x1 conv = unstrided 1x1 conv of the subsampled input (packs only what is read)

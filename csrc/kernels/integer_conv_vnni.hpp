@@ -92,6 +92,28 @@ struct FinishTile {
 
 constexpr int64_t kMaxTileVectors = 3;  // lane vectors of the widest GEMM tile
 
+// Depthwise tile with channels in the lanes (NHWC input, uint8 codes): for pixel p < npix,
+// lane l (channel c0 + l):
+//   e = add[l] + sum_t (x[pix[p] + tapoff[t] + l] as uint8) * w[t * lanes + l]
+// then its float32_rne code (multiplier m[l], Requantizer::apply's arithmetic) at
+// out[p * lanes + l]; *mn / *mx take the min / max of e over the lanes set in `valid`.
+struct DwcTile {
+  const uint8_t* x;
+  const int64_t* pix;
+  int64_t npix;
+  const int64_t* tapoff;
+  int64_t taps;
+  const int32_t* w;
+  const int32_t* add;
+  const float* m;
+  uint16_t valid;
+  float flo, fhi;
+  int32_t zp;
+  uint8_t* out;
+  int32_t* mn;
+  int32_t* mx;
+};
+
 // One ISA's kernels and tile shape: a GEMM tile is rows x (v * lanes) lanes for
 // v = 1 .. max_vectors (gemm[v - 1]), a depthwise tile up to FinishTile::rows channels x
 // dw_vectors * lanes.
@@ -99,6 +121,7 @@ struct IsaKernels {
   int64_t lanes, rows, max_vectors, dw_vectors;
   void (*gemm[kMaxTileVectors])(const GemmTile&, const FinishTile&);
   void (*dw)(const DwTile&, const FinishTile&);
+  void (*dwc)(const DwcTile&);
   // out[i] = sum_{cq < cquads} (sum of the 4 bytes of x[cq * plane + i]), i < n
   void (*pixel_sums)(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int32_t* out);
 };

@@ -139,6 +139,39 @@ void dw(const DwTile& d, const FinishTile& f) {
   epi.done();
 }
 
+void dwc(const DwcTile& d) {
+  const __m256i add = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.add)), zp = _mm256_set1_epi32(d.zp);
+  const __m256 m = _mm256_loadu_ps(d.m), flo = _mm256_set1_ps(d.flo), fhi = _mm256_set1_ps(d.fhi);
+  const __m256 magic = _mm256_set1_ps(kRoundMagic);
+  const __m256i valid = lane_mask(d.valid);
+  const __m256i lowest = _mm256_set1_epi32(INT32_MIN), highest = _mm256_set1_epi32(INT32_MAX);
+  __m256i mn = _mm256_set1_epi32(*d.mn), mx = _mm256_set1_epi32(*d.mx);
+  for (int64_t p = 0; p < d.npix; ++p) {
+    const uint8_t* x = d.x + d.pix[p];
+    __m256i acc = add;
+    for (int64_t t = 0; t < d.taps; ++t) {
+      const __m256i xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + d.tapoff[t])));
+      acc = _mm256_add_epi32(
+          acc, _mm256_mullo_epi32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.w + t * kLanes))));
+    }
+    mn = _mm256_min_epi32(mn, _mm256_blendv_epi8(highest, acc, valid));
+    mx = _mm256_max_epi32(mx, _mm256_blendv_epi8(lowest, acc, valid));
+    // Requantizer::apply: one float32 multiply, clamp, magic rounding (half to even), + zp
+    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), m);
+    v = _mm256_min_ps(_mm256_max_ps(v, flo), fhi);
+    v = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+    const __m256i code = _mm256_add_epi32(_mm256_cvttps_epi32(v), zp);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(d.out + p * kLanes), narrow(code, false));
+  }
+  alignas(32) int32_t lo[kLanes], hi[kLanes];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lo), mn);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(hi), mx);
+  for (int64_t l = 0; l < kLanes; ++l) {
+    *d.mn = lo[l] < *d.mn ? lo[l] : *d.mn;
+    *d.mx = hi[l] > *d.mx ? hi[l] : *d.mx;
+  }
+}
+
 void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int32_t* out) {
   const __m256i ones = _mm256_set1_epi8(1);
   int64_t i = 0;
@@ -160,7 +193,7 @@ void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int
 
 #pragma GCC pop_options
 
-const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, pixel_sums};
+const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, dwc, pixel_sums};
 
 }  // namespace
 

@@ -126,6 +126,31 @@ void dw(const DwTile& d, const FinishTile& f) {
   epi.done();
 }
 
+void dwc(const DwcTile& d) {
+  const __m512i add = _mm512_loadu_si512(d.add), zp = _mm512_set1_epi32(d.zp);
+  const __m512 m = _mm512_loadu_ps(d.m), flo = _mm512_set1_ps(d.flo), fhi = _mm512_set1_ps(d.fhi);
+  const __m512 magic = _mm512_set1_ps(kRoundMagic);
+  __m512i mn = _mm512_set1_epi32(*d.mn), mx = _mm512_set1_epi32(*d.mx);
+  for (int64_t p = 0; p < d.npix; ++p) {
+    const uint8_t* x = d.x + d.pix[p];
+    __m512i acc = add;
+    for (int64_t t = 0; t < d.taps; ++t) {
+      const __m512i xv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + d.tapoff[t])));
+      acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(xv, _mm512_loadu_si512(d.w + t * kLanes)));
+    }
+    mn = _mm512_mask_min_epi32(mn, d.valid, mn, acc);
+    mx = _mm512_mask_max_epi32(mx, d.valid, mx, acc);
+    // Requantizer::apply: one float32 multiply, clamp, magic rounding (half to even), + zp
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), m);
+    v = _mm512_min_ps(_mm512_max_ps(v, flo), fhi);
+    v = _mm512_sub_ps(_mm512_add_ps(v, magic), magic);
+    const __m512i code = _mm512_add_epi32(_mm512_cvttps_epi32(v), zp);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d.out + p * kLanes), _mm512_cvtepi32_epi8(code));
+  }
+  *d.mn = _mm512_reduce_min_epi32(mn);
+  *d.mx = _mm512_reduce_max_epi32(mx);
+}
+
 void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int32_t* out) {
   const __m512i ones = _mm512_set1_epi8(1);
   int64_t i = 0;
@@ -143,7 +168,7 @@ void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int
 
 #pragma GCC pop_options
 
-const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, pixel_sums};
+const IsaKernels kKernels{kLanes, kRows, kMaxVectors, kDwVectors, {gemm<1>, gemm<2>, gemm<3>}, dw, dwc, pixel_sums};
 
 }  // namespace
 

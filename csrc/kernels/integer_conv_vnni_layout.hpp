@@ -2,7 +2,9 @@
 // describes it), packing of inputs into it, the per-channel epilogue constants and
 // the stores of finished tiles. Used by integer_conv_vnni.cpp only.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -137,6 +139,65 @@ class Emitter {
   const Layout& L_;
   const Finish& f_;
 };
+
+constexpr int64_t kImagesPerThread = 2;  // units per thread above which tasks are whole units
+constexpr int64_t kTilesPerTask = 8;    // tiles per task when units are split
+
+// Running min / max of the vector modes, added to the stats at the end of a task.
+struct Range {
+  int32_t mn = std::numeric_limits<int32_t>::max(), mx = std::numeric_limits<int32_t>::min();
+  void flush(AccStats& st) const {
+    if (mn > mx) return;  // no output seen
+    st.add(mn);
+    st.add(mx);
+  }
+};
+
+// parallel_for over `units` packed units (image, group / channel), each of `tiles` tiles:
+// whole units per task when there are many, else units packed first and tiles split.
+// prepare(unit, buf, ws) packs a unit; compute(unit, buf, tile_begin, tile_end, st, ws) runs tiles.
+template <class Prepare, class Compute>
+inline AccStats drive(int64_t units, int64_t tiles, int64_t buffer, std::size_t tile_cost, Prepare prepare, Compute compute) {
+  StatsSink sink;
+  const std::size_t unit_cost = tile_cost * static_cast<std::size_t>(tiles);
+  if (units >= kImagesPerThread * static_cast<int64_t>(num_threads())) {
+    parallel_for(static_cast<std::size_t>(units), grain_for_cost(unit_cost), [&](std::size_t b, std::size_t e) {
+      AccStats st;
+      Workspace ws;
+      std::vector<uint32_t> buf(static_cast<std::size_t>(buffer), 0);
+      for (std::size_t u = b; u < e; ++u) {
+        prepare(static_cast<int64_t>(u), buf.data(), ws);
+        compute(static_cast<int64_t>(u), buf.data(), int64_t{0}, tiles, st, ws);
+      }
+      sink.merge(st);
+    });
+    return sink.total();
+  }
+  std::vector<uint32_t> all(static_cast<std::size_t>(units * buffer), 0);
+  parallel_for(static_cast<std::size_t>(units), grain_for_cost(static_cast<std::size_t>(buffer)),
+               [&](std::size_t b, std::size_t e) {
+                 Workspace ws;
+                 for (std::size_t u = b; u < e; ++u) prepare(static_cast<int64_t>(u), all.data() + u * buffer, ws);
+               });
+  const int64_t chunks = ceil_div(tiles, kTilesPerTask);
+  parallel_for(static_cast<std::size_t>(units * chunks), grain_for_cost(tile_cost * kTilesPerTask),
+               [&](std::size_t b, std::size_t e) {
+                 AccStats st;
+                 Workspace ws;
+                 for (std::size_t task = b; task < e; ++task) {
+                   const int64_t u = static_cast<int64_t>(task) / chunks, c = static_cast<int64_t>(task) % chunks;
+                   compute(u, all.data() + u * buffer, c * kTilesPerTask, std::min(tiles, (c + 1) * kTilesPerTask), st,
+                           ws);
+                 }
+                 sink.merge(st);
+               });
+  return sink.total();
+}
+
+// Depthwise conv with channels in the vector lanes (integer_conv_vnni_dwc.cpp): for the
+// uint8-code mode (the others take the planar depthwise tiles).
+bool depthwise_in_lanes(const QConvArgs& a);
+AccStats run_depthwise_in_lanes(const QConvArgs& a, const IsaKernels& k);
 
 }  // namespace vnni
 }  // namespace integer
