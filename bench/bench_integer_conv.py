@@ -183,7 +183,8 @@ BENCH_LAYERS = [(m, layer) for m in MODELS for layer in sorted(model_layers(m))]
 
 
 @pytest.mark.parametrize("impl", ["fast_avx512vnni", "fast_avxvnni", "fast_avx2", "fbgemm", "ort"])
-@pytest.mark.parametrize("model,layer", BENCH_LAYERS, ids=[f"{m}-{tuple(lay)}" for m, lay in BENCH_LAYERS])
+@pytest.mark.parametrize("model,layer", BENCH_LAYERS, ids=[f"{m}-{lay.cin}to{lay.cout}-{lay.hw}px-k{lay.k}s{lay.stride}"
+                                                           f"p{lay.pad}g{lay.groups}" for m, lay in BENCH_LAYERS])
 def test_bench_conv(benchmark, model, layer, impl):
     pytest.importorskip("onnxruntime")
     if impl.startswith("fast") and impl not in _core.integer_available_impls():
@@ -247,7 +248,9 @@ def markdown(rows, models, layer_times, setups, reps):
            f"`python bench/bench_integer_conv.py --reps {reps}`; CPU paths available: {', '.join(sim_paths())}; "
            f"`fast` = {best}. Batch: " + ", ".join(f"{m} {BATCH[m]}" for m in models) + ".",
            "Model time = sum over its conv layers; median over repetitions (min .. max). Ratios: median of "
-           "per-repetition ratios (min .. max); < 1 = the path is faster.", "",
+           "per-repetition ratios (min .. max); < 1 = the path is faster. Each layer is called with the same "
+           "weights every time: fbgemm and onnxruntime pack them once when the layer is built, the VNNI paths "
+           "reuse their packed weights from the call before (checked against the raw bytes on every call).", "",
            "| path | " + " | ".join(f"{m} ms | {m} / fbgemm | {m} / ort" for m in models) +
            " | geomean / fbgemm | geomean / ort |",
            "|---" * (3 * len(models) + 3) + "|"]

@@ -176,6 +176,8 @@ GEOMETRIES = [
     dict(n=2, c=6, o=6, hw=17, k=4, pad=2, dil=2, groups=6),  # depthwise, even KH (zero second row)
     dict(n=2, c=5, o=5, hw=12, k=5, pad=(0, 1, 3, 2), stride=3, dil=2, groups=5),
     dict(n=4, c=64, o=72, hw=7, k=3, pad=1),  # deep layer: weight blocks outer, cached weights
+    dict(n=3, c=40, o=40, hw=9, k=3, pad=1, groups=40),  # depthwise, channels in lanes: whole and partial blocks
+    dict(n=1, c=33, o=33, hw=20, k=5, pad=(2, 1, 0, 3), stride=2, dil=2, groups=33),
 ]
 
 
