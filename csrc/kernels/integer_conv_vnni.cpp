@@ -1,11 +1,12 @@
-// Planar VNNI path of the fast QLinearConv / QLinearMatMul: layout, packing, weight
-// preparation, tiling, parallel driver and the stores of finished tiles. The ISA
-// kernels it calls live in integer_conv_vnni512.cpp / integer_conv_vnni256.cpp;
-// the layout and the exact decomposition are described in integer_conv_vnni.hpp.
+// Planar VNNI path of the fast QLinearConv / QLinearMatMul: the GEMM and depthwise plans
+// (channel constants, tiles, loop order) and the entry point. Layout, packing and stores:
+// integer_conv_vnni_layout.cpp; packed weights: integer_conv_vnni_weights.cpp; depthwise
+// with channels in the lanes: integer_conv_vnni_dwc.cpp; ISA kernels:
+// integer_conv_vnni512.cpp / integer_conv_vnni256.cpp. The layout and the exact
+// decomposition are described in integer_conv_vnni.hpp.
 #include "kernels/integer_conv_vnni.hpp"
 
 #include <algorithm>
-#include <limits>
 #include <vector>
 
 #include "kernels/integer_conv_vnni_layout.hpp"

@@ -26,7 +26,11 @@
 // kMaxVnniReduction, so int32 lane arithmetic (wrapping, exact modulo 2^32) gives
 // the exact value. Larger reductions take the sequential path.
 //
-// Depthwise: one channel plane of int16 pairs (x[h][w], x[h + dh][w]) (raw codes,
+// Strided 1x1 convs without padding are run as unstrided ones on the subsampled input.
+// Packed weights are cached between calls (integer_conv_vnni_weights.cpp).
+//
+// Depthwise, uint8 codes: channels in the lanes (integer_conv_vnni_dwc.cpp). Other
+// output modes: one channel plane of int16 pairs (x[h][w], x[h + dh][w]) (raw codes,
 // rows past the padding 0), so that _mm*_dpwssd_epi32 with the weight pair
 // (w[ki][kj] - zw, w[ki+1][kj] - zw) adds two vertical taps per lane; the result
 // is sum x * (w - zw) - zx * sum (w - zw).

@@ -184,8 +184,8 @@ void pixel_sums(const uint32_t* x, int64_t plane, int64_t cquads, int64_t n, int
   for (; i < n; ++i) {
     int32_t s = 0;
     for (int64_t cq = 0; cq < cquads; ++cq) {
-      const uint32_t q = x[cq * plane + i];
-      s += static_cast<int32_t>((q & 0xff) + ((q >> 8) & 0xff) + ((q >> 16) & 0xff) + (q >> 24));
+      const uint8_t* q = reinterpret_cast<const uint8_t*>(x + cq * plane + i);
+      for (int64_t k = 0; k < kQuad; ++k) s += q[k];
     }
     out[i] = s;
   }

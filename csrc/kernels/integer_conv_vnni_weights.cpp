@@ -57,7 +57,7 @@ PackedWeights pack(const QConvArgs& a, int64_t rows) {
       for (int64_t k = 0; k < kQuad; ++k) {
         const int64_t ci = std::min(cq * kQuad + k, Cg - 1);
         s[k] = src + ci * T;
-        if (cq * kQuad + k >= Cg) pad |= uint32_t{0xff} << (kByteBits * k);
+        if (cq * kQuad + k >= Cg) pad |= uint32_t{UINT8_MAX} << (kByteBits * k);
       }
       for (int64_t t = 0; t < T; ++t) {
         const uint32_t q = static_cast<uint32_t>(s[0][t]) | static_cast<uint32_t>(s[1][t]) << kByteBits |
