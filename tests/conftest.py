@@ -3,6 +3,12 @@ import pytest
 import torch
 
 
+def pytest_report_header(config):
+    from pyzeroq.integer import available_impls
+
+    return f"pyzeroq integer simulator impls on this CPU: {', '.join(available_impls())}"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

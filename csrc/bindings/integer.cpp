@@ -141,11 +141,46 @@ AccModel parse_acc(int acc_bits, const std::string& overflow) {
   return m;
 }
 
+// impl names of the fast paths, as passed from Python.
+struct NamedPath {
+  const char* name;
+  SimdPath path;
+};
+constexpr NamedPath kFastPaths[] = {{"fast_avx512vnni", SimdPath::Avx512Vnni},
+                                    {"fast_avxvnni", SimdPath::AvxVnni},
+                                    {"fast_avx2", SimdPath::Avx2},
+                                    {"fast_generic", SimdPath::Generic}};
+
+// "reference", "fast" (best path of this CPU), then the fast paths this CPU runs.
+std::vector<std::string> available_impls() {
+  std::vector<std::string> v{"reference", "fast"};
+  for (const NamedPath& p : kFastPaths)
+    if (simd_supported(p.path)) v.push_back(p.name);
+  return v;
+}
+
+std::string impl_list(const std::vector<std::string>& v) {
+  std::string s;
+  for (const std::string& e : v) s += (s.empty() ? "'" : ", '") + e + "'";
+  return s;
+}
+
 Impl parse_impl(const std::string& impl) {
-  if (impl == "reference") return Impl::Reference;
-  if (impl == "fast") return Impl::Fast;
-  if (impl == "fast_generic") return Impl::FastGeneric;
-  value_error("impl must be 'reference', 'fast' or 'fast_generic', got '" + impl + "'");
+  Impl im;
+  if (impl == "reference") im.reference = true;
+  if (impl == "reference" || impl == "fast") return im;
+  for (const NamedPath& p : kFastPaths) {
+    if (impl != p.name) continue;
+    if (!simd_supported(p.path))
+      value_error("impl '" + impl + "' is not supported on this CPU (or by this build); available: " +
+                  impl_list(available_impls()));
+    im.best = false;
+    im.path = p.path;
+    return im;
+  }
+  std::vector<std::string> all{"reference", "fast"};
+  for (const NamedPath& p : kFastPaths) all.emplace_back(p.name);
+  value_error("impl must be one of " + impl_list(all) + ", got '" + impl + "'");
 }
 
 py::array alloc_codes(const std::vector<py::ssize_t>& shape, int out_bits) {
@@ -452,6 +487,9 @@ void register_integer(py::module_& m) {
         "acc_bits"_a, "overflow"_a, "impl"_a,
         "ONNX MatMulInteger (+ optional int32 bias [N]): the int32 accumulators under the acc model; returns "
         "(int32 [..., M, N], stats dict).");
+  m.def("integer_available_impls", &available_impls,
+        "impl names this CPU and build run: 'reference', 'fast' (the best of the others), then the "
+        "fast paths ('fast_avx512vnni', 'fast_avxvnni', 'fast_avx2', 'fast_generic') it supports.");
   m.def("integer_requantize", &requantize, "acc"_a, "multiplier"_a, "y_zero_point"_a, "axis"_a, "has_axis"_a,
         "rounding"_a, "out_bits"_a, "relu"_a, "dyadic_rounding"_a, "dyadic_bits"_a, "dyadic_shift"_a,
         "Requantize an int32 accumulator tensor with real multiplier(s) M.");

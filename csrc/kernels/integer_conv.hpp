@@ -12,6 +12,7 @@
 // ki, kj (innermost): acc = sat(acc + product). Matmul: sat(bias), then k ascending.
 #pragma once
 #include <cstdint>
+#include <mutex>
 
 #include "kernels/integer_requant.hpp"
 
@@ -53,18 +54,49 @@ struct QConvArgs {
   int32_t* acc_out = nullptr;
 };
 
-enum class Impl { Reference, Fast, FastGeneric };
+// Kernel families of the fast path. Generic: portable C++; Avx2: packed int16
+// implicit GEMM with _mm256_madd_epi16; AvxVnni / Avx512Vnni: u8 x s8 quads with
+// _mm256_dpbusd_avx_epi32 / _mm512_dpbusd_epi32 on a planar layout
+// (integer_conv_vnni.cpp). Best first in kSimdPreference.
+enum class SimdPath { Generic, Avx2, AvxVnni, Avx512Vnni };
+constexpr SimdPath kSimdPreference[] = {SimdPath::Avx512Vnni, SimdPath::AvxVnni, SimdPath::Avx2, SimdPath::Generic};
+
+// Impl: Reference, or Fast with the best path this CPU runs, or Fast with one path.
+struct Impl {
+  bool reference = false;
+  bool best = true;  // fast: pick the best supported path at run time
+  SimdPath path = SimdPath::Generic;
+};
+
+// Whether this build and this CPU (cpuid, OS-enabled register state) run `p`.
+bool simd_supported(SimdPath p);
+SimdPath best_simd_path();
 
 // Reference: plain loops in the documented order, single thread.
 AccStats qconv_reference(const QConvArgs& a);
-// Fast: packed int16 implicit GEMM (AVX2 _mm256_madd_epi16 when the CPU has it,
-// `force_generic` picks the portable kernel), depthwise kernel, parallel_for.
-// Saturate mode and huge reductions run the reference per-output loop in parallel.
-AccStats qconv_fast(const QConvArgs& a, bool force_generic);
+// Fast: packed implicit GEMM on `path` (integer_conv_fast.cpp / integer_conv_vnni.cpp),
+// depthwise kernel, parallel_for. Saturate mode and reductions too large for exact
+// int32 lanes run the reference per-output loop in parallel. `path` must be supported.
+AccStats qconv_fast(const QConvArgs& a, SimdPath path);
 
-inline AccStats qconv(const QConvArgs& a, Impl impl) {
-  return impl == Impl::Reference ? qconv_reference(a) : qconv_fast(a, impl == Impl::FastGeneric);
+inline AccStats qconv(const QConvArgs& a, const Impl& impl) {
+  if (impl.reference) return qconv_reference(a);
+  return qconv_fast(a, impl.best ? best_simd_path() : impl.path);
 }
+
+// Thread-safe sum of the per-task stats of a parallel kernel.
+class StatsSink {
+ public:
+  void merge(const AccStats& s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    total_.merge(s);
+  }
+  AccStats total() const { return total_; }
+
+ private:
+  std::mutex mu_;
+  AccStats total_;
+};
 
 // Shared by both paths: one output (n, o, p = oh*OW + ow) by the plain loop
 // in the saturate order above; updates `st` and stores the code (or accumulator).

@@ -16,12 +16,14 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "kernels/integer_conv.hpp"
+#include "kernels/integer_conv_vnni.hpp"
 
 namespace pyzeroq {
 namespace integer {
@@ -37,10 +39,6 @@ constexpr int64_t kImagesPerThread = 2;  // batch size per thread above which ta
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-bool has_avx2() {
-  static const bool v = __builtin_cpu_supports("avx2");
-  return v;
-}
 
 // ---- general micro-kernels ------------------------------------------------
 // xp[i]: position i's top-left in the padded buffer (group channel offset
@@ -320,19 +318,6 @@ const int16_t* position_ptr(const ConvGeom& g, const Padded& pd, const int16_t* 
   return img + (oh * g.sh * pd.Wp + ow * g.sw) * pd.Ctot;
 }
 
-class StatsSink {
- public:
-  void merge(const AccStats& s) {
-    std::lock_guard<std::mutex> lock(mu_);
-    total_.merge(s);
-  }
-  AccStats total() const { return total_; }
-
- private:
-  std::mutex mu_;
-  AccStats total_;
-};
-
 AccStats run_sequential_parallel(const QConvArgs& a) {
   StatsSink sink;
   const int64_t P = a.g.OH * a.g.OW;
@@ -347,7 +332,7 @@ AccStats run_sequential_parallel(const QConvArgs& a) {
   return sink.total();
 }
 
-AccStats run_general(const QConvArgs& a, bool force_generic) {
+AccStats run_general(const QConvArgs& a, bool avx2) {
   const ConvGeom& g = a.g;
   const int64_t G = g.groups, Cg = g.Cg(), Og = g.Og();
   const int64_t Cgp = round_up(Cg, 2), CP = Cgp / 2;
@@ -370,7 +355,7 @@ AccStats run_general(const QConvArgs& a, bool force_generic) {
       }
   }
   const std::vector<int64_t> tapoff = tap_offsets(g, pd);
-  const MicroKernel kernel = (!force_generic && has_avx2()) ? micro_avx2 : micro_generic;
+  const MicroKernel kernel = avx2 ? micro_avx2 : micro_generic;
   const Epilogue epi(a, T * Cg);
 
   // Positions [pb_begin, pb_end) (in micro-tiles) of group grp of image n.
@@ -430,7 +415,7 @@ AccStats run_general(const QConvArgs& a, bool force_generic) {
   return sink.total();
 }
 
-AccStats run_depthwise(const QConvArgs& a, bool force_generic) {
+AccStats run_depthwise(const QConvArgs& a, bool avx2) {
   const ConvGeom& g = a.g;
   const int64_t C = g.C, T = g.KH * g.KW;
   const int64_t CB = (C + kDwC - 1) / kDwC;
@@ -442,7 +427,7 @@ AccStats run_depthwise(const QConvArgs& a, bool force_generic) {
     for (int64_t t = 0; t < T; ++t)
       wpk[((c / kDwC) * T + t) * kDwC + c % kDwC] = static_cast<int32_t>(a.w[c * T + t]) - a.w_zero_point[c];
   const std::vector<int64_t> tapoff = tap_offsets(g, pd);
-  const DwKernel kernel = (!force_generic && has_avx2()) ? dw_avx2 : dw_generic;
+  const DwKernel kernel = avx2 ? dw_avx2 : dw_generic;
   const Epilogue epi(a, T);
   StatsSink sink;
   parallel_for(static_cast<std::size_t>(g.N * CB), grain_for_cost(static_cast<std::size_t>(P * kDwC * T)), [&](std::size_t b, std::size_t e) {
@@ -466,14 +451,63 @@ AccStats run_depthwise(const QConvArgs& a, bool force_generic) {
   return sink.total();
 }
 
+const vnni::IsaKernels* vnni_kernels(SimdPath p) {
+  if (p == SimdPath::Avx512Vnni) return vnni::avx512_vnni_kernels();
+  if (p == SimdPath::AvxVnni) return vnni::avx_vnni_kernels();
+  return nullptr;
+}
+
+// PYZEROQ_DISABLE_SIMD (read once): comma-separated paths treated as absent, e.g.
+// "avx512vnni,avxvnni" (tests of the fallbacks on a CPU that has everything).
+bool disabled_by_env(SimdPath p) {
+  static const std::string names = [] {
+    const char* e = std::getenv("PYZEROQ_DISABLE_SIMD");
+    return "," + std::string(e ? e : "") + ",";
+  }();
+  const char* name = p == SimdPath::Avx512Vnni ? ",avx512vnni," : p == SimdPath::AvxVnni ? ",avxvnni," : ",avx2,";
+  return p != SimdPath::Generic && names.find(name) != std::string::npos;
+}
+
+// cpuid + OS register state (libgcc's __builtin_cpu_supports checks XCR0 for the AVX / AVX-512 state).
+bool cpu_has(SimdPath p) {
+  if (disabled_by_env(p)) return false;
+  switch (p) {
+    case SimdPath::Avx512Vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
+    case SimdPath::AvxVnni:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+    case SimdPath::Avx2:
+      return __builtin_cpu_supports("avx2");
+    default:
+      return true;
+  }
+}
+
 }  // namespace
 
-AccStats qconv_fast(const QConvArgs& a, bool force_generic) {
+bool simd_supported(SimdPath p) {
+  const bool built = (p != SimdPath::Avx512Vnni && p != SimdPath::AvxVnni) || vnni_kernels(p) != nullptr;
+  return built && cpu_has(p);
+}
+
+SimdPath best_simd_path() {
+  static const SimdPath best = [] {
+    for (SimdPath p : kSimdPreference)
+      if (simd_supported(p)) return p;
+    return SimdPath::Generic;
+  }();
+  return best;
+}
+
+AccStats qconv_fast(const QConvArgs& a, SimdPath path) {
   const ConvGeom& g = a.g;
   const int64_t T = g.KH * g.KW;
   if (a.acc.mode == Overflow::Saturate) return run_sequential_parallel(a);
-  if (g.Cg() == 1 && g.Og() == 1 && T <= 2 * kMaxPairs) return run_depthwise(a, force_generic);
-  if (T * ((g.Cg() + 1) / 2) <= kMaxPairs) return run_general(a, force_generic);
+  if (const vnni::IsaKernels* k = vnni_kernels(path)) return vnni::fits(a) ? vnni::run(a, *k) : run_sequential_parallel(a);
+  const bool avx2 = path == SimdPath::Avx2;
+  if (g.Cg() == 1 && g.Og() == 1 && T <= 2 * kMaxPairs) return run_depthwise(a, avx2);
+  if (T * ((g.Cg() + 1) / 2) <= kMaxPairs) return run_general(a, avx2);
   return run_sequential_parallel(a);
 }
 

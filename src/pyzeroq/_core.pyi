@@ -98,7 +98,9 @@ def pareto_top_pairs(
 # --- integer ALU simulator (csrc/bindings/integer.cpp); public wrappers: pyzeroq/integer/simulate.py ---
 # Codes: numpy uint8 arrays; outputs uint8 (out_bits <= 8) or uint16. Scales are float32.
 # rounding: "float32_rne" | "gemmlowp" | "dyadic"; dyadic_rounding: "half_even" | "half_up" | "half_away";
-# overflow: "wrap" | "saturate" | "error"; impl: "reference" | "fast" | "fast_generic"; dyadic_shift -1 = none.
+# overflow: "wrap" | "saturate" | "error"; dyadic_shift -1 = none;
+# impl: "reference" | "fast" | "fast_avx512vnni" | "fast_avxvnni" | "fast_avx2" | "fast_generic" (ValueError
+# naming impl when this CPU lacks the path; integer_available_impls() lists the ones it runs).
 # Stats dict keys: "max_abs_acc", "bits_needed", "overflow_count", "min_acc", "max_acc".
 # integer_conv_integer / integer_matmul_integer return the int32 accumulators (after the acc model).
 
@@ -108,6 +110,7 @@ class AccumulatorOverflowError(ValueError):
     AccumulatorOverflowError (which can name the layer)."""
 
 
+def integer_available_impls() -> List[str]: ...
 def integer_qlinear_conv2d(x: np.ndarray, x_scale: float, x_zero_point: ArrayLike, w: np.ndarray,
                            w_scale: ArrayLike, w_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike,
                            bias: Optional[ArrayLike], stride: Sequence[int], padding: Sequence[int],

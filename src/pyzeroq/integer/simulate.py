@@ -42,6 +42,13 @@ range of the exact final values (0 included).
 
 :func:`matmul_integer` / :func:`conv_integer` (ONNX MatMulInteger / ConvInteger,
 plus an optional bias) return the int32 accumulators themselves instead of codes.
+
+Implementations (``impl=`` of the conv / matmul functions), all bit-identical:
+``"reference"`` (plain loops in the documented order), ``"fast"`` (the best of the
+following this CPU runs), ``"fast_avx512vnni"`` (``vpdpbusd`` on 512-bit registers),
+``"fast_avxvnni"`` (the 256-bit VEX form), ``"fast_avx2"`` (int16 ``vpmaddwd``) and
+``"fast_generic"`` (portable C++). :func:`available_impls` lists what this CPU runs; asking
+for another raises ValueError.
 """
 
 from __future__ import annotations
@@ -73,9 +80,16 @@ __all__ = [
     "dyadic_multiplier",
     "requant_multiplier",
     "set_num_threads",
+    "available_impls",
 ]
 
 IntOrSeq = Union[int, Sequence[int]]
+
+
+def available_impls() -> list:
+    """The ``impl=`` names this CPU runs: ``"reference"``, ``"fast"``, then the fast paths it
+    supports, best first (``"fast"`` is the first of them)."""
+    return list(_core.integer_available_impls())
 
 
 @dataclass(frozen=True)
@@ -173,8 +187,8 @@ def qlinear_conv2d(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, 
     padding holds it), w [O, C/groups, KH, KW] uint8 or int8 with per-output-channel
     (or scalar) scales and zero points, optional int32 bias at scale
     x_scale * w_scale[o]. ``relu`` clamps below at the output zero point.
-    ``impl``: "fast" (packed SIMD, threads), "reference" (plain loops) or
-    "fast_generic" (fast layout, portable micro-kernel); all bit-identical.
+    ``impl``: "fast" (the best SIMD path, threads), "reference" (plain loops) or one
+    fast path of :func:`available_impls` (module docstring); all bit-identical.
     Output [N, O, OH, OW]: signed per ``y_signed`` / y_zero_point's dtype (module docstring)."""
     x, x_zero_point, _ = unsigned_input(x, x_zero_point, "x")
     w, w_zero_point, _ = unsigned_input(w, w_zero_point, "w")
