@@ -313,8 +313,13 @@ KNOWN_ISSUES = {
     # overflow and all-zero weight channels (the bias-scale issue: pyzeroq.bias, fit_bias_scales), and
     # x.view(x.size(0), -1) before a layer (modules._quantized_source), and a grouped conv followed by
     # .view(...) under mixed precision (sensitivity.JointEvaluator falls back from vmap to a loop).
-    "gemmlowp_shift": "rounding='gemmlowp' with a requantization multiplier M > 1: acc * 2^shift wraps in int32 "
-                      "(multiply_by_quantized_multiplier), silently wrong codes",
+    "gemmlowp_shift": "rounding='gemmlowp' with a requantization multiplier M > 1 (conv / linear, and mul: "
+                      "M = s_a s_b / s_out): acc * 2^shift wraps in int32 (multiply_by_quantized_multiplier), "
+                      "silently wrong codes",
+    "input_channels_broadcast": "IntegerModel.input_channels reads the first conv reached from the input through "
+                                "'channel-keeping' steps (convert._first_conv), MulStep among them (a subclass of "
+                                "AddStep): a broadcast x * y with more channels than x makes it reject the real input "
+                                "('x has C channels ..., the model takes C')",
     "gemmlowp_add_ratio": "rounding='gemmlowp' add with 2 max(s_a, s_b) / (2^20 s_out) >~ 1 (e.g. an all-zero input, "
                           "which gets scale 1.0): TFLite's fixed 20-bit left shift loses the smaller input and the "
                           "output multiplier (meant < 1) wraps; silently wrong codes",
@@ -350,6 +355,9 @@ def _gemmlowp_limit(q, im, message: str) -> Optional[str]:
         ws, _ = layer.weight.channels(layer.out_channels)
         mult = float(layer.input.scale_value) * ws.astype(np.float64) / float(layer.output.scale_value)
         return "gemmlowp_shift" if mult.max() > 1 else None
+    if isinstance(step, S.MulStep):  # TFLite Mul: MultiplyByQuantizedMultiplier with M = s_a s_b / s_out
+        mult = float(step.x_q.scale_value) * float(step.y_q.scale_value) / float(step.quant.scale_value)
+        return "gemmlowp_shift" if mult > 1 else None
     if isinstance(step, S.AddStep):
         big = max(float(step.x_q.scale_value), float(step.y_q.scale_value))
         return "gemmlowp_add_ratio" if big / (2.0 ** 20 * float(step.quant.scale_value)) > 0.5 else None
@@ -379,6 +387,10 @@ def classify(case: Case, exc: BaseException, q=None, im=None) -> Optional[str]:
     """The known issue class of a failure, or None (a new failure)."""
     if isinstance(exc, AssertionError):
         return _gemmlowp_limit(q, im, str(exc))
+    if isinstance(exc, ValueError) and re.match(r"x has \d+ channels \(shape .*\), the model takes \d+", str(exc)) \
+            and im is not None and im.input_channels != case.graph.input_shape[0] and \
+            any(isinstance(s, S.MulStep) for s in im.steps):
+        return "input_channels_broadcast"
     if isinstance(exc, ValueError) and "ONNX export of a concat requantizes 2-D or 4-D inputs only" in str(exc):
         return "onnx_concat_rank"
     if _from_onnx(exc) and im is not None and _ceil_window_dropped(case, im):

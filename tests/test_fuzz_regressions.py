@@ -319,6 +319,71 @@ def test_maxpool_ceil_without_dropped_window_exports():
     check(q, images((2, 8, 8)))
 
 
+class InputTimesCat(nn.Module):
+    """A 1-channel input multiplied by a 2-channel tensor (broadcast: the product has 2 channels),
+    then a conv reading the product: the first conv of the model takes 2 channels, the model 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.5,), (0.5,))
+        self.conv = nn.Conv2d(2, 2, 1, groups=2)
+        self.fc = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = self.normalize(x)
+        y = x * torch.cat([x, x], 1)
+        return self.fc(torch.flatten(self.conv(y), 1))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="integer.convert._first_conv follows the input through 'channel-keeping' steps "
+                          "(_CHANNEL_KEEPING has AddStep, and MulStep subclasses AddStep) and takes the channels of "
+                          "the conv reading the broadcast product (2): IntegerModel.input_channels is 2, and "
+                          "run / __call__ reject the real [N, 1, 6, 6] input: 'x has 1 channels (shape (6, 1, 6, 6)), "
+                          "the model takes 2'")
+def test_broadcast_mul_of_the_input():
+    torch.manual_seed(0)
+    q = quantize(InputTimesCat(), (1, 6, 6))
+    check(q, images((1, 6, 6)))
+
+
+class BigProduct(nn.Module):
+    """relu6(h * h) of a Linear output h ~ 1e4: a product requantization multiplier s_h^2 / s_y ~ 1e7."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.5,), (0.5,))
+        self.fc1 = nn.Linear(16, 2, bias=False)
+        self.act = nn.ReLU6()
+        self.fc2 = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.stack([torch.linspace(-1, 1, 16), torch.linspace(1, -1, 16)]) * 1e4)
+
+    def forward(self, x):
+        h = self.fc1(torch.flatten(self.normalize(x), 1))
+        return self.fc2(self.act(h * h))
+
+
+@pytest.mark.xfail(strict=True,
+                   reason="rounding='gemmlowp' Mul (simulate.qmul, TFLite uint8 Mul: MultiplyByQuantizedMultiplier "
+                          "with M = s_a s_b / s_out) with M > 1 shifts the int32 product left and wraps, as for a "
+                          "conv / linear (test_gemmlowp_requantization_with_multiplier_above_one): here M ~ 7.8e6 and "
+                          "codes 0 come out where the exact product saturates at 255; to_integer neither refuses nor "
+                          "reports it")
+def test_gemmlowp_mul_with_multiplier_above_one():
+    torch.manual_seed(0)
+    q = quantize(BigProduct(), (1, 4, 4))
+    x = images((1, 4, 4), n=8)
+    codes = {}
+    for rounding in ("float32_rne", "gemmlowp"):
+        im = zq.to_integer(q, rounding=rounding)
+        step = next(s for s in im.steps if s.kind == "mul")
+        mult = float(step.x_q.scale_value) * float(step.y_q.scale_value) / float(step.quant.scale_value)
+        codes[rounding] = im.run(x)[step.output].astype(np.int64)
+    assert mult > 1e6
+    np.testing.assert_array_equal(codes["gemmlowp"], codes["float32_rne"])
+
+
 # ----------------------------------------------------------------------------- fixed
 
 class TinyWeightsHugeBias(nn.Module):
