@@ -312,25 +312,15 @@ KNOWN_ISSUES = {
     # Fixed while the fuzzer was written, so no longer excused (they fail as new failures): int32 bias
     # overflow and all-zero weight channels (the bias-scale issue: pyzeroq.bias, fit_bias_scales), and
     # x.view(x.size(0), -1) before a layer (modules._quantized_source), and a grouped conv followed by
-    # .view(...) under mixed precision (sensitivity.JointEvaluator falls back from vmap to a loop).
+    # .view(...) under mixed precision (sensitivity.JointEvaluator falls back from vmap to a loop); and,
+    # found by the fuzzer's newer ops: an unused Linear taken for the logits, ONNX concat of [N, C, L]
+    # inputs, MaxPool ceil_mode windows torch drops, the input-channel check through broadcasting mul.
     "gemmlowp_shift": "rounding='gemmlowp' with a requantization multiplier M > 1 (conv / linear, and mul: "
                       "M = s_a s_b / s_out): acc * 2^shift wraps in int32 (multiply_by_quantized_multiplier), "
                       "silently wrong codes",
-    "input_channels_broadcast": "IntegerModel.input_channels reads the first conv reached from the input through "
-                                "'channel-keeping' steps (convert._first_conv), MulStep among them (a subclass of "
-                                "AddStep): a broadcast x * y with more channels than x makes it reject the real input "
-                                "('x has C channels ..., the model takes C')",
     "gemmlowp_add_ratio": "rounding='gemmlowp' add with 2 max(s_a, s_b) / (2^20 s_out) >~ 1 (e.g. an all-zero input, "
                           "which gets scale 1.0): TFLite's fixed 20-bit left shift loses the smaller input and the "
                           "output multiplier (meant < 1) wraps; silently wrong codes",
-    "dead_linear": "a Linear whose output nothing reads: modules._is_logits (all(u.op == 'output' for u in users), "
-                   "vacuously true) leaves it without output quantizer as if it returned logits, and to_integer "
-                   "refuses it ('a Linear without activation quantizer must be the graph output')",
-    "onnx_concat_rank": "export: a torch.cat whose inputs need requantizing is emitted for 2-D / 4-D tensors only "
-                        "(_Builder.concat); a cat of [N, C, L] signals raises ValueError although to_integer runs it",
-    "onnx_maxpool_ceil": "export: MaxPool2d(ceil_mode=True) is emitted as ONNX MaxPool(ceil_mode=1) with the symmetric "
-                         "pads; where torch drops a last window that would start in the right padding (MaxPoolStep."
-                         "ceil_padding), onnxruntime keeps it: one more row / column than the integer model",
 }
 
 
@@ -369,37 +359,10 @@ def _from_onnx(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("onnxruntime") or (isinstance(exc, AssertionError) and "onnx (" in str(exc))
 
 
-def _ceil_window_dropped(case: Case, im) -> bool:
-    """A MaxPool2d(ceil_mode=True) of the integer model where torch drops the last window (it would
-    start in the right padding) on the case's images."""
-    pools = [s for s in im.steps if isinstance(s, S.MaxPoolStep) and s.ceil_mode]
-    if not pools:
-        return False
-    env = im.run(images(case))
-    for step in pools:
-        for size, k, st, p in zip(env[step.inputs[0]].shape[2:], step.kernel, step.stride, step.padding):
-            if (-(-(size + 2 * p - k) // st)) * st >= size + p:  # (out - 1) * s >= size + p: dropped
-                return True
-    return False
-
-
 def classify(case: Case, exc: BaseException, q=None, im=None) -> Optional[str]:
     """The known issue class of a failure, or None (a new failure)."""
     if isinstance(exc, AssertionError):
         return _gemmlowp_limit(q, im, str(exc))
-    if isinstance(exc, ValueError) and re.match(r"x has \d+ channels \(shape .*\), the model takes \d+", str(exc)) \
-            and im is not None and im.input_channels != case.graph.input_shape[0] and \
-            any(isinstance(s, S.MulStep) for s in im.steps):
-        return "input_channels_broadcast"
-    if isinstance(exc, ValueError) and "ONNX export of a concat requantizes 2-D or 4-D inputs only" in str(exc):
-        return "onnx_concat_rank"
-    if _from_onnx(exc) and im is not None and _ceil_window_dropped(case, im):
-        return "onnx_maxpool_ceil"
-    m = re.match(r"node '(\w+)' \(QuantLinear\): a Linear without activation quantizer must be the graph output",
-                 str(exc))
-    if m is not None and q is not None:
-        node = next((n for n in q.graph_module.graph.nodes if n.name == m.group(1)), None)
-        return "dead_linear" if node is not None and not node.users else None
     return None
 
 

@@ -399,8 +399,8 @@ class _Net:
             self.push((Conv if len(self.shapes[src]) == 3 else Conv1d)(src, out, 1, 1, 0, init=self.init(out)))
 
     def read_dead_linears(self, keep: int) -> None:
-        """An activation on (9 in 10) unused hidden Linear values but ``keep`` (an unused Linear is a
-        known issue: graph_checks.KNOWN_ISSUES["dead_linear"])."""
+        """An activation on (9 in 10) unused hidden Linear values but ``keep`` (an unused Linear was a
+        known issue, taken for the logits; tests/test_fuzz_regressions.py::test_unused_linear)."""
         read = {s for op in self.ops for s in (op.srcs if isinstance(op, Cat) else (op.a, op.b)
                                                if isinstance(op, (Add, Mul)) else (op.src,))}
         read |= {t[1] for op in self.ops if isinstance(op, Reshape) for t in _size_tokens(op.shape)}

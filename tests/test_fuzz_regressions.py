@@ -235,12 +235,6 @@ class UnusedLayer(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="modules._is_logits tests all(u.op == 'output' for u in node.users), vacuously true for a "
-                          "Linear with no users: quantize leaves the unused Linear without output quantizer (as "
-                          "if it returned logits), then integer.plan._Compiler.logits (len(users) == 1 and the "
-                          "user is the output) refuses it: to_integer raises UnsupportedOperationError \"a Linear "
-                          "without activation quantizer must be the graph output\" for a model quantize accepted")
 def test_unused_linear():
     torch.manual_seed(0)
     check(quantize(UnusedLayer("linear"), (1, 6, 6)), images((1, 6, 6)))
@@ -268,11 +262,6 @@ class SignalConcat(nn.Module):
         return self.fc(self.pool(torch.cat([self.a(x), self.b(x)], 1)).flatten(1))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="export._Builder.concat requantizes the inputs of a torch.cat through a 1x1 QLinearConv "
-                          "for 2-D ([N, K] via Unsqueeze / Flatten) and 4-D tensors only and raises 'ONNX export "
-                          "of a concat requantizes 2-D or 4-D inputs only' for [N, C, L]: the integer model runs the "
-                          "cat (ConcatStep), export_onnx refuses the model")
 def test_concat_of_signals_exports():
     torch.manual_seed(0)
     q = quantize(SignalConcat(), (1, 16))
@@ -300,12 +289,6 @@ class CeilMaxPool(nn.Module):
         return self.fc(torch.flatten(self.pool(self.normalize(x)), 1))
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="export._Builder.max_pool emits MaxPool(ceil_mode=1, pads=[p, p, p, p]); on 7x7 torch's "
-                          "ceil_mode gives 4x4 (the 5th window would start in the right padding and is dropped: "
-                          "MaxPoolStep.ceil_padding), onnxruntime gives 5x5, so the ONNX model fails (MatMul / Add "
-                          "shape mismatch) or differs from the integer model; explicit pads (top, left, bottom + "
-                          "extra, right + extra) with ceil_mode=0 would match")
 def test_maxpool_ceil_dropped_window_exports():
     torch.manual_seed(0)
     q = quantize(CeilMaxPool(7), (2, 7, 7))
@@ -335,12 +318,6 @@ class InputTimesCat(nn.Module):
         return self.fc(torch.flatten(self.conv(y), 1))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="integer.convert._first_conv follows the input through 'channel-keeping' steps "
-                          "(_CHANNEL_KEEPING has AddStep, and MulStep subclasses AddStep) and takes the channels of "
-                          "the conv reading the broadcast product (2): IntegerModel.input_channels is 2, and "
-                          "run / __call__ reject the real [N, 1, 6, 6] input: 'x has 1 channels (shape (6, 1, 6, 6)), "
-                          "the model takes 2'")
 def test_broadcast_mul_of_the_input():
     torch.manual_seed(0)
     q = quantize(InputTimesCat(), (1, 6, 6))
