@@ -7,14 +7,18 @@ the marker and the matching entry of ``graph_strategies.KNOWN_ISSUES`` go.
 
 from __future__ import annotations
 
+import warnings
+
 import graph_strategies as gs
 import numpy as np
 import pytest
 import torch
 from graph_net import Normalize1d
 from torch import nn
+from zoo import ZOO, build
 
 import pyzeroq as zq
+import pyzeroq.integer as zi
 from pyzeroq.models.layers import Normalize
 
 torch.set_num_threads(1)
@@ -124,8 +128,8 @@ def _hidden_codes(q, x, rounding):
                    reason="rounding='gemmlowp': multiply_by_quantized_multiplier (csrc/kernels/integer_requant.hpp) "
                           "shifts the int32 accumulator left by the multiplier's exponent before the Q31 "
                           "multiply and wraps (the reference kernel's int32 overflow); with M ~ 2^18 the "
-                          "codes come out 0 instead of 255 and 255 instead of 0, and to_integer neither refuses "
-                          "the layer nor reports it")
+                          "codes come out 0 instead of 255 and 255 instead of 0; to_integer warns "
+                          "(GemmlowpRangeWarning) but does not refuse the layer")
 def test_gemmlowp_requantization_with_multiplier_above_one():
     torch.manual_seed(0)
     q = quantize(BigMultiplier(), (1, 4, 4))
@@ -166,8 +170,8 @@ def _add_codes(q, x, rounding):
                    reason="rounding='gemmlowp' add (simulate.qadd, TFLite uint8 Add: inputs shifted left by 20 "
                           "bits and scaled by s_in / (2 max(s_a, s_b))) cannot resolve the smaller input when "
                           "max(s_a, s_b) / s_out is ~2^20 or more: here the all-zero branch's scale 1.0 against "
-                          "~4e-8 puts the codes ~20 away from fake quant / float32_rne; to_integer does not refuse "
-                          "or report it")
+                          "~4e-8 puts the codes ~20 away from fake quant / float32_rne; to_integer warns "
+                          "(GemmlowpRangeWarning) but does not refuse it")
 def test_gemmlowp_add_with_constant_zero_input():
     torch.manual_seed(0)
     q = quantize(ZeroBranchAdd(), (2, 6, 6))
@@ -345,8 +349,8 @@ class BigProduct(nn.Module):
                    reason="rounding='gemmlowp' Mul (simulate.qmul, TFLite uint8 Mul: MultiplyByQuantizedMultiplier "
                           "with M = s_a s_b / s_out) with M > 1 shifts the int32 product left and wraps, as for a "
                           "conv / linear (test_gemmlowp_requantization_with_multiplier_above_one): here M ~ 7.8e6 and "
-                          "codes 0 come out where the exact product saturates at 255; to_integer neither refuses nor "
-                          "reports it")
+                          "codes 0 come out where the exact product saturates at 255; to_integer warns "
+                          "(GemmlowpRangeWarning) but does not refuse it")
 def test_gemmlowp_mul_with_multiplier_above_one():
     torch.manual_seed(0)
     q = quantize(BigProduct(), (1, 4, 4))
@@ -359,6 +363,26 @@ def test_gemmlowp_mul_with_multiplier_above_one():
         codes[rounding] = im.run(x)[step.output].astype(np.int64)
     assert mult > 1e6
     np.testing.assert_array_equal(codes["gemmlowp"], codes["float32_rne"])
+
+
+def test_gemmlowp_multiplier_above_one_is_reported():
+    """The three gemmlowp cases above still wrap as TFLite's reference kernels do, but to_integer says
+    where (GemmlowpRangeWarning naming the step); float32_rne and a model without such multipliers
+    do not warn."""
+    for model, shape, name in ((BigMultiplier(), (1, 4, 4), "fc1"), (BigProduct(), (1, 4, 4), "mul"),
+                               (ZeroBranchAdd(), (2, 6, 6), "add")):
+        torch.manual_seed(0)
+        q = quantize(model, shape)
+        with pytest.warns(zi.GemmlowpRangeWarning, match=name):
+            zq.to_integer(q, rounding="gemmlowp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", zi.GemmlowpRangeWarning)
+            zq.to_integer(q)
+    plain = zq.quantize(build("resnet18"), zq.QuantConfig(calibration="gaussian", num_samples=8, progress=False),
+                        input_shape=ZOO["resnet18"][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", zi.GemmlowpRangeWarning)
+        zq.to_integer(plain, rounding="gemmlowp")
 
 
 # ----------------------------------------------------------------------------- fixed

@@ -23,6 +23,7 @@ _LAZY = {
     "RequantStep": "steps", "ClampStep": "steps", "ReshapeStep": "steps", "LookupStep": "steps",
     "ConcatStep": "steps", "DequantStep": "steps", "LayoutStep": "steps", "MulStep": "steps", "STEP_TYPES": "steps",
     "code_drift": "drift", "DriftReport": "drift", "LayerDrift": "drift", "integer_exact": "exact",
+    "GemmlowpRangeWarning": "report", "gemmlowp_risks": "report",
 }
 
 __all__ = list(_simulate_all) + list(_LAZY)  # noqa: F405

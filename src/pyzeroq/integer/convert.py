@@ -31,6 +31,7 @@ trace log are not part of it).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Optional
 
@@ -42,7 +43,14 @@ from .. import __version__
 from .._checks import output_path, read_torch_file
 from . import simulate as sim
 from .plan import MIN_BITS, PlanError, UnsupportedOperationError, compile_plan
-from .report import REPORT_ACC_BITS, IntegerReport, _bits_for, _worst_case_bits  # noqa: F401 (IntegerReport: public)
+from .report import (  # noqa: F401 (IntegerReport, GemmlowpRangeWarning: public)
+    REPORT_ACC_BITS,
+    GemmlowpRangeWarning,
+    IntegerReport,
+    _bits_for,
+    _worst_case_bits,
+    gemmlowp_risks,
+)
 from .simulate import AccumulatorOverflowError
 from .steps import (
     LAYER_STEPS,
@@ -74,7 +82,7 @@ from .steps import (
     to_plain,
 )
 
-__all__ = ["to_integer", "load_integer", "IntegerModel", "IntegerReport", "AccumulatorOverflowError",
+__all__ = ["to_integer", "load_integer", "IntegerModel", "IntegerReport", "AccumulatorOverflowError", "GemmlowpRangeWarning",
            "logits_accumulator", "input_lut", "RUNTIME_HANDLERS", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "pyzeroq.integer_model"
@@ -552,6 +560,8 @@ def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overfl
     model differ from the integer model's on them, per quantizer, and by how much.
     Raises :class:`pyzeroq.integer.plan.UnsupportedOperationError` for ops without an integer
     form and :class:`pyzeroq.integer.plan.PlanError` for a model that is not fully quantized.
+    Warns :class:`GemmlowpRangeWarning` (naming the steps) when ``rounding="gemmlowp"`` can wrap
+    int32 as TFLite's reference kernels do (:func:`pyzeroq.integer.report.gemmlowp_risks`).
     """
     gm = getattr(qmodel, "graph_module", None)
     if not isinstance(gm, fx.GraphModule):
@@ -569,6 +579,13 @@ def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overfl
     plan = compile_plan(gm)
     int_model = IntegerModel(list(plan.steps), plan.output, rounding, int(acc_bits), overflow,
                              getattr(report, "folded_bn", {}) or {}, getattr(qmodel, "bit_widths", {}) or {})
+    if rounding == "gemmlowp":
+        risks = gemmlowp_risks(int_model.steps)
+        if risks:
+            warnings.warn("rounding='gemmlowp': TFLite's fixed-point requantization can wrap int32 (as the "
+                          f"reference kernels do; the simulator reproduces it) in {'; '.join(risks)}; "
+                          "rounding='float32_rne' or 'dyadic' keep these codes exact", GemmlowpRangeWarning,
+                          stacklevel=2)
     if drift_images is not None:
         from .drift import code_drift
         int_model.drift = code_drift(qmodel, int_model, int_model.check_input(drift_images, "drift_images"))

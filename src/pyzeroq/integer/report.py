@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..qspec import accumulation_extremes
-from .steps import Step
+from .steps import AddStep, ConvStep, LinearStep, MulStep, Step
 
-__all__ = ["IntegerReport", "REPORT_ACC_BITS"]
+__all__ = ["IntegerReport", "REPORT_ACC_BITS", "GemmlowpRangeWarning", "gemmlowp_risks"]
 
 REPORT_ACC_BITS = (8, 12, 16, 24)  # accumulator widths the report checks
 
@@ -66,3 +66,51 @@ def _worst_case_bits(step: Step) -> int:
     bias = layer.bias.astype(np.int64) if layer.bias is not None else np.zeros(w.shape[0], np.int64)
     up, down = accumulation_extremes(w, layer.input)
     return _bits_for(int((bias - down).min()), int((bias + up).max()))
+
+
+# ---------------------------------------------------------------------------- gemmlowp range
+INT32_BITS = 32
+GEMMLOWP_ADD_SHIFT = 20  # TFLite's uint8 Add: inputs shifted left by 20 bits
+
+
+class GemmlowpRangeWarning(UserWarning):
+    """``rounding="gemmlowp"`` where TFLite's fixed-point requantization can wrap int32."""
+
+
+def _left_shift(multiplier: float) -> int:
+    """TFLite QuantizeMultiplier's left shift of ``multiplier`` (``M = q * 2^shift``, q in [0.5, 1))."""
+    return max(int(np.frexp(multiplier)[1]), 0) if multiplier > 0 else 0
+
+
+def _span_bits(q) -> int:
+    """Signed bits of the largest ``|code - zero point|`` of a per-tensor record."""
+    z = q.zero_point_value
+    return _bits_for(q.qmin - z, q.qmax - z)
+
+
+def gemmlowp_risks(steps: list) -> list[str]:
+    """The steps whose gemmlowp requantization (TFLite reference kernels) can wrap int32, one line
+    each: a conv / linear or a product whose multiplier ``M > 1`` is applied as ``acc * 2^shift``
+    (``MultiplyByQuantizedMultiplier``) with ``bits(acc) + shift > 32``, and an add whose output
+    multiplier ``2 max(s_a, s_b) / (2^20 s_out)`` exceeds 1 (TFLite Add's 20-bit left shift). The
+    simulator reproduces the runtime, wrap included; this only says where."""
+    risks = []
+    for step in steps:
+        if isinstance(step, (ConvStep, LinearStep)):
+            layer = step.layer
+            w_scale, _ = layer.weight.channels(layer.out_channels)
+            mult = float(layer.input.scale_value) * w_scale.astype(np.float64).max() / float(layer.output.scale_value)
+            bits = _worst_case_bits(step) + _left_shift(mult)
+        elif isinstance(step, MulStep):
+            mult = float(step.x_q.scale_value) * float(step.y_q.scale_value) / float(step.quant.scale_value)
+            bits = _span_bits(step.x_q) + _span_bits(step.y_q) - 1 + _left_shift(mult)
+        elif isinstance(step, AddStep):
+            big = max(float(step.x_q.scale_value), float(step.y_q.scale_value))
+            mult = 2.0 * big / (2.0 ** GEMMLOWP_ADD_SHIFT * float(step.quant.scale_value))
+            bits = INT32_BITS + 1 if mult > 1 else 0
+        else:
+            continue
+        if bits > INT32_BITS:
+            risks.append(f"{step.kind} {step.name!r} (multiplier {mult:.3g}, up to {bits} bits before the "
+                         "Q31 multiply)")
+    return risks
