@@ -92,8 +92,8 @@ def _acc_limits(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, weight_q: Tens
                 input_q: TensorQuant) -> tuple[np.ndarray, np.ndarray]:
     """(upper, lower-magnitude) limits [C] of the bias codes of weights ``w`` [C, K] at ``scale`` /
     ``zp`` [C] (``weight_q``'s bits and code range): int32 less the largest accumulation of that sign."""
-    codes = ops.quantize(w, scale, zp, weight_q.bits, axis=0, signed=weight_q.signed,
-                         narrow_range=weight_q.narrow_range).astype(np.int64) - zp.astype(np.int64)[:, None]
+    codes = ops.quantize(w, scale, zp, weight_q.bits, axis=0, **weight_q.range_flags).astype(np.int64) \
+        - zp.astype(np.int64)[:, None]
     up, down = (np.minimum(a, MAX_ACCUMULATION_HEADROOM) for a in accumulation_extremes(codes, input_q))
     return (INT32_MAX - up).astype(np.float64), (-INT32_MIN - down).astype(np.float64)
 

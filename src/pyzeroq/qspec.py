@@ -100,13 +100,11 @@ class TensorQuant:
     # ---------------------------------------------------------------- range
     @property
     def qmin(self) -> int:
-        if not self.signed:
-            return 1 if self.narrow_range else 0
-        return -(1 << (self.bits - 1)) + (1 if self.narrow_range else 0)
+        return ops.qrange(self.bits, **self.range_flags)[0]
 
     @property
     def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+        return ops.qrange(self.bits, **self.range_flags)[1]
 
     @property
     def per_channel(self) -> bool:
@@ -133,13 +131,15 @@ class TensorQuant:
                 np.broadcast_to(self.zero_point, (n,)).astype(np.int32))
 
     # ---------------------------------------------------------------- apply
-    def _range_flags(self) -> dict:
+    @property
+    def range_flags(self) -> dict:
+        """``signed`` / ``narrow_range`` as the keywords of the :mod:`pyzeroq.ops` kernels."""
         return {"signed": self.signed, "narrow_range": self.narrow_range}
 
     def quantize(self, x):
         """Codes of ``x`` (numpy or CPU tensor, float) by the formula above (``pyzeroq.ops.quantize``):
         uint8 / uint16, or int8 / int16 for a signed record, within ``[qmin, qmax]``."""
-        return ops.quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis, **self._range_flags())
+        return ops.quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis, **self.range_flags)
 
     def dequantize(self, q):
         """float32 ``scale * (q - zero_point)``."""
@@ -147,7 +147,7 @@ class TensorQuant:
 
     def fake_quantize(self, x):
         """``dequantize(quantize(x))`` in one pass, over the record's code range."""
-        return ops.fake_quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis, **self._range_flags())
+        return ops.fake_quantize(x, self.scale, self.zero_point, self.bits, axis=self.axis, **self.range_flags)
 
     @property
     def code_dtype(self) -> type:
@@ -217,6 +217,11 @@ class CodeFormat:
         if self.narrow_range and not self.symmetric:
             raise ValueError("narrow_range needs symmetric=True (asymmetric ranges use every code)")
 
+    @property
+    def range_flags(self) -> dict:
+        """``signed`` / ``narrow_range`` as the keywords of the :mod:`pyzeroq.ops` kernels."""
+        return {"signed": self.signed, "narrow_range": self.narrow_range}
+
     def zero_point(self, bits: int) -> int:
         """The fixed zero point of the symmetric format (0 signed, 2^(bits-1) unsigned)."""
         return 0 if self.signed else 1 << (bits - 1)
@@ -224,8 +229,7 @@ class CodeFormat:
     def params(self, x, bits: int, axis: Optional[int] = None, percentile: Optional[float] = None):
         """(float32 scale, int32 zero point) of ``x`` for ``bits``-bit codes of this format."""
         if self.symmetric:
-            return ops.symmetric_params(x, bits, axis, percentile, signed=self.signed,
-                                        narrow_range=self.narrow_range)
+            return ops.symmetric_params(x, bits, axis, percentile, **self.range_flags)
         scale, zp = ops.asymmetric_params(x, bits, axis, percentile)
         return (scale, zp - (1 << (bits - 1))) if self.signed else (scale, zp)
 

@@ -104,7 +104,7 @@ def mse_clip_range(values: np.ndarray, bits: int, fmt: CodeFormat = UNSIGNED_ASY
         a = k / MSE_CLIP_STEPS
         rng = np.array([a * lo, a * hi], dtype=np.float32)
         scale, zp = fmt.params(rng, bits)
-        ops.fake_quantize(values, scale, zp, bits, out=out, signed=fmt.signed, narrow_range=fmt.narrow_range)
+        ops.fake_quantize(values, scale, zp, bits, out=out, **fmt.range_flags)
         err = float(np.square(out.astype(np.float64) - values).sum())
         if err < best_err:
             best, best_err = (float(rng[0]), float(rng[1])), err
@@ -142,11 +142,11 @@ class Quantizer(nn.Module):
 
     @property
     def qmin(self) -> int:
-        return ops.qrange(self.bits, signed=self.fmt.signed, narrow_range=self.fmt.narrow_range)[0]
+        return ops.qrange(self.bits, **self.fmt.range_flags)[0]
 
     @property
     def qmax(self) -> int:
-        return ops.qrange(self.bits, signed=self.fmt.signed, narrow_range=self.fmt.narrow_range)[1]
+        return ops.qrange(self.bits, **self.fmt.range_flags)[1]
 
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.axis is None else f"per-channel[{self.scale.numel()}]"
@@ -207,7 +207,7 @@ class Quantizer(nn.Module):
             return lsq_fake_quantize(x, self._view(self.effective_scale(), x),
                                      self._view(self.zero_point.to(x.dtype), x), self.qmax, grad_scale, self.qmin)
         return ops.fake_quantize_ste(x, self.scale, self.zero_point, self.bits, axis=self.axis,
-                                     signed=self.fmt.signed, narrow_range=self.fmt.narrow_range)
+                                     **self.fmt.range_flags)
 
 
 class QuantAct(Quantizer):
@@ -325,7 +325,7 @@ class WeightQuant(Quantizer):
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 qw = ops.fake_quantize(weight.detach().cpu().contiguous(), self.scale, self.zero_point, self.bits,
-                                       axis=self.axis, signed=self.fmt.signed, narrow_range=self.fmt.narrow_range)
+                                       axis=self.axis, **self.fmt.range_flags)
             self._cache = (key, qw.to(weight.device))
         return self._cache[1]
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..qspec import accumulation_extremes
+from .simulate import quantize_multiplier
 from .steps import AddStep, ConvStep, LinearStep, MulStep, Step
 
 __all__ = ["IntegerReport", "REPORT_ACC_BITS", "GemmlowpRangeWarning", "gemmlowp_risks"]
@@ -78,8 +79,9 @@ class GemmlowpRangeWarning(UserWarning):
 
 
 def _left_shift(multiplier: float) -> int:
-    """TFLite QuantizeMultiplier's left shift of ``multiplier`` (``M = q * 2^shift``, q in [0.5, 1))."""
-    return max(int(np.frexp(multiplier)[1]), 0) if multiplier > 0 else 0
+    """The left shift TFLite applies before its Q31 multiply: QuantizeMultiplier's positive exponent
+    (:func:`pyzeroq.integer.simulate.quantize_multiplier`, the simulator's own)."""
+    return max(quantize_multiplier(multiplier)[1], 0) if multiplier > 0 else 0
 
 
 def _span_bits(q) -> int:
