@@ -10,7 +10,9 @@ fast_avxvnni, fast_avx2, fast_generic) is timed at one thread (all runtimes at o
 every runtime's codes are asserted equal before anything is timed. Timing is interleaved
 (each repetition times every implementation on every layer in turn, so a busy machine
 slows them alike; a layer's time in a repetition is the fastest of INNER_CALLS calls in a
-row); a model's time is the sum over its conv layers (repeated layers counted), per
+row; pyzeroq gets one ``WeightCache`` per layer, as the integer model holds, so its packed
+weights are reused the way fbgemm's prepacked and onnxruntime's session weights are); a
+model's time is the sum over its conv layers (repeated layers counted), per
 repetition. Reported: the median model time, its spread (min .. max over
 repetitions), and the median of the per-repetition time ratios path / fbgemm and path / ort
 with their spread; then the geometric mean of the median ratios over the models.
@@ -91,8 +93,9 @@ def make_problem(layer: Layer, batch: int, seed=0, random_zw=False):
     w = rng.integers(0, CODES, (layer.cout, layer.cin // layer.groups, layer.k, layer.k), dtype=np.uint8)
     sw = rng.uniform(0.001, 0.01, layer.cout).astype(np.float32)
     zw = rng.integers(0, CODES, layer.cout) if random_zw else np.full(layer.cout, WEIGHT_ZP, np.int64)
+    # one packed-weight cache per layer, as the integer model holds (fbgemm / onnxruntime prepack too)
     return dict(x=x, w=w, sw=sw, zw=zw, stride=layer.stride, pad=layer.pad, groups=layer.groups,
-                sy=SY_DEPTHWISE if layer.groups > 1 else SY)
+                sy=SY_DEPTHWISE if layer.groups > 1 else SY, cache=zi.WeightCache())
 
 
 def macs(p) -> int:
@@ -104,7 +107,7 @@ def macs(p) -> int:
 # ------------------------------------------------------------ implementations
 def run_sim(p, impl):
     return zi.qlinear_conv2d(p["x"], SX, ZX, p["w"], p["sw"], p["zw"], p["sy"], ZY, None, p["stride"], p["pad"], 1,
-                             p["groups"], impl=impl)[0]
+                             p["groups"], impl=impl, weight_cache=p["cache"])[0]
 
 
 def make_fbgemm(p):

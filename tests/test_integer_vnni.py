@@ -208,15 +208,87 @@ def test_wide_and_narrow_codes(path, out_bits, relu):
     check_conv(path, x, zx, w, zw, None, 1, 1, out_bits=out_bits, relu=relu, zy=(1 << out_bits) // 3)
 
 
+def cached_conv(impl, cache, x, zx, w, zw, pad=1):
+    sw = np.linspace(0.002, 0.02, w.shape[0]).astype(np.float32)
+    return zi.qlinear_conv2d(x, SX, zx, w, sw, zw, SY, 100, None, 1, pad, impl=impl, weight_cache=cache)[0]
+
+
 def test_weight_cache_sees_in_place_edits(path):
     rng = np.random.default_rng(11)
-    x, zx, w, zw = rand_conv(rng, 2, 32, 6, 6, 64, 3, 1)  # 18 KB of weights: cached by the VNNI paths
+    x, zx, w, zw = rand_conv(rng, 2, 32, 6, 6, 64, 3, 1)
+    cache = zi.WeightCache()
+    want = lambda: cached_conv("reference", None, x, zx, w, zw)  # noqa: E731
     for _ in range(2):
-        check_conv(path, x, zx, w, zw, None, 1, 1)
-    w[5, 3, 1, 1] ^= 0xFF
-    check_conv(path, x, zx, w, zw, None, 1, 1)
+        np.testing.assert_array_equal(cached_conv(path, cache, x, zx, w, zw), want())
+    packs = path in ("fast_avx512vnni", "fast_avxvnni")  # the paths that pack weights keep them
+    assert (cache.nbytes > w.size) == packs, cache.nbytes
+    w[5, 3, 1, 1] ^= 0xFF  # one byte edited in place: repacked
+    np.testing.assert_array_equal(cached_conv(path, cache, x, zx, w, zw), want())
     w[:] = rng.integers(0, 256, w.shape, dtype=np.uint8)
-    check_conv(path, x, zx, w, zw, None, 1, 1)
+    np.testing.assert_array_equal(cached_conv(path, cache, x, zx, w, zw), want())
+
+
+def test_one_weight_cache_across_layers_shapes_and_copies(path):
+    """A cache handed different layers (shapes, groups, a new array with equal bytes, matmul) gives
+    each its own result; copies and pickles of a cache are empty."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(12)
+    cache = zi.WeightCache()
+    layers = [rand_conv(rng, 1, 32, 5, 5, 40, 3, 1), rand_conv(rng, 1, 40, 5, 5, 32, 1, 1),
+              rand_conv(rng, 2, 32, 7, 7, 64, 3, 2)]
+    for x, zx, w, zw in layers + layers[:1]:
+        groups = x.shape[1] // w.shape[1]
+        sw = np.full(w.shape[0], 0.01, np.float32)
+        got = zi.qlinear_conv2d(x, SX, zx, w, sw, zw, SY, 100, None, 1, 1, 1, groups, impl=path, weight_cache=cache)
+        ref = zi.qlinear_conv2d(x, SX, zx, w, sw, zw, SY, 100, None, 1, 1, 1, groups, impl="reference")
+        np.testing.assert_array_equal(got[0], ref[0])
+        again = zi.conv_integer(x, zx, w.copy(), zw, None, 1, 1, 1, groups, impl=path, weight_cache=cache)
+        np.testing.assert_array_equal(again[0], zi.conv_integer(x, zx, w, zw, None, 1, 1, 1, groups,
+                                                                impl="reference")[0])
+    a = rng.integers(0, 256, (3, 5, 48), dtype=np.uint8)
+    b = rng.integers(0, 256, (48, 20), dtype=np.uint8)
+    for _ in range(2):
+        np.testing.assert_array_equal(zi.matmul_integer(a, 7, b, 9, impl=path, weight_cache=cache)[0],
+                                      zi.matmul_integer(a, 7, b, 9, impl="reference")[0])
+    for fresh in (copy.copy(cache), copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert isinstance(fresh, zi.WeightCache) and fresh.nbytes == 0
+
+
+def test_weight_cache_argument_is_checked():
+    x, zx, w, zw = rand_conv(np.random.default_rng(0), 1, 4, 5, 5, 4, 3, 1)
+    with pytest.raises(TypeError, match="weight_cache"):
+        zi.qlinear_conv2d(x, SX, zx, w, np.full(4, 0.01, np.float32), zw, SY, 0, weight_cache={})
+    with pytest.raises(TypeError, match="weight_cache"):
+        zi.matmul_integer(x[0, 0], zx, w[0, 0], 0, weight_cache="cache")
+
+
+def test_integer_model_owns_its_weight_caches():
+    """IntegerModel keeps one cache per layer step (int8 weights too: their +128 copy is made per
+    call, the cache compares bytes, not addresses); a deep copy runs with empty ones and agrees."""
+    import copy
+
+    import torch
+
+    from pyzeroq.integer.steps import LAYER_STEPS
+    from pyzeroq.models import load_pretrained
+
+    model = load_pretrained("resnet20")
+    images, _ = zq.data.load_fashion_mnist("embedded")
+    x = images[:4, None]
+    for target in (None, "onnxruntime"):
+        cfg = zq.QuantConfig(weight_bits=8, act_bits=8, calibration="gaussian", num_samples=8, target=target,
+                             progress=False)
+        q = zq.quantize(model, cfg, input_shape=(1, 28, 28))
+        im = zq.to_integer(q)
+        first = im(x)
+        layer_steps = [s.name for s in im.steps if isinstance(s, LAYER_STEPS)]
+        assert set(im._weight_caches) == set(layer_steps)
+        twin = copy.deepcopy(im)
+        assert all(c.nbytes == 0 for c in twin._weight_caches.values())  # none copied along
+        for out in (im(x), twin(x)):
+            torch.testing.assert_close(out, first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("n", [1, 8])

@@ -242,8 +242,10 @@ py::tuple run_qconv(QConvArgs& a, const uint8_t* x, double x_scale, const py::ob
                     const uint8_t* w, const py::object& w_scale, const py::object& w_zero_point, double y_scale,
                     const py::object& y_zero_point, const py::object& bias, const RequantSpec& spec, int out_bits,
                     int acc_bits, const std::string& overflow, bool relu, const std::string& impl,
-                    const std::vector<py::ssize_t>& out_shape, const char* x_name, const char* w_name) {
+                    const std::vector<py::ssize_t>& out_shape, const char* x_name, const char* w_name,
+                    WeightCache* weight_cache) {
   const int64_t O = a.g.O;
+  a.weight_cache = weight_cache;
   const float sx = scalar_scale(x_scale, (std::string(x_name) + "_scale").c_str()), sy = scalar_scale(y_scale, "y_scale");
   const std::vector<float> sw = scale_vector(w_scale, (std::string(w_name) + "_scale").c_str(), O);
   std::vector<float> m32(O);
@@ -268,7 +270,8 @@ py::tuple run_qconv(QConvArgs& a, const uint8_t* x, double x_scale, const py::ob
 py::tuple run_integer(QConvArgs& a, const uint8_t* x, const py::object& x_zero_point, const uint8_t* w,
                       const py::object& w_zero_point, const py::object& bias, int acc_bits,
                       const std::string& overflow, const std::string& impl, const std::vector<py::ssize_t>& out_shape,
-                      const char* x_name, const char* w_name) {
+                      const char* x_name, const char* w_name, WeightCache* weight_cache) {
+  a.weight_cache = weight_cache;
   Operands own;
   own.set(a, x, x_zero_point, x_name, w, w_zero_point, w_name, bias, acc_bits, overflow);
   const Impl im = parse_impl(impl);
@@ -316,26 +319,27 @@ py::tuple qlinear_conv2d(const py::object& x_o, double x_scale, const py::object
                          const py::object& y_zero_point, const py::object& bias, std::vector<int64_t> stride,
                          std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                          const std::string& rounding, int out_bits, int acc_bits, const std::string& overflow, bool relu,
-                         const std::string& impl, const std::string& dyadic_rounding, int dyadic_bits, int dyadic_shift) {
+                         const std::string& impl, const std::string& dyadic_rounding, int dyadic_bits, int dyadic_shift,
+                         WeightCache* weight_cache) {
   const U8 x = code_array(x_o, "x", 4, 4), w = code_array(w_o, "w", 4, 4);
   const RequantSpec spec = parse_spec(rounding, dyadic_rounding, dyadic_bits, dyadic_shift);
   QConvArgs a;
   a.g = conv_geom(x, w, std::move(stride), std::move(padding), std::move(dilation), groups);
   const ConvGeom& g = a.g;
   return run_qconv(a, x.data(), x_scale, x_zero_point, w.data(), w_scale, w_zero_point, y_scale, y_zero_point, bias,
-                   spec, out_bits, acc_bits, overflow, relu, impl, {g.N, g.O, g.OH, g.OW}, "x", "w");
+                   spec, out_bits, acc_bits, overflow, relu, impl, {g.N, g.O, g.OH, g.OW}, "x", "w", weight_cache);
 }
 
 py::tuple conv_integer(const py::object& x_o, const py::object& x_zero_point, const py::object& w_o,
                        const py::object& w_zero_point, const py::object& bias, std::vector<int64_t> stride,
                        std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int acc_bits,
-                       const std::string& overflow, const std::string& impl) {
+                       const std::string& overflow, const std::string& impl, WeightCache* weight_cache) {
   const U8 x = code_array(x_o, "x", 4, 4), w = code_array(w_o, "w", 4, 4);
   QConvArgs a;
   a.g = conv_geom(x, w, std::move(stride), std::move(padding), std::move(dilation), groups);
   const ConvGeom& g = a.g;
   return run_integer(a, x.data(), x_zero_point, w.data(), w_zero_point, bias, acc_bits, overflow, impl,
-                     {g.N, g.O, g.OH, g.OW}, "x", "w");
+                     {g.N, g.O, g.OH, g.OW}, "x", "w", weight_cache);
 }
 
 // a [..., M, K] times b [K, N] as the 1x1 conv over the rows of a (see ConvGeom);
@@ -368,19 +372,20 @@ py::tuple qlinear_matmul(const py::object& a_o, double a_scale, const py::object
                          const py::object& b_scale, const py::object& b_zero_point, double y_scale,
                          const py::object& y_zero_point, const py::object& bias, const std::string& rounding,
                          int out_bits, int acc_bits, const std::string& overflow, bool relu, const std::string& impl,
-                         const std::string& dyadic_rounding, int dyadic_bits, int dyadic_shift) {
+                         const std::string& dyadic_rounding, int dyadic_bits, int dyadic_shift,
+                         WeightCache* weight_cache) {
   MatmulOperands m(a_o, b_o);
   const RequantSpec spec = parse_spec(rounding, dyadic_rounding, dyadic_bits, dyadic_shift);
   return run_qconv(m.q, m.a.data(), a_scale, a_zero_point, m.bt.data(), b_scale, b_zero_point, y_scale, y_zero_point,
-                   bias, spec, out_bits, acc_bits, overflow, relu, impl, m.out_shape, "a", "b");
+                   bias, spec, out_bits, acc_bits, overflow, relu, impl, m.out_shape, "a", "b", weight_cache);
 }
 
 py::tuple matmul_integer(const py::object& a_o, const py::object& a_zero_point, const py::object& b_o,
                          const py::object& b_zero_point, const py::object& bias, int acc_bits,
-                         const std::string& overflow, const std::string& impl) {
+                         const std::string& overflow, const std::string& impl, WeightCache* weight_cache) {
   MatmulOperands m(a_o, b_o);
   return run_integer(m.q, m.a.data(), a_zero_point, m.bt.data(), b_zero_point, bias, acc_bits, overflow, impl,
-                     m.out_shape, "a", "b");
+                     m.out_shape, "a", "b", weight_cache);
 }
 
 py::array requantize(const py::object& acc_o, const py::object& multiplier, const py::object& y_zero_point, int axis,
@@ -470,21 +475,33 @@ PoolGeom pool_geom(const U8& x, const std::vector<int64_t>& kernel, std::vector<
 void register_integer(py::module_& m) {
   py::register_exception<AccumulatorOverflow>(m, "AccumulatorOverflowError", PyExc_ValueError);
   using namespace py::literals;
+  // Copies and pickles are empty caches: packed weights are a speed-up, never state.
+  py::class_<WeightCache>(m, "IntegerWeightCache",
+                          "Packed weights of one conv / matmul layer kept across calls (pass the same "
+                          "object with the same weights); reused while the raw weight bytes are unchanged.")
+      .def(py::init<>())
+      .def_property_readonly("nbytes", &WeightCache::nbytes, "bytes held (raw + packed weight copies)")
+      .def("__deepcopy__", [](const WeightCache&, const py::object&) { return std::make_unique<WeightCache>(); })
+      .def("__copy__", [](const WeightCache&) { return std::make_unique<WeightCache>(); })
+      .def(py::pickle([](const WeightCache&) { return py::tuple(); },
+                      [](const py::tuple&) { return std::make_unique<WeightCache>(); }));
   m.def("integer_qlinear_conv2d", &qlinear_conv2d, "x"_a, "x_scale"_a, "x_zero_point"_a, "w"_a, "w_scale"_a,
         "w_zero_point"_a, "y_scale"_a, "y_zero_point"_a, "bias"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a,
         "rounding"_a, "out_bits"_a, "acc_bits"_a, "overflow"_a, "relu"_a, "impl"_a, "dyadic_rounding"_a,
-        "dyadic_bits"_a, "dyadic_shift"_a,
+        "dyadic_bits"_a, "dyadic_shift"_a, "weight_cache"_a = py::none(),
         "ONNX QLinearConv on uint8 codes (NCHW x, OIHW w); returns (codes, stats dict).");
   m.def("integer_qlinear_matmul", &qlinear_matmul, "a"_a, "a_scale"_a, "a_zero_point"_a, "b"_a, "b_scale"_a,
         "b_zero_point"_a, "y_scale"_a, "y_zero_point"_a, "bias"_a, "rounding"_a, "out_bits"_a, "acc_bits"_a,
         "overflow"_a, "relu"_a, "impl"_a, "dyadic_rounding"_a, "dyadic_bits"_a, "dyadic_shift"_a,
+        "weight_cache"_a = py::none(),
         "ONNX QLinearMatMul (a [..., M, K], b [K, N], per-column b scales); returns (codes, stats dict).");
   m.def("integer_conv_integer", &conv_integer, "x"_a, "x_zero_point"_a, "w"_a, "w_zero_point"_a, "bias"_a,
         "stride"_a, "padding"_a, "dilation"_a, "groups"_a, "acc_bits"_a, "overflow"_a, "impl"_a,
+        "weight_cache"_a = py::none(),
         "ONNX ConvInteger (+ optional int32 bias): the int32 accumulators under the acc model; returns "
         "(int32 [N, O, OH, OW], stats dict).");
   m.def("integer_matmul_integer", &matmul_integer, "a"_a, "a_zero_point"_a, "b"_a, "b_zero_point"_a, "bias"_a,
-        "acc_bits"_a, "overflow"_a, "impl"_a,
+        "acc_bits"_a, "overflow"_a, "impl"_a, "weight_cache"_a = py::none(),
         "ONNX MatMulInteger (+ optional int32 bias [N]): the int32 accumulators under the acc model; returns "
         "(int32 [..., M, N], stats dict).");
   m.def("integer_available_impls", &available_impls,

@@ -12,6 +12,7 @@
 // ki, kj (innermost): acc = sat(acc + product). Matmul: sat(bias), then k ascending.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <mutex>
 
 #include "kernels/integer_requant.hpp"
@@ -38,6 +39,25 @@ struct ConvGeom {
   int64_t out_sn = 0, out_so = 0, out_sp = 0;
 };
 
+// Packed weights of one layer, kept across calls by whoever owns this object (pyzeroq.integer's
+// IntegerModel holds one per conv / linear step; there is no process-wide cache). The fast paths
+// that repack weights (VNNI) reuse the packed copy while the raw weight bytes and the layout still
+// equal those it was packed from (checked byte for byte on every call), else repack and keep the
+// new copy. Thread-safe. QConvArgs::weight_cache null: the weights are packed on every call.
+class WeightCache {
+ public:
+  struct State;  // integer_conv_vnni_weights.cpp
+  WeightCache();
+  ~WeightCache();
+  WeightCache(const WeightCache&) = delete;
+  WeightCache& operator=(const WeightCache&) = delete;
+  int64_t nbytes() const;  // bytes held (raw + packed copies)
+  State& state() const { return *state_; }
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
 struct QConvArgs {
   ConvGeom g;
   const uint8_t* x = nullptr;  // [N, C, H, W]
@@ -52,6 +72,7 @@ struct QConvArgs {
   // Set: every output stores its accumulator after the acc model (the value the
   // requantizer would get) here, laid out like y; `rq` and `y` are then unused.
   int32_t* acc_out = nullptr;
+  WeightCache* weight_cache = nullptr;  // optional: the caller's cache of this layer's packed weights
 };
 
 // Kernel families of the fast path. Generic: portable C++; Avx2: packed int16

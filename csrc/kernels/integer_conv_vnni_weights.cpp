@@ -1,16 +1,14 @@
-// Planar VNNI path: packed GEMM weights, and a cache of them across calls.
+// Planar VNNI path: packed GEMM weights, kept across calls by the caller's WeightCache.
 //
 // Packing a layer's weights costs about as much as the GEMM itself when there are few
 // output positions per weight (deep layers at batch 1), which fbgemm and onnxruntime
-// avoid by packing once when the layer is built. Here the call is stateless, so packed
-// weights are kept in a small LRU cache keyed by the weight buffer and layout, and an
-// entry is only used while the raw weight bytes still equal its private copy (memcmp):
-// a weight array edited in place, or a new array at a recycled address, is repacked.
-// Weights are cached from their second sighting on (same address and layout), so that
-// arrays made afresh for every call (each at a new address) do not fill the cache.
+// avoid by packing once when the layer is built. Here the kernel call is stateless; the
+// caller that runs a layer repeatedly (IntegerModel, one WeightCache per step) passes
+// its cache, and an entry is used only while the raw weight bytes and layout still equal
+// those it was packed from (memcmp): weights edited in place are repacked. Without a
+// cache the weights are packed on every call.
 #include <algorithm>
 #include <cstring>
-#include <list>
 #include <mutex>
 
 #include "kernels/integer_conv_vnni_layout.hpp"
@@ -22,16 +20,12 @@ namespace {
 
 constexpr int kByteBits = 8;
 constexpr uint32_t kSignFlip = 0x80808080u;                // w ^ 0x80 = w - 128 as int8, in each byte
-constexpr int64_t kCacheBytes = int64_t{128} << 20;        // raw + packed bytes kept at most
-constexpr std::size_t kCacheEntries = 256;                 // entries kept at most
-constexpr std::size_t kSeenKeys = 1024;                    // keys remembered for the second-sighting rule
-constexpr int64_t kMinCachedBytes = int64_t{1} << 12;      // smaller layers are simply repacked
 
+// The layout packed weights were made for (the raw bytes are compared separately).
 struct Key {
-  const uint8_t* w;
-  int64_t O, Cg, T, groups, rows;
+  int64_t O = 0, Cg = 0, T = 0, groups = 0, rows = 0;
   bool operator==(const Key& k) const {
-    return w == k.w && O == k.O && Cg == k.Cg && T == k.T && groups == k.groups && rows == k.rows;
+    return O == k.O && Cg == k.Cg && T == k.T && groups == k.groups && rows == k.rows;
   }
 };
 
@@ -70,72 +64,43 @@ PackedWeights pack(const QConvArgs& a, int64_t rows) {
   return p;
 }
 
-class WeightCache {
- public:
-  std::shared_ptr<const PackedWeights> get(const QConvArgs& a, int64_t rows) {
-    const ConvGeom& g = a.g;
-    const Key key{a.w, g.O, g.Cg(), g.KH * g.KW, g.groups, rows};
-    const int64_t bytes = key.O * key.Cg * key.T;
-    if (bytes < kMinCachedBytes) return std::make_shared<const PackedWeights>(pack(a, rows));
-    std::shared_ptr<const PackedWeights> hit = find(key);
-    if (hit && std::memcmp(hit->raw.data(), a.w, static_cast<std::size_t>(bytes)) == 0) return hit;
-    PackedWeights p = pack(a, rows);
-    if (!hit && !seen_before(key)) return std::make_shared<const PackedWeights>(std::move(p));
-    p.raw.assign(a.w, a.w + bytes);
-    auto entry = std::make_shared<const PackedWeights>(std::move(p));
-    insert(key, entry);
-    return entry;
-  }
-
- private:
-  using Item = std::pair<Key, std::shared_ptr<const PackedWeights>>;
-  static int64_t size_of(const PackedWeights& p) {
-    return static_cast<int64_t>(p.raw.size() + p.quads.size() * sizeof(uint32_t) + p.sum_w.size() * sizeof(int64_t));
-  }
-  std::shared_ptr<const PackedWeights> find(const Key& key) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto it = items_.begin(); it != items_.end(); ++it)
-      if (it->first == key) {
-        items_.splice(items_.begin(), items_, it);  // most recently used first
-        return it->second;
-      }
-    return nullptr;
-  }
-  // Whether `key` was looked up before (and remembers it).
-  bool seen_before(const Key& key) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const Key& k : seen_)
-      if (k == key) return true;
-    seen_.push_front(key);
-    if (seen_.size() > kSeenKeys) seen_.pop_back();
-    return false;
-  }
-  void insert(const Key& key, std::shared_ptr<const PackedWeights> entry) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto it = items_.begin(); it != items_.end(); ++it)
-      if (it->first == key) {
-        bytes_ -= size_of(*it->second);
-        items_.erase(it);
-        break;
-      }
-    bytes_ += size_of(*entry);
-    items_.emplace_front(key, std::move(entry));
-    while (items_.size() > 1 && (bytes_ > kCacheBytes || items_.size() > kCacheEntries)) {
-      bytes_ -= size_of(*items_.back().second);
-      items_.pop_back();
-    }
-  }
-  std::mutex mu_;
-  std::list<Item> items_;
-  std::list<Key> seen_;
-  int64_t bytes_ = 0;
-};
-
 }  // namespace
 
+}  // namespace vnni
+
+struct WeightCache::State {
+  std::shared_ptr<const vnni::PackedWeights> get(const QConvArgs& a, int64_t rows) {
+    const ConvGeom& g = a.g;
+    const vnni::Key key{g.O, g.Cg(), g.KH * g.KW, g.groups, rows};
+    const std::size_t bytes = static_cast<std::size_t>(key.O * key.Cg * key.T);
+    std::lock_guard<std::mutex> lock(mu);
+    if (entry && key == this->key && std::memcmp(entry->raw.data(), a.w, bytes) == 0) return entry;
+    vnni::PackedWeights p = vnni::pack(a, rows);
+    p.raw.assign(a.w, a.w + bytes);
+    entry = std::make_shared<const vnni::PackedWeights>(std::move(p));
+    this->key = key;
+    return entry;
+  }
+  mutable std::mutex mu;
+  vnni::Key key{};
+  std::shared_ptr<const vnni::PackedWeights> entry;
+};
+
+WeightCache::WeightCache() : state_(std::make_unique<State>()) {}
+WeightCache::~WeightCache() = default;
+
+int64_t WeightCache::nbytes() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  const auto& e = state_->entry;
+  if (!e) return 0;
+  return static_cast<int64_t>(e->raw.size() + e->quads.size() * sizeof(uint32_t) + e->sum_w.size() * sizeof(int64_t));
+}
+
+namespace vnni {
+
 std::shared_ptr<const PackedWeights> gemm_weights(const QConvArgs& a, int64_t rows) {
-  static WeightCache cache;
-  return cache.get(a, rows);
+  if (a.weight_cache == nullptr) return std::make_shared<const PackedWeights>(pack(a, rows));
+  return a.weight_cache->state().get(a, rows);
 }
 
 }  // namespace vnni

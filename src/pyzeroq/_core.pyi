@@ -110,25 +110,36 @@ class AccumulatorOverflowError(ValueError):
     AccumulatorOverflowError (which can name the layer)."""
 
 
+class IntegerWeightCache:
+    """Packed weights of one conv / matmul layer kept across calls (pyzeroq.integer.WeightCache)."""
+    def __init__(self) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
 def integer_available_impls() -> List[str]: ...
 def integer_qlinear_conv2d(x: np.ndarray, x_scale: float, x_zero_point: ArrayLike, w: np.ndarray,
                            w_scale: ArrayLike, w_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike,
                            bias: Optional[ArrayLike], stride: Sequence[int], padding: Sequence[int],
                            dilation: Sequence[int], groups: int, rounding: str, out_bits: int, acc_bits: int,
                            overflow: str, relu: bool, impl: str, dyadic_rounding: str, dyadic_bits: int,
-                           dyadic_shift: int) -> Tuple[np.ndarray, Dict[str, int]]: ...
+                           dyadic_shift: int, weight_cache: Optional[IntegerWeightCache] = None
+                           ) -> Tuple[np.ndarray, Dict[str, int]]: ...
 def integer_qlinear_matmul(a: np.ndarray, a_scale: float, a_zero_point: ArrayLike, b: np.ndarray,
                            b_scale: ArrayLike, b_zero_point: ArrayLike, y_scale: float, y_zero_point: ArrayLike,
                            bias: Optional[ArrayLike], rounding: str, out_bits: int, acc_bits: int, overflow: str,
                            relu: bool, impl: str, dyadic_rounding: str, dyadic_bits: int,
-                           dyadic_shift: int) -> Tuple[np.ndarray, Dict[str, int]]: ...
+                           dyadic_shift: int, weight_cache: Optional[IntegerWeightCache] = None
+                           ) -> Tuple[np.ndarray, Dict[str, int]]: ...
 def integer_conv_integer(x: np.ndarray, x_zero_point: ArrayLike, w: np.ndarray, w_zero_point: ArrayLike,
                          bias: Optional[ArrayLike], stride: Sequence[int], padding: Sequence[int],
                          dilation: Sequence[int], groups: int, acc_bits: int, overflow: str,
-                         impl: str) -> Tuple[npt.NDArray[np.int32], Dict[str, int]]: ...
+                         impl: str, weight_cache: Optional[IntegerWeightCache] = None
+                         ) -> Tuple[npt.NDArray[np.int32], Dict[str, int]]: ...
 def integer_matmul_integer(a: np.ndarray, a_zero_point: ArrayLike, b: np.ndarray, b_zero_point: ArrayLike,
                            bias: Optional[ArrayLike], acc_bits: int, overflow: str,
-                           impl: str) -> Tuple[npt.NDArray[np.int32], Dict[str, int]]: ...
+                           impl: str, weight_cache: Optional[IntegerWeightCache] = None
+                           ) -> Tuple[npt.NDArray[np.int32], Dict[str, int]]: ...
 def integer_requantize(acc: np.ndarray, multiplier: ArrayLike, y_zero_point: ArrayLike, axis: int, has_axis: bool,
                        rounding: str, out_bits: int, relu: bool, dyadic_rounding: str, dyadic_bits: int,
                        dyadic_shift: int) -> np.ndarray: ...

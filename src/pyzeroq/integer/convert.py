@@ -135,14 +135,16 @@ def _naming_layer(step: Step):
         raise AccumulatorOverflowError(f"layer {step.name!r}: {exc}", layer=step.name) from exc
 
 
-def logits_accumulator(a: np.ndarray, step: LogitsStep, acc_bits: int, overflow: str):
+def logits_accumulator(a: np.ndarray, step: LogitsStep, acc_bits: int, overflow: str,
+                       weight_cache: Optional[sim.WeightCache] = None):
     """int32 accumulator [N, O] of the logits layer for codes ``a`` uint8 [N, K]
-    (``sim.matmul_integer``: the simulator's acc_bits / overflow model). Returns (acc, AccStats)."""
+    (``sim.matmul_integer``: the simulator's acc_bits / overflow model; ``weight_cache`` keeps the
+    packed weights across calls). Returns (acc, AccStats)."""
     layer = step.layer
     _, w_zp = layer.weight.channels(layer.out_channels)
     with _naming_layer(step):
         return sim.matmul_integer(a, layer.input.zero_point_value, np.ascontiguousarray(layer.weight_codes.T), w_zp,
-                                  layer.bias, acc_bits, overflow)
+                                  layer.bias, acc_bits, overflow, weight_cache=weight_cache)
 
 
 # steps that keep the channels of their first input (not the binary add / mul: they broadcast)
@@ -235,6 +237,7 @@ class IntegerModel:
         self.trace_log: list = []
         self.drift = None  # DriftReport when to_integer was given drift_images
         self._bound = {s.name: _worst_case_bits(s) for s in self.steps if isinstance(s, LAYER_STEPS)}
+        self._weight_caches = {}  # step name -> sim.WeightCache (packed weights kept across calls)
         self.reset_stats()
 
     # ----------------------------------------------------------------- save / load
@@ -394,6 +397,12 @@ class IntegerModel:
                              f"{type(self.output).__name__}: call the model and read the output you need")
         return np.asarray(self.run(x)[self.output]).argmax(1)
 
+    def _weight_cache(self, step: Step) -> sim.WeightCache:
+        """This model's cache of the step's packed weights (copies of the model start empty ones)."""
+        if step.name not in self._weight_caches:
+            self._weight_caches[step.name] = sim.WeightCache()
+        return self._weight_caches[step.name]
+
     def _exec(self, step: Step, args: list) -> np.ndarray:
         return RUNTIME_HANDLERS[type(step)](self, step, args)
 
@@ -418,7 +427,8 @@ class IntegerModel:
                                        yq.scale_value, yq.zero_point_value, layer.bias, step.stride, step.padding,
                                        step.dilation, step.groups, rounding=self.rounding, out_bits=yq.bits,
                                        acc_bits=self.acc_bits, overflow=self.overflow,
-                                       relu=layer.activation is not None, y_signed=yq.signed)
+                                       relu=layer.activation is not None, y_signed=yq.signed,
+                                       weight_cache=self._weight_cache(step))
         self._record(step.name, st)
         y = y.reshape(shape[0], -1, *shape[2:]) if step.spatial_dims == 0 else \
             y[:, :, 0, :] if step.spatial_dims == 1 else y
@@ -432,12 +442,13 @@ class IntegerModel:
                                        np.ascontiguousarray(layer.weight_codes.T), w_scale, w_zp, yq.scale_value,
                                        yq.zero_point_value, layer.bias, rounding=self.rounding, out_bits=yq.bits,
                                        acc_bits=self.acc_bits, overflow=self.overflow,
-                                       relu=layer.activation is not None, y_signed=yq.signed)
+                                       relu=layer.activation is not None, y_signed=yq.signed,
+                                       weight_cache=self._weight_cache(step))
         self._record(step.name, st)
         return _clamp_hi(y, step, yq)
 
     def _logits(self, step: LogitsStep, args: list) -> np.ndarray:
-        acc, st = logits_accumulator(args[0], step, self.acc_bits, self.overflow)
+        acc, st = logits_accumulator(args[0], step, self.acc_bits, self.overflow, self._weight_cache(step))
         self._record(step.name, st)
         if self.trace:
             self.trace_log.append({"step": step.name, "op": "accumulate", "inputs": [str(args[0].dtype)],

@@ -65,6 +65,7 @@ from .signed import output_is_signed, signed_like_input, signed_output, unsigned
 
 __all__ = [
     "AccStats",
+    "WeightCache",
     "AccumulatorOverflowError",
     "qlinear_conv2d",
     "qlinear_matmul",
@@ -82,6 +83,22 @@ __all__ = [
     "set_num_threads",
     "available_impls",
 ]
+
+WeightCache = _core.IntegerWeightCache
+WeightCache.__doc__ = (
+    "Packed weights of one conv / matmul layer, kept across calls of :func:`qlinear_conv2d`, "
+    ":func:`conv_integer`, :func:`qlinear_matmul` and :func:`matmul_integer` (``weight_cache=``): the fast "
+    "paths that repack weights (VNNI) reuse them while the raw weight bytes and the layer's shape are "
+    "unchanged (compared byte for byte on every call; weights edited in place are repacked). "
+    "``IntegerModel`` holds one per layer step; fbgemm and onnxruntime likewise pack weights once per "
+    "layer. Copies and pickles are empty caches. ``nbytes``: bytes held. Thread-safe.")
+
+
+def _weight_cache(weight_cache):
+    if weight_cache is not None and not isinstance(weight_cache, WeightCache):
+        raise TypeError(f"weight_cache must be a pyzeroq.integer.WeightCache or None, got {type(weight_cache).__name__}")
+    return weight_cache
+
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -182,14 +199,16 @@ def qlinear_conv2d(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, 
                    rounding: str = "float32_rne", out_bits: int = 8, acc_bits: int = 32, overflow: str = "wrap",
                    relu: bool = False, *, impl: str = "fast", dyadic_rounding: str = "half_even",
                    dyadic_bits: int = 31, dyadic_shift: Optional[int] = None,
-                   y_signed: Optional[bool] = None) -> Tuple[np.ndarray, AccStats]:
+                   y_signed: Optional[bool] = None, weight_cache: Optional[WeightCache] = None) -> Tuple[np.ndarray, AccStats]:
     """ONNX QLinearConv on codes: x [N, C, H, W] uint8 or int8 (per-tensor zero point,
     padding holds it), w [O, C/groups, KH, KW] uint8 or int8 with per-output-channel
     (or scalar) scales and zero points, optional int32 bias at scale
     x_scale * w_scale[o]. ``relu`` clamps below at the output zero point.
     ``impl``: "fast" (the best SIMD path, threads), "reference" (plain loops) or one
     fast path of :func:`available_impls` (module docstring); all bit-identical.
+    ``weight_cache``: a :class:`WeightCache` to keep this layer's packed weights in across calls.
     Output [N, O, OH, OW]: signed per ``y_signed`` / y_zero_point's dtype (module docstring)."""
+    weight_cache = _weight_cache(weight_cache)
     x, x_zero_point, _ = unsigned_input(x, x_zero_point, "x")
     w, w_zero_point, _ = unsigned_input(w, w_zero_point, "w")
     signed, y_zero_point = _output(y_signed, y_zero_point, out_bits)
@@ -199,7 +218,7 @@ def qlinear_conv2d(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, 
             _np(np.asarray(w_scale), "w_scale"), _np(np.asarray(w_zero_point), "w_zero_point"), float(y_scale),
             _np(np.asarray(y_zero_point), "y_zero_point"), _np(bias, "bias"), _pair(stride, "stride"),
             _padding(padding), _pair(dilation, "dilation"), int(groups), rounding, int(out_bits), int(acc_bits),
-            overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift))
+            overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits), _shift(dyadic_shift), weight_cache)
     return _codes_out(codes, signed, out_bits), AccStats(**st)
 
 
@@ -207,10 +226,12 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
                    rounding: str = "float32_rne", out_bits: int = 8, acc_bits: int = 32, overflow: str = "wrap",
                    relu: bool = False, *, impl: str = "fast", dyadic_rounding: str = "half_even",
                    dyadic_bits: int = 31, dyadic_shift: Optional[int] = None,
-                   y_signed: Optional[bool] = None) -> Tuple[np.ndarray, AccStats]:
+                   y_signed: Optional[bool] = None, weight_cache: Optional[WeightCache] = None) -> Tuple[np.ndarray, AccStats]:
     """ONNX QLinearMatMul: a [..., M, K] uint8 or int8 (per-tensor), b [K, N] uint8 or int8 with
     per-column (or scalar) scales / zero points, optional int32 bias [N]. Output [..., M, N],
-    signed per ``y_signed`` / y_zero_point's dtype (module docstring)."""
+    signed per ``y_signed`` / y_zero_point's dtype (module docstring); ``weight_cache`` as in
+    :func:`qlinear_conv2d`."""
+    weight_cache = _weight_cache(weight_cache)
     a, a_zero_point, _ = unsigned_input(a, a_zero_point, "a")
     b, b_zero_point, _ = unsigned_input(b, b_zero_point, "b")
     signed, y_zero_point = _output(y_signed, y_zero_point, out_bits)
@@ -219,12 +240,12 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
             _np(a, "a"), float(a_scale), np.asarray(a_zero_point), _np(b, "b"), np.asarray(b_scale),
             np.asarray(b_zero_point), float(y_scale), np.asarray(y_zero_point), _np(bias, "bias"), rounding,
             int(out_bits), int(acc_bits), overflow, bool(relu), impl, dyadic_rounding, int(dyadic_bits),
-            _shift(dyadic_shift))
+            _shift(dyadic_shift), weight_cache)
     return _codes_out(codes, signed, out_bits), AccStats(**st)
 
 
 def matmul_integer(a, a_zero_point, b, b_zero_point, bias=None, acc_bits: int = 32, overflow: str = "wrap", *,
-                   impl: str = "fast") -> Tuple[np.ndarray, AccStats]:
+                   impl: str = "fast", weight_cache: Optional[WeightCache] = None) -> Tuple[np.ndarray, AccStats]:
     """ONNX MatMulInteger (plus an optional bias): the int32 accumulators, no requantization.
 
     a [..., M, K] uint8 or int8 with a per-tensor zero point ``za``, b [K, N] uint8 or int8
@@ -237,29 +258,31 @@ def matmul_integer(a, a_zero_point, b, b_zero_point, bias=None, acc_bits: int = 
     clamps after the bias and after every product in k ascending, "error" raises
     :class:`AccumulatorOverflowError` ("accumulator overflow ... bits needed ...") when a final value
     does not fit. Returns (int32 array [..., M, N], :class:`AccStats`); it equals
-    what :func:`qlinear_matmul` would requantize. ``impl`` as in :func:`qlinear_conv2d`."""
+    what :func:`qlinear_matmul` would requantize. ``impl`` and ``weight_cache`` as in :func:`qlinear_conv2d`."""
+    weight_cache = _weight_cache(weight_cache)
     a, a_zero_point, _ = unsigned_input(a, a_zero_point, "a")
     b, b_zero_point, _ = unsigned_input(b, b_zero_point, "b")
     with _overflow_errors():
         acc, st = _core.integer_matmul_integer(_np(a, "a"), np.asarray(a_zero_point), _np(b, "b"),
                                                np.asarray(b_zero_point), _np(bias, "bias"), int(acc_bits), overflow,
-                                               impl)
+                                               impl, weight_cache)
     return acc, AccStats(**st)
 
 
 def conv_integer(x, x_zero_point, w, w_zero_point, bias=None, stride: IntOrSeq = 1, padding: IntOrSeq = 0,
                  dilation: IntOrSeq = 1, groups: int = 1, acc_bits: int = 32, overflow: str = "wrap", *,
-                 impl: str = "fast") -> Tuple[np.ndarray, AccStats]:
+                 impl: str = "fast", weight_cache: Optional[WeightCache] = None) -> Tuple[np.ndarray, AccStats]:
     """ONNX ConvInteger (plus an optional bias [O]): the int32 accumulators
     [N, O, OH, OW] of :func:`qlinear_conv2d` (same arguments -- uint8 or int8 x and w --,
     formula and accumulator model, without the requantization)."""
+    weight_cache = _weight_cache(weight_cache)
     x, x_zero_point, _ = unsigned_input(x, x_zero_point, "x")
     w, w_zero_point, _ = unsigned_input(w, w_zero_point, "w")
     with _overflow_errors():
         acc, st = _core.integer_conv_integer(
             _np(x, "x"), np.asarray(x_zero_point), _np(w, "w"), np.asarray(w_zero_point), _np(bias, "bias"),
             _pair(stride, "stride"), _padding(padding), _pair(dilation, "dilation"), int(groups), int(acc_bits),
-            overflow, impl)
+            overflow, impl, weight_cache)
     return acc, AccStats(**st)
 
 
