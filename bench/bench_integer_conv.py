@@ -253,7 +253,8 @@ def markdown(rows, models, layer_times, setups, reps):
            "Model time = sum over its conv layers; median over repetitions (min .. max). Ratios: median of "
            "per-repetition ratios (min .. max); < 1 = the path is faster. Each layer is called with the same "
            "weights every time: fbgemm and onnxruntime pack them once when the layer is built, the VNNI paths "
-           "reuse their packed weights from the call before (checked against the raw bytes on every call).", "",
+           "reuse the packed weights of the layer's `WeightCache` (one per layer, as the integer model holds; "
+           "checked against the raw bytes on every call).", "",
            "| path | " + " | ".join(f"{m} ms | {m} / fbgemm | {m} / ort" for m in models) +
            " | geomean / fbgemm | geomean / ort |",
            "|---" * (3 * len(models) + 3) + "|"]
