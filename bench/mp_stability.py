@@ -2,6 +2,7 @@
 
     python bench/mp_stability.py --threads 1
     python bench/mp_stability.py --models resnet20 --settings MP4/A8 --seeds 0,1,2 --eval-samples 8,32
+    python bench/mp_stability.py --eval-samples 16 --eval-dtype float64 --no-thread-check --out mp_stability_float64
 
 For each model, distillation seed and mixed-precision setting (MPn/A8: weights over {2, 4, 8}
 at an average of n bits, 8-bit activations, min/max ranges), the grouped search (Appendix A)
@@ -40,14 +41,15 @@ RESULTS = Path(__file__).parent / "results"
 PERCENT = 100.0
 
 
-def run(model, data, avg: int, eval_samples: int, seed: int, images, labels) -> dict:
+def run(model, data, avg: int, eval_samples: int, seed: int, images, labels, eval_dtype: str = "float32") -> dict:
     cfg = zq.QuantConfig(weight_bits=CANDIDATES, avg_weight_bits=avg, act_bits=8, calibration="real",
                          calibration_data=data, num_samples=NUM_SAMPLES, mp_eval_samples=eval_samples, seed=seed,
-                         progress=False)
+                         mp_eval_dtype=eval_dtype, progress=False)
     t0 = time.perf_counter()
     q = zq.quantize(model, cfg, input_shape=INPUT_SHAPE)
     seconds = time.perf_counter() - t0
-    return {"top1": zq.evaluate(q, images, labels).top1, "bit_widths": q.bit_widths, "quantize_s": seconds}
+    return {"top1": zq.evaluate(q, images, labels).top1, "bit_widths": q.bit_widths, "quantize_s": seconds,
+            "exact_kl": q.report.relaxation["exact_kl"]}
 
 
 def summary_rows(out: dict) -> list[str]:
@@ -85,6 +87,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--eval-samples", default="8,16,32")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-dtype", default="float32", choices=("float32", "float64"),
+                   help="QuantConfig.mp_eval_dtype of every run")
     p.add_argument("--no-thread-check", action="store_true")
     p.add_argument("--out", default="mp_stability", help="file stem under bench/results")
     args = p.parse_args(argv)
@@ -92,7 +96,7 @@ def main(argv=None) -> None:
     split = "test" if fashion_mnist_available() else "embedded"
     images, labels = load_fashion_mnist(split)
     command = " ".join(["python bench/mp_stability.py"] + (argv if argv is not None else sys.argv[1:]))
-    out = {"split": split, "threads": args.threads, "runs": {}, "thread_check": {}}
+    out = {"split": split, "threads": args.threads, "eval_dtype": args.eval_dtype, "runs": {}, "thread_check": {}}
     seeds = [int(s) for s in args.seeds.split(",")]
     for name in args.models.split(","):
         model = models.load_pretrained(name)
@@ -102,7 +106,7 @@ def main(argv=None) -> None:
             for n in (int(v) for v in args.eval_samples.split(",")):
                 runs = out["runs"].setdefault(f"{name}|{setting}|{n}", {})
                 for s in seeds:
-                    runs[s] = run(model, data[s], SETTINGS[setting], n, s, images, labels)
+                    runs[s] = run(model, data[s], SETTINGS[setting], n, s, images, labels, args.eval_dtype)
                     print(f"{name} {setting} eval={n} seed={s}: {runs[s]['top1'] * PERCENT:.2f} "
                           f"({runs[s]['quantize_s']:.0f} s)", flush=True)
                     write(out, command, args.out)

@@ -43,6 +43,7 @@ def test_frozen():
     (dict(mp_group_size=0), "mp_group_size"),
     (dict(mp_size_bins=2.5), "mp_size_bins"),
     (dict(mp_eval_samples=0), "mp_eval_samples"),
+    (dict(mp_eval_dtype="double"), "mp_eval_dtype"),
     (dict(budget_metric="flops"), "budget_metric"),
     (dict(seed=-1), "seed"),
     (dict(device=0), "device"),

@@ -131,6 +131,36 @@ def test_joint_evaluator_matches_sequential_quantization():
     np.testing.assert_allclose(ev(choices), fast, rtol=1e-4, atol=1e-9)
 
 
+def test_joint_evaluator_in_float64_matches_a_float64_forward_and_leaves_the_graph_float32():
+    model = trained_tiny()
+    gm, info = prepare(model)
+    data = torch.rand(6, 1, 16, 16)
+    cands = (2, 4, 8)
+    ev = JointEvaluator(gm, info.layers, cands, data, dtype=torch.float64)
+    assert all(p.dtype == torch.float32 for p in gm.parameters())  # the caller's graph is not cast
+    assert ev.reference[0].dtype == torch.float64
+    choices = np.array(list(itertools.product(range(3), repeat=2)))
+    values = ev(choices)
+    # independent: quantized weights (float32, exact in float64) put into a float64 copy of the model
+    reference = prepare(model)[0].double()
+    set_act_mode(reference, "off")
+    for row, value in zip(choices, values):
+        qweights = {}
+        for j, c in enumerate(row):
+            set_weight_bits(gm, {info.layers[j]: cands[c]})
+            qweights[info.layers[j]] = quant_layers(gm)[info.layers[j]].quantized_weight().double()
+        set_weight_bits(gm, None)
+        with torch.no_grad():
+            state = {f"{n}.weight": w for n, w in qweights.items()}
+            out = torch.func.functional_call(reference, state, (data.double(),))
+            want = float(kl_divergence(ev.reference[0], out))
+        assert value == pytest.approx(want, rel=1e-9, abs=1e-15)  # float64: vmapped vs plain conv
+    float32 = JointEvaluator(gm, info.layers, cands, data)(choices)
+    np.testing.assert_allclose(values, float32, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="dtype"):
+        JointEvaluator(gm, info.layers, cands, data, dtype=torch.float16)
+
+
 def test_relaxation_with_one_group_and_unlimited_k_equals_exhaustive_search():
     model = trained_tiny()
     cfg = zq.QuantConfig(weight_bits=(2, 4, 8), avg_weight_bits=4, act_bits=None, mp_group_size=4,

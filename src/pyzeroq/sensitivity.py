@@ -12,6 +12,7 @@ re-evaluation step of the Appendix-A grouped search.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import NamedTuple
@@ -41,6 +42,8 @@ JOINT_EVAL_PREFIX_IMAGES = 1024
 # vmapped forward of a call with several rows holds at least 2 configurations and this many images (a
 # short chunk is padded with repeated rows); a call with one row runs alone.
 ONEDNN_MIN_BATCH = 16
+# Float types the exact re-evaluation can run in (QuantConfig.mp_eval_dtype).
+EVAL_DTYPES = (torch.float32, torch.float64)
 
 
 @torch.no_grad()
@@ -116,6 +119,9 @@ class JointEvaluator:
     is run one configuration at a time instead, from then on (then bit-identical to one
     plain forward per configuration).
 
+    ``dtype``: torch.float32 (default) or torch.float64, the float type of the evaluation (a
+    float64 copy of ``gm`` runs it; the quantized weights are exact in either).
+
     Use as a context manager (or call :meth:`close`) to close the progress bar
     (``progress``: a tqdm bar counting configurations). Raises TypeError when ``gm`` is not
     a ``torch.fx.GraphModule`` (:func:`pyzeroq.modules.prepare` makes one), ValueError for
@@ -123,25 +129,30 @@ class JointEvaluator:
     """
 
     def __init__(self, gm: fx.GraphModule, names: list[str], candidates: tuple[int, ...], data: torch.Tensor,
-                 progress: bool = False, measure: str = "auto"):
+                 progress: bool = False, measure: str = "auto", dtype: torch.dtype = torch.float32):
         if not isinstance(gm, fx.GraphModule):
             raise TypeError(f"gm must be a torch.fx.GraphModule (pyzeroq.modules.prepare), got {type(gm).__name__}")
-        self.gm, self.names, self.candidates, self.data = gm, list(names), candidates, data
+        if dtype not in EVAL_DTYPES:
+            raise ValueError(f"dtype must be one of {EVAL_DTYPES}, got {dtype!r}")
+        self.names, self.candidates = list(names), candidates
         layers = quant_layers(gm)
         set_act_mode(gm, "off")
         set_weight_bits(gm, None)
-        self.reference = _forward_leaves(gm, data, len(data))
-        self.measure = resolve_measure(self.reference, measure)
         self.qweights = {}
         for name in self.names:
             layer = layers[name]
             per_bits = []
             for bits in candidates:
                 layer.set_weight_bits(bits)
-                per_bits.append(layer.quantized_weight().detach().clone())
+                per_bits.append(layer.quantized_weight().detach().clone().to(dtype))  # exact in float64
             layer.set_weight_bits(None)
             self.qweights[name] = torch.stack(per_bits)  # [B, *weight.shape]
-        self._tensors = tensor_nodes(gm, data)
+        if dtype != torch.float32:  # a float64 copy; the caller's graph stays as it is
+            gm = copy.deepcopy(gm).to(dtype)
+        self.gm, self.data = gm, data.to(dtype)
+        self.reference = _forward_leaves(gm, self.data, len(self.data))
+        self.measure = resolve_measure(self.reference, measure)
+        self._tensors = tensor_nodes(gm, self.data)
         self._cuts: dict[int, Cut] = {}
         self._stages: dict[tuple, fx.GraphModule] = {}
         self._levels: set[int] = set()  # decided values of earlier calls
