@@ -60,3 +60,16 @@ def test_second_pass_and_relabel():
     assert set(q) >= {"teacher_map", "loss_reg", "labels_per_image"}
     one = synthesize(det, SynthesisConfig(num_images=3, batch_size=3, iters=3, second_pass=False), progress=False)
     assert len(one.history[0]) == 3
+
+
+def test_precomputed_task_agnostic_sets_may_leave_the_pixel_range():
+    from pyzeroq.detection.api import _check_calibration
+
+    x = torch.randn(2, 1, 8, 8) * 2
+    for kind in ("gaussian", "distilled"):
+        _check_calibration((x, None, {"kind": kind}))
+    for info in ({}, {"kind": "task_specific"}):
+        with pytest.raises(ValueError, match=r"finite and in \[0, 1\]"):
+            _check_calibration((x, None, info))
+    with pytest.raises(ValueError, match="finite"):
+        _check_calibration((x * float("nan"), None, {"kind": "gaussian"}))

@@ -246,15 +246,17 @@ def _check_calibration(calibration) -> None:
                         f"{f' of dtype {images.dtype}' if isinstance(images, torch.Tensor) else ''}")
     if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
         raise ValueError(f"calibration images must have shape [N, 1, H, W] with N >= 1, got {tuple(images.shape)}")
-    if not bool(torch.isfinite(images).all()):
-        # not [0, 1]: the task-agnostic sets (Gaussian noise, ZeroQ distilled data) that
-        # calibration_set returns lie partly outside the pixel range by construction
-        raise ValueError("calibration images must be finite (no NaN / Inf)")
+    if not isinstance(info, dict):
+        raise TypeError(f"calibration info must be a dict, got {type(info).__name__}")
+    # the task-agnostic sets of calibration_set (Gaussian noise, ZeroQ distilled data) lie partly
+    # outside the pixel range by construction; every other set must be pixels in [0, 1]
+    unbounded = info.get("kind") in ("gaussian", "distilled")
+    if not bool(torch.isfinite(images).all()) or not unbounded and (float(images.min()) < 0 or float(images.max()) > 1):
+        raise ValueError("calibration images must be finite" + ("" if unbounded else " and in [0, 1]") +
+                         " (info['kind'] 'gaussian' / 'distilled' sets may leave [0, 1])")
     if targets is not None and (not isinstance(targets, list) or len(targets) != len(images)):
         raise ValueError(f"calibration targets must be None or a list of {len(images)} dicts (one per image), got "
                          f"{type(targets).__name__}{f' of {len(targets)}' if isinstance(targets, list) else ''}")
-    if not isinstance(info, dict):
-        raise TypeError(f"calibration info must be a dict, got {type(info).__name__}")
 
 
 def quantize_detector(detector: nn.Module, config: DetectionQuantConfig = DetectionQuantConfig(),
@@ -267,8 +269,8 @@ def quantize_detector(detector: nn.Module, config: DetectionQuantConfig = Detect
     Checked before any synthesis or training (TypeError / ValueError naming the argument):
     ``detector`` follows the protocol and holds no NaN / Inf parameter or buffer (named);
     ``config`` is a DetectionQuantConfig whose device this machine has; ``calibration`` is
-    (finite float images [N, 1, H, W], N >= 1 — [0, 1] for synthetic and real scenes, Gaussian
-    and distilled sets exceed it; None or N targets; info dict)."""
+    (finite float images [N, 1, H, W], N >= 1, in [0, 1] unless ``info["kind"]`` is "gaussian" or
+    "distilled"; None or N targets; info dict)."""
     _check_arguments(detector, config)
     if calibration is not None:
         _check_calibration(calibration)
