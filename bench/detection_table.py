@@ -11,7 +11,8 @@ the library defaults: head-output distillation, KL on class + centerness, warm-u
 clipping, EMA, two-pass synthesis); ablations on the *same* synthetic set: ours without
 the task loss (``w_task=0``), the paper's loss form (FPN MSE + class KL + task loss, no
 head MSE, no warm-up / clipping / EMA), ours with a float head (``head_bits=None``);
-ours on a set relabeled by the teacher (``relabel=True``). Seed ``s`` seeds both the
+ours on a set relabeled by the teacher (``relabel=True``); ours with the per-module MSE
+(``w_modules=1``) and with a 25x task-loss weight (``w_task=1``), same set. Seed ``s`` seeds both the
 calibration set and QAT (``synthesis_seed = qat_seed = s``); cells give mean ± std
 (sample std, n - 1) over the seeds run, with n.
 
@@ -65,6 +66,9 @@ SOURCES = {
     "ours_paper": ("ours, paper's loss form (same set)", "task_specific", "synthetic", {}, PAPER_FORM),
     "ours_floathead": ("ours, float head (same set)", "task_specific", "synthetic", {}, {"head_bits": None}),
     "ours_relabel": ("ours, labels from the teacher", "task_specific", "synthetic", {"relabel": True}, {}),
+    "ours_modules": ("ours + per-module MSE (w_modules=1, same set)", "task_specific", "synthetic", {},
+                     {"w_modules": 1.0}),
+    "ours_wtask1": ("ours, w_task=1 (same set)", "task_specific", "synthetic", {}, {"w_task": 1.0}),
 }
 
 
