@@ -78,7 +78,7 @@ def _cell(vals: list[float]) -> str:
     m = 100 * statistics.fmean(vals)
     if len(vals) == 1:
         return f"{m:.1f} (n=1)"
-    return f"{m:.1f} ± {100 * statistics.stdev(vals):.1f} (n={len(vals)})"
+    return f"{m:.2f} ± {100 * statistics.stdev(vals):.2f} (n={len(vals)})"
 
 
 def _quality_lines(rows: list, meta: dict) -> list[str]:
@@ -96,6 +96,29 @@ def _quality_lines(rows: list, meta: dict) -> list[str]:
                      f"{100 * q['teacher_map75']:.1f} | {q.get('loss_reg', float('nan')):.3f} | "
                      f"{q.get('loss_cls', float('nan')):.3f} | {q['labels_per_image']:.2f} |")
     return lines
+
+
+def _target_lines(rows: list, fp: list) -> list[str]:
+    """The issue's targets per setting: ours minus each task-agnostic row against the combined
+    std sqrt(s_ours^2 + s_other^2), and FP minus ours (target <= 2.0 at W4A8)."""
+    out = ["", "Targets (mAP points; combined std = sqrt(std_ours^2 + std_other^2), sample std over seeds):", ""]
+    for s in ("w4a8", "w4a4"):
+        ours = [100 * r["map"] for r in rows if r.get("key") == "ours" and r["setting"] == s]
+        if len(ours) < 2:
+            continue
+        for other in ("qat_distilled", "qat_gaussian"):
+            vals = [100 * r["map"] for r in rows if r.get("key") == other and r["setting"] == s]
+            if len(vals) < 2:
+                continue
+            gap = statistics.fmean(ours) - statistics.fmean(vals)
+            comb = (statistics.stdev(ours) ** 2 + statistics.stdev(vals) ** 2) ** 0.5
+            out.append(f"- {s.upper()}: ours - {other} = {gap:+.2f}, combined std {comb:.2f} "
+                       f"({'met' if gap > comb else 'MISSED'}; n = {len(ours)} / {len(vals)})")
+        if fp:
+            gap = 100 * fp[0]["map"] - statistics.fmean(ours)
+            out.append(f"- {s.upper()}: FP - ours = {gap:.2f}" + (f" (target <= 2.0: {'met' if gap <= 2 else 'MISSED'})"
+                                                                  if s == "w4a8" else ""))
+    return out
 
 
 def write(rows: list, meta: dict, out: Path) -> None:
@@ -120,6 +143,7 @@ def write(rows: list, meta: dict, out: Path) -> None:
     lines += ["", "mAP50 (mean over seeds): " + "; ".join(
         f"{r_key} {s}: {100 * statistics.fmean([r['map50'] for r in rows if r.get('key') == r_key and r['setting'] == s]):.1f}"
         for r_key in SOURCES for s in SETTINGS if any(r.get("key") == r_key and r["setting"] == s for r in rows))]
+    lines += _target_lines(rows, fp)
     lines += _quality_lines([r for r in rows if r.get("calibration_info", {}).get("label_quality")], meta)
     lines += ["", "Seconds per row (calibration set when made + QAT + evaluation): " + ", ".join(
         f"{r['key']} {r['setting']} s{r['seed']}: {r['seconds']:.0f}" for r in rows if r["setting"] != "fp")]
