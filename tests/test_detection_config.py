@@ -8,7 +8,8 @@ from pyzeroq.detection.config import DetectionQuantConfig, QATConfig, SynthesisC
 @pytest.mark.parametrize("field,value", [
     ("num_images", 0), ("batch_size", -1), ("iters", 1.5), ("lr", 0.0), ("main_mult", -1.0),
     ("r_feature", float("nan")), ("refine_start", 1.5), ("match_iou", -0.1), ("min_area", 0.9),
-    ("box_min_frac", 0.0), ("refine", "yes"), ("refine_every", 0), ("max_labels", 0)])
+    ("box_min_frac", 0.0), ("refine", "yes"), ("refine_every", 0), ("refine_every", 10), ("max_labels", 0),
+    ("second_pass", 1), ("relabel", "no"), ("best_by", "loss")])
 def test_synthesis_config_errors(field, value):
     with pytest.raises(ValueError, match=field):
         SynthesisConfig(**{field: value})
@@ -17,7 +18,9 @@ def test_synthesis_config_errors(field, value):
 @pytest.mark.parametrize("field,value", [
     ("weight_bits", 1), ("act_bits", 17), ("first_layer_bits", 0), ("head_bits", 3.0), ("steps", -1),
     ("batch_size", 0), ("lr", -1e-3), ("tau", 0.0), ("w_kd", float("inf")), ("act_percentile", 10.0),
-    ("train_bn_stats", 1), ("task_loss_parts", ()), ("task_loss_parts", "cls"), ("task_loss_parts", ("",))])
+    ("train_bn_stats", 1), ("task_loss_parts", ()), ("task_loss_parts", "cls"), ("task_loss_parts", ("",)),
+    ("w_head", -1.0), ("w_modules", float("nan")), ("kd_keys", "cls"), ("kd_keys", ("cls", "")), ("warmup", 1.0),
+    ("grad_clip", 0.0), ("ema_decay", 1.0), ("ema_decay", 0.0)])
 def test_qat_config_errors(field, value):
     with pytest.raises(ValueError, match=field):
         QATConfig(**{field: value})
@@ -32,6 +35,13 @@ def test_detection_config_errors():
         DetectionQuantConfig(qat={"weight_bits": 4})
     with pytest.raises(ValueError, match="max_area"):
         SynthesisConfig(min_area=0.5, max_area=0.4)
+    for name in ("synthesis_seed", "qat_seed"):
+        with pytest.raises(ValueError, match=name):
+            DetectionQuantConfig(**{name: -1})
+    with pytest.raises(ValueError, match="seed"):
+        DetectionQuantConfig(seed=None)
+    assert DetectionQuantConfig(seed=3).seeds == (3, 3)
+    assert DetectionQuantConfig(seed=3, synthesis_seed=1, qat_seed=2).seeds == (1, 2)
 
 
 def test_defaults_valid_and_frozen():

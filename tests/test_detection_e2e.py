@@ -28,7 +28,7 @@ def tiny_detector():
     return FCOSDetector(widths=(4, 4, 4, 4, 4), fpn_width=8, head_convs=1, input_size=CANVAS).eval()
 
 
-SYN = SynthesisConfig(num_images=4, batch_size=4, iters=4, refine_every=1, refine_start=0.0, refine_end=1.0,
+SYN = SynthesisConfig(num_images=4, batch_size=4, iters=4, refine_every=0.25, refine_start=0.0, refine_end=1.0,
                       refine_score=0.0)
 
 

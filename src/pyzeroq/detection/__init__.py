@@ -9,8 +9,9 @@
 
 Modules: scenes (data), model (FCOS detector), interface (detector protocol, predict),
 nms, metrics (pycocotools), sampling (seed labels, box refinement), synthesis
-(stage 1), qat (stage 2, on the shared quantizers of pyzeroq.quantizers: learned-step LSQ
-mode), api (quantize_detector, save/load), train, cli.
+(stage 1; label_quality), qat (stage 2, on the shared quantizers of pyzeroq.quantizers:
+learned-step LSQ mode), kd (stage 2's distillation targets: every call of shared modules,
+EMA of the weights), api (quantize_detector, save/load), train, cli.
 """
 
 from .api import load_detector, load_pretrained_detector, quantize_detector, save_detector
@@ -21,9 +22,9 @@ from .model import FCOSDetector
 from .nms import batched_nms, box_iou, nms
 from .sampling import refine_labels, seed_labels
 from .scenes import make_scenes
-from .synthesis import distilled_set, gaussian_set, plot_samples, save_synthetic, synthesize
+from .synthesis import distilled_set, gaussian_set, label_quality, plot_samples, save_synthetic, synthesize
 
 __all__ = ["make_scenes", "FCOSDetector", "Detector", "DetectorProtocol", "predict", "load_pretrained_detector",
            "load_detector", "save_detector", "quantize_detector", "DetectionQuantConfig", "QATConfig",
            "SynthesisConfig", "coco_map", "evaluate_detector", "nms", "batched_nms", "box_iou", "seed_labels",
-           "refine_labels", "synthesize", "distilled_set", "gaussian_set", "save_synthetic", "plot_samples"]
+           "refine_labels", "synthesize", "label_quality", "distilled_set", "gaussian_set", "save_synthetic", "plot_samples"]

@@ -163,7 +163,7 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def _qat_config(quant: dict) -> QATConfig:
-    return QATConfig(**{k: tuple(v) if k == "task_loss_parts" and isinstance(v, list) else v
+    return QATConfig(**{k: tuple(v) if k in ("task_loss_parts", "kd_keys") and isinstance(v, list) else v
                         for k, v in quant.items()})
 
 
@@ -217,14 +217,14 @@ def calibration_set(detector: nn.Module, config: DetectionQuantConfig):
     _check_arguments(detector, config)
     syn = config.synthesis
     if config.calibration == "task_specific":
-        s = synthesize(detector, syn, config.seed, config.device, config.progress)
+        s = synthesize(detector, syn, config.seeds[0], config.device, config.progress)
         return s.images, s.targets, s.info
     if config.calibration == "distilled":
-        s = distilled_set(detector, syn.num_images, config.distill_iters, syn.batch_size, config.seed,
+        s = distilled_set(detector, syn.num_images, config.distill_iters, syn.batch_size, config.seeds[0],
                           config.device, config.progress)
         return s.images, None, s.info
     if config.calibration == "gaussian":
-        s = gaussian_set(detector, syn.num_images, config.seed, config.device)
+        s = gaussian_set(detector, syn.num_images, config.seeds[0], config.device)
         return s.images, None, s.info
     images, coco = config.calibration_data
     images = np.asarray(images)
@@ -246,13 +246,17 @@ def _check_calibration(calibration) -> None:
                         f"{f' of dtype {images.dtype}' if isinstance(images, torch.Tensor) else ''}")
     if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
         raise ValueError(f"calibration images must have shape [N, 1, H, W] with N >= 1, got {tuple(images.shape)}")
-    if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
-        raise ValueError("calibration images must be finite and in [0, 1]")
+    if not isinstance(info, dict):
+        raise TypeError(f"calibration info must be a dict, got {type(info).__name__}")
+    # the task-agnostic sets of calibration_set (Gaussian noise, ZeroQ distilled data) lie partly
+    # outside the pixel range by construction; every other set must be pixels in [0, 1]
+    unbounded = info.get("kind") in ("gaussian", "distilled")
+    if not bool(torch.isfinite(images).all()) or not unbounded and (float(images.min()) < 0 or float(images.max()) > 1):
+        raise ValueError("calibration images must be finite" + ("" if unbounded else " and in [0, 1]") +
+                         " (info['kind'] 'gaussian' / 'distilled' sets may leave [0, 1])")
     if targets is not None and (not isinstance(targets, list) or len(targets) != len(images)):
         raise ValueError(f"calibration targets must be None or a list of {len(images)} dicts (one per image), got "
                          f"{type(targets).__name__}{f' of {len(targets)}' if isinstance(targets, list) else ''}")
-    if not isinstance(info, dict):
-        raise TypeError(f"calibration info must be a dict, got {type(info).__name__}")
 
 
 def quantize_detector(detector: nn.Module, config: DetectionQuantConfig = DetectionQuantConfig(),
@@ -265,7 +269,8 @@ def quantize_detector(detector: nn.Module, config: DetectionQuantConfig = Detect
     Checked before any synthesis or training (TypeError / ValueError naming the argument):
     ``detector`` follows the protocol and holds no NaN / Inf parameter or buffer (named);
     ``config`` is a DetectionQuantConfig whose device this machine has; ``calibration`` is
-    (float images [N, 1, H, W] in [0, 1], N >= 1; None or N targets; info dict)."""
+    (finite float images [N, 1, H, W], N >= 1, in [0, 1] unless ``info["kind"]`` is "gaussian" or
+    "distilled"; None or N targets; info dict)."""
     _check_arguments(detector, config)
     if calibration is not None:
         _check_calibration(calibration)
@@ -273,8 +278,8 @@ def quantize_detector(detector: nn.Module, config: DetectionQuantConfig = Detect
     images, targets, info = calibration if calibration is not None else calibration_set(detector, config)
     t1 = time.time()
     student = prepare_qat(detector, config.qat).to(config.device)
-    log = run_qat(student, detector, images, targets, config.qat, config.seed, config.device, config.progress)
+    log = run_qat(student, detector, images, targets, config.qat, config.seeds[1], config.device, config.progress)
     student.quant_info = {"calibration": info, "config": describe(config), "qat_final_loss":
-                          log["loss"][-1] if log["loss"] else None,
+                          log["loss"][-1] if log["loss"] else None, "qat_final_parts": log["parts"],
                           "seconds": {"calibration_set": round(t1 - t0, 1), "qat": round(time.time() - t1, 1)}}
     return _attach_save(student.eval())

@@ -12,17 +12,17 @@ detector's ``head_modules`` use ``first_layer_bits`` / ``head_bits`` (None: left
 float). BatchNorm stays unfolded.
 
 :func:`run_qat`: activation ranges are initialized by min/max (or the configured
-percentile) over (up to ``CALIBRATION_IMAGES``) calibration images, then Adam with a
-cosine schedule on
+percentile) over (up to ``CALIBRATION_IMAGES``) calibration images, then Adam (linear
+warm-up over ``warmup`` of the steps, cosine decay, global gradient-norm clipping at
+``grad_clip``) on
 
-    w_task * L_det(student(x), labels) + w_kd * tau^2 * KL(teacher || student)
-    + w_mse * sum_f MSE(teacher feature f, student feature f)
+    w_task * L_det(student(x), labels) + w_kd * tau^2 * sum_{k in kd_keys} KL(teacher || student)
+    + w_mse * MSE(FPN features) + w_head * MSE(raw head outputs) + w_modules * MSE(every module)
 
-KL: binary KL of the sigmoid class probabilities at temperature tau (the detector's
-classifier is sigmoid/focal style), summed over classes, averaged over locations and
-images. Features: the detector's ``feature_modules`` (FPN outputs for ours) or,
-without them, all raw head outputs. BN affine parameters are trained; the running
-statistics stay frozen unless ``train_bn_stats``.
+(:mod:`pyzeroq.detection.kd`; every call of a module shared across levels is matched).
+With ``ema_decay`` the returned weights are the exponential moving average of the
+iterates. BN affine parameters are trained; the running statistics stay frozen unless
+``train_bn_stats``.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..outputs import output_leaves
 from ..quantizers import QUANT_LAYER_TYPES, QuantAct, QuantConv2d, Quantizer, QuantLinear
 from .config import QATConfig
+from .kd import Capture, WeightAverage, distillation_loss, module_names
 
 CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 64
@@ -147,42 +146,66 @@ def calibrate(model: nn.Module, images: torch.Tensor, device) -> None:
             raise RuntimeError(f"layer {names[id(m)]!r} saw no input during calibration: {exc}") from exc
 
 
-def sigmoid_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """Binary KL(teacher || student) of sigmoid(logits / tau), summed over dim 1, mean over the rest."""
-    t = teacher_logits / tau
-    s = student_logits / tau
-    pt = torch.sigmoid(t)
-    # KL = pt (log pt - log ps) + (1 - pt)(log(1 - pt) - log(1 - ps))
-    kl = pt * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - pt) * (F.logsigmoid(-t) - F.logsigmoid(-s))
-    return kl.sum(1).mean()
-
-
-class _Capture:
-    def __init__(self, model: nn.Module, names):
-        self.out: dict = {}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name):
-        def fn(module, inputs, output):
-            self.out[name] = output
-        return fn
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def _set_bn_eval(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
 
 
+def _lr_factor(step: int, cfg: QATConfig) -> float:
+    """Linear warm-up over ``warmup * steps`` steps, then cosine decay to 0."""
+    warm = int(round(cfg.warmup * cfg.steps))
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+class _Teacher:
+    """Teacher in eval mode without parameter gradients for the duration of a block."""
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher = teacher
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.teacher.parameters()]
+        self.mode = self.teacher.training
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        return self.teacher
+
+    def __exit__(self, *exc):
+        for p, f in zip(self.teacher.parameters(), self.flags):
+            p.requires_grad_(f)
+        self.teacher.train(self.mode)
+
+
+def _captures(teacher: nn.Module, student: nn.Module, cfg: QATConfig) -> list[Capture]:
+    """[teacher features, student features, teacher modules, student modules] (the last two only
+    when ``w_modules > 0``; features only when ``w_mse > 0``)."""
+    feat = tuple(getattr(teacher, "feature_modules", ()) or ()) if cfg.w_mse > 0 else ()
+    mods = module_names(teacher) if cfg.w_modules > 0 else ()
+    caps: list[Capture] = []
+    try:
+        for names in (feat, feat, mods, mods):
+            caps.append(Capture(teacher if len(caps) % 2 == 0 else student, names))
+    except BaseException:
+        for c in caps:
+            c.remove()
+        raise
+    return caps
+
+
 def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, targets: list | None, cfg: QATConfig,
             seed: int = 0, device: torch.device | str = "cpu", progress: bool = True) -> dict:
-    """Calibrate the quantizers on ``images`` and train ``student`` in place; returns a log."""
+    """Calibrate the quantizers on ``images`` (float [N, 1, H, W]) and train ``student`` in place
+    on ``w_task * L_det + distillation`` (:func:`pyzeroq.detection.kd.distillation_loss`), Adam
+    with warm-up + cosine, gradient clipping; with ``ema_decay`` the student ends with the EMA
+    of its weights. ``targets``: per image {"boxes", "labels"} or None (no task loss). Returns a
+    log {"steps", "loss" (per step), "parts" (last step's parts)}. Same seed, same inputs, same
+    thread count: the same weights."""
     calibrate(student, images, device)
-    log = {"steps": cfg.steps, "loss": []}
+    log = {"steps": cfg.steps, "loss": [], "parts": {}}
     if cfg.steps == 0:
         student.eval()
         return log
@@ -193,59 +216,51 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
     other = [p for p in student.parameters() if id(p) not in step_ids]
     opt = torch.optim.Adam([{"params": other, "lr": cfg.lr}, {"params": step_params, "lr": cfg.step_lr}])
     base = [cfg.lr, cfg.step_lr]
-    feat_names = tuple(getattr(teacher, "feature_modules", ()) or ())
-    t_cap, s_cap = _Capture(teacher, feat_names), _Capture(student, feat_names)
-    t_flags = [p.requires_grad for p in teacher.parameters()]
-    teacher_mode = teacher.training
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    ema = WeightAverage(student, cfg.ema_decay) if cfg.ema_decay is not None else None
     use_task = targets is not None and cfg.w_task > 0
     order = torch.zeros(0, dtype=torch.int64)
     pos = 0
+    caps = _captures(teacher, student, cfg)
     try:
-        bar = tqdm(range(cfg.steps), desc="qat", disable=not progress, leave=False, mininterval=5)
-        for step in bar:
-            for g, b in zip(opt.param_groups, base):
-                g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            if pos + cfg.batch_size > len(order):
-                order, pos = torch.randperm(len(images), generator=gen), 0
-            idx = order[pos:pos + cfg.batch_size]
-            pos += cfg.batch_size
-            x = images[idx].to(device)
-            student.train()
-            if not cfg.train_bn_stats:
-                _set_bn_eval(student)
-            with torch.no_grad():
-                t_out = teacher(x)
-            s_out = student(x)
-            loss = x.new_zeros(())
-            parts = {}
-            if use_task:
-                parts["task"] = _task_loss(student, s_out, [{k: v.to(device) for k, v in targets[i].items()}
-                                                            for i in idx.tolist()], cfg.task_loss_parts)
-                loss = loss + cfg.w_task * parts["task"]
-            if cfg.w_kd > 0:
-                parts["kd"] = sum(sigmoid_kl(t, s, cfg.tau) for t, s in zip(t_out["cls"], s_out["cls"])) \
-                    * cfg.tau ** 2
-                loss = loss + cfg.w_kd * parts["kd"]
-            if cfg.w_mse > 0:
-                if feat_names:
-                    pairs = [(t_cap.out[n], s_cap.out[n]) for n in feat_names]
-                else:
-                    pairs = list(zip(output_leaves(t_out), output_leaves(s_out)))
-                parts["mse"] = sum(F.mse_loss(s, t) for t, s in pairs)
-                loss = loss + cfg.w_mse * parts["mse"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            log["loss"].append(loss.item())
-            bar.set_postfix({k: f"{v.item():.4f}" for k, v in parts.items()}, refresh=False)
+        with _Teacher(teacher):
+            bar = tqdm(range(cfg.steps), desc="qat", disable=not progress, leave=False, mininterval=5)
+            for step in bar:
+                for g, b in zip(opt.param_groups, base):
+                    g["lr"] = b * _lr_factor(step, cfg)
+                if pos + cfg.batch_size > len(order):
+                    order, pos = torch.randperm(len(images), generator=gen), 0
+                idx = order[pos:pos + cfg.batch_size]
+                pos += cfg.batch_size
+                x = images[idx].to(device)
+                student.train()
+                if not cfg.train_bn_stats:
+                    _set_bn_eval(student)
+                for c in caps:
+                    c.clear()
+                with torch.no_grad():
+                    t_out = teacher(x)
+                s_out = student(x)
+                parts = distillation_loss(t_out, s_out, *caps, cfg)
+                if use_task:
+                    parts["task"] = _task_loss(student, s_out, [{k: v.to(device) for k, v in targets[i].items()}
+                                                                for i in idx.tolist()], cfg.task_loss_parts)
+                weights = {"task": cfg.w_task, "kd": cfg.w_kd, "mse": cfg.w_mse, "head": cfg.w_head,
+                           "modules": cfg.w_modules}
+                loss = sum((weights[k] * v for k, v in parts.items()), x.new_zeros(()))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                opt.step()
+                if ema is not None:
+                    ema.update(student)
+                log["loss"].append(loss.item())
+                bar.set_postfix({k: f"{v.item():.4f}" for k, v in parts.items()}, refresh=False)
+            log["parts"] = {k: v.item() for k, v in parts.items()}
     finally:
-        t_cap.remove()
-        s_cap.remove()
-        for p, f in zip(teacher.parameters(), t_flags):
-            p.requires_grad_(f)
-        teacher.train(teacher_mode)
+        for c in caps:
+            c.remove()
+    if ema is not None:
+        ema.copy_to(student)
     student.eval()
     return log

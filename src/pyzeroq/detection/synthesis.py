@@ -10,8 +10,13 @@ U[0, 1] noise optimized with Adam (cosine learning-rate schedule) on
 (R_l: the project's BN-statistics loss, :class:`pyzeroq.distill.BNStatistics`; TV1 the
 mean absolute, TV2 the mean squared difference of neighbouring pixels), images
 clamped to [0, 1] after every step; box refinement from the detector's own confident
-predictions at regular iterations; the iterate (images and labels) with the lowest
-loss is kept. The detector is used in eval mode and left unchanged.
+predictions at regular iterations (``refine_every``, a fraction of the run); the iterate
+(images and labels) with the lowest detector loss on its own labels is kept; then
+(``second_pass``) the images are re-synthesized from fresh noise for a full run with
+those labels fixed, and optionally (``relabel``) the labels are replaced by the
+detector's predictions on the final images. ``info["label_quality"]`` records the
+detector's mAP and box loss against the final labels. The detector is used in eval mode
+and left unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from tqdm import tqdm
 from .._optional import require
 from ..distill import BNStatistics, distill_data, gaussian_inputs
 from .config import SynthesisConfig, describe
+from .nms import box_area
 from .sampling import refine_labels, seed_labels
 from .scenes import to_coco
 
@@ -70,16 +76,82 @@ class _Frozen:
 
 
 def _refine_iterations(cfg: SynthesisConfig) -> set[int]:
+    """Iterations of a pass at which labels are refined: every ``refine_every * iters``
+    (at least 1) iterations from ``refine_start * iters`` to ``refine_end * iters``."""
     if not cfg.refine:
         return set()
     start = int(round(cfg.refine_start * cfg.iters))
     end = int(round(cfg.refine_end * cfg.iters))
-    return set(range(start, min(end, cfg.iters - 1) + 1, cfg.refine_every))
+    every = max(1, int(round(cfg.refine_every * cfg.iters)))
+    return set(range(start, min(end, cfg.iters - 1) + 1, every))
+
+
+def _optimize(model, stats, x0: torch.Tensor, labels: list, cfg: SynthesisConfig, refine_at: set, device,
+              progress: bool, desc: str, counts: dict):
+    """One synthesis pass of one batch from the images ``x0``: returns (best images, their
+    labels, per-iteration loss). Best: the lowest detector loss on the labels of that
+    iterate (``best_by="task"`` with a task loss), else the lowest total loss."""
+    canvas = x0.shape[-1]
+    x = x0.to(device).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr)
+    best, best_x, best_labels, hist = math.inf, x.detach().clone(), labels, []
+    bar = tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False, mininterval=5)
+    for it in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
+        out = model(x)
+        bn = stats.losses()
+        tv1, tv2 = total_variation(x)
+        loss = cfg.r_feature * torch.stack(bn).sum() + cfg.first_bn_coef * bn[0] + cfg.tv_l1 * tv1 + cfg.tv_l2 * tv2
+        det = None
+        if cfg.main_mult > 0:
+            det = model.loss(out, [{k: v.to(device) for k, v in t.items()} for t in labels])
+            loss = loss + cfg.main_mult * det
+        value = loss.item()
+        hist.append(value)
+        key = det.item() if det is not None and cfg.best_by == "task" else value
+        if key < best:
+            best, best_x, best_labels = key, x.detach().clone(), labels
+        if it in refine_at:
+            preds = model.decode({k: [t.detach() for t in v] for k, v in out.items()},
+                                 score_threshold=cfg.refine_score, iou_threshold=cfg.refine_nms_iou)
+            new = [refine_labels(t, {k: v.cpu() for k, v in p.items()}, canvas, cfg.match_iou,
+                                 cfg.min_area, cfg.max_area, max_labels=cfg.max_labels)
+                   for t, p in zip(labels, preds)]
+            counts["added"] += sum(max(0, len(a["labels"]) - len(b["labels"])) for a, b in zip(new, labels))
+            counts["removed"] += sum(max(0, len(b["labels"]) - len(a["labels"])) for a, b in zip(new, labels))
+            labels = new
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(0, 1)
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+    return best_x.cpu(), best_labels, hist
+
+
+def _relabel(model, images: torch.Tensor, labels: list, cfg: SynthesisConfig, device) -> list:
+    """The detector's predictions (score > refine_score, NMS refine_nms_iou, area fraction in
+    (min_area, max_area), at most max_labels) as labels; an image without any keeps its labels."""
+    canvas = images.shape[-1]
+    with torch.no_grad():
+        preds = model.decode(model(images.to(device)), score_threshold=cfg.refine_score,
+                             iou_threshold=cfg.refine_nms_iou)
+    out = []
+    for t, p in zip(labels, preds):
+        boxes, labs = p["boxes"].cpu().float(), p["labels"].cpu().to(torch.int64)
+        frac = box_area(boxes) / float(canvas * canvas)
+        keep = torch.nonzero((frac > cfg.min_area) & (frac < cfg.max_area)).squeeze(1)[:cfg.max_labels]
+        out.append({"boxes": boxes[keep].clone(), "labels": labs[keep].clone()} if len(keep) else t)
+    return out
 
 
 def synthesize(detector: nn.Module, cfg: SynthesisConfig = SynthesisConfig(), seed: int = 0,
                device: torch.device | str = "cpu", progress: bool = True) -> SyntheticSet:
-    """Task-specific labeled synthetic set (see the module docstring)."""
+    """Task-specific labeled synthetic set (see the module docstring): images float
+    [num_images, 1, H, W] in [0, 1] and per image {"boxes" float [M, 4] x1y1x2y2, "labels"
+    int64 [M]}. ``info["label_quality"]``: the detector's mAP and loss parts against its own
+    synthetic labels (:func:`label_quality`). The detector is left unchanged."""
     canvas = int(detector.input_size)
     num_classes = int(detector.num_classes)
     gen = torch.Generator().manual_seed(seed)
@@ -89,48 +161,67 @@ def synthesize(detector: nn.Module, cfg: SynthesisConfig = SynthesisConfig(), se
     with _Frozen(detector) as model, BNStatistics(model) as stats:
         for start in range(0, cfg.num_images, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_images - start)
+            b = start // cfg.batch_size + 1
             labels = seed_labels(n, num_classes, canvas, gen, cfg.box_min_frac, cfg.box_max_frac)
-            x = torch.rand(n, 1, canvas, canvas, generator=gen).to(device).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr)
-            best, best_x, best_labels, hist = math.inf, x.detach().clone(), labels, []
-            bar = tqdm(range(cfg.iters), desc=f"synthesize {start // cfg.batch_size + 1}", disable=not progress,
-                       leave=False, mininterval=5)
-            for it in bar:
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
-                out = model(x)
-                bn = stats.losses()
-                tv1, tv2 = total_variation(x)
-                loss = cfg.r_feature * torch.stack(bn).sum() + cfg.first_bn_coef * bn[0] \
-                    + cfg.tv_l1 * tv1 + cfg.tv_l2 * tv2
-                dev_labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
-                if cfg.main_mult > 0:
-                    loss = loss + cfg.main_mult * model.loss(out, dev_labels)
-                value = loss.item()
-                hist.append(value)
-                if value < best:
-                    best, best_x, best_labels = value, x.detach().clone(), labels
-                if it in refine_at:
-                    preds = model.decode({k: [t.detach() for t in v] for k, v in out.items()},
-                                         score_threshold=cfg.refine_score, iou_threshold=cfg.refine_nms_iou)
-                    new = [refine_labels(t, {k: v.cpu() for k, v in p.items()}, canvas, cfg.match_iou,
-                                         cfg.min_area, cfg.max_area, max_labels=cfg.max_labels)
-                           for t, p in zip(labels, preds)]
-                    counts["added"] += sum(max(0, len(a["labels"]) - len(b["labels"])) for a, b in zip(new, labels))
-                    counts["removed"] += sum(max(0, len(b["labels"]) - len(a["labels"])) for a, b in zip(new, labels))
-                    labels = new
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    x.clamp_(0, 1)
-                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-            images.append(best_x.cpu())
-            targets.extend(best_labels)
+            x0 = torch.rand(n, 1, canvas, canvas, generator=gen)
+            x, labels, hist = _optimize(model, stats, x0, labels, cfg, refine_at, device, progress,
+                                        f"synthesize {b}", counts)
+            if cfg.second_pass:
+                x0 = torch.rand(n, 1, canvas, canvas, generator=gen)
+                x, labels, hist2 = _optimize(model, stats, x0, labels, cfg, set(), device, progress,
+                                             f"synthesize {b} (labels fixed)", counts)
+                hist = hist + hist2
+            if cfg.relabel:
+                labels = _relabel(model, x, labels, cfg, device)
+            images.append(x)
+            targets.extend(labels)
             history.append(hist)
+    images = torch.cat(images)
+    quality = label_quality(detector, images, targets, device=device)
     info = {"kind": "task_specific", "config": describe(cfg), "seed": seed, "refinement": counts,
-            "boxes_per_image": float(np.mean([len(t["labels"]) for t in targets]))}
-    return SyntheticSet(torch.cat(images), targets, history, info)
+            "boxes_per_image": float(np.mean([len(t["labels"]) for t in targets])), "label_quality": quality}
+    return SyntheticSet(images, targets, history, info)
+
+
+@torch.no_grad()
+def label_quality(detector: nn.Module, images: torch.Tensor, targets: list, batch_size: int = 64,
+                  device: torch.device | str = "cpu") -> dict:
+    """How well labels fit images, judged by ``detector`` (eval mode for the call):
+    {"teacher_map", "teacher_map50", "teacher_map75"} (pycocotools, x1 fractions, of its
+    predictions against ``targets``), {"loss_<part>"} (the detector's loss parts on them,
+    image-weighted mean over batches; "loss_reg" is the GIoU box loss of our FCOS) and
+    "labels_per_image". ``images``: float [N, 1, H, W] in [0, 1]; ``targets``: N dicts
+    {"boxes" [M, 4], "labels" [M]}. ValueError when the counts differ."""
+    from .interface import predict
+    from .metrics import coco_map
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise TypeError("images must be a float tensor [N, 1, H, W]")
+    if not isinstance(targets, list) or len(targets) != len(images):
+        raise ValueError(f"targets must be a list of {len(images)} dicts, got "
+                         f"{len(targets) if isinstance(targets, list) else type(targets).__name__}")
+    was = detector.training
+    detector.eval()
+    try:
+        sums: dict[str, float] = {}
+        for s in range(0, len(images), batch_size):
+            x = images[s:s + batch_size].to(device)
+            tg = [{k: v.to(device) for k, v in t.items()} for t in targets[s:s + batch_size]]
+            try:
+                _, parts = detector.loss(detector(x), tg, reduce=False)
+            except TypeError:  # a detector whose loss has no parts
+                parts = {"total": detector.loss(detector(x), tg)}
+            for k, v in parts.items():
+                sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + float(v) * len(x)
+        preds = predict(detector, images[:, 0].cpu().numpy())
+    finally:
+        detector.train(was)
+    objects = [[(*b.tolist(), int(lab)) for b, lab in zip(t["boxes"], t["labels"])] for t in targets]
+    m = coco_map(to_coco(objects, canvas=images.shape[-1], split="synthetic"), preds)
+    out = {"teacher_map": m["map"], "teacher_map50": m["map50"], "teacher_map75": m["map75"],
+           **{k: v / len(images) for k, v in sums.items()},
+           "labels_per_image": float(np.mean([len(t["labels"]) for t in targets]))}
+    return out
 
 
 def distilled_set(detector: nn.Module, num_images: int, iters: int, batch_size: int = 64, seed: int = 0,
