@@ -69,7 +69,8 @@ def summary_rows(out: dict) -> list[str]:
 def write(out: dict, command: str, stem: str = "mp_stability") -> None:
     lines = [f"## Mixed-precision stability (`{command}`)", "",
              f"Full Fashion-MNIST {out['split']} set; {out['threads']} torch thread(s); distilled data "
-             f"({NUM_SAMPLES} images, seed s) for calibration, sensitivities and the grouped search.", ""]
+             f"({NUM_SAMPLES} images, seed s) for calibration, sensitivities and the grouped search; exact "
+             f"re-evaluation in {out.get('eval_dtype', 'float32')}.", ""]
     lines += summary_rows(out)
     if out["thread_check"]:
         lines += ["", "Thread check (seed 0, same data, 1 vs 2 torch threads): same bit widths?", ""]
