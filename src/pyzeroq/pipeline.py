@@ -27,7 +27,7 @@ from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
 from .modules import act_quants, fit_bias_scales, prepare, quant_layers, set_act_mode, set_weight_bits
 from .quantizers import QUANT_CONV_TYPES, QuantConvTranspose2d
-from .reconstruct import reconstruct
+from .reconstruct import check_blocks, reconstruct
 from .sensitivity import JointEvaluator, layer_sensitivities
 from .validation import (  # noqa: F401 (FloatOpsWarning, check_calibration_data: public here too)
     WORKING_DTYPE,
@@ -384,6 +384,8 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
     if selection is not None and selection.layers != tuple(report.layers):
         raise ValueError("selection was made for another model (its layer names differ)")
+    if config.reconstruction is not None and config.reconstruction.blocks is not None:
+        check_blocks(config.reconstruction.blocks, report.layers)  # before any costly stage
     layers = quant_layers(gm)
     report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
     report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)

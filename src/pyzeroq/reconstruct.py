@@ -49,7 +49,7 @@ from .graph_split import Cut, cut, model_inputs, stage, tensor_nodes
 from .modules import act_quants, quant_layers
 from .outputs import concat_outputs, kl_divergence, output_leaves
 
-__all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "init_rounding", "round_regularizer", "beta_at",
+__all__ = ["check_blocks", "ZETA", "GAMMA", "rectified_sigmoid", "init_rounding", "round_regularizer", "beta_at",
            "AdaRoundWeight", "find_blocks", "reconstruct", "ReconstructionResult"]
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid (Sec. 4.2)
@@ -137,7 +137,9 @@ class ReconstructionResult:
 
 
 # ---------------------------------------------------------------------------- blocks
-def _validate_user_blocks(blocks, layers: list[str]) -> list[tuple[int, int]]:
+def check_blocks(blocks, layers: list[str]) -> list[tuple[int, int]]:
+    """Spans ``(start, end)`` of user-given ``blocks`` (tuples of layer names) over ``layers``;
+    ValueError naming ``reconstruction.blocks`` unless they list every layer once, in graph order."""
     flat = [n for b in blocks for n in b]
     if flat != list(layers):
         raise ValueError("reconstruction.blocks must list every quantized layer once, consecutive in graph "
@@ -293,7 +295,7 @@ def reconstruct(gm: fx.GraphModule, layers: list[str], data: torch.Tensor, cfg: 
     graph order. Deterministic for a given ``cfg.seed``.
     """
     t0 = time.perf_counter()
-    spans = _validate_user_blocks(cfg.blocks, layers) if cfg.blocks is not None else \
+    spans = check_blocks(cfg.blocks, layers) if cfg.blocks is not None else \
         find_blocks(gm, layers, data[:2])
     result = ReconstructionResult(blocks=[list(layers[a:b]) for a, b in spans])
     modules = quant_layers(gm)
