@@ -128,7 +128,8 @@ def mse_weight_range(weight: np.ndarray, bits: int, fmt: CodeFormat = UNSIGNED_A
     w = w.reshape(w.shape[0], -1)
     if w.size == 0 or not np.isfinite(w).all():
         raise ValueError("mse_weight_range: weight must be a non-empty finite [C, K] array")
-    lo, hi = np.minimum(w.min(1), 0.0), np.maximum(w.max(1), 0.0)
+    # float64 as mse_clip_range's Python floats: a * lo rounds to float32 once, the same way
+    lo, hi = np.minimum(w.min(1), 0.0).astype(np.float64), np.maximum(w.max(1), 0.0).astype(np.float64)
     best = np.stack([lo, hi], 1).astype(np.float32)
     best_err = np.full(w.shape[0], np.inf)
     out = np.empty_like(w)
