@@ -48,6 +48,7 @@ from .config import ReconstructionConfig
 from .graph_split import Cut, cut, model_inputs, stage, tensor_nodes
 from .modules import act_quants, quant_layers
 from .outputs import concat_outputs, kl_divergence, output_leaves
+from .quantizers import QuantAct
 
 __all__ = ["check_blocks", "ZETA", "GAMMA", "rectified_sigmoid", "init_rounding", "round_regularizer", "beta_at",
            "AdaRoundWeight", "find_blocks", "reconstruct", "ReconstructionResult"]
@@ -234,6 +235,20 @@ def guard_kl(gm: nn.Module, data: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- one block
+def _qdrop_hook(p: float, generator: torch.Generator):
+    """QDrop (Wei et al. 2022, "QDrop: Randomly Dropping Quantization for Extremely Low-bit
+    Post-Training Quantization", Eq. 8): during reconstruction each activation element keeps its
+    float value with probability ``p`` instead of the quantized one, which flattens the loss
+    landscape the rounding is fitted on and generalizes beyond the calibration images."""
+    def hook(module, inputs, output):
+        if not torch.is_grad_enabled():
+            return output
+        x = inputs[0]
+        keep_float = torch.rand(x.shape, generator=generator).to(x.device) < p
+        return torch.where(keep_float, x, output)
+    return hook
+
+
 def _optimize_block(stage_gm: nn.Module, layers: dict[str, nn.Module], q_in: list[torch.Tensor],
                     fp_out: list[torch.Tensor], cfg: ReconstructionConfig, index: int, progress: bool):
     """Learn the rounding of ``layers`` (name -> layer, all in ``stage_gm``); returns
@@ -246,6 +261,10 @@ def _optimize_block(stage_gm: nn.Module, layers: dict[str, nn.Module], q_in: lis
     for name, layer in layers.items():
         layer._modules["weight_quant"] = rounders[name]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    drop_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index + 500_000)
+    hooks = [] if cfg.drop_prob == 0 else [
+        q.register_forward_hook(_qdrop_hook(cfg.drop_prob, drop_gen))
+        for q in stage_gm.modules() if isinstance(q, QuantAct) and q.mode == "quantize"]
     params = [r.v for r in rounders.values()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     n = q_in[0].shape[0]
@@ -265,6 +284,9 @@ def _optimize_block(stage_gm: nn.Module, layers: dict[str, nn.Module], q_in: lis
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        for h in hooks:
+            h.remove()
+        hooks = []
         for r in rounders.values():
             r.hard = True
         after = float(_block_loss(_run(stage_gm, q_in), fp_out))
@@ -274,6 +296,8 @@ def _optimize_block(stage_gm: nn.Module, layers: dict[str, nn.Module], q_in: lis
             for name, layer in layers.items():
                 layer.weight.copy_(rounders[name](layer.weight))
     finally:
+        for h in hooks:
+            h.remove()
         for name, layer in layers.items():
             layer._modules["weight_quant"] = originals[name]
             originals[name]._cache = None
