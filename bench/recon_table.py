@@ -60,11 +60,18 @@ class Runner:
 
     def data(self, n: int, seed: int, relax: float = 0.0, augment: bool = False) -> torch.Tensor:
         key = (n, seed, relax, augment)
+        path = None if self.args.cache is None else \
+            Path(self.args.cache) / f"{self.name}_{n}_{seed}_{relax}_{augment}.pt"
+        if key not in self._data and path is not None and path.exists():
+            self._data[key] = torch.load(path)  # a set distilled by an earlier run (same call, same tensor)
         if key not in self._data:
             t0 = time.perf_counter()
             self._data[key] = distill_data(self.model, INPUT_SHAPE, num_samples=n, seed=seed, relax=relax,
                                            augment=augment, progress=False).data
             self.distill_s[str(key)] = time.perf_counter() - t0
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(self._data[key], path)
         return self._data[key]
 
     def quantize(self, data: torch.Tensor, **kw):
@@ -86,7 +93,7 @@ class Runner:
         data = self.data(a.samples, seed, relax, augment)
         held_out = self.data(GUARD_SAMPLES, seed + GUARD_SEED_OFFSET)
         twin, twin_s = self.quantize(data, weight_bits=bits, weight_range="mse")
-        rec = ReconstructionConfig(iters=a.iters, seed=seed, guard_samples=0)
+        rec = ReconstructionConfig(iters=a.iters, lr=a.lr, drop_prob=a.drop, seed=seed, guard_samples=0)
         q, seconds = self.quantize(data, weight_bits=bits, weight_range="mse", reconstruction=rec)
         kl_twin, kl_rec = guard_kl(twin.graph_module, held_out), guard_kl(q.graph_module, held_out)
         top_twin, top_rec = self.top1(twin), self.top1(q)
@@ -137,7 +144,8 @@ def markdown(r: Runner, out: dict, command: str) -> list[str]:
     lines = [f"# Low-bit accuracy on {r.name}: today vs issue-17 options", "", f"Command: `{command}`", "",
              f"Fashion-MNIST test set ({len(r.labels)} images), FP32 top-1 {pct(r.fp_top1)} %; "
              f"{torch.get_num_threads()} torch thread(s) on a shared 2-core machine; seeds {r.args.seeds}. "
-             f"Reconstruction: {r.args.samples} distilled images, {r.args.iters} iterations per block; "
+             f"Reconstruction: {r.args.samples} distilled images, {r.args.iters} iterations per block, "
+             f"lr {r.args.lr}, QDrop {r.args.drop}; "
              f"guard: {GUARD_SAMPLES} held-out distilled images.", "",
              "| setting | top-1 (%) | quantize (s) | reconstruction: unguarded / twin top-1 | guard KL recon / twin | "
              "guard kept / right |", "|---|---|---|---|---|---|"]
@@ -170,6 +178,9 @@ def main(argv=None) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="")
+    p.add_argument("--cache", default=None, help="folder to keep distilled sets between runs")
+    p.add_argument("--lr", type=float, default=ReconstructionConfig.lr)
+    p.add_argument("--drop", type=float, default=ReconstructionConfig.drop_prob)
     args = p.parse_args(argv)
     if not fashion_mnist_available():
         sys.exit("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

@@ -146,3 +146,22 @@ def test_distill_options_deterministic_and_different(one_thread):
         assert not torch.equal(a, plain)
     with pytest.raises(ValueError, match="relax"):
         distill_data(model, (1, 16, 16), **kw, relax=-1.0)
+
+
+def test_first_last_bits(one_thread):
+    model = models.load_pretrained("resnet20")
+    cfg = dict(weight_bits=3, act_bits=4, calibration="gaussian", num_samples=8, progress=False)
+    plain = zq.quantize(model, zq.QuantConfig(**cfg), input_shape=(1, 28, 28))
+    q = zq.quantize(model, zq.QuantConfig(**cfg, first_last_bits=8), input_shape=(1, 28, 28))
+    layers = q.report.layers
+    assert q.bit_widths[layers[0]] == q.bit_widths[layers[-1]] == 8
+    assert all(q.bit_widths[n] == 3 for n in layers[1:-1])
+    records = {n: r.weight.bits for n, r in zq.modules.layer_records(q.graph_module).items()}
+    assert records == q.bit_widths
+    extra = (q.report.params[layers[0]] + q.report.params[layers[-1]]) * 5 / 8
+    assert q.report.size_bytes - plain.report.size_bytes == int(extra) or \
+        abs(q.report.size_bytes - plain.report.size_bytes - extra) < 1
+    with pytest.raises(ValueError, match="first_last_bits"):
+        zq.QuantConfig(weight_bits=(2, 4), avg_weight_bits=3, first_last_bits=8)
+    with pytest.raises(ValueError, match="first_last_bits"):
+        zq.QuantConfig(first_last_bits=1)

@@ -408,6 +408,8 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
         bit_widths = selection.bit_widths
     else:
         bit_widths = {n: report.candidates[0] for n in report.layers}
+        if config.first_last_bits is not None:  # the protocol of AdaRound / BRECQ / GENIE tables
+            bit_widths[report.layers[0]] = bit_widths[report.layers[-1]] = config.first_last_bits
 
     t0 = time.perf_counter()
     _calibrate_activations(gm, data, bit_widths, config)
