@@ -47,7 +47,7 @@ from tqdm import tqdm
 from .config import ReconstructionConfig
 from .graph_split import Cut, cut, model_inputs, stage, tensor_nodes
 from .modules import act_quants, quant_layers
-from .outputs import concat_outputs, kl_divergence, output_leaves
+from .outputs import concat_outputs, output_distance, output_leaves, resolve_measure
 from .quantizers import QuantAct
 
 __all__ = ["check_blocks", "ZETA", "GAMMA", "rectified_sigmoid", "init_rounding", "round_regularizer", "beta_at",
@@ -226,12 +226,14 @@ def _block_loss(pred: tuple, target: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def guard_kl(gm: nn.Module, data: torch.Tensor) -> float:
-    """KL(FP output || quantized output) of ``gm`` on ``data`` (mean over images; logits models)."""
+def guard_kl(gm: nn.Module, data: torch.Tensor, measure: str = "auto") -> float:
+    """The guard's distance of ``gm`` on ``data`` [M, ...]: KL(FP output || quantized output), mean
+    over images, for a logits model (``measure`` "kl"); the variance-normalised MSE of every
+    returned tensor otherwise ("mse"; "auto" picks, :mod:`pyzeroq.outputs`)."""
     with _float_mode(gm):
         reference = concat_outputs([output_leaves(gm(data[i:i + EVAL_BATCH])) for i in range(0, len(data), EVAL_BATCH)])
     quantized = concat_outputs([output_leaves(gm(data[i:i + EVAL_BATCH])) for i in range(0, len(data), EVAL_BATCH)])
-    return float(kl_divergence(reference[0], quantized[0]))
+    return float(output_distance(reference, quantized, resolve_measure(reference, measure)))
 
 
 # ---------------------------------------------------------------------------- one block
