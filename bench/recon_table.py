@@ -43,7 +43,7 @@ import pyzeroq as zq
 from pyzeroq import models
 from pyzeroq.config import ReconstructionConfig
 from pyzeroq.data import fashion_mnist_available, load_fashion_mnist
-from pyzeroq.distill import distill_data
+from pyzeroq.distill import distill_data, gaussian_inputs
 from pyzeroq.reconstruct import guard_kl
 
 INPUT_SHAPE = (1, 28, 28)
@@ -103,8 +103,14 @@ class Runner:
         kl_twin, kl_rec = guard_kl(twin.graph_module, held_out), guard_kl(q.graph_module, held_out)
         top_twin, top_rec = self.top1(twin), self.top1(q)
         keep = kl_rec < kl_twin
+        # other data-free guards, for comparison: KL on Gaussian images, on DSG-relaxed + jittered
+        # held-out images (another distribution than the reconstruction set)
+        others = {"gauss": gaussian_inputs(self.model, (GUARD_SAMPLES, *INPUT_SHAPE),
+                                           torch.Generator().manual_seed(seed + GUARD_SEED_OFFSET)),
+                  "dsg": self.data(GUARD_SAMPLES, seed + GUARD_SEED_OFFSET, a.relax, True)}
+        alt = {k: (guard_kl(q.graph_module, x), guard_kl(twin.graph_module, x)) for k, x in others.items()}
         return {"top1": top_rec if keep else top_twin, "unguarded_top1": top_rec, "twin_top1": top_twin,
-                "guard_kl_recon": kl_rec, "guard_kl_twin": kl_twin, "kept": keep,
+                "guard_kl_recon": kl_rec, "guard_kl_twin": kl_twin, "kept": keep, "alt_guards": alt,
                 "guard_right": keep == (top_rec > top_twin) or top_rec == top_twin,
                 "quantize_s": seconds, "twin_s": twin_s, "reconstruction_s": q.report.timings["reconstruction"],
                 "blocks": len(q.report.reconstruction["blocks"])}
@@ -168,6 +174,15 @@ def markdown(r: Runner, out: dict, command: str) -> list[str]:
         else:
             extra = " | |"
         lines.append(f"| {label} | {top} | {secs} | {extra} |")
+    alt = [(label, x) for label, runs in out.items() for x in runs if "alt_guards" in x]
+    if alt:
+        lines += ["", "Other data-free guards (KL recon / twin; a guard is right when the lower KL goes with the "
+                  "higher test top-1):", "", "| setting | held-out distilled | Gaussian | DSG + jitter held-out | "
+                  "test top-1 recon / twin |", "|---|---|---|---|---|"]
+        for label, x in alt:
+            cells = [(x["guard_kl_recon"], x["guard_kl_twin"])] + [tuple(x["alt_guards"][k]) for k in ("gauss", "dsg")]
+            lines.append(f"| {label} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in cells) +
+                         f" | {pct(x['unguarded_top1'])} / {pct(x['twin_top1'])} |")
     lines += ["", "Distillation time per set (s): " +
               ", ".join(f"{k}: {v:.0f}" for k, v in r.distill_s.items())]
     return lines
