@@ -249,3 +249,18 @@ def test_user_blocks_are_used():
                          reconstruction=ReconstructionConfig(iters=3, batch_size=4, guard_samples=0, blocks=blocks))
     q = zq.quantize(model, cfg, input_shape=(1, 28, 28))
     assert q.report.reconstruction["blocks"] == [list(b) for b in blocks]
+
+
+def test_qdrop_hook_mixes_float_and_quantized():
+    from pyzeroq.reconstruct import _qdrop_hook
+
+    x, out = torch.zeros(10000), torch.ones(10000)
+    with torch.enable_grad():
+        mixed = _qdrop_hook(0.3, torch.Generator().manual_seed(0))(None, (x,), out)
+        assert torch.equal(_qdrop_hook(1.0, torch.Generator())(None, (x,), out), x)
+        assert torch.equal(_qdrop_hook(0.0, torch.Generator())(None, (x,), out), out)
+    assert abs(float((mixed == 0).float().mean()) - 0.3) < 0.02
+    with torch.no_grad():  # evaluation (the hard rounding, the next block's input): always quantized
+        assert torch.equal(_qdrop_hook(1.0, torch.Generator())(None, (x,), out), out)
+    with pytest.raises(ValueError, match="reconstruction.drop_prob"):
+        ReconstructionConfig(drop_prob=1.5)

@@ -78,7 +78,8 @@ class ReconstructionConfig:
         reconstruction) on which the guard compares KL(FP || quantized) before and after; the
         reconstructed weights are kept only when it is lower. 0: no guard (always keep).
     drop_prob: QDrop (Wei et al. 2022): during the optimization each activation element of the
-        block keeps its float value with this probability (0: always quantized, BRECQ).
+        block keeps its float value with this probability (0: always quantized, BRECQ; 1: the
+        rounding is fitted with float activations inside the block, AdaRound's weight-only setting).
     """
 
     iters: int = 1000
@@ -107,8 +108,8 @@ class ReconstructionConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"reconstruction.seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.drop_prob, numbers.Real) or isinstance(self.drop_prob, bool) \
-                or not 0 <= self.drop_prob < 1:
-            raise ValueError(f"reconstruction.drop_prob must be in [0, 1), got {self.drop_prob!r}")
+                or not 0 <= self.drop_prob <= 1:
+            raise ValueError(f"reconstruction.drop_prob must be in [0, 1], got {self.drop_prob!r}")
         if not _is_int(self.guard_samples) or self.guard_samples < 0:
             raise ValueError(f"reconstruction.guard_samples must be a non-negative integer, got {self.guard_samples!r}")
         if self.blocks is not None:
