@@ -188,6 +188,19 @@ def markdown(r: Runner, out: dict, command: str) -> list[str]:
     return lines
 
 
+def combine() -> None:
+    """bench/results/recon.md / .json: the per-model tables (recon_<model>.md / .json) in one file."""
+    parts = sorted(RESULTS.glob("recon_*.json"))
+    merged = {p.stem: json.loads(p.read_text()) for p in parts}
+    (RESULTS / "recon.json").write_text(json.dumps(merged, indent=1))
+    text = ["# Issue 17: low-bit accuracy, all models", "",
+            "Per-model tables as written by `bench/recon_table.py` (see each command).", ""]
+    for p in parts:
+        text += ["#" + line if line.startswith("# ") else line for line in p.with_suffix(".md").read_text().splitlines()]
+        text.append("")
+    (RESULTS / "recon.md").write_text("\n".join(text) + "\n")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet20", choices=("resnet20", "mobilenetv2"))
@@ -205,7 +218,11 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=ReconstructionConfig.lr)
     p.add_argument("--drop", type=float, default=ReconstructionConfig.drop_prob)
     p.add_argument("--weight-range", default="minmax", choices=("minmax", "mse"), help="of the recon rows")
+    p.add_argument("--combine", action="store_true", help="only merge the per-model results into recon.md")
     args = p.parse_args(argv)
+    if args.combine:
+        combine()
+        return
     if not fashion_mnist_available():
         sys.exit("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     torch.set_num_threads(args.threads)
@@ -224,6 +241,7 @@ def main(argv=None) -> None:
                                                         else o.item()))
         stem.with_suffix(".md").write_text("\n".join(markdown(r, out, command)) + "\n")
         print(list(out)[-1], [round(x["top1"] * 100, 2) for x in out[list(out)[-1]]], flush=True)
+        combine()
 
     for bits in [int(b) for b in args.bits.split(",") if b]:
         uniform_rows(r, bits, args.seeds, out, save)
