@@ -111,7 +111,7 @@ def resnet20_recon():
                 num_samples=32, progress=False)
     model = models.load_pretrained("resnet20")
     plain = zq.quantize(model, zq.QuantConfig(**base), input_shape=(1, 28, 28))
-    rec = ReconstructionConfig(iters=40, batch_size=16, guard_samples=0)
+    rec = ReconstructionConfig(iters=20, batch_size=16, guard_samples=0)
     q = zq.quantize(model, zq.QuantConfig(**base, reconstruction=rec), input_shape=(1, 28, 28))
     return model, plain, q
 
