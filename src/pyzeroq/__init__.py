@@ -26,6 +26,7 @@ if os.environ.get(_CORE_DIR_ENV):
 # public name -> (module, attribute)
 _LAZY = {
     "QuantConfig": ("pyzeroq.config", "QuantConfig"),
+    "ReconstructionConfig": ("pyzeroq.config", "ReconstructionConfig"),
     "quantize": ("pyzeroq.pipeline", "quantize"),
     "evaluate": ("pyzeroq.evaluation", "evaluate"),
     "to_integer": ("pyzeroq.integer.convert", "to_integer"),
@@ -36,7 +37,7 @@ _LAZY = {
     "get_num_threads": ("pyzeroq.threads", "get_num_threads"),
 }
 _SUBMODULES = ("ops", "data", "models", "pareto", "integer", "detection", "distill",
-               "sensitivity", "modules", "config", "export", "cli", "pipeline", "io", "threads")
+               "sensitivity", "modules", "config", "export", "cli", "pipeline", "io", "threads", "reconstruct")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 

@@ -27,6 +27,7 @@ PLATEAU_PATIENCE = 100
 PLATEAU_MIN_LR = 1e-4
 PLATEAU_FACTOR = 0.1
 CHANNELS_LAST_DIMS = 4  # inputs of this rank ([N, C, H, W]) may run in torch.channels_last
+AUGMENT_SHIFT = 2  # pixels of the random shift of distill_data(augment=True)
 
 
 class NoBatchNormError(ValueError):
@@ -67,9 +68,12 @@ class _SampleStatsLoss(torch.autograd.Function):
         mean = t.mean(dim=dims, keepdim=True)
         sq_sum = (t - mean).square_().sum(dim=dims, keepdim=True)  # one temporary, squared in place
         std = torch.sqrt(sq_sum / positions + STD_EPS)
-        target_shape = (1, -1) + (1,) * len(dims)
-        d_mean = mean - torch.as_tensor(target_mean, dtype=t.dtype, device=t.device).reshape(target_shape)
-        d_std = std - torch.as_tensor(target_std, dtype=t.dtype, device=t.device).reshape(target_shape)
+        target_mean = torch.as_tensor(target_mean, dtype=t.dtype, device=t.device)
+        target_std = torch.as_tensor(target_std, dtype=t.dtype, device=t.device)
+        # [C] (or scalar) targets shared by every sample; [N, C] per-sample targets (DSG relaxation)
+        target_shape = ((t.shape[0], -1) if target_mean.dim() == 2 else (1, -1)) + (1,) * len(dims)
+        d_mean = mean - target_mean.reshape(target_shape)
+        d_std = std - target_std.reshape(target_shape)
         ctx.save_for_backward(x, mean, std, d_mean, d_std)
         return (d_mean.square().sum() + d_std.square().sum()) / t.shape[0]
 
@@ -88,7 +92,8 @@ def sample_stats_loss(x: torch.Tensor, target_mean, target_std) -> torch.Tensor:
     """ZeroQ's statistics loss of one tensor (Eq. 3 of Cai et al. 2020, per sample as their code).
 
     ``x``: [N, C, *positions] (or [N, C]); ``target_mean`` / ``target_std``: [C] tensors or
-    scalars. Returns the 0-d tensor ``sum_{n,c} (mu_nc - target_mean_c)^2 / N +
+    scalars, or [N, C] per-sample targets (DSG's relaxed targets, :class:`BNStatistics`).
+    Returns the 0-d tensor ``sum_{n,c} (mu_nc - target_mean_c)^2 / N +
     (sigma_nc - target_std_c)^2 / N`` where ``mu_nc`` / ``sigma_nc`` are the mean and
     ``sqrt(population variance + STD_EPS)`` of sample n, channel c over all positions.
     Differentiable in ``x`` (closed-form backward); ValueError for fewer than 2 dims.
@@ -104,7 +109,9 @@ class BNStatistics:
     distillation and the detection data synthesis.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, relax: float = 0.0):
+        self.relax = float(relax)
+        self._targets: list | None = None
         self.layers = batchnorm_layers(model)
         if not self.layers:
             raise NoBatchNormError(
@@ -118,12 +125,33 @@ class BNStatistics:
             self._inputs[index] = inputs[0]
         return hook
 
+    def draw_targets(self, n: int, generator: torch.Generator) -> None:
+        """Per-sample relaxed targets for the next batch of ``n`` images (``relax`` > 0): for every
+        BN, sample and channel ``mean + relax * std * e1`` and ``std * max(1 + relax * e2, 0.1)``,
+        e1, e2 ~ N(0, 1) from ``generator`` -- the slack of DSG (Zhang et al. 2021, "Diversifying
+        Sample Generation for Accurate Data-Free Quantization", Sec. 3.2: each sample need not
+        match the BN statistics exactly, which diversifies the samples), written as random
+        per-sample targets. ``relax == 0``: the running statistics for every sample (ZeroQ)."""
+        if self.relax == 0:
+            self._targets = None
+            return
+        targets = []
+        for _, bn in self.layers:
+            mean, std = bn.running_mean, torch.sqrt(bn.running_var + STD_EPS)
+            e1 = torch.randn((n, mean.numel()), generator=generator).to(mean.device, mean.dtype)
+            e2 = torch.randn((n, mean.numel()), generator=generator).to(mean.device, mean.dtype)
+            targets.append((mean + self.relax * std * e1, std * torch.clamp(1 + self.relax * e2, min=0.1)))
+        self._targets = targets
+
     def losses(self) -> list[torch.Tensor]:
         out = []
-        for (name, bn), x in zip(self.layers, self._inputs):
+        for i, ((name, bn), x) in enumerate(zip(self.layers, self._inputs)):
             if x is None:
                 raise RuntimeError(f"BatchNorm {name!r} was not reached by the last forward pass")
-            out.append(sample_stats_loss(x, bn.running_mean, torch.sqrt(bn.running_var + STD_EPS)))
+            if self._targets is not None:
+                out.append(sample_stats_loss(x, *self._targets[i]))
+            else:
+                out.append(sample_stats_loss(x, bn.running_mean, torch.sqrt(bn.running_var + STD_EPS)))
         return out
 
     def loss(self) -> torch.Tensor:
@@ -191,9 +219,24 @@ def input_memory_format(model: nn.Module, example: torch.Tensor) -> torch.memory
     return torch.channels_last
 
 
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random jitter of the batch ``x`` [N, C, H, W] (differentiable): a circular shift by up
+    to ``AUGMENT_SHIFT`` pixels per spatial axis and a horizontal flip with probability 1/2, the
+    same for the whole batch, drawn from ``generator`` -- DeepInversion's jitter and flip (Yin et
+    al. 2020, "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", Sec. 3.2).
+    Other ranks are returned unchanged."""
+    if x.dim() != CHANNELS_LAST_DIMS:
+        return x
+    dy, dx, flip = torch.randint(-AUGMENT_SHIFT, AUGMENT_SHIFT + 1, (3,), generator=generator).tolist()
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if flip > 0 else x
+
+
 def _distill_batch(model: nn.Module, stats: BNStatistics, captured: dict, x: torch.Tensor, iters: int,
-                   lr: float, bar_label: str, progress: bool) -> tuple[list[float], float]:
-    """Optimize the leaf ``x`` in place; returns (loss per iteration, loss after the last step)."""
+                   lr: float, bar_label: str, progress: bool,
+                   jitter: torch.Generator | None = None) -> tuple[list[float], float]:
+    """Optimize the leaf ``x`` in place; returns (loss per iteration, loss after the last step).
+    ``jitter``: a generator for :func:`augment` at every step (None: no augmentation)."""
     opt = torch.optim.Adam([x], lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, min_lr=PLATEAU_MIN_LR)
@@ -201,7 +244,7 @@ def _distill_batch(model: nn.Module, stats: BNStatistics, captured: dict, x: tor
     history = []
     for _ in bar:
         opt.zero_grad(set_to_none=True)
-        model(x)
+        model(x if jitter is None else augment(x, jitter))
         loss = stats.loss() + input_statistics_loss(captured.get("z", x))
         loss.backward()
         opt.step()
@@ -218,16 +261,23 @@ def _distill_batch(model: nn.Module, stats: BNStatistics, captured: dict, x: tor
 
 def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: int = 32,
                  iters: int = 500, batch_size: int = 32, lr: float = 0.5, seed: int = 0,
-                 device: torch.device | str = "cpu", progress: bool = True) -> DistillResult:
+                 device: torch.device | str = "cpu", progress: bool = True, relax: float = 0.0,
+                 augment: bool = False) -> DistillResult:
     """Generate ``num_samples`` distilled inputs of shape ``input_shape`` (no batch dim).
 
     Adam (lr 0.5) with a reduce-on-plateau schedule, ``iters`` steps per batch of
     ``batch_size``, starting from N(0, 1) in the normalized domain — the defaults of
     the paper's public code. The model is used in eval mode and left unchanged; it runs in
     the layout :func:`input_memory_format` picks; ``data`` is returned contiguous.
+
+    relax: DSG-style per-sample relaxed BN targets (:meth:`BNStatistics.draw_targets`; 0: ZeroQ).
+    augment: random shift / flip at every step (:func:`augment`). Both draw from the seeded
+    generator: the same arguments give the same images. ValueError for bad sizes or relax < 0.
     """
     if num_samples < 1 or batch_size < 1 or iters < 0:
         raise ValueError("num_samples and batch_size must be >= 1 and iters >= 0")
+    if not relax >= 0:
+        raise ValueError(f"relax must be >= 0, got {relax!r}")
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -237,7 +287,7 @@ def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: in
     normalizer = find_normalizer(model)
     batches, history, finals = [], [], []
     try:
-        with BNStatistics(model) as stats:
+        with BNStatistics(model, relax) as stats:
             captured = {}
             handle = normalizer.register_forward_hook(lambda m, i, o: captured.__setitem__("z", o)) \
                 if normalizer is not None else None
@@ -249,8 +299,10 @@ def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: in
                     if layout is None:
                         layout = input_memory_format(model, x)
                     x = x.contiguous(memory_format=layout).requires_grad_(True)
+                    stats.draw_targets(n, generator)
                     hist, final = _distill_batch(model, stats, captured, x, iters, lr,
-                                                 f"distill {start // batch_size + 1}", progress)
+                                                 f"distill {start // batch_size + 1}", progress,
+                                                 generator if augment else None)
                     history.extend(hist)
                     finals.append(final)
                     batches.append(x.detach())

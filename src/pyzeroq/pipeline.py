@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
 from .modules import act_quants, fit_bias_scales, prepare, quant_layers, set_act_mode, set_weight_bits
 from .quantizers import QUANT_CONV_TYPES, QuantConvTranspose2d
+from .reconstruct import check_blocks, reconstruct
 from .sensitivity import JointEvaluator, layer_sensitivities
 from .validation import (  # noqa: F401 (FloatOpsWarning, check_calibration_data: public here too)
     WORKING_DTYPE,
@@ -64,6 +65,7 @@ class QuantReport:
     float_ops: list[str] = field(default_factory=list)
     distill_loss: tuple[float, float] | None = None
     relaxation: dict | None = None
+    reconstruction: dict | None = None  # pyzeroq.reconstruct.ReconstructionResult as a dict
     notes: list[str] = field(default_factory=list)  # what quantize adapted (e.g. a float64 model)
     # weight scales fitted for an exact int32 bias (pyzeroq.bias): layer, channel, reason, action,
     # bias, old / new scale and zero point
@@ -194,8 +196,24 @@ def calibration_data(model: nn.Module, config: QuantConfig, input_shape=None):
                                config.device), None
     result = distill_data(model, shape, num_samples=config.num_samples, iters=config.distill_iters,
                           batch_size=config.distill_batch_size, lr=config.distill_lr, seed=config.seed,
-                          device=config.device, progress=config.progress)
+                          device=config.device, progress=config.progress, relax=config.distill_relax,
+                          augment=config.distill_augment)
     return result.data, (result.initial_loss, result.final_loss)
+
+
+def guard_data(model: nn.Module, config: QuantConfig, input_shape=None) -> torch.Tensor | None:
+    """Held-out images for the reconstruction guard (``config.reconstruction.guard_samples``; None
+    when 0): distilled (or Gaussian) like the calibration data but from seed ``config.seed + 1``,
+    so the reconstruction never sees them; with ``calibration="real"`` the calibration images
+    after the first ``num_samples`` (None when there are none)."""
+    n = config.reconstruction.guard_samples
+    if n == 0:
+        return None
+    if config.calibration == "real":
+        rest = check_calibration_data(config.calibration_data, input_shape)[config.num_samples:]
+        return rest[:n].to(WORKING_DTYPE).to(config.device) if len(rest) else None
+    held_out = replace(config, num_samples=n, seed=config.seed + 1, progress=False, reconstruction=None)
+    return calibration_data(model, held_out, input_shape)[0]
 
 
 @torch.no_grad()
@@ -313,8 +331,10 @@ def _record_selection(report: QuantReport, selection: Selection, cost: np.ndarra
 def _mixed_precision(gm, data, config: QuantConfig, report: QuantReport, selection: Selection | None):
     """Sensitivities, then the given or a new :class:`Selection`; fills the report."""
     t0 = time.perf_counter()
+    if config.sensitivity_act_quant:  # activation-aware: ranges from the largest candidate's weights
+        _calibrate_activations(gm, data, {n: report.candidates[-1] for n in report.layers}, config)
     names, omega = layer_sensitivities(gm, data, report.candidates, progress=config.progress,
-                                       measure=report.sensitivity_measure)
+                                       measure=report.sensitivity_measure, act_quant=config.sensitivity_act_quant)
     report.sensitivity = {n: {b: float(omega[i, j]) for j, b in enumerate(report.candidates)}
                           for i, n in enumerate(names)}
     report.timings["sensitivity"] = time.perf_counter() - t0
@@ -358,11 +378,15 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
                        weight_format=config.weight_format, act_format=config.act_format)
     gm.to(config.device)
     _check_surgery(work, gm, config, shape)
+    for layer in quant_layers(gm).values():
+        layer.weight_quant.weight_range = config.weight_range
     report.layers = list(info.layers)
     if not report.layers:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
     if selection is not None and selection.layers != tuple(report.layers):
         raise ValueError("selection was made for another model (its layer names differ)")
+    if config.reconstruction is not None and config.reconstruction.blocks is not None:
+        check_blocks(config.reconstruction.blocks, report.layers)  # before any costly stage
     layers = quant_layers(gm)
     report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
     report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)
@@ -385,15 +409,34 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
         bit_widths = selection.bit_widths
     else:
         bit_widths = {n: report.candidates[0] for n in report.layers}
+        if config.first_last_bits is not None:  # the protocol of AdaRound / BRECQ / GENIE tables
+            bit_widths[report.layers[0]] = bit_widths[report.layers[-1]] = config.first_last_bits
 
     t0 = time.perf_counter()
     _calibrate_activations(gm, data, bit_widths, config)
     report.bias_adjustments = fit_bias_scales(gm, config.bias_overflow)
     report.timings["activation_calibration"] = time.perf_counter() - t0
+    if config.reconstruction is not None:
+        _reconstruct(work, gm, data, shape, config, report)
     report.size_bytes = _size_bytes(gm, report, bit_widths)
     report.fp_size_bytes = int(sum(p.numel() for p in model.parameters()) * FLOAT_BITS / BITS_PER_BYTE)
     gm.eval()
     return QuantizedModel(gm, bit_widths, config.act_bits, report, config, selection)
+
+
+def _reconstruct(work: nn.Module, gm: nn.Module, data: torch.Tensor, shape, config: QuantConfig,
+                 report: QuantReport) -> None:
+    """Block reconstruction of the weight rounding (:mod:`pyzeroq.reconstruct`) with its guard;
+    fills ``report.reconstruction`` and the timings."""
+    t0 = time.perf_counter()
+    holdout = guard_data(work, config, shape)
+    report.timings["guard_data"] = time.perf_counter() - t0
+    result = reconstruct(gm, report.layers, data, config.reconstruction, holdout, progress=config.progress)
+    report.reconstruction = asdict(result)
+    report.timings["reconstruction"] = result.seconds
+    if not result.kept:
+        report.notes.append(f"reconstruction rejected by its guard (held-out KL {result.guard_kl_after:.4g} >= "
+                            f"{result.guard_kl_before:.4g} before): the round-to-nearest weights are kept")
 
 
 @contextmanager

@@ -41,12 +41,13 @@ from .qspec import INT32_MAX, INT32_MIN, UNSIGNED_ASYMMETRIC, CodeFormat, LayerQ
 
 __all__ = ["BitWidthMismatchError", "Quantizer", "QuantAct", "WeightQuant", "QuantConv2d", "QuantConv1d", "QuantLinear",
            "QuantConvTranspose2d", "ChannelAffine", "QuantChannelAffine", "QUANT_LAYER_TYPES", "QUANT_CONV_TYPES",
-           "lsq_fake_quantize", "lsq_round_ste", "mse_clip_range"]
+           "lsq_fake_quantize", "lsq_round_ste", "mse_clip_range", "mse_weight_range", "WEIGHT_RANGES"]
 
 ACT_SAMPLE_CAP = 1 << 22  # values kept per quantizer for percentile / MSE calibration
 MSE_CLIP_STEPS = 100  # the MSE range search tries [a * min, a * max] for a = k / MSE_CLIP_STEPS
 MIN_LEARNED_SCALE = 1e-8  # a learned step is used as max(|s|, this)
 MODES = ("off", "observe", "quantize")
+WEIGHT_RANGES = ("minmax", "mse")  # WeightQuant.weight_range (QuantConfig.weight_range)
 
 
 # ---------------------------------------------------------------------------- LSQ autograd
@@ -108,6 +109,38 @@ def mse_clip_range(values: np.ndarray, bits: int, fmt: CodeFormat = UNSIGNED_ASY
         err = float(np.square(out.astype(np.float64) - values).sum())
         if err < best_err:
             best, best_err = (float(rng[0]), float(rng[1])), err
+    return best
+
+
+def mse_weight_range(weight: np.ndarray, bits: int, fmt: CodeFormat = UNSIGNED_ASYMMETRIC,
+                     axis: Optional[int] = 0) -> np.ndarray:
+    """float32 [C, 2] (or [2] for ``axis=None``): per output channel the clipping range
+    ``[a * min_c, a * max_c]`` (``a = k / MSE_CLIP_STEPS``, k = 1..steps, ``min_c <= 0 <= max_c``)
+    whose ``bits``-bit fake quantization in format ``fmt`` of that channel's weights has the
+    least squared error (float64 sum; ties go to the widest range) -- :func:`mse_clip_range`
+    applied to every row of ``weight`` [C, K] at once (one fake quantization of the whole
+    tensor per ``a``). The "MSE weight ranges" of AdaRound (Nagel et al. 2020, Sec. 5) and
+    BRECQ (Li et al. 2021). Pass the result to ``fmt.params(range, bits, axis=0)``.
+    """
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if axis is None:
+        return np.asarray(mse_clip_range(w.reshape(-1), bits, fmt), dtype=np.float32)
+    w = w.reshape(w.shape[0], -1)
+    if w.size == 0 or not np.isfinite(w).all():
+        raise ValueError("mse_weight_range: weight must be a non-empty finite [C, K] array")
+    # float64 as mse_clip_range's Python floats: a * lo rounds to float32 once, the same way
+    lo, hi = np.minimum(w.min(1), 0.0).astype(np.float64), np.maximum(w.max(1), 0.0).astype(np.float64)
+    best = np.stack([lo, hi], 1).astype(np.float32)
+    best_err = np.full(w.shape[0], np.inf)
+    out = np.empty_like(w)
+    for k in range(MSE_CLIP_STEPS, 0, -1):  # widest first: strict "<" keeps it on ties
+        a = k / MSE_CLIP_STEPS
+        rng = np.stack([a * lo, a * hi], 1).astype(np.float32)
+        scale, zp = fmt.params(rng, bits, axis=0)
+        ops.fake_quantize(w, scale, zp, bits, axis=0, out=out, **fmt.range_flags)
+        err = np.square(out.astype(np.float64) - w).sum(1)
+        better = err < best_err
+        best[better], best_err[better] = rng[better], err[better]
     return best
 
 
@@ -293,6 +326,7 @@ class WeightQuant(Quantizer):
     def __init__(self, bits: Optional[int], channels: Optional[int] = None, fmt: CodeFormat = UNSIGNED_ASYMMETRIC):
         super().__init__(bits, channels, fmt)
         self._cache = None
+        self.weight_range = "minmax"  # or "mse": :func:`mse_weight_range` (set by the pipeline)
 
     @torch.no_grad()
     def calibrate(self, weight: torch.Tensor, bits: Optional[int]) -> None:
@@ -303,6 +337,8 @@ class WeightQuant(Quantizer):
             return
         w = weight.detach().float().cpu()
         w = w.reshape(w.shape[0], -1).contiguous() if self.axis == 0 else w.reshape(-1).contiguous()
+        if self.weight_range == "mse":
+            w = torch.from_numpy(mse_weight_range(w.numpy(), bits, self.fmt, self.axis))
         scale, zp = self.fmt.params(w, bits, axis=self.axis)
         self.set_params(scale, zp)
         self.mode = "quantize"

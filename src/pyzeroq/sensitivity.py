@@ -25,7 +25,7 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 
 from .graph_split import Cut, cut, model_inputs, stage, tensor_nodes
-from .modules import quant_layers, set_act_mode, set_weight_bits
+from .modules import act_quants, quant_layers, set_act_mode, set_weight_bits
 from .outputs import concat_outputs, kl_divergence, output_distance, output_leaves, resolve_measure
 
 __all__ = ["layer_sensitivities", "JointEvaluator", "kl_divergence"]
@@ -54,16 +54,25 @@ def _forward_leaves(model: nn.Module, data: torch.Tensor, batch_size: int) -> li
 @torch.no_grad()
 def layer_sensitivities(gm: nn.Module, data: torch.Tensor, candidates: tuple[int, ...],
                         batch_size: int = 256, progress: bool = False,
-                        measure: str = "auto") -> tuple[list[str], np.ndarray]:
+                        measure: str = "auto", act_quant: bool = False) -> tuple[list[str], np.ndarray]:
     """Omega[i, b] for every quantized layer i and candidate bit width b (activations float):
     the distance ``measure`` (:mod:`pyzeroq.outputs`: "kl" = ZeroQ Eq. 2 on logits, "mse" =
     variance-normalised squared error summed over the returned tensors, "auto") between the
-    float model's output and the output with layer i's weights at b bits."""
+    float model's output and the output with layer i's weights at b bits.
+
+    act_quant: activation-aware sensitivity -- the perturbed outputs run with the activation
+    quantizers quantizing (they must be calibrated: mode "quantize"), the reference stays the
+    float model; every layer then pays the same activation error, and Omega_i(b) measures what
+    b-bit weights add to it (what matters at low-bit activations, where the two interact)."""
     layers = quant_layers(gm)
+    if act_quant and not any(q.mode == "quantize" for q in act_quants(gm).values()):
+        raise ValueError("act_quant=True needs calibrated activation quantizers (mode 'quantize')")
     set_act_mode(gm, "off")
     set_weight_bits(gm, None)
     reference = _forward_leaves(gm, data, batch_size)
     measure = resolve_measure(reference, measure)
+    if act_quant:
+        set_act_mode(gm, "quantize")
     names = list(layers)
     omega = np.zeros((len(names), len(candidates)), dtype=np.float64)
     for i, name in enumerate(tqdm(names, desc="sensitivity", disable=not progress, leave=False)):
