@@ -1,0 +1,144 @@
+"""Data-parallel detection synthesis and QAT (pyzeroq.detection.distributed): two CPU
+processes (gloo, torch.multiprocessing.spawn) against one process with the same global batch.
+
+Tolerances: the synthesized set must be bitwise equal (whole batches are sharded, each runs the
+one-process computation). QAT: the two-process gradient is the sum of two shard gradients
+instead of one batch's and the normalizers are summed in another order, so the step-0 loss
+agrees to float32 rounding (measured 5e-8 relative). Weights: many gradients are near-zero
+sums of cancelling terms (the student starts as the teacher), whose rounding error is large
+relative to them, and Adam's normalized update g / (sqrt(v) + eps) turns that into a
+difference of a fraction of ``lr`` per step: measured max |difference| 1.3e-5 after one
+step and 8.2e-6 after four (lr 1e-3), so atol = 0.05 * lr, 46x below the largest move of
+the weights (checked > 20 * atol). A task loss normalized per process instead of globally
+fails it by 70x (3.5e-3).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pyzeroq.detection import distributed as ddp
+from pyzeroq.detection.config import QATConfig, SynthesisConfig
+from pyzeroq.detection.model import FCOSDetector
+from pyzeroq.detection.qat import prepare_qat, run_qat
+from pyzeroq.detection.synthesis import synthesize
+
+CANVAS = 64
+LR = 1e-3
+ATOL = 0.05 * LR   # measured max |difference| 8.2e-6 = 0.008 * LR (moves: 2.3e-3)
+QAT = QATConfig(weight_bits=4, act_bits=8, steps=4, batch_size=5, lr=LR, step_lr=1e-4, w_task=1.0,
+                ema_decay=0.9, grad_clip=1.0, warmup=0.25)
+SYN = SynthesisConfig(num_images=6, batch_size=2, iters=4, refine_every=0.25, refine_start=0.25,
+                      refine_end=0.75, refine_score=0.05)
+
+
+def _detector() -> FCOSDetector:
+    torch.manual_seed(0)
+    return FCOSDetector(widths=(4, 4, 4, 4, 4), fpn_width=8, head_convs=1, input_size=CANVAS).eval()
+
+
+def _run(rank: int, world: int, port: int, out: str) -> None:
+    """Synthesis + QAT in one of ``world`` processes; rank 0 saves the results to ``out``."""
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        det = _detector()
+        syn = synthesize(det, SYN, seed=3, progress=False)
+        student = prepare_qat(det, QAT)
+        log = run_qat(student, det, syn.images, syn.targets, QAT, seed=1, progress=False)
+        refused = None
+        if world > 1:
+            try:
+                run_qat(prepare_qat(det, QAT), det, syn.images, syn.targets,
+                        QATConfig(steps=1, batch_size=5, train_bn_stats=True), progress=False)
+            except ValueError as exc:
+                refused = str(exc)
+        if ddp.is_main():
+            torch.save({"images": syn.images, "targets": syn.targets, "info": syn.info, "log": log,
+                        "state": student.state_dict(), "refused": refused}, out)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    _run(0, 1, 0, str(d / "one.pt"))
+    mp.spawn(_run, args=(2, _free_port(), str(d / "two.pt")), nprocs=2, join=True)
+    load = lambda n: torch.load(d / n, weights_only=False)  # noqa: E731
+    return load("one.pt"), load("two.pt")
+
+
+def test_two_processes_synthesize_the_one_process_set(runs):
+    one, two = runs
+    assert torch.equal(one["images"], two["images"])
+    assert len(one["targets"]) == len(two["targets"]) == SYN.num_images
+    for a, b in zip(one["targets"], two["targets"]):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+    assert one["info"]["refinement"] == two["info"]["refinement"]
+    assert one["info"]["label_quality"] == two["info"]["label_quality"]
+
+
+def test_two_processes_train_the_one_process_weights(runs):
+    one, two = runs
+    start = prepare_qat(_detector(), QAT).state_dict()
+    moved = 0.0
+    for k, a in one["state"].items():
+        b = two["state"][k]
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=ATOL, msg=lambda m, k=k: f"{k}: {m}")
+            if k in start and "act_quant" not in k:  # act ranges are set by calibration, not training
+                moved = max(moved, float((a - start[k]).abs().max()))
+        else:
+            assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b), k
+    assert moved > 20 * ATOL  # training moved the weights far beyond the tolerance
+    assert len(one["log"]["loss"]) == len(two["log"]["loss"]) == QAT.steps
+    # step 0 (equal weights): the sum over ranks is the one-process loss up to float32 rounding
+    assert two["log"]["loss"][0] == pytest.approx(one["log"]["loss"][0], rel=1e-6)  # measured 5e-8
+    torch.testing.assert_close(torch.tensor(two["log"]["loss"]), torch.tensor(one["log"]["loss"]), rtol=1e-4, atol=0)
+    parts1, parts2 = one["log"]["parts"], two["log"]["parts"]
+    assert set(parts1) == set(parts2) == {"task", "kd", "mse", "head"}
+    assert parts2["task"] == pytest.approx(parts1["task"], rel=1e-4)
+    for k in ("kd", "mse", "head"):  # tiny (~1e-5) teacher-student gaps: the weight differences show (~2 %)
+        assert parts2[k] == pytest.approx(parts1[k], rel=0.1)
+    assert "train_bn_stats" in two["refused"]
+
+
+def test_single_process_has_no_data_parallel_context():
+    assert not torch.distributed.is_initialized()
+    assert ddp.data_parallel() is None and ddp.is_main()
+    x = torch.tensor([3.0, 4.0])
+    assert ddp.global_sum(x) is x
+
+
+def test_backend_and_env(monkeypatch):
+    assert ddp.backend_for("cpu") == "gloo" and ddp.backend_for("cuda") == "nccl"
+    assert ddp.backend_for("cuda:1") == "nccl"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert ddp.init_from_env("cpu") == "cpu"
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        ddp.init_from_env("cpu")
+
+
+def test_scale_parts_keeps_a_globally_normalized_task_loss():
+    parts = {"task": torch.tensor(2.0), "kd": torch.tensor(4.0)}
+    out = ddp.DataParallel.scale_parts(parts, 3, 4, global_task=True)
+    assert out["task"].item() == 2.0 and out["kd"].item() == 3.0
+    out = ddp.DataParallel.scale_parts(parts, 3, 4, global_task=False)
+    assert out["task"].item() == 1.5
+    assert ddp.global_loss(_detector()) and not ddp.global_loss(torch.nn.Linear(1, 1))
