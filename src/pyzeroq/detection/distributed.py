@@ -80,8 +80,8 @@ def init_from_env(device: torch.device | str = "cpu") -> str:
         raise ValueError(f"WORLD_SIZE / LOCAL_RANK must be integers: {exc}") from exc
     if world <= 1:
         return device
-    if torch.device(device).type == "cuda" and torch.device(device).index is None:
-        device = f"cuda:{local}"
+    if torch.device(device).type == "cuda":  # "cuda": one GPU per process; an explicit index is kept
+        device = f"cuda:{local}" if torch.device(device).index is None else device
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device))
@@ -127,11 +127,12 @@ class DataParallel:
         self.world = dist.get_world_size()
 
     # ---------------------------------------------------------------- QAT
-    def check_qat(self, cfg) -> None:
+    def check_qat(self, cfg, num_images: int) -> None:
         """ValueError for QAT settings that cannot match one process."""
-        if cfg.batch_size < self.world:
-            raise ValueError(f"batch_size: the global batch ({cfg.batch_size}) must hold at least one image per "
-                             f"process ({self.world} processes)")
+        batch = min(cfg.batch_size, num_images)
+        if batch < self.world:
+            raise ValueError(f"batch_size: the global batch ({batch}: batch_size {cfg.batch_size}, {num_images} "
+                             f"images) must hold at least one image per process ({self.world} processes)")
         if cfg.train_bn_stats:
             raise ValueError("train_bn_stats: BN running statistics cannot be updated identically from shards; "
                              "use train_bn_stats=False (the default) with several processes")

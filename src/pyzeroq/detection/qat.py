@@ -210,7 +210,7 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
     calibrate(student, images, device)
     dp = ddp.data_parallel()
     if dp is not None:
-        dp.check_qat(cfg)
+        dp.check_qat(cfg, len(images))
         dp.broadcast_state(student)
     log = {"steps": cfg.steps, "loss": [], "parts": {}}
     if cfg.steps == 0:
