@@ -60,9 +60,19 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
                     run_qat(prepare_qat(det, cfg), det, syn.images[:n], syn.targets[:n], cfg, progress=False)
                 except ValueError as exc:
                     refused.append(str(exc))
+        states = [student.state_dict()]
+        grads = None
+        if world > 1:
+            dp = ddp.data_parallel()
+            states = dp.gather(student.state_dict())   # every rank's weights
+            a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+            if rank == 0:
+                a.grad = torch.tensor([1.0, 2.0])
+            dp.reduce_gradients([a, b])
+            grads = dp.gather((a.grad.tolist(), b.grad))
         if ddp.is_main():
             torch.save({"images": syn.images, "targets": syn.targets, "info": syn.info, "log": log,
-                        "state": student.state_dict(), "refused": refused}, out)
+                        "state": student.state_dict(), "refused": refused, "states": states, "grads": grads}, out)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
@@ -143,3 +153,13 @@ def test_scale_parts_keeps_a_globally_normalized_task_loss():
     out = ddp.DataParallel.scale_parts(parts, 3, 4, global_task=False)
     assert out["task"].item() == 1.5
     assert ddp.global_loss(_detector()) and not ddp.global_loss(torch.nn.Linear(1, 1))
+
+
+def test_ranks_hold_equal_weights_and_gradients(runs):
+    _, two = runs
+    assert len(two["states"]) == 2
+    for k, v in two["states"][0].items():  # clipping, Adam and EMA ran identically on both ranks
+        w = two["states"][1][k]
+        assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, k
+    # a gradient on one rank only reaches both; a parameter without any gradient keeps None
+    assert two["grads"] == [([1.0, 2.0], None), ([1.0, 2.0], None)]

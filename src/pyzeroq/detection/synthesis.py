@@ -16,7 +16,8 @@ predictions at regular iterations (``refine_every``, a fraction of the run); the
 those labels fixed, and optionally (``relabel``) the labels are replaced by the
 detector's predictions on the final images. ``info["label_quality"]`` records the
 detector's mAP and box loss against the final labels. The detector is used in eval mode
-and left unchanged.
+and left unchanged. Several processes (``torchrun``) share out whole batches
+(:mod:`pyzeroq.detection.distributed`).
 """
 
 from __future__ import annotations
