@@ -11,8 +11,7 @@ Modules: scenes (data), model (FCOS detector), interface (detector protocol, pre
 nms, metrics (pycocotools), sampling (seed labels, box refinement), synthesis
 (stage 1; label_quality), qat (stage 2, on the shared quantizers of pyzeroq.quantizers:
 learned-step LSQ mode), kd (stage 2's distillation targets: every call of shared modules,
-EMA of the weights), distributed (data-parallel synthesis and QAT under torchrun),
-api (quantize_detector, save/load), train, cli.
+EMA of the weights), api (quantize_detector, save/load), train, cli.
 """
 
 from .api import load_detector, load_pretrained_detector, quantize_detector, save_detector
