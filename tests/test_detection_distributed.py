@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pyzeroq.detection import distributed as ddp
+from pyzeroq.detection.cli import main
 from pyzeroq.detection.config import QATConfig, SynthesisConfig
 from pyzeroq.detection.model import FCOSDetector
 from pyzeroq.detection.qat import prepare_qat, run_qat
@@ -42,12 +43,22 @@ def _detector() -> FCOSDetector:
     return FCOSDetector(widths=(4, 4, 4, 4, 4), fpn_width=8, head_convs=1, input_size=CANVAS).eval()
 
 
+def _cli(out_dir: str, rank: int) -> int:
+    """The CLI on the committed detector, a few images and steps; each rank names its own output
+    (only rank 0's may appear)."""
+    args = ["detect-quantize", "--num-images", "4", "--synth-iters", "2", "--qat-steps", "2", "--quiet",
+            "--out", os.path.join(out_dir, f"cli{rank}.pt")]
+    return main(args)
+
+
 def _run(rank: int, world: int, port: int, out: str) -> None:
-    """Synthesis + QAT in one of ``world`` processes; rank 0 saves the results to ``out``."""
+    """Synthesis + QAT in one of ``world`` processes (process group from torchrun's environment
+    variables, as the CLI does); rank 0 saves the results to ``out``; then the CLI."""
     torch.set_num_threads(1)
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))
+        assert ddp.init_from_env("cpu") == "cpu" and torch.distributed.get_backend() == "gloo"
     try:
         det = _detector()
         syn = synthesize(det, SYN, seed=3, progress=False)
@@ -73,6 +84,7 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
         if ddp.is_main():
             torch.save({"images": syn.images, "targets": syn.targets, "info": syn.info, "log": log,
                         "state": student.state_dict(), "refused": refused, "states": states, "grads": grads}, out)
+        assert _cli(os.path.dirname(out), rank) == 0
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
@@ -86,11 +98,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp")
-    _run(0, 1, 0, str(d / "one.pt"))
-    mp.spawn(_run, args=(2, _free_port(), str(d / "two.pt")), nprocs=2, join=True)
-    load = lambda n: torch.load(d / n, weights_only=False)  # noqa: E731
-    return load("one.pt"), load("two.pt")
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    _run(0, 1, 0, str(one / "run.pt"))
+    mp.spawn(_run, args=(2, _free_port(), str(two / "run.pt")), nprocs=2, join=True)
+    return torch.load(one / "run.pt", weights_only=False), {**torch.load(two / "run.pt", weights_only=False),
+                                                             "dir": two, "one_dir": one}
 
 
 def test_two_processes_synthesize_the_one_process_set(runs):
@@ -163,3 +175,17 @@ def test_ranks_hold_equal_weights_and_gradients(runs):
         assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, k
     # a gradient on one rank only reaches both; a parameter without any gradient keeps None
     assert two["grads"] == [([1.0, 2.0], None), ([1.0, 2.0], None)]
+
+
+def test_cli_under_two_processes(runs):
+    one, two = runs
+    assert not (two["dir"] / "cli1.pt").exists()  # only rank 0 writes
+    a = torch.load(two["one_dir"] / "cli0.pt", weights_only=True)["state_dict"]
+    b = torch.load(two["dir"] / "cli0.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    lr = QATConfig().lr
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            torch.testing.assert_close(b[k], v, rtol=1e-4, atol=0.05 * lr, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            assert torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k], k
