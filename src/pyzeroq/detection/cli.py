@@ -3,6 +3,12 @@
     pyzeroq detect-quantize --weight-bits 4 --act-bits 8 --out detector_w4a8.pt
     pyzeroq detect-quantize --calibration distilled --qat-steps 0 --out ptq.pt   # PTQ baseline
 
+Data-parallel (one process per CPU slot or GPU; the same result as one process with the
+same global batch, see :mod:`pyzeroq.detection.distributed`; rank 0 writes the files)::
+
+    torchrun --nproc_per_node=2 -m pyzeroq.detection.cli detect-quantize --out q.pt               # gloo
+    torchrun --nproc_per_node=8 -m pyzeroq.detection.cli detect-quantize --device cuda --out q.pt  # NCCL
+
 The lead wires :func:`add_parsers` into pyzeroq/cli.py; :func:`run` is the handler.
 """
 
@@ -77,19 +83,23 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
+    from . import distributed as ddp
     from .api import calibration_set, load_detector, load_pretrained_detector, quantize_detector
     from .metrics import evaluate_detector
     from .scenes import make_scenes
     from .synthesis import plot_samples
 
     check_args(args)
+    args.device = ddp.init_from_env(args.device)   # under torchrun: process group, cuda:<LOCAL_RANK>
     cfg = build_config(args)
     fp = load_detector(args.detector, device=args.device) if args.detector else load_pretrained_detector(
         device=args.device)
     calib = calibration_set(fp, cfg)
-    if args.samples_png:
+    if args.samples_png and ddp.is_main():
         plot_samples(calib[0], calib[1], args.samples_png, title=f"calibration: {cfg.calibration}")
     q = quantize_detector(fp, cfg, calibration=calib)
+    if not ddp.is_main():
+        return 0
     q.save(args.out)
     report = {"out": str(args.out), "seconds": q.quant_info["seconds"]}
     if args.eval_images:

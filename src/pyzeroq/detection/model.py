@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import NUM_CLASSES
 from ..models.layers import Normalize
+from .distributed import global_sum
 from .interface import DEFAULT_IOU_THRESHOLD, DEFAULT_SCORE_THRESHOLD, MAX_DETECTIONS, Detector
 from .nms import batched_nms, giou_loss
 from .scenes import CANVAS
@@ -71,6 +72,9 @@ class Scale(nn.Module):
 
 class FCOSDetector(Detector):
     """FCOS-style detector for 1-channel images in [0, 1]; see the module docstring."""
+
+    # loss() divides by the positive count / box weight summed over data-parallel processes
+    global_loss_normalization = True
 
     def __init__(self, num_classes: int = NUM_CLASSES, widths=DEFAULT_WIDTHS, fpn_width: int = 48,
                  head_convs: int = 2, input_size: int = CANVAS):
@@ -192,20 +196,22 @@ class FCOSDetector(Detector):
         labels = torch.stack([a[0] for a in assigned])  # [N, P]
         gt = torch.stack([a[1] for a in assigned])      # [N, P, 4]
         pos = labels >= 0
-        num_pos = max(pos.sum().item(), 1.0)
+        p = pts[None].expand(len(targets), -1, -1)[pos]
+        g = gt[pos]
+        lr_ = torch.stack([p[:, 0] - g[:, 0], g[:, 2] - p[:, 0]], 1)
+        tb = torch.stack([p[:, 1] - g[:, 1], g[:, 3] - p[:, 1]], 1)
+        ctr_t = torch.sqrt((lr_.min(1).values / lr_.max(1).values).clamp(min=0) *
+                           (tb.min(1).values / tb.max(1).values).clamp(min=0))
+        # normalizers: summed over the processes of a data-parallel step (identity otherwise)
+        norms = global_sum(torch.stack([pos.sum().to(ctr_t.dtype), ctr_t.sum()]))
+        num_pos = max(norms[0].item(), 1.0)
         onehot = torch.zeros_like(cls)
         onehot[pos] = F.one_hot(labels[pos], self.num_classes).to(cls.dtype)
         cls_loss = sigmoid_focal_loss(cls, onehot).sum() / num_pos
         if pos.any():
-            p = pts[None].expand(len(targets), -1, -1)[pos]
             d = dist[pos]
             pred_boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
-            g = gt[pos]
-            lr_ = torch.stack([p[:, 0] - g[:, 0], g[:, 2] - p[:, 0]], 1)
-            tb = torch.stack([p[:, 1] - g[:, 1], g[:, 3] - p[:, 1]], 1)
-            ctr_t = torch.sqrt((lr_.min(1).values / lr_.max(1).values).clamp(min=0) *
-                               (tb.min(1).values / tb.max(1).values).clamp(min=0))
-            reg_loss = (giou_loss(pred_boxes, g) * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
+            reg_loss = (giou_loss(pred_boxes, g) * ctr_t).sum() / norms[1].clamp(min=1e-6)
             ctr_loss = F.binary_cross_entropy_with_logits(ctr[pos], ctr_t, reduction="sum") / num_pos
         else:
             reg_loss = ctr_loss = dist.sum() * 0

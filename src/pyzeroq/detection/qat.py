@@ -27,6 +27,7 @@ iterates. BN affine parameters are trained; the running statistics stay frozen u
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -35,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..quantizers import QUANT_LAYER_TYPES, QuantAct, QuantConv2d, Quantizer, QuantLinear
+from . import distributed as ddp
 from .config import QATConfig
 from .kd import Capture, WeightAverage, distillation_loss, module_names
 
@@ -203,8 +205,13 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
     with warm-up + cosine, gradient clipping; with ``ema_decay`` the student ends with the EMA
     of its weights. ``targets``: per image {"boxes", "labels"} or None (no task loss). Returns a
     log {"steps", "loss" (per step), "parts" (last step's parts)}. Same seed, same inputs, same
-    thread count: the same weights."""
+    thread count: the same weights. Under an initialized process group of several processes the
+    global batch is sharded over them (:mod:`pyzeroq.detection.distributed`)."""
     calibrate(student, images, device)
+    dp = ddp.data_parallel()
+    if dp is not None:
+        dp.check_qat(cfg, len(images))
+        dp.broadcast_state(student)
     log = {"steps": cfg.steps, "loss": [], "parts": {}}
     if cfg.steps == 0:
         student.eval()
@@ -223,7 +230,7 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
     caps = _captures(teacher, student, cfg)
     try:
         with _Teacher(teacher):
-            bar = tqdm(range(cfg.steps), desc="qat", disable=not progress, leave=False, mininterval=5)
+            bar = tqdm(range(cfg.steps), desc="qat", disable=not progress or not ddp.is_main(), leave=False, mininterval=5)
             for step in bar:
                 for g, b in zip(opt.param_groups, base):
                     g["lr"] = b * _lr_factor(step, cfg)
@@ -231,7 +238,8 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
                     order, pos = torch.randperm(len(images), generator=gen), 0
                 idx = order[pos:pos + cfg.batch_size]
                 pos += cfg.batch_size
-                x = images[idx].to(device)
+                local = idx if dp is None else dp.shard(idx)
+                x = images[local].to(device)
                 student.train()
                 if not cfg.train_bn_stats:
                     _set_bn_eval(student)
@@ -241,22 +249,28 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
                     t_out = teacher(x)
                 s_out = student(x)
                 parts = distillation_loss(t_out, s_out, *caps, cfg)
-                if use_task:
-                    parts["task"] = _task_loss(student, s_out, [{k: v.to(device) for k, v in targets[i].items()}
-                                                                for i in idx.tolist()], cfg.task_loss_parts)
+                with contextlib.nullcontext() if dp is None else dp.step():
+                    if use_task:
+                        parts["task"] = _task_loss(student, s_out, [{k: v.to(device) for k, v in targets[i].items()}
+                                                                    for i in local.tolist()], cfg.task_loss_parts)
+                if dp is not None:
+                    parts = dp.scale_parts(parts, len(local), len(idx), ddp.global_loss(student))
                 weights = {"task": cfg.w_task, "kd": cfg.w_kd, "mse": cfg.w_mse, "head": cfg.w_head,
                            "modules": cfg.w_modules}
                 loss = sum((weights[k] * v for k, v in parts.items()), x.new_zeros(()))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if dp is not None:
+                    dp.reduce_gradients(student.parameters())
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
                 opt.step()
                 if ema is not None:
                     ema.update(student)
-                log["loss"].append(loss.item())
-                bar.set_postfix({k: f"{v.item():.4f}" for k, v in parts.items()}, refresh=False)
-            log["parts"] = {k: v.item() for k, v in parts.items()}
+                values = {k: v.item() for k, v in parts.items()} if dp is None else dp.values(parts)
+                log["loss"].append(loss.item() if dp is None else sum(weights[k] * v for k, v in values.items()))
+                bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
+            log["parts"] = values
     finally:
         for c in caps:
             c.remove()

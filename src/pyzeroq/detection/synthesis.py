@@ -16,7 +16,8 @@ predictions at regular iterations (``refine_every``, a fraction of the run); the
 those labels fixed, and optionally (``relabel``) the labels are replaced by the
 detector's predictions on the final images. ``info["label_quality"]`` records the
 detector's mAP and box loss against the final labels. The detector is used in eval mode
-and left unchanged.
+and left unchanged. Several processes (``torchrun``) share out whole batches
+(:mod:`pyzeroq.detection.distributed`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from .._optional import require
 from ..distill import BNStatistics, distill_data, gaussian_inputs
+from . import distributed as ddp
 from .config import SynthesisConfig, describe
 from .nms import box_area
 from .sampling import refine_labels, seed_labels
@@ -151,32 +153,41 @@ def synthesize(detector: nn.Module, cfg: SynthesisConfig = SynthesisConfig(), se
     """Task-specific labeled synthetic set (see the module docstring): images float
     [num_images, 1, H, W] in [0, 1] and per image {"boxes" float [M, 4] x1y1x2y2, "labels"
     int64 [M]}. ``info["label_quality"]``: the detector's mAP and loss parts against its own
-    synthetic labels (:func:`label_quality`). The detector is left unchanged."""
+    synthetic labels (:func:`label_quality`). The detector is left unchanged. Under an initialized
+    process group of several processes the batches are shared out and every process returns
+    the whole set (:mod:`pyzeroq.detection.distributed`)."""
     canvas = int(detector.input_size)
     num_classes = int(detector.num_classes)
     gen = torch.Generator().manual_seed(seed)
     refine_at = _refine_iterations(cfg)
-    images, targets, history = [], [], []
-    counts = {"added": 0, "removed": 0}
+    done = []   # (batch number, images, labels, loss history, refinement counts)
+    dp = ddp.data_parallel()   # several processes: whole batches round-robin (module distributed)
+    progress = progress and ddp.is_main()
     with _Frozen(detector) as model, BNStatistics(model) as stats:
         for start in range(0, cfg.num_images, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_images - start)
             b = start // cfg.batch_size + 1
             labels = seed_labels(n, num_classes, canvas, gen, cfg.box_min_frac, cfg.box_max_frac)
             x0 = torch.rand(n, 1, canvas, canvas, generator=gen)
+            x0_fixed = torch.rand(n, 1, canvas, canvas, generator=gen) if cfg.second_pass else None
+            if dp is not None and not dp.owns(b - 1):
+                continue  # another process runs this batch; its numbers were drawn all the same
+            counts = {"added": 0, "removed": 0}
             x, labels, hist = _optimize(model, stats, x0, labels, cfg, refine_at, device, progress,
                                         f"synthesize {b}", counts)
             if cfg.second_pass:
-                x0 = torch.rand(n, 1, canvas, canvas, generator=gen)
-                x, labels, hist2 = _optimize(model, stats, x0, labels, cfg, set(), device, progress,
+                x, labels, hist2 = _optimize(model, stats, x0_fixed, labels, cfg, set(), device, progress,
                                              f"synthesize {b} (labels fixed)", counts)
                 hist = hist + hist2
             if cfg.relabel:
                 labels = _relabel(model, x, labels, cfg, device)
-            images.append(x)
-            targets.extend(labels)
-            history.append(hist)
-    images = torch.cat(images)
+            done.append((b, x, labels, hist, counts))
+    if dp is not None:
+        done = sorted((r for part in dp.gather(done) for r in part), key=lambda r: r[0])
+    images = torch.cat([r[1] for r in done])
+    targets = [t for r in done for t in r[2]]
+    history = [r[3] for r in done]
+    counts = {k: sum(r[4][k] for r in done) for k in ("added", "removed")}
     quality = label_quality(detector, images, targets, device=device)
     info = {"kind": "task_specific", "config": describe(cfg), "seed": seed, "refinement": counts,
             "boxes_per_image": float(np.mean([len(t["labels"]) for t in targets])), "label_quality": quality}
