@@ -15,8 +15,9 @@ bench's evaluation, :func:`pyzeroq.detection.evaluate_detector`):
 * the integer model (``pyzeroq.to_integer``, the C++ simulator);
 * onnxruntime (CPU, one thread) on ``export_onnx``'s file.
 
-Time: forward pass only (no decode / NMS), one image per call, one thread (torch and
-onnxruntime), median over ``--time-images`` test scenes after one warm-up call.
+Time: forward pass only (no decode / NMS), one thread (torch and onnxruntime), per image,
+median over ``--time-images`` test scenes after one warm-up call, in calls of 1 and of
+TIME_BATCH images.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pyzeroq.outputs import output_leaves
 
 RESULTS = Path(__file__).parent / "results"
 EVAL_SEED = 0       # as bench/detection_table.py
+TIME_BATCH = 25     # the second timing: per-image time in calls of this many images
 CALIB_SEED = 123    # the train scenes of detection_table's real-data row (their labels unused here)
 
 
@@ -48,13 +50,14 @@ def _calibration_images(kind: str, n: int, fp) -> torch.Tensor:
     return gaussian_set(fp, n, CALIB_SEED, "cpu").images
 
 
-def _median_ms(fn, x: torch.Tensor) -> float:
-    fn(x[:1])
+def _median_ms(fn, x: torch.Tensor, batch: int = 1) -> float:
+    """Median per-image milliseconds of ``fn`` over ``x`` in calls of ``batch`` images."""
+    fn(x[:batch])
     times = []
-    for i in range(len(x)):
+    for i in range(0, len(x) - batch + 1, batch):
         t0 = time.perf_counter()
-        fn(x[i:i + 1])
-        times.append(time.perf_counter() - t0)
+        fn(x[i:i + batch])
+        times.append((time.perf_counter() - t0) / batch)
     return 1000 * statistics.median(times)
 
 
@@ -101,8 +104,9 @@ def main(argv=None) -> dict:
     n = min(args.time_images, len(x))
     drift = code_drift(exact, im, x[:n])
     with torch.no_grad():
-        timing = {"integer model": _median_ms(im, x[:n]), "onnxruntime": _median_ms(runner, x[:n]),
-                  "QuantizedModel (torch fake quant)": _median_ms(qmodel, x[:n])}
+        timing = {f"{name}, batch {b}": _median_ms(fn, x[:n], b) for b in (1, TIME_BATCH)
+                  for name, fn in (("integer model", im), ("onnxruntime", runner),
+                                   ("QuantizedModel (torch fake quant)", qmodel))}
     same = all(np.array_equal(a, b) for a, b in zip(
         [v.numpy() for v in output_leaves(im(x[:n]))],
         [v.numpy() for v in output_leaves(runner(x[:n]))]))
@@ -129,12 +133,13 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {row['form']} | {100 * row['map']:.2f} | {100 * row['map50']:.2f} | "
                      f"{100 * row['map75']:.2f} |")
     t = r["per_image_ms"]
+    ratios = "; ".join(f"integer model / onnxruntime at batch {b}: "
+                       f"{t[f'integer model, batch {b}'] / t[f'onnxruntime, batch {b}']:.2f}" for b in (1, TIME_BATCH))
     lines += ["", f"Integer model vs integer-exact fake quant on {r['timed_images']} scenes: "
               f"{r['integer_vs_exact_differing_codes']} activation codes differ. onnxruntime output equals the "
               f"integer model's bit for bit: {r['onnxruntime_equals_integer_model']}.", "",
-              f"Per-image forward time (batch 1, one thread, median over {r['timed_images']} scenes, no decode/NMS): "
-              + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
-              + f"; integer model / onnxruntime = {t['integer model'] / t['onnxruntime']:.2f}.", ""]
+              f"Per-image forward time (one thread, median over {r['timed_images']} scenes, no decode/NMS): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items()) + f". {ratios}.", ""]
     return "\n".join(lines)
 
 
