@@ -10,7 +10,9 @@ bench's evaluation, :func:`pyzeroq.detection.evaluate_detector`):
 * FP detector;
 * the QAT detector as saved (its own fake quantization, BN separate);
 * the converted :class:`~pyzeroq.QuantizedModel` (BN folded, the QAT records; the tensors the
-  QAT model keeps in float quantized at 8 bits on ``--calibration`` images);
+  QAT model keeps in float quantized at 8 bits on ``--calibration`` images: 256 real train
+  scenes, no labels; Gaussian noise; or "synthetic", the QAT detector's own task-specific
+  calibration set made again from its stored synthesis config and seed);
 * its integer-exact fake quantization (``pyzeroq.integer_exact``);
 * the integer model (``pyzeroq.to_integer``, the C++ simulator);
 * onnxruntime (CPU, one thread) on ``export_onnx``'s file.
@@ -32,7 +34,15 @@ import numpy as np
 import torch
 
 import pyzeroq as zq
-from pyzeroq.detection import evaluate_detector, gaussian_set, load_detector, load_pretrained_detector, make_scenes
+from pyzeroq.detection import (
+    SynthesisConfig,
+    evaluate_detector,
+    gaussian_set,
+    load_detector,
+    load_pretrained_detector,
+    make_scenes,
+    synthesize,
+)
 from pyzeroq.detection.integer import as_detector, onnx_runner, to_quantized_model
 from pyzeroq.integer.drift import code_drift
 from pyzeroq.outputs import output_leaves
@@ -43,7 +53,15 @@ TIME_BATCH = 25     # the second timing: per-image time in calls of this many im
 CALIB_SEED = 123    # the train scenes of detection_table's real-data row (their labels unused here)
 
 
-def _calibration_images(kind: str, n: int, fp) -> torch.Tensor:
+def _calibration_images(kind: str, n: int, fp, qat) -> torch.Tensor:
+    """``n`` images: real train scenes (no labels), Gaussian noise, or "synthetic": the QAT
+    detector's own calibration set made again (its stored synthesis config and seed; ``n`` unused)."""
+    if kind == "synthetic":
+        cfg = (getattr(qat, "quant_info", None) or {}).get("config") or {}
+        if cfg.get("calibration") != "task_specific":
+            raise ValueError("--calibration synthetic needs a detector quantized on a task-specific synthetic set")
+        seed = cfg["seed"] if cfg.get("synthesis_seed") is None else cfg["synthesis_seed"]
+        return synthesize(fp, SynthesisConfig(**cfg["synthesis"]), seed, "cpu", progress=False).images
     if kind == "train":
         images, _ = make_scenes("train", n, seed=CALIB_SEED)
         return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
@@ -65,7 +83,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--detector", default=str(RESULTS / "detector_ours_w4a8_seed0.pt"))
     p.add_argument("--eval-images", type=int, default=1000)
-    p.add_argument("--calibration", choices=("train", "gaussian"), default="train")
+    p.add_argument("--calibration", choices=("train", "gaussian", "synthetic"), default="train")
     p.add_argument("--calibration-images", type=int, default=256)
     p.add_argument("--time-images", type=int, default=100)
     p.add_argument("--out", default=str(RESULTS / "detection_integer"))
@@ -77,7 +95,7 @@ def main(argv=None) -> dict:
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     fp = load_pretrained_detector()
     qat = load_detector(args.detector)
-    calib = _calibration_images(args.calibration, args.calibration_images, fp)
+    calib = _calibration_images(args.calibration, args.calibration_images, fp, qat)
     t0 = time.perf_counter()
     qmodel = to_quantized_model(qat, calib)
     im = zq.to_integer(qmodel)
@@ -111,7 +129,7 @@ def main(argv=None) -> dict:
         [v.numpy() for v in output_leaves(im(x[:n]))],
         [v.numpy() for v in output_leaves(runner(x[:n]))]))
     result = {"detector": Path(args.detector).name, "eval_images": args.eval_images,
-              "calibration": f"{args.calibration_images} {args.calibration} images", "rows": rows,
+              "calibration": f"{len(calib)} {args.calibration} images", "rows": rows,
               "per_image_ms": {k: round(v, 3) for k, v in timing.items()}, "timed_images": n,
               "integer_vs_exact_differing_codes": sum(d.differing for d in drift.layers),
               "onnxruntime_equals_integer_model": bool(same), "convert_export_s": round(convert_s, 1),
