@@ -108,6 +108,8 @@ def test_to_quantized_model_errors(qat_setup):
         to_quantized_model(qat, images[0])
     with pytest.raises(ValueError, match="extra_bits"):
         to_quantized_model(qat, images, extra_bits=16)
+    with pytest.raises(ValueError, match="act_range"):
+        to_quantized_model(qat, images, act_range="max")
     float_head = prepare_qat(_detector(), QATConfig(head_bits=None, steps=0))
     run_qat(float_head, _detector(), images, None, QATConfig(head_bits=None, steps=0), progress=False)
     with pytest.raises(ValueError, match="head_bits"):

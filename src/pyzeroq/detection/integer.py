@@ -24,7 +24,7 @@ writes the QAT's learned records into it, so everything downstream (``to_integer
   input read by ``conv1`` and the shortcut, an FPN level read by both towers) gets the union
   of their ranges at the highest of their bits;
 * tensors the QAT model keeps in float (conv outputs before a residual or FPN add, the sums,
-  the head outputs) are quantized at ``extra_bits`` with min/max ranges on ``images``
+  the head outputs) are quantized at ``extra_bits`` with min/max (or MSE) ranges on ``images``
   (float [N, 1, H, W]: any unlabeled set, e.g. the synthetic calibration set);
 * the int32 biases are fitted as in :func:`pyzeroq.quantize` (``report.bias_adjustments``).
 
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import ACT_RANGES, QuantConfig
 from ..integer.steps import map_output
 from ..modules import act_quants, fit_bias_scales, prepare, quant_layers, set_act_mode
 from ..pipeline import QuantizedModel, QuantReport
@@ -143,24 +143,28 @@ def _check_images(images) -> torch.Tensor:
     return images.float().cpu()
 
 
-def to_quantized_model(qat_detector: nn.Module, images: torch.Tensor, extra_bits: int = 8) -> QuantizedModel:
+def to_quantized_model(qat_detector: nn.Module, images: torch.Tensor, extra_bits: int = 8,
+                       act_range: str = "minmax") -> QuantizedModel:
     """The :class:`~pyzeroq.pipeline.QuantizedModel` of a QAT detector (module docstring), ready
     for ``pyzeroq.to_integer`` / ``integer_exact`` / ``export_onnx``; its forward returns the
     detector's raw output dict. ``images``: float [N, 1, H, W] for the ranges of the tensors the
-    QAT model keeps in float. ``qat_detector`` is not changed.
+    QAT model keeps in float, by ``act_range`` ("minmax" or "mse", as ``QuantConfig.act_range``).
+    ``qat_detector`` is not changed.
 
     TypeError / ValueError naming the argument: ``qat_detector`` not a QAT detector or with a
     float layer (``head_bits`` / ``first_layer_bits`` None), ``images`` not finite float
-    [N, 1, H, W], ``extra_bits`` not in 2..8."""
+    [N, 1, H, W], ``extra_bits`` not in 2..8, ``act_range`` not one of ``ACT_RANGES``."""
     check_detector(qat_detector)
     if not isinstance(extra_bits, int) or isinstance(extra_bits, bool) or not 2 <= extra_bits <= 8:
         raise ValueError(f"extra_bits must be an integer in 2..8, got {extra_bits!r}")
+    if act_range not in ACT_RANGES:
+        raise ValueError(f"act_range must be one of {ACT_RANGES}, got {act_range!r}")
     images = _check_images(images)
     _qat_layers(qat_detector)
     device = next(qat_detector.parameters()).device
     qat = copy.deepcopy(qat_detector).cpu().eval()
     layers = _qat_layers(qat)
-    gm, info = prepare(_float_form(qat, layers), act_bits=extra_bits, per_channel=True)
+    gm, info = prepare(_float_form(qat, layers), act_bits=extra_bits, per_channel=True, act_range=act_range)
     if info.float_ops:
         raise ValueError(f"qat_detector: ops without an integer form: {info.float_ops}")
     copies = {c: target for target, cs in info.shared_layers.items() for c in cs}
@@ -186,7 +190,8 @@ def to_quantized_model(qat_detector: nn.Module, images: torch.Tensor, extra_bits
     adjustments = fit_bias_scales(gm)
     bit_widths = {n: int(m.weight_quant.bits) for n, m in glayers.items()}
     cfg = getattr(qat_detector, "qat_config", None)
-    config = QuantConfig(weight_bits=getattr(cfg, "weight_bits", 8), act_bits=getattr(cfg, "act_bits", extra_bits))
+    config = QuantConfig(weight_bits=getattr(cfg, "weight_bits", 8), act_bits=getattr(cfg, "act_bits", extra_bits),
+                         act_range=act_range)
     report = QuantReport(layers=list(info.layers), folded_bn=dict(info.folded_bn), bias_adjustments=adjustments,
                          notes=[f"converted from a QAT detector by pyzeroq.detection.to_quantized_model; tensors the "
                                 f"QAT model keeps in float quantized at {extra_bits} bits on {len(images)} images"])
