@@ -85,6 +85,8 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-images", type=int, default=1000)
     p.add_argument("--calibration", choices=("train", "gaussian", "synthetic"), default="train")
     p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--act-range", choices=("minmax", "mse"), default="minmax",
+                   help="ranges of the tensors the QAT model keeps in float")
     p.add_argument("--time-images", type=int, default=100)
     p.add_argument("--out", default=str(RESULTS / "detection_integer"))
     args = p.parse_args(argv)
@@ -97,7 +99,7 @@ def main(argv=None) -> dict:
     qat = load_detector(args.detector)
     calib = _calibration_images(args.calibration, args.calibration_images, fp, qat)
     t0 = time.perf_counter()
-    qmodel = to_quantized_model(qat, calib)
+    qmodel = to_quantized_model(qat, calib, act_range=args.act_range)
     im = zq.to_integer(qmodel)
     exact = zq.integer_exact(qmodel)
     onnx_path = Path(args.out + ".onnx")
@@ -122,15 +124,16 @@ def main(argv=None) -> dict:
     n = min(args.time_images, len(x))
     drift = code_drift(exact, im, x[:n])
     with torch.no_grad():
-        timing = {f"{name}, batch {b}": _median_ms(fn, x[:n], b) for b in (1, TIME_BATCH)
+        timing = {f"{name}, batch {b}": _median_ms(fn, x[:n], b) for b in (1, min(TIME_BATCH, n))
                   for name, fn in (("integer model", im), ("onnxruntime", runner),
                                    ("QuantizedModel (torch fake quant)", qmodel))}
     same = all(np.array_equal(a, b) for a, b in zip(
         [v.numpy() for v in output_leaves(im(x[:n]))],
         [v.numpy() for v in output_leaves(runner(x[:n]))]))
     result = {"detector": Path(args.detector).name, "eval_images": args.eval_images,
-              "calibration": f"{len(calib)} {args.calibration} images", "rows": rows,
+              "calibration": f"{len(calib)} {args.calibration} images", "act_range": args.act_range, "rows": rows,
               "per_image_ms": {k: round(v, 3) for k, v in timing.items()}, "timed_images": n,
+              "time_batches": [1, min(TIME_BATCH, n)],
               "integer_vs_exact_differing_codes": sum(d.differing for d in drift.layers),
               "onnxruntime_equals_integer_model": bool(same), "convert_export_s": round(convert_s, 1),
               "bias_adjustments": len(qmodel.report.bias_adjustments)}
@@ -145,14 +148,14 @@ def _markdown(r: dict) -> str:
     lines = [f"# Integer-only detector: `{r['detector']}`", "",
              f"Evaluation: {r['eval_images']} test scenes (`make_scenes('test', {r['eval_images']}, seed={EVAL_SEED})`), "
              "pycocotools (x100). Conversion: `pyzeroq.detection.integer.to_quantized_model` (tensors the QAT model "
-             f"keeps in float: 8-bit ranges on {r['calibration']}).", "",
+             f"keeps in float: 8-bit {r.get('act_range', 'minmax')} ranges on {r['calibration']}).", "",
              "| form | mAP@[.5:.95] | mAP@.5 | mAP@.75 |", "|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['form']} | {100 * row['map']:.2f} | {100 * row['map50']:.2f} | "
                      f"{100 * row['map75']:.2f} |")
     t = r["per_image_ms"]
     ratios = "; ".join(f"integer model / onnxruntime at batch {b}: "
-                       f"{t[f'integer model, batch {b}'] / t[f'onnxruntime, batch {b}']:.2f}" for b in (1, TIME_BATCH))
+                       f"{t[f'integer model, batch {b}'] / t[f'onnxruntime, batch {b}']:.2f}" for b in r["time_batches"])
     lines += ["", f"Integer model vs integer-exact fake quant on {r['timed_images']} scenes: "
               f"{r['integer_vs_exact_differing_codes']} activation codes differ. onnxruntime output equals the "
               f"integer model's bit for bit: {r['onnxruntime_equals_integer_model']}.", "",
