@@ -24,7 +24,8 @@ writes the QAT's learned records into it, so everything downstream (``to_integer
   input read by ``conv1`` and the shortcut, an FPN level read by both towers) gets the union
   of their ranges at the highest of their bits;
 * tensors the QAT model keeps in float (conv outputs before a residual or FPN add, the sums,
-  the head outputs) are quantized at ``extra_bits`` with min/max (or MSE) ranges on ``images``
+  the head outputs) are quantized at ``extra_bits`` with min/max (or MSE) ranges observed on
+  ``images`` with every QAT quantizer (and the weights) quantizing
   (float [N, 1, H, W]: any unlabeled set, e.g. the synthetic calibration set);
 * the int32 biases are fitted as in :func:`pyzeroq.quantize` (``report.bias_adjustments``).
 
@@ -45,7 +46,7 @@ from torch import nn
 
 from ..config import ACT_RANGES, QuantConfig
 from ..integer.steps import map_output
-from ..modules import act_quants, fit_bias_scales, prepare, quant_layers, set_act_mode
+from ..modules import act_quants, fit_bias_scales, prepare, quant_layers
 from ..pipeline import QuantizedModel, QuantReport
 from ..quantizers import QUANT_LAYER_TYPES, QuantLinear
 from .interface import Detector, check_detector
@@ -135,6 +136,18 @@ def _union_params(quants: list) -> tuple[int, torch.Tensor, torch.Tensor]:
     return bits, torch.as_tensor(np.asarray(scale), dtype=torch.float32), torch.as_tensor(np.asarray(zp))
 
 
+@torch.no_grad()
+def _observe(gm: nn.Module, quants: list, images: torch.Tensor) -> None:
+    """Ranges of ``quants`` on ``images`` (every other quantizer as set), then quantize with them."""
+    for q in quants:
+        q.reset()
+        q.mode = "observe"
+    for s in range(0, len(images), CALIBRATION_BATCH):
+        gm(images[s:s + CALIBRATION_BATCH])
+    for q in quants:
+        q.freeze()
+
+
 def _check_images(images) -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         raise TypeError(f"images must be a float tensor [N, 1, H, W], got {type(images).__name__}")
@@ -176,17 +189,13 @@ def to_quantized_model(qat_detector: nn.Module, images: torch.Tensor, extra_bits
             raise ValueError(f"qat_detector: graph layer {name!r} has no QAT layer {src!r}")
         _set_weight(layer, layers[src], name)
         readers.setdefault(id(layer.input_quant), (layer.input_quant, []))[1].append(layers[src].act_quant)
-    set_act_mode(gm, "observe")
-    with torch.no_grad():
-        for s in range(0, len(images), CALIBRATION_BATCH):
-            gm(images[s:s + CALIBRATION_BATCH])
-    for q in act_quants(gm).values():
-        q.freeze()
-    set_act_mode(gm, "quantize")
-    for quant, sources in readers.values():
+    for quant, sources in readers.values():  # the QAT's input quantizers, quantizing while the rest observe
         bits, scale, zp = _union_params(sources)
         quant.bits = bits
         quant.set_params(scale, zp)
+        quant.mode = "quantize"
+    extra = [q for q in act_quants(gm).values() if id(q) not in readers]
+    _observe(gm, extra, images)
     adjustments = fit_bias_scales(gm)
     bit_widths = {n: int(m.weight_quant.bits) for n, m in glayers.items()}
     cfg = getattr(qat_detector, "qat_config", None)
