@@ -73,6 +73,10 @@ def test_converted_qat_detector_is_integer_exact_and_matches_onnxruntime(qat_set
     onnx_out = onnx_runner(sess, im.output)(x)
     for a, b in zip(output_leaves(onnx_out), output_leaves(im(x))):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    loaded = zq.load(qmodel.save(tmp_path / "det.pzq"))  # the shared save / load, exact round trip
+    with torch.no_grad():
+        for a, b in zip(output_leaves(loaded(x)), output_leaves(qmodel(x))):
+            assert torch.equal(a, b)
     # the detector protocol on every form: predict decodes the integer model's output as the QAT one's
     preds = as_detector(im, qat).predict(x)
     assert len(preds) == len(x) and set(preds[0]) == {"boxes", "scores", "labels"}
