@@ -21,7 +21,8 @@ every detector following the protocol; :class:`Detector` gives it as a method.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import contextlib
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -113,3 +114,19 @@ class Detector(nn.Module):
     def predict(self, images, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                 iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> list[dict]:
         return predict(self, images, score_threshold, iou_threshold)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without parameter gradients inside the block (teachers, synthesis);
+    its mode and ``requires_grad`` flags are restored afterwards."""
+    training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(training)

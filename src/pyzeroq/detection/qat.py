@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ..quantizers import QUANT_LAYER_TYPES, QuantAct, QuantConv2d, Quantizer, QuantLinear
 from . import distributed as ddp
 from .config import QATConfig
+from .interface import frozen
 from .kd import Capture, WeightAverage, distillation_loss, module_names
 
 CALIBRATION_IMAGES = 256
@@ -162,26 +163,6 @@ def _lr_factor(step: int, cfg: QATConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
-class _Teacher:
-    """Teacher in eval mode without parameter gradients for the duration of a block."""
-
-    def __init__(self, teacher: nn.Module):
-        self.teacher = teacher
-
-    def __enter__(self):
-        self.flags = [p.requires_grad for p in self.teacher.parameters()]
-        self.mode = self.teacher.training
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        return self.teacher
-
-    def __exit__(self, *exc):
-        for p, f in zip(self.teacher.parameters(), self.flags):
-            p.requires_grad_(f)
-        self.teacher.train(self.mode)
-
-
 def _captures(teacher: nn.Module, student: nn.Module, cfg: QATConfig) -> list[Capture]:
     """[teacher features, student features, teacher modules, student modules] (the last two only
     when ``w_modules > 0``; features only when ``w_mse > 0``)."""
@@ -229,7 +210,7 @@ def run_qat(student: nn.Module, teacher: nn.Module, images: torch.Tensor, target
     pos = 0
     caps = _captures(teacher, student, cfg)
     try:
-        with _Teacher(teacher):
+        with frozen(teacher):
             bar = tqdm(range(cfg.steps), desc="qat", disable=not progress or not ddp.is_main(), leave=False, mininterval=5)
             for step in bar:
                 for g, b in zip(opt.param_groups, base):

@@ -36,6 +36,7 @@ from .._optional import require
 from ..distill import BNStatistics, distill_data, gaussian_inputs
 from . import distributed as ddp
 from .config import SynthesisConfig, describe
+from .interface import frozen
 from .nms import box_area
 from .sampling import refine_labels, seed_labels
 from .scenes import to_coco
@@ -55,26 +56,6 @@ def total_variation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tv1 = dx.abs().mean() + dy.abs().mean()
     tv2 = dx.pow(2).mean() + dy.pow(2).mean()
     return tv1, tv2
-
-
-class _Frozen:
-    """Eval mode and no parameter gradients for the duration of a block."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.training = self.model.training
-        self.flags = [p.requires_grad for p in self.model.parameters()]
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        return self.model
-
-    def __exit__(self, *exc):
-        for p, f in zip(self.model.parameters(), self.flags):
-            p.requires_grad_(f)
-        self.model.train(self.training)
 
 
 def _refine_iterations(cfg: SynthesisConfig) -> set[int]:
@@ -163,7 +144,7 @@ def synthesize(detector: nn.Module, cfg: SynthesisConfig = SynthesisConfig(), se
     done = []   # (batch number, images, labels, loss history, refinement counts)
     dp = ddp.data_parallel()   # several processes: whole batches round-robin (module distributed)
     progress = progress and ddp.is_main()
-    with _Frozen(detector) as model, BNStatistics(model) as stats:
+    with frozen(detector) as model, BNStatistics(model) as stats:
         for start in range(0, cfg.num_images, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_images - start)
             b = start // cfg.batch_size + 1
