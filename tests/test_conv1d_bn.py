@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from graph_net import Normalize1d
 from test_integer_convert import FAST
 from test_ops_coverage import check_all
 from torch import nn
@@ -18,18 +19,6 @@ from pyzeroq.models import Normalize
 
 CHANNELS, LENGTH, CLASSES, BATCH = 2, 64, 6, 24
 FEATURES = 16
-
-
-class Normalize1d(nn.Module):
-    """(x - mean) / std per channel of [N, C, L] signals (mean / std [1, C, 1])."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
 
 
 def _bn(n: int) -> nn.Module:

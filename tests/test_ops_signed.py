@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from test_ops import _bcast
 
 from pyzeroq import _core, ops
 
@@ -22,15 +23,6 @@ RANGES = [(True, False), (True, True), (False, True)]  # (signed, narrow_range);
 def np_qrange(bits, signed, narrow):
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     return lo + int(narrow), hi
-
-
-def _bcast(p, x, axis, dtype):
-    p = np.asarray(p, dtype=dtype).reshape(-1)
-    if axis is None or p.size == 1:
-        return p.reshape(())
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return p.reshape(shape)
 
 
 def ref_quantize(x, scale, zp, bits, axis, signed, narrow):
