@@ -21,6 +21,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from tqdm import tqdm
 
+from .conv_grad import FastStemGrad
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 STD_EPS = 1e-6  # added under the sqrt of the variance, as the paper's code does
 PLATEAU_PATIENCE = 100
@@ -244,7 +246,8 @@ def _distill_batch(model: nn.Module, stats: BNStatistics, captured: dict, x: tor
     history = []
     for _ in bar:
         opt.zero_grad(set_to_none=True)
-        model(x if jitter is None else augment(x, jitter))
+        with FastStemGrad():  # the first layer's input gradient by one forward conv (conv_grad.py)
+            model(x if jitter is None else augment(x, jitter))
         loss = stats.loss() + input_statistics_loss(captured.get("z", x))
         loss.backward()
         opt.step()
