@@ -17,7 +17,7 @@ from pyzeroq.modules import act_quants, prepare, quant_layers, set_act_mode, set
 from pyzeroq.outputs import kl_divergence
 from pyzeroq.qspec import CodeFormat
 from pyzeroq.quantizers import mse_clip_range, mse_weight_range
-from pyzeroq.sensitivity import layer_sensitivities
+from pyzeroq.sensitivity import JointEvaluator, layer_sensitivities
 
 
 @pytest.mark.parametrize("bits, fmt", [(2, CodeFormat()), (3, CodeFormat()),
@@ -80,6 +80,31 @@ def test_activation_aware_sensitivity_needs_calibration():
     gm, _ = prepare(models.load_pretrained("resnet20"), 4)
     with pytest.raises(ValueError, match="act_quant"):
         layer_sensitivities(gm, torch.rand(2, 1, 28, 28), (2, 4), act_quant=True)
+
+
+def test_activation_aware_joint_evaluator_matches_hand_kl(one_thread):
+    model = models.load_pretrained("resnet20")
+    data = torch.rand((8, 1, 28, 28), generator=torch.Generator().manual_seed(1))
+    gm, layers = _calibrated(model, data, 4)
+    choices = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1]])
+    with JointEvaluator(gm, layers, (2, 4), data, act_quant=True) as ev:
+        aware = ev(choices, decided=1)
+    assert all(q.mode == "off" for q in act_quants(gm).values())  # closed: activations off again
+    plain = JointEvaluator(gm, layers, (2, 4), data)(choices)
+    assert not np.allclose(aware, plain)  # the activation error is in
+    with torch.no_grad():
+        set_act_mode(gm, "off")
+        set_weight_bits(gm, None)
+        ref = gm(data)
+        set_act_mode(gm, "quantize")
+        for row, value in zip(choices, aware):
+            set_weight_bits(gm, {layers[j]: (2, 4)[c] for j, c in enumerate(row)})
+            # the integer model's bias (int32 at input scale x weight scale) is in the evaluation too
+            assert value == pytest.approx(float(kl_divergence(ref, gm(data))), rel=1e-6)
+            set_weight_bits(gm, None)
+    gm_uncalibrated, info = prepare(model, 4)
+    with pytest.raises(ValueError, match="act_quant"):
+        JointEvaluator(gm_uncalibrated, list(info.layers), (2, 4), data, act_quant=True)
 
 
 def test_activation_aware_sensitivity_in_quantize(one_thread):

@@ -37,3 +37,32 @@ def test_eval_prints_the_table(capsys):
     out = capsys.readouterr().out
     expected = models.registry()["resnet20"]["embedded_top1"] * 100
     assert f"{expected:.2f} %" in out and "Ankle boot" in out
+
+
+def test_low_bit_options_reach_the_config(monkeypatch, capsys):
+    import pyzeroq
+    seen = {}
+
+    def fake_quantize(model, config, input_shape=None):
+        seen["config"] = config
+        raise ValueError("stop before the work")
+
+    monkeypatch.setattr(pyzeroq, "quantize", fake_quantize)
+    monkeypatch.setattr(models, "load_pretrained", lambda name: None)
+    code = cli.main(["quantize", "--weight-bits", "3", "--act-bits", "4", "--act-range", "mse", "--weight-range", "mse",
+                     "--first-last-bits", "8", "--distill-relax", "0.5", "--distill-augment",
+                     "--reconstruction-iters", "200", "--seed", "3", "--eval", "none"])
+    assert code == 2 and "stop before the work" in capsys.readouterr().err
+    c = seen["config"]
+    assert (c.weight_range, c.first_last_bits, c.distill_relax, c.distill_augment) == ("mse", 8, 0.5, True)
+    assert c.reconstruction.iters == 200 and c.reconstruction.seed == 3 and not c.sensitivity_act_quant
+    cli.main(["quantize", "--mixed", "2,4,8", "--avg-weight-bits", "3", "--act-bits", "4",
+              "--sensitivity-act-quant", "--eval", "none"])
+    assert seen["config"].sensitivity_act_quant and seen["config"].reconstruction is None
+
+
+def test_bad_low_bit_option_is_a_clean_error(capsys):
+    assert cli.main(["quantize", "--reconstruction-iters", "-5", "--eval", "none"]) == 2
+    assert "reconstruction.iters" in capsys.readouterr().err
+    assert cli.main(["quantize", "--distill-relax", "-1", "--eval", "none"]) == 2
+    assert "distill_relax" in capsys.readouterr().err

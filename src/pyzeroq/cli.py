@@ -48,13 +48,20 @@ def cmd_quantize(args) -> int:
             raise ValueError("--plot draws the Pareto frontier of a mixed-precision search: it needs --mixed "
                              "and --mp-method zeroq")
         output_path(args.plot, "--plot")
+    reconstruction = None
+    if args.reconstruction_iters:
+        from .config import ReconstructionConfig
+        reconstruction = ReconstructionConfig(iters=args.reconstruction_iters, seed=args.seed)
     config = QuantConfig(weight_bits=weight_bits, avg_weight_bits=args.avg_weight_bits,
                          act_bits=None if args.act_bits == 0 else args.act_bits, calibration=args.calibration,
                          num_samples=args.num_samples, distill_iters=args.distill_iters,
                          percentile=args.percentile, act_range=args.act_range, target=args.target,
                          weight_scheme=args.weight_scheme, act_dtype=args.act_dtype,
                          mp_relaxation=not args.no_relaxation,
-                         mp_method=args.mp_method, seed=args.seed, device=args.device)
+                         mp_method=args.mp_method, seed=args.seed, device=args.device,
+                         weight_range=args.weight_range, first_last_bits=args.first_last_bits,
+                         sensitivity_act_quant=args.sensitivity_act_quant, distill_relax=args.distill_relax,
+                         distill_augment=args.distill_augment, reconstruction=reconstruction)
     model = models.load_pretrained(args.model)
     qmodel = quantize(model, config, input_shape=(1, 28, 28))
     report = qmodel.report
@@ -92,6 +99,22 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _add_low_bit_options(p: argparse.ArgumentParser) -> None:
+    """The options for 2-4-bit weights and 4-bit activations (QuantConfig's docstring; all off by default)."""
+    p.add_argument("--weight-range", default="minmax", choices=("minmax", "mse"),
+                   help="per-channel weight ranges: min/max or the MSE-optimal clipping")
+    p.add_argument("--first-last-bits", type=int, default=None,
+                   help="weight bits of the first and last layer (e.g. 8; default: as the others)")
+    p.add_argument("--sensitivity-act-quant", action="store_true",
+                   help="mixed precision: measure the sensitivities with the activations quantized")
+    p.add_argument("--distill-relax", type=float, default=0.0,
+                   help="DSG slack of the per-sample BN targets in running stds (0: ZeroQ's exact targets)")
+    p.add_argument("--distill-augment", action="store_true", help="random shift / flip at every distillation step")
+    p.add_argument("--reconstruction-iters", type=int, default=0,
+                   help="block reconstruction (AdaRound rounding on BRECQ blocks) with this many steps per "
+                        "block (0: off; 1000 is ReconstructionConfig's default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyzeroq", description="Zero-shot quantization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-dtype", default=None, choices=ACT_DTYPES, help="activation codes (default uint8)")
     p.add_argument("--act-range", default="minmax", choices=("minmax", "mse"),
                    help="activation ranges: observed min/max (or its percentiles) or the MSE-optimal clipping")
+    _add_low_bit_options(p)
     p.add_argument("--mp-method", default="zeroq", choices=("zeroq", "random", "inverse"))
     p.add_argument("--no-relaxation", action="store_true", help="skip the Appendix-A grouped refinement")
     p.add_argument("--seed", type=int, default=0)

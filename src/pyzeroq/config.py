@@ -186,12 +186,13 @@ class QuantConfig:
     sensitivity_act_quant: measure the mixed-precision sensitivities with the activations
         quantized at ``act_bits`` (ranges calibrated on the calibration images with the weights
         at the largest candidate) instead of float: Omega_i(k) = KL(FP || layer i at k bits,
-        activations quantized). Needs ``act_bits``.
+        activations quantized); the exact re-evaluation of the grouped search (``mp_relaxation``)
+        then runs with the activations quantized too. Needs ``act_bits``.
     distill_relax: DSG's slack (Zhang et al. 2021, "Diversifying Sample Generation for Accurate
         Data-Free Quantization", Sec. 3.2): each distilled image matches its own BN targets, the
         running mean / std moved by ``distill_relax`` x running std x N(0, 1) per sample and
         channel (and the std target clamped > 0), instead of the same targets for all; 0: ZeroQ.
-    distill_augment: random shifts (up to 2 pixels, zero padded) and horizontal flips of the
+    distill_augment: random circular shifts (up to 2 pixels) and horizontal flips of the
         images at every distillation step (DeepInversion, Yin et al. 2020, "Dreaming to
         Distill"), seeded like the rest.
     first_last_bits: None (default: every layer at ``weight_bits``) or the weight bits of the first

@@ -258,7 +258,7 @@ def _grouped_refinement(gm, layers, data, sensitivity, cost, budget, choice, con
     """Appendix-A grouped search; (choice with the lower exact KL, :class:`Relaxation`)."""
     with JointEvaluator(gm, list(layers), config.weight_candidates, data[:config.mp_eval_samples],
                         progress=config.progress, measure=config.sensitivity,
-                        dtype=getattr(torch, config.mp_eval_dtype)) as evaluator:
+                        dtype=getattr(torch, config.mp_eval_dtype), act_quant=config.sensitivity_act_quant) as evaluator:
         result = pareto.grouped_search(
             sensitivity, cost, budget, evaluator, group_size=config.mp_group_size,
             keep_per_bin_estimate=config.mp_keep_estimate, size_bins=config.mp_size_bins,

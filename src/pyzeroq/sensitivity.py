@@ -83,6 +83,23 @@ def layer_sensitivities(gm: nn.Module, data: torch.Tensor, candidates: tuple[int
     return names, omega
 
 
+def _int32_biases(gm: nn.Module, names: list[str], candidates: tuple[int, ...], dtype: torch.dtype) -> dict:
+    """{layer: [B, C] its bias as the integer model holds it (int32 codes x input scale x weight
+    scale, :meth:`~pyzeroq.quantizers.QuantLayerMixin.quantized_bias`) at each candidate's weight
+    scale} for the layers whose input is quantized and that have a bias; weights left float."""
+    out = {}
+    for name, layer in quant_layers(gm).items():
+        if name not in names or layer.bias is None:
+            continue
+        per_bits = []
+        for bits in candidates:
+            layer.set_weight_bits(bits)
+            per_bits.append(layer.quantized_bias().detach().clone().to(dtype))
+        layer.set_weight_bits(None)
+        out[name] = torch.stack(per_bits)
+    return out
+
+
 class _PrefixTree(NamedTuple):
     """Distinct prefixes of a call's rows at increasing ``decided`` levels."""
 
@@ -131,6 +148,13 @@ class JointEvaluator:
     ``dtype``: torch.float32 (default) or torch.float64, the float type of the evaluation (a
     float64 copy of ``gm`` runs it; the quantized weights are exact in either).
 
+    ``act_quant``: activation-aware evaluation (as :func:`layer_sensitivities`'s ``act_quant``):
+    the configurations run with the (calibrated, mode "quantize") activation quantizers
+    quantizing, the reference stays the float model. The activation fake quantization is a
+    C++ kernel that ``vmap`` cannot batch, so such a model is evaluated one configuration at
+    a time (the loop above), still sharing the decided prefixes. ValueError when no
+    activation quantizer is calibrated.
+
     Use as a context manager (or call :meth:`close`) to close the progress bar
     (``progress``: a tqdm bar counting configurations). Raises TypeError when ``gm`` is not
     a ``torch.fx.GraphModule`` (:func:`pyzeroq.modules.prepare` makes one), ValueError for
@@ -138,11 +162,14 @@ class JointEvaluator:
     """
 
     def __init__(self, gm: fx.GraphModule, names: list[str], candidates: tuple[int, ...], data: torch.Tensor,
-                 progress: bool = False, measure: str = "auto", dtype: torch.dtype = torch.float32):
+                 progress: bool = False, measure: str = "auto", dtype: torch.dtype = torch.float32,
+                 act_quant: bool = False):
         if not isinstance(gm, fx.GraphModule):
             raise TypeError(f"gm must be a torch.fx.GraphModule (pyzeroq.modules.prepare), got {type(gm).__name__}")
         if dtype not in EVAL_DTYPES:
             raise ValueError(f"dtype must be one of {EVAL_DTYPES}, got {dtype!r}")
+        if act_quant and not any(q.mode == "quantize" for q in act_quants(gm).values()):
+            raise ValueError("act_quant=True needs calibrated activation quantizers (mode 'quantize')")
         self.names, self.candidates = list(names), candidates
         layers = quant_layers(gm)
         set_act_mode(gm, "off")
@@ -161,6 +188,11 @@ class JointEvaluator:
         self.gm, self.data = gm, data.to(dtype)
         self.reference = _forward_leaves(gm, self.data, len(self.data))
         self.measure = resolve_measure(self.reference, measure)
+        self.act_quant = act_quant
+        self.qbiases = {}
+        if act_quant:
+            set_act_mode(gm, "quantize")
+            self.qbiases = _int32_biases(gm, self.names, candidates, dtype)
         self._tensors = tensor_nodes(gm, self.data)
         self._cuts: dict[int, Cut] = {}
         self._stages: dict[tuple, fx.GraphModule] = {}
@@ -168,7 +200,7 @@ class JointEvaluator:
         self._bar = tqdm(total=0, desc="grouped search", unit="config", disable=not progress, leave=False)
         self.calls = 0
         self.configurations = 0
-        self.vmapped = True  # False once the model failed under torch.func.vmap (then: a loop)
+        self.vmapped = not act_quant  # False once the model failed under torch.func.vmap (then: a loop)
 
     def __enter__(self) -> "JointEvaluator":
         return self
@@ -177,8 +209,10 @@ class JointEvaluator:
         self.close()
 
     def close(self) -> None:
-        """Close the progress bar."""
+        """Close the progress bar (and turn activation quantization off again after ``act_quant``)."""
         self._bar.close()
+        if self.act_quant:
+            set_act_mode(self.gm, "off")
 
     @torch.no_grad()
     def __call__(self, choices, decided: int = 0) -> np.ndarray:
@@ -258,8 +292,12 @@ class JointEvaluator:
         of ``choices``' columns that ``module`` holds."""
         held = {name for name, _ in module.named_parameters()}
         index = torch.as_tensor(choices)
-        return {f"{name}.weight": self.qweights[name][index[:, j]]
-                for j, name in enumerate(self.names[:choices.shape[1]]) if f"{name}.weight" in held}
+        params = {f"{name}.weight": self.qweights[name][index[:, j]]
+                  for j, name in enumerate(self.names[:choices.shape[1]]) if f"{name}.weight" in held}
+        params.update({f"{name}.bias": self.qbiases[name][index[:, j]]
+                       for j, name in enumerate(self.names[:choices.shape[1]])
+                       if name in self.qbiases and f"{name}.bias" in held})
+        return params
 
     def _run(self, call: "_Call", module: fx.GraphModule, in_varies: tuple, out_varies: tuple, values: list,
              parents: np.ndarray, keys: np.ndarray):
