@@ -9,8 +9,9 @@ use distilled images only (real data only to evaluate). Per seed s:
 * ``today``: ``QuantConfig(weight_bits=b, act_bits=4, act_range="mse")`` on 32 distilled images
   (seed s), the ZeroQ defaults (the README's W4A4 row);
 * ``mse_w``: the same with ``weight_range="mse"``;
-* ``fl8``: ``today`` with ``first_last_bits=8`` (first and last layer at 8 bits, the protocol of the
-  AdaRound / BRECQ / GENIE tables; +0.5 % model size on ResNet-20);
+* ``fl8``: ``today`` with ``first_last_bits=8`` (first and last layer at 8 bits and the image at 8
+  bits, the protocol of the AdaRound / BRECQ / GENIE tables; +0.5 % model size on ResNet-20);
+* ``fl8+mse_w``: ``fl8`` with ``weight_range="mse"``;
 * ``recon``: ``today`` (weight ranges ``--weight-range``) calibrated on ``--samples`` distilled
   images (ZeroQ BN matching, seed s) then block reconstruction
   (``ReconstructionConfig(iters=--iters, lr=--lr)``), and its guard: KL(FP || Q)
@@ -20,7 +21,10 @@ use distilled images only (real data only to evaluate). Per seed s:
 * ``recon+dsg``: ``recon`` on images distilled with DSG-relaxed targets and jitter
   (``distill_relax=--relax``, ``distill_augment=True``);
 * ``fl8+recon``, ``fl8+recon+dsg``: the combinations;
-* ``MP3/A4`` / ``MP2/A4`` (``--mp``): today vs ``sensitivity_act_quant=True`` (+ MSE weight ranges).
+* ``MP3/A4`` / ``MP2/A4`` (``--mp``): today vs ``sensitivity_act_quant=True`` (sensitivities and the
+  grouped search's exact re-evaluation with the activations quantized; + MSE weight ranges);
+  ``--variants`` filters these too (``today``, ``act-aware``, ``act-aware+mse_w``, or ``mp:<name>``
+  to pick an MP variant alone).
 
 Distilled sets are computed once per (model, seed, variant) and passed as calibration data; their
 time is reported apart ("distill_s"); "quantize_s" is the ``quantize`` call (reconstruction
@@ -132,6 +136,7 @@ def uniform_rows(r: Runner, bits: int, seeds: list[int], out: dict, save) -> Non
         "today": lambda s: r.plain(s, weight_bits=bits),
         "mse_w": lambda s: r.plain(s, weight_bits=bits, weight_range="mse"),
         "fl8": lambda s: r.plain(s, weight_bits=bits, first_last_bits=8),
+        "fl8+mse_w": lambda s: r.plain(s, weight_bits=bits, first_last_bits=8, weight_range="mse"),
         "recon": lambda s: r.recon(s, bits),
         "recon+dsg": lambda s: r.recon(s, bits, relax=a.relax, augment=True),
         "fl8+recon": lambda s: r.recon(s, bits, first_last_bits=8),
@@ -150,6 +155,8 @@ def mp_rows(r: Runner, avg: int, seeds: list[int], out: dict, save) -> None:
     variants = {"today": {}, "act-aware": {"sensitivity_act_quant": True},
                 "act-aware+mse_w": {"sensitivity_act_quant": True, "weight_range": "mse"}}
     for variant, kw in variants.items():
+        if r.args.variants and variant not in r.args.variants and f"mp:{variant}" not in r.args.variants:
+            continue
         out[f"MP{avg}/A4 {variant}"] = [r.plain(s, **mp, **kw) for s in seeds]
         save()
 

@@ -186,7 +186,22 @@ def test_first_last_bits(one_thread):
     extra = (q.report.params[layers[0]] + q.report.params[layers[-1]]) * 5 / 8
     assert q.report.size_bytes - plain.report.size_bytes == int(extra) or \
         abs(q.report.size_bytes - plain.report.size_bytes - extra) < 1
+    # the first layer's input (the image) at 8 bits, every other activation at act_bits
+    inputs = {n: r.input.bits for n, r in zq.modules.layer_records(q.graph_module).items()}
+    assert inputs[layers[0]] == 8 and all(inputs[n] == 4 for n in layers[1:])
+    assert zq.modules.layer_records(plain.graph_module)[layers[0]].input.bits == 4
     with pytest.raises(ValueError, match="first_last_bits"):
         zq.QuantConfig(weight_bits=(2, 4), avg_weight_bits=3, first_last_bits=8)
     with pytest.raises(ValueError, match="first_last_bits"):
         zq.QuantConfig(first_last_bits=1)
+
+
+def test_first_last_bits_integer_paths(one_thread, tmp_path):
+    """8-bit image and first / last weights beside 4-bit activations and 3-bit weights: the integer
+    model, integer_exact and onnxruntime agree with the fake-quant model (tests/test_zoo.py)."""
+    from test_zoo import check_integer_paths
+    q = zq.quantize(models.load_pretrained("resnet20"),
+                    zq.QuantConfig(weight_bits=3, act_bits=4, calibration="gaussian", num_samples=8, progress=False,
+                                   first_last_bits=8), input_shape=(1, 28, 28))
+    check_integer_paths(q, torch.rand((16, 1, 28, 28), generator=torch.Generator().manual_seed(2)),
+                        tmp_path / "fl8.onnx")

@@ -196,8 +196,10 @@ class QuantConfig:
         images at every distillation step (DeepInversion, Yin et al. 2020, "Dreaming to
         Distill"), seeded like the rest.
     first_last_bits: None (default: every layer at ``weight_bits``) or the weight bits of the first
-        and the last quantized layer (graph order) of a uniform model: the protocol of the low-bit
-        tables of AdaRound, BRECQ and GENIE, which keep both at 8 bits. ``report.size_bytes`` counts it.
+        and the last quantized layer (graph order) of a uniform model, and the bits of the first
+        layer's input (the image) when that is lower: the protocol of the low-bit tables of
+        AdaRound, BRECQ and GENIE, which keep both layers at 8 bits and the image unquantized
+        (8-bit here, as an integer model is fed). ``report.size_bytes`` counts it.
     float_ops: what ``quantize`` does with ops it cannot quantize (they would stay float, and a
         conv / linear after them would read a float input): "error" (default: a ValueError
         listing every such op, raised before any costly stage; README "Supported operations"),

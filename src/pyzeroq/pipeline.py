@@ -351,6 +351,15 @@ def _mixed_precision(gm, data, config: QuantConfig, report: QuantReport, selecti
     return selection
 
 
+def _first_layer_input_bits(gm: nn.Module, first: str, config: QuantConfig) -> None:
+    """``first_last_bits``: the first layer's input (the image) at max(act_bits, first_last_bits)
+    bits -- the 8-bit input of the AdaRound / BRECQ / GENIE protocol (they leave the image
+    unquantized; an integer model needs it quantized, and 8-bit pixels are what it is fed)."""
+    quant = quant_layers(gm)[first].input_quant
+    if quant is not None and quant.bits is not None:
+        quant.bits = max(quant.bits, config.first_last_bits)
+
+
 def _calibrate_activations(gm: nn.Module, data: torch.Tensor, bit_widths: dict[str, int],
                            config: QuantConfig) -> None:
     set_weight_bits(gm, bit_widths)
@@ -411,6 +420,7 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
         bit_widths = {n: report.candidates[0] for n in report.layers}
         if config.first_last_bits is not None:  # the protocol of AdaRound / BRECQ / GENIE tables
             bit_widths[report.layers[0]] = bit_widths[report.layers[-1]] = config.first_last_bits
+            _first_layer_input_bits(gm, report.layers[0], config)
 
     t0 = time.perf_counter()
     _calibrate_activations(gm, data, bit_widths, config)
