@@ -21,12 +21,15 @@ use distilled images only (real data only to evaluate). Per seed s:
 * ``recon+dsg``: ``recon`` on images distilled with DSG-relaxed targets and jitter
   (``distill_relax=--relax``, ``distill_augment=True``);
 * ``fl8+recon``, ``fl8+recon+dsg``: the combinations;
+* ``genie``: ``today`` calibrated on 32 images of GENIE's generator (``distill_genie``, seed s,
+  its defaults) instead of ZeroQ's; ``fl8+recon+genie``: ``fl8+recon`` on ``--samples`` GENIE
+  images (the guard stays on the ZeroQ held-out set, the same for every row);
 * ``MP3/A4`` / ``MP2/A4`` (``--mp``): today vs ``sensitivity_act_quant=True`` (sensitivities and the
   grouped search's exact re-evaluation with the activations quantized; + MSE weight ranges);
   ``--variants`` filters these too (``today``, ``act-aware``, ``act-aware+mse_w``, or ``mp:<name>``
   to pick an MP variant alone).
 
-Distilled sets are computed once per (model, seed, variant) and passed as calibration data; their
+Distilled sets are computed once per (model, seed, variant, method) and passed as calibration data; their
 time is reported apart ("distill_s"); "quantize_s" is the ``quantize`` call (reconstruction
 included, distillation excluded).
 """
@@ -48,6 +51,7 @@ from pyzeroq import models
 from pyzeroq.config import ReconstructionConfig
 from pyzeroq.data import fashion_mnist_available, load_fashion_mnist
 from pyzeroq.distill import distill_data, gaussian_inputs
+from pyzeroq.distill_genie import distill_genie
 from pyzeroq.reconstruct import guard_kl
 
 INPUT_SHAPE = (1, 28, 28)
@@ -66,16 +70,19 @@ class Runner:
         self._data: dict = {}
         self.distill_s: dict = {}
 
-    def data(self, n: int, seed: int, relax: float = 0.0, augment: bool = False) -> torch.Tensor:
-        key = (n, seed, relax, augment)
+    def data(self, n: int, seed: int, relax: float = 0.0, augment: bool = False, method: str = "zeroq") -> torch.Tensor:
+        """``n`` synthetic images: ZeroQ's ``distill_data`` (method "zeroq") or GENIE's ``distill_genie``."""
+        key = (n, seed, relax, augment, method)
+        suffix = "" if method == "zeroq" else f"_{method}"  # ZeroQ sets keep the names of earlier caches
         path = None if self.args.cache is None else \
-            Path(self.args.cache) / f"{self.name}_{n}_{seed}_{relax}_{augment}.pt"
+            Path(self.args.cache) / f"{self.name}_{n}_{seed}_{relax}_{augment}{suffix}.pt"
         if key not in self._data and path is not None and path.exists():
             self._data[key] = torch.load(path)  # a set distilled by an earlier run (same call, same tensor)
         if key not in self._data:
             t0 = time.perf_counter()
-            self._data[key] = distill_data(self.model, INPUT_SHAPE, num_samples=n, seed=seed, relax=relax,
-                                           augment=augment, progress=False).data
+            fn = {"zeroq": distill_data, "genie": distill_genie}[method]
+            self._data[key] = fn(self.model, INPUT_SHAPE, num_samples=n, seed=seed, relax=relax, augment=augment,
+                                 progress=False).data
             self.distill_s[str(key)] = time.perf_counter() - t0
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,13 +99,14 @@ class Runner:
     def top1(self, q) -> float:
         return float(zq.evaluate(q, self.images, self.labels).top1)
 
-    def plain(self, seed: int, **kw) -> dict:
-        q, seconds = self.quantize(self.data(TODAY_SAMPLES, seed), **kw)
+    def plain(self, seed: int, method: str = "zeroq", **kw) -> dict:
+        q, seconds = self.quantize(self.data(TODAY_SAMPLES, seed, method=method), **kw)
         return {"top1": self.top1(q), "quantize_s": seconds, "bit_widths": q.bit_widths}
 
-    def recon(self, seed: int, bits: int, relax: float = 0.0, augment: bool = False, **kw) -> dict:
+    def recon(self, seed: int, bits: int, relax: float = 0.0, augment: bool = False, method: str = "zeroq",
+              **kw) -> dict:
         a = self.args
-        data = self.data(a.samples, seed, relax, augment)
+        data = self.data(a.samples, seed, relax, augment, method)
         held_out = self.data(GUARD_SAMPLES, seed + GUARD_SEED_OFFSET)
         kw = dict(weight_bits=bits, weight_range=a.weight_range, **kw)
         twin, twin_s = self.quantize(data, **kw)
@@ -141,6 +149,8 @@ def uniform_rows(r: Runner, bits: int, seeds: list[int], out: dict, save) -> Non
         "recon+dsg": lambda s: r.recon(s, bits, relax=a.relax, augment=True),
         "fl8+recon": lambda s: r.recon(s, bits, first_last_bits=8),
         "fl8+recon+dsg": lambda s: r.recon(s, bits, relax=a.relax, augment=True, first_last_bits=8),
+        "genie": lambda s: r.plain(s, weight_bits=bits, method="genie"),
+        "fl8+recon+genie": lambda s: r.recon(s, bits, method="genie", first_last_bits=8),
     }
     for variant, fn in variants.items():
         if a.variants and variant not in a.variants:

@@ -36,7 +36,7 @@ _LAZY = {
     "set_num_threads": ("pyzeroq.threads", "set_num_threads"),
     "get_num_threads": ("pyzeroq.threads", "get_num_threads"),
 }
-_SUBMODULES = ("ops", "data", "models", "pareto", "integer", "detection", "distill",
+_SUBMODULES = ("ops", "data", "models", "pareto", "integer", "detection", "distill", "distill_genie",
                "sensitivity", "modules", "config", "export", "cli", "pipeline", "io", "threads", "reconstruct")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)

@@ -12,6 +12,7 @@ from .qspec import CodeFormat
 MIN_BITS = 2
 MAX_BITS = 16
 CALIBRATIONS = ("distilled", "gaussian", "real")
+DISTILL_METHODS = ("zeroq", "genie")
 MP_METHODS = ("zeroq", "random", "inverse")
 MP_EVAL_DTYPES = ("float32", "float64")  # the grouped search's exact re-evaluation
 BUDGET_METRICS = ("size", "bops")
@@ -195,6 +196,14 @@ class QuantConfig:
     distill_augment: random circular shifts (up to 2 pixels) and horizontal flips of the
         images at every distillation step (DeepInversion, Yin et al. 2020, "Dreaming to
         Distill"), seeded like the rest.
+    distill_method: how ``calibration="distilled"`` makes its images (also the reconstruction
+        guard's): "zeroq" (default: optimize the pixels, :func:`pyzeroq.distill.distill_data`) or
+        "genie" (a small generator and per-sample latents trained jointly on the same loss, Jeon
+        et al. 2023, "Genie: Show Me the Data for Quantization", Sec. 3.1-3.2:
+        :func:`pyzeroq.distill_genie.distill_genie`; image inputs (C, H, W) only). Both use
+        ``num_samples``, ``distill_iters``, ``distill_batch_size``, ``seed``, ``distill_relax`` and
+        ``distill_augment``; ``distill_lr`` is ZeroQ's pixel learning rate: "genie" trains with
+        GENIE's own rates, and a ``distill_lr`` other than the default raises ValueError with it.
     first_last_bits: None (default: every layer at ``weight_bits``) or the weight bits of the first
         and the last quantized layer (graph order) of a uniform model, and the bits of the first
         layer's input (the image) when that is lower: the protocol of the low-bit tables of
@@ -245,6 +254,7 @@ class QuantConfig:
     sensitivity_act_quant: bool = False
     distill_relax: float = 0.0
     distill_augment: bool = False
+    distill_method: str = "zeroq"
     first_last_bits: int | None = None
 
     def __post_init__(self):
@@ -317,7 +327,8 @@ class QuantConfig:
             raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
 
     def _check_accuracy_options(self) -> None:
-        """weight_range, reconstruction, sensitivity_act_quant, distill_relax, distill_augment."""
+        """weight_range, reconstruction, sensitivity_act_quant, distill_relax, distill_augment,
+        distill_method."""
         if self.weight_range not in WEIGHT_RANGES:
             raise ValueError(f"weight_range must be one of {WEIGHT_RANGES}, got {self.weight_range!r}")
         if self.reconstruction is not None and not isinstance(self.reconstruction, ReconstructionConfig):
@@ -330,6 +341,11 @@ class QuantConfig:
         if not isinstance(self.distill_relax, numbers.Real) or isinstance(self.distill_relax, bool) \
                 or not math.isfinite(self.distill_relax) or self.distill_relax < 0:
             raise ValueError(f"distill_relax must be a finite number >= 0, got {self.distill_relax!r}")
+        if not isinstance(self.distill_method, str) or self.distill_method not in DISTILL_METHODS:
+            raise ValueError(f"distill_method must be one of {DISTILL_METHODS}, got {self.distill_method!r}")
+        if self.distill_method == "genie" and self.distill_lr != QuantConfig.distill_lr:
+            raise ValueError(f"distill_lr={self.distill_lr!r} is ZeroQ's pixel learning rate; distill_method='genie' "
+                             "trains with GENIE's rates (pyzeroq.distill_genie): leave distill_lr at its default")
         if self.first_last_bits is not None:
             _check_bits("first_last_bits", self.first_last_bits)
             if self.mixed_precision:

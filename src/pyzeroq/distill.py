@@ -14,6 +14,8 @@ batch size, and mu_0, sigma_0 the statistics of the normalized input itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -262,6 +264,37 @@ def _distill_batch(model: nn.Module, stats: BNStatistics, captured: dict, x: tor
     return history, final
 
 
+@contextmanager
+def distill_session(model: nn.Module, relax: float = 0.0) -> Iterator[tuple[BNStatistics, dict]]:
+    """``model`` ready for data synthesis: eval mode, every parameter's ``requires_grad`` off, a
+    :class:`BNStatistics` (``relax``) on its BatchNorms and a hook keeping the output of its input
+    normalizer (:func:`find_normalizer`) as ``captured["z"]`` after each forward pass (no key when
+    the model has none). Yields ``(stats, captured)``; on exit the hooks are removed and the
+    training flags (of every submodule: a model in training mode with some submodules in eval mode
+    gets them back as they were) and ``requires_grad`` flags are restored, also on an exception."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    normalizer = find_normalizer(model)
+    try:
+        with BNStatistics(model, relax) as stats:
+            captured: dict = {}
+            handle = normalizer.register_forward_hook(lambda m, i, o: captured.__setitem__("z", o)) \
+                if normalizer is not None else None
+            try:
+                yield stats, captured
+            finally:
+                if handle is not None:
+                    handle.remove()
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
 def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: int = 32,
                  iters: int = 500, batch_size: int = 32, lr: float = 0.5, seed: int = 0,
                  device: torch.device | str = "cpu", progress: bool = True, relax: float = 0.0,
@@ -282,39 +315,21 @@ def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: in
     if not relax >= 0:
         raise ValueError(f"relax must be >= 0, got {relax!r}")
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    params = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    normalizer = find_normalizer(model)
     batches, history, finals = [], [], []
-    try:
-        with BNStatistics(model, relax) as stats:
-            captured = {}
-            handle = normalizer.register_forward_hook(lambda m, i, o: captured.__setitem__("z", o)) \
-                if normalizer is not None else None
-            try:
-                layout = None
-                for start in range(0, num_samples, batch_size):
-                    n = min(batch_size, num_samples - start)
-                    x = gaussian_inputs(model, (n, *input_shape), generator, device)
-                    if layout is None:
-                        layout = input_memory_format(model, x)
-                    x = x.contiguous(memory_format=layout).requires_grad_(True)
-                    stats.draw_targets(n, generator)
-                    hist, final = _distill_batch(model, stats, captured, x, iters, lr,
-                                                 f"distill {start // batch_size + 1}", progress,
-                                                 generator if augment else None)
-                    history.extend(hist)
-                    finals.append(final)
-                    batches.append(x.detach())
-            finally:
-                if handle is not None:
-                    handle.remove()
-    finally:
-        for p, flag in zip(model.parameters(), params):
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with distill_session(model, relax) as (stats, captured):
+        layout = None
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            x = gaussian_inputs(model, (n, *input_shape), generator, device)
+            if layout is None:
+                layout = input_memory_format(model, x)
+            x = x.contiguous(memory_format=layout).requires_grad_(True)
+            stats.draw_targets(n, generator)
+            hist, final = _distill_batch(model, stats, captured, x, iters, lr,
+                                         f"distill {start // batch_size + 1}", progress,
+                                         generator if augment else None)
+            history.extend(hist)
+            finals.append(final)
+            batches.append(x.detach())
     initial = history[0] if history else 0.0
     return DistillResult(torch.cat(batches).contiguous(), initial, finals[-1], tuple(history))

@@ -25,6 +25,7 @@ from . import pareto
 from ._optional import require
 from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
+from .distill_genie import distill_genie
 from .modules import act_quants, fit_bias_scales, prepare, quant_layers, set_act_mode, set_weight_bits
 from .quantizers import QUANT_CONV_TYPES, QuantConvTranspose2d
 from .reconstruct import check_blocks, reconstruct
@@ -184,8 +185,10 @@ def calibration_data(model: nn.Module, config: QuantConfig, input_shape=None):
 
     "real" uses (the first ``num_samples`` of) ``config.calibration_data`` (see
     :func:`check_calibration_data` for its errors); "gaussian" / "distilled" need
-    ``input_shape`` (no batch dimension). Distillation raises NoBatchNormError (a
-    ValueError) for a model without BatchNorm.
+    ``input_shape`` (no batch dimension). "distilled" runs ``config.distill_method``: ZeroQ's
+    :func:`distill_data` or GENIE's :func:`distill_genie` (ValueError for an ``input_shape`` that
+    is not (C, H, W)). Distillation raises NoBatchNormError (a ValueError) for a model without
+    BatchNorm.
     """
     if config.calibration == "real":
         data = check_calibration_data(config.calibration_data, input_shape)
@@ -194,10 +197,13 @@ def calibration_data(model: nn.Module, config: QuantConfig, input_shape=None):
     if config.calibration == "gaussian":
         return gaussian_inputs(model, (config.num_samples, *shape), torch.Generator().manual_seed(config.seed),
                                config.device), None
-    result = distill_data(model, shape, num_samples=config.num_samples, iters=config.distill_iters,
-                          batch_size=config.distill_batch_size, lr=config.distill_lr, seed=config.seed,
-                          device=config.device, progress=config.progress, relax=config.distill_relax,
-                          augment=config.distill_augment)
+    common = dict(num_samples=config.num_samples, iters=config.distill_iters, batch_size=config.distill_batch_size,
+                  seed=config.seed, device=config.device, progress=config.progress, relax=config.distill_relax,
+                  augment=config.distill_augment)
+    if config.distill_method == "genie":
+        result = distill_genie(model, shape, **common)
+    else:
+        result = distill_data(model, shape, lr=config.distill_lr, **common)
     return result.data, (result.initial_loss, result.final_loss)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ._checks import check_device, check_finite_model
 from .config import QuantConfig
+from .distill_genie import check_genie_shape
 from .modules import is_normalizer, set_act_mode, set_weight_bits
 from .outputs import check_output, output_leaves, resolve_measure
 
@@ -199,6 +200,8 @@ def _validated_copy(model, config: QuantConfig, input_shape, selection, notes: l
     check_device(config.device, "config.device")
     real = config.calibration == "real"
     shape = _check_input_shape(input_shape) if not real or input_shape is not None else None
+    if config.calibration == "distilled" and config.distill_method == "genie":
+        check_genie_shape(shape)  # the generator makes (C, H, W) images only
     data = check_calibration_data(config.calibration_data, shape) if real else None
     _check_selection(selection, config)
     check_finite_model(model)  # NaN / Inf weights would only surface as garbage or a late kernel error
