@@ -51,11 +51,12 @@ def test_low_bit_options_reach_the_config(monkeypatch, capsys):
     monkeypatch.setattr(models, "load_pretrained", lambda name: None)
     code = cli.main(["quantize", "--weight-bits", "3", "--act-bits", "4", "--act-range", "mse", "--weight-range", "mse",
                      "--first-last-bits", "8", "--distill-relax", "0.5", "--distill-augment",
-                     "--reconstruction-iters", "200", "--seed", "3", "--eval", "none"])
+                     "--reconstruction-iters", "200", "--distill-method", "genie", "--seed", "3", "--eval", "none"])
     assert code == 2 and "stop before the work" in capsys.readouterr().err
     c = seen["config"]
     assert (c.weight_range, c.first_last_bits, c.distill_relax, c.distill_augment) == ("mse", 8, 0.5, True)
     assert c.reconstruction.iters == 200 and c.reconstruction.seed == 3 and not c.sensitivity_act_quant
+    assert c.distill_method == "genie"
     cli.main(["quantize", "--mixed", "2,4,8", "--avg-weight-bits", "3", "--act-bits", "4",
               "--sensitivity-act-quant", "--eval", "none"])
     assert seen["config"].sensitivity_act_quant and seen["config"].reconstruction is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ACT_DTYPES, SCHEMES, TARGETS
+from .config import ACT_DTYPES, DISTILL_METHODS, SCHEMES, TARGETS
 from .data import fashion_mnist_available, load_fashion_mnist
 
 
@@ -61,7 +61,8 @@ def cmd_quantize(args) -> int:
                          mp_method=args.mp_method, seed=args.seed, device=args.device,
                          weight_range=args.weight_range, first_last_bits=args.first_last_bits,
                          sensitivity_act_quant=args.sensitivity_act_quant, distill_relax=args.distill_relax,
-                         distill_augment=args.distill_augment, reconstruction=reconstruction)
+                         distill_augment=args.distill_augment, distill_method=args.distill_method,
+                         reconstruction=reconstruction)
     model = models.load_pretrained(args.model)
     qmodel = quantize(model, config, input_shape=(1, 28, 28))
     report = qmodel.report
@@ -110,6 +111,8 @@ def _add_low_bit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-relax", type=float, default=0.0,
                    help="DSG slack of the per-sample BN targets in running stds (0: ZeroQ's exact targets)")
     p.add_argument("--distill-augment", action="store_true", help="random shift / flip at every distillation step")
+    p.add_argument("--distill-method", default="zeroq", choices=DISTILL_METHODS,
+                   help="distilled images: ZeroQ's optimized pixels or GENIE's generator + latents")
     p.add_argument("--reconstruction-iters", type=int, default=0,
                    help="block reconstruction (AdaRound rounding on BRECQ blocks) with this many steps per "
                         "block (0: off; 1000 is ReconstructionConfig's default)")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .conv_grad import FastStemGrad
 from .distill import (
     DistillResult,
     augment,
@@ -133,7 +134,8 @@ def _synthesize_batch(model, stats, captured, gen: GenieGenerator, z: torch.Tens
         opt_z.zero_grad(set_to_none=True)
         opt_g.zero_grad(set_to_none=True)
         x = to_input(gen(z))
-        model(x if jitter is None else augment(x, jitter))
+        with FastStemGrad():  # the model's stem input gradient by one forward conv (conv_grad.py)
+            model(x if jitter is None else augment(x, jitter))
         loss = stats.loss() + input_statistics_loss(captured.get("z", x))
         loss.backward()
         opt_z.step()
