@@ -1,11 +1,10 @@
-"""Input gradient of a 2-D convolution with few input channels, by polyphase decomposition.
+"""Input gradient of a strided 2-D convolution with few input channels, by polyphase decomposition.
 
 The first layer of an ImageNet network (3 input channels, 7x7, stride 2) has the slowest input
 gradient of the whole backward pass on CPU: torch's oneDNN backward-data kernel takes ~5x its
 forward time there (ResNet-18 at 224, batch 8, one thread: 43 ms vs 8 ms; every other layer
-~1x; ResNet-20's 1-channel stride-1 stem at 28x28, batch 32: 2.5 ms vs 1.2 ms). Distillation
-needs exactly that gradient (the images are the parameters), so :func:`polyphase_input_grad`
-computes it with one *forward* convolution instead.
+~1x). Distillation needs exactly that gradient (the images are the parameters), so
+:func:`polyphase_input_grad` computes it with one *forward* convolution instead.
 
 For stride ``s``, padding ``p`` and kernel size ``k`` (per axis), input row ``i = s a + r``
 (phase ``r`` in [0, s)) receives from output row ``a + t`` through tap ``k_y = r + p - s t``::
@@ -14,10 +13,9 @@ For stride ``s``, padding ``p`` and kernel size ``k`` (per axis), input row ``i 
 
 a stride-1 correlation of ``dL/dy`` with a [C_in s^2, C_out, U, U] kernel (taps that fall
 outside the kernel are zero); ``pixel_shuffle(s)`` interleaves the ``s^2`` phases back into
-the input grid (stride 1: one phase, the correlation with the flipped, transposed kernel).
-Same values as ``torch.ops.aten.convolution_backward`` up to float summation order.
-:class:`FastStemGrad` (a ``TorchFunctionMode``) routes qualifying ``conv2d`` calls through it;
-every other call runs unchanged.
+the input grid. Same values as ``torch.ops.aten.convolution_backward`` up to float summation
+order. :class:`FastStemGrad` (a ``TorchFunctionMode``) routes qualifying ``conv2d`` calls
+through it; every other call runs unchanged.
 """
 
 from __future__ import annotations
@@ -126,14 +124,14 @@ def _conv2d_args(args, kwargs) -> tuple | None:
     plain = bound.get("groups", 1) == 1 and _pair(bound.get("dilation", 1)) == (1, 1)
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     if (plain and frozen and x.requires_grad and x.dim() == CONV2D_DIMS and x.device.type == "cpu"
-            and x.is_floating_point() and x.shape[1] <= MAX_POLYPHASE_IN_CHANNELS
+            and x.is_floating_point() and max(stride) > 1 and x.shape[1] <= MAX_POLYPHASE_IN_CHANNELS
             and torch.is_grad_enabled()):
         return x, weight, bias, stride, padding
     return None
 
 
 class FastStemGrad(TorchFunctionMode):
-    """Inside ``with FastStemGrad():`` every CPU ``conv2d`` with at most
+    """Inside ``with FastStemGrad():`` every CPU ``conv2d`` with a strided kernel, at most
     ``MAX_POLYPHASE_IN_CHANNELS`` input channels, groups 1, dilation 1, an input that needs its
     gradient and a weight / bias that do not (distillation's first layer) computes its input
     gradient by :func:`polyphase_input_grad`; the forward result is ``conv2d``'s own. Every
