@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pyzeroq as zq
 from pyzeroq import distill_genie as genie_mod
 from pyzeroq import pipeline
 from pyzeroq.config import ReconstructionConfig
+from pyzeroq.distill import gaussian_inputs
 from pyzeroq.distill_genie import GenieGenerator, distill_genie
 
 SHAPE = (1, 16, 16)
@@ -141,7 +143,7 @@ def test_config_distill_method():
 
 
 def test_calibration_and_guard_data_dispatch(one_thread, tiny):
-    rec = ReconstructionConfig(guard_samples=3)
+    rec = ReconstructionConfig(guard_samples=3, guard_data="distilled")
     cfg = zq.QuantConfig(num_samples=4, distill_iters=5, distill_method="genie", seed=2, progress=False,
                          reconstruction=rec)
     data, losses = pipeline.calibration_data(tiny, cfg, SHAPE)
@@ -149,6 +151,9 @@ def test_calibration_and_guard_data_dispatch(one_thread, tiny):
     assert torch.equal(data, want.data) and losses == (want.initial_loss, want.final_loss)
     guard = pipeline.guard_data(tiny, cfg, SHAPE)  # held out: seed + 1
     assert torch.equal(guard, distill_genie(tiny, SHAPE, num_samples=3, iters=5, seed=3, progress=False).data)
+    # the default guard: Gaussian images from seed + 1, whatever the distillation method
+    gauss = pipeline.guard_data(tiny, replace(cfg, reconstruction=ReconstructionConfig(guard_samples=3)), SHAPE)
+    assert torch.equal(gauss, gaussian_inputs(tiny, (3, *SHAPE), torch.Generator().manual_seed(3)))
 
 
 def test_quantize_end_to_end(one_thread, tiny, tmp_path):

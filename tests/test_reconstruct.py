@@ -210,7 +210,7 @@ def test_guard_rejects_a_destroyed_rounding():
     (dict(reg_weight=float("nan")), "reconstruction.reg_weight"), (dict(warmup=1.0), "reconstruction.warmup"),
     (dict(batch_size=2.5), "reconstruction.batch_size"), (dict(seed=-1), "reconstruction.seed"),
     (dict(guard_samples=-1), "reconstruction.guard_samples"), (dict(blocks=(("a",), ())), "reconstruction.blocks"),
-    (dict(beta_end=0), "reconstruction.beta_end"),
+    (dict(beta_end=0), "reconstruction.beta_end"), (dict(guard_data="real"), "reconstruction.guard_data"),
 ])
 def test_reconstruction_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

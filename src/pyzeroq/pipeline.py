@@ -209,9 +209,10 @@ def calibration_data(model: nn.Module, config: QuantConfig, input_shape=None):
 
 def guard_data(model: nn.Module, config: QuantConfig, input_shape=None) -> torch.Tensor | None:
     """Held-out images for the reconstruction guard (``config.reconstruction.guard_samples``; None
-    when 0): distilled (or Gaussian) like the calibration data but from seed ``config.seed + 1``,
-    so the reconstruction never sees them; with ``calibration="real"`` the calibration images
-    after the first ``num_samples`` (None when there are none)."""
+    when 0), from seed ``config.seed + 1`` so the reconstruction never sees them: Gaussian
+    (``guard_data="gaussian"``) or distilled / Gaussian like the calibration data
+    (``"distilled"``); with ``calibration="real"`` the calibration images after the first
+    ``num_samples`` (None when there are none)."""
     n = config.reconstruction.guard_samples
     if n == 0:
         return None
@@ -219,6 +220,8 @@ def guard_data(model: nn.Module, config: QuantConfig, input_shape=None) -> torch
         rest = check_calibration_data(config.calibration_data, input_shape)[config.num_samples:]
         return rest[:n].to(WORKING_DTYPE).to(config.device) if len(rest) else None
     held_out = replace(config, num_samples=n, seed=config.seed + 1, progress=False, reconstruction=None)
+    if config.reconstruction.guard_data == "gaussian":
+        held_out = replace(held_out, calibration="gaussian")
     return calibration_data(model, held_out, input_shape)[0]
 
 
