@@ -81,10 +81,16 @@ def table(model: str, tags: list[str]) -> list[str]:
         cells = [pct([guarded_top1(x) for x in rows[f"{setting} {v}"]]) if f"{setting} {v}" in rows else ""
                  for v in variants]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    seconds = {v: statistics.mean(x["quantize_s"] for label, xs in rows.items() if label.split(" ", 1)[1] == v
-                                  for x in xs) for v in variants}
-    lines += ["", "Mean `quantize` wall time per variant (s, 1 thread, shared machine; distillation apart): " +
-              ", ".join(f"{v} {s:.0f}" for v, s in seconds.items()), ""]
+    for kind, is_kind in (("uniform", lambda st: not st.startswith("MP")), ("MP", lambda st: st.startswith("MP"))):
+        times = {}
+        for label, xs in rows.items():
+            setting, variant = label.split(" ", 1)
+            if is_kind(setting):
+                times.setdefault(variant, []).extend(x["quantize_s"] for x in xs)
+        if times:
+            lines += ["", f"Mean `quantize` wall time, {kind} rows (s, 1 thread, shared machine; distillation "
+                      "apart): " + ", ".join(f"{v} {statistics.mean(t):.0f}" for v, t in times.items())]
+    lines.append("")
     lines += guard_record(rows)
     lines += ["", "Distillation time per set (s): " + ", ".join(f"{k} {v:.0f}" for k, v in distill.items()), ""]
     return lines

@@ -26,7 +26,8 @@ use distilled images only (real data only to evaluate). Per seed s:
   the combinations;
 * ``genie``: ``today`` calibrated on 32 images of GENIE's generator (``distill_genie``, seed s,
   its defaults) instead of ZeroQ's; ``fl8+recon+genie``: ``fl8+recon`` on ``--samples`` GENIE
-  images (the guard stays on the ZeroQ held-out set, the same for every row);
+  images (the guard stays on the ZeroQ held-out set, the same for every row); ``fl8+mse_w+recon+genie``:
+  the same from MSE weight ranges;
 * ``MP3/A4`` / ``MP2/A4`` (``--mp``): today vs ``sensitivity_act_quant=True`` (sensitivities and the
   grouped search's exact re-evaluation with the activations quantized; + MSE weight ranges);
   ``--variants`` filters these too (``today``, ``act-aware``, ``act-aware+mse_w``, or ``mp:<name>``
@@ -157,6 +158,7 @@ def uniform_rows(r: Runner, bits: int, seeds: list[int], out: dict, save) -> Non
         "fl8+recon+dsg": lambda s: r.recon(s, bits, relax=a.relax, augment=True, first_last_bits=8),
         "genie": lambda s: r.plain(s, weight_bits=bits, method="genie"),
         "fl8+recon+genie": lambda s: r.recon(s, bits, method="genie", first_last_bits=8),
+        "fl8+mse_w+recon+genie": lambda s: r.recon(s, bits, method="genie", first_last_bits=8, weight_range="mse"),
     }
     for variant, fn in variants.items():
         if a.variants and variant not in a.variants:
