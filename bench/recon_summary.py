@@ -1,6 +1,6 @@
 """One table per model from the 3-seed runs of ``bench/recon_table.py`` (issue 17), as quoted in README.
 
-    python bench/recon_summary.py --tags seeds,genie,msew
+    python bench/recon_summary.py
 
 Reads bench/results/recon_<model>_<tag>.json for every tag (rows of later tags are added beside
 the earlier ones), writes bench/results/recon_summary.md: per model a settings x variants table
@@ -98,7 +98,7 @@ def table(model: str, tags: list[str]) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tags", default="seeds,genie,msew")
+    p.add_argument("--tags", default="seeds,msew,genie,msew_genie,mp_genie")
     args = p.parse_args(argv)
     tags = [t for t in args.tags.split(",") if t]
     text = ["# Issue 17: low-bit accuracy over 3 seeds", "",

@@ -30,8 +30,9 @@ use distilled images only (real data only to evaluate). Per seed s:
   the same from MSE weight ranges;
 * ``MP3/A4`` / ``MP2/A4`` (``--mp``): today vs ``sensitivity_act_quant=True`` (sensitivities and the
   grouped search's exact re-evaluation with the activations quantized; + MSE weight ranges);
-  ``--variants`` filters these too (``today``, ``act-aware``, ``act-aware+mse_w``, or ``mp:<name>``
-  to pick an MP variant alone).
+  ``recon+genie``: reconstruction on ``--samples`` GENIE images after the mixed-precision choice;
+  ``--variants`` filters these too (``today``, ``act-aware``, ``act-aware+mse_w``, ``recon+genie``,
+  or ``mp:<name>`` to pick an MP variant alone).
 
 Distilled sets are computed once per (model, seed, variant, method) and passed as calibration data; their
 time is reported apart ("distill_s"); "quantize_s" is the ``quantize`` call (reconstruction
@@ -107,9 +108,10 @@ class Runner:
         q, seconds = self.quantize(self.data(TODAY_SAMPLES, seed, method=method), **kw)
         return {"top1": self.top1(q), "quantize_s": seconds, "bit_widths": q.bit_widths}
 
-    def recon(self, seed: int, bits: int, relax: float = 0.0, augment: bool = False, method: str = "zeroq",
+    def recon(self, seed: int, bits, relax: float = 0.0, augment: bool = False, method: str = "zeroq",
               **kw) -> dict:
         a = self.args
+        kw.pop("weight_bits", None)  # MP rows pass theirs in ``bits`` and again in kw
         data = self.data(a.samples, seed, relax, augment, method)
         held_out = self.data(GUARD_SAMPLES, seed + GUARD_SEED_OFFSET)
         kw = {"weight_bits": bits, "weight_range": a.weight_range, **kw}
@@ -170,12 +172,14 @@ def uniform_rows(r: Runner, bits: int, seeds: list[int], out: dict, save) -> Non
 
 def mp_rows(r: Runner, avg: int, seeds: list[int], out: dict, save) -> None:
     mp = dict(weight_bits=(2, 4, 8), avg_weight_bits=avg)
-    variants = {"today": {}, "act-aware": {"sensitivity_act_quant": True},
-                "act-aware+mse_w": {"sensitivity_act_quant": True, "weight_range": "mse"}}
-    for variant, kw in variants.items():
+    variants = {"today": lambda s: r.plain(s, **mp),
+                "act-aware": lambda s: r.plain(s, **mp, sensitivity_act_quant=True),
+                "act-aware+mse_w": lambda s: r.plain(s, **mp, sensitivity_act_quant=True, weight_range="mse"),
+                "recon+genie": lambda s: r.recon(s, mp["weight_bits"], method="genie", **mp)}
+    for variant, fn in variants.items():
         if r.args.variants and variant not in r.args.variants and f"mp:{variant}" not in r.args.variants:
             continue
-        out[f"MP{avg}/A4 {variant}"] = [r.plain(s, **mp, **kw) for s in seeds]
+        out[f"MP{avg}/A4 {variant}"] = [fn(s) for s in seeds]
         save()
 
 
