@@ -45,9 +45,12 @@ def test_mse_weight_range_lowers_weight_error_in_the_pipeline():
     assert errs["mse"] < 0.7 * errs["minmax"]
 
 
-def _calibrated(model, data, bits):
-    gm, info = prepare(model, bits, act_range="mse")
-    set_weight_bits(gm, 8)
+def calibrated_graph(model, data, act_bits, weight_bits=8, act_range="mse"):
+    """``prepare(model)`` with its activation quantizers calibrated on ``data`` (weights at
+    ``weight_bits`` while observing) and frozen: (graph, quantized layer names). Also used by
+    tests/test_reconstruct.py."""
+    gm, info = prepare(model, act_bits, act_range=act_range)
+    set_weight_bits(gm, weight_bits)
     set_act_mode(gm, "observe")
     with torch.no_grad():
         gm(data)
@@ -59,7 +62,7 @@ def _calibrated(model, data, bits):
 def test_activation_aware_sensitivity_matches_hand_kl(one_thread):
     model = models.load_pretrained("resnet20")
     data = torch.rand((16, 1, 28, 28), generator=torch.Generator().manual_seed(0))
-    gm, layers = _calibrated(model, data, 4)
+    gm, layers = calibrated_graph(model, data, 4)
     names, omega = layer_sensitivities(gm, data, (2, 4), act_quant=True)
     _, omega_float = layer_sensitivities(gm, data, (2, 4))  # activations float
     assert names == layers and not np.allclose(omega, omega_float)
@@ -85,7 +88,7 @@ def test_activation_aware_sensitivity_needs_calibration():
 def test_activation_aware_joint_evaluator_matches_hand_kl(one_thread):
     model = models.load_pretrained("resnet20")
     data = torch.rand((8, 1, 28, 28), generator=torch.Generator().manual_seed(1))
-    gm, layers = _calibrated(model, data, 4)
+    gm, layers = calibrated_graph(model, data, 4)
     choices = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1]])
     with JointEvaluator(gm, layers, (2, 4), data, act_quant=True) as ev:
         aware = ev(choices, decided=1)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_accuracy_options import calibrated_graph
 from test_zoo import check_integer_paths
 from zoo import ZOO, build
 
 import pyzeroq as zq
 from pyzeroq import models
 from pyzeroq.config import ReconstructionConfig
-from pyzeroq.modules import act_quants, layer_records, prepare, quant_layers, set_act_mode, set_weight_bits
+from pyzeroq.modules import layer_records, prepare, quant_layers
 from pyzeroq.reconstruct import (
     GAMMA,
     ZETA,
@@ -189,15 +190,8 @@ def test_reconstruction_deterministic_and_model_untouched():
 def test_guard_rejects_a_destroyed_rounding():
     """A huge learning rate scrambles the rounding: the held-out KL rises, the guard restores the
     round-to-nearest weights (bit for bit the model without reconstruction)."""
-    gm, info = prepare(models.load_pretrained("resnet20"), 4)
-    layers = list(info.layers)
     data = _calib(16)
-    set_weight_bits(gm, 3)
-    set_act_mode(gm, "observe")
-    with torch.no_grad():
-        gm(data)
-    for q in act_quants(gm).values():
-        q.freeze()
+    gm, layers = calibrated_graph(models.load_pretrained("resnet20"), data, 4, weight_bits=3, act_range="minmax")
     weights = {n: m.weight.detach().clone() for n, m in quant_layers(gm).items()}
     cfg = ReconstructionConfig(iters=5, lr=50.0, batch_size=8, reg_weight=0.0)
     res = reconstruct(gm, layers, data, cfg, holdout=_calib(16, seed=5))
