@@ -172,8 +172,9 @@ def test_distill_options_deterministic_and_different(one_thread):
         a = distill_data(model, (1, 16, 16), **kw, **opts).data
         assert torch.equal(a, distill_data(model, (1, 16, 16), **kw, **opts).data)
         assert not torch.equal(a, plain)
-    with pytest.raises(ValueError, match="relax"):
-        distill_data(model, (1, 16, 16), **kw, relax=-1.0)
+    for bad in (-1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="relax"):
+            distill_data(model, (1, 16, 16), **kw, relax=bad)
 
 
 def test_first_last_bits(one_thread):

@@ -14,6 +14,7 @@ batch size, and mu_0, sigma_0 the statistics of the normalized input itself.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -264,6 +265,14 @@ def _distill_batch(model: nn.Module, stats: BNStatistics, captured: dict, x: tor
     return history, final
 
 
+def check_relax(relax) -> None:
+    """ValueError naming ``relax`` unless it is a finite real number >= 0 (an infinite slack would
+    give NaN targets and NaN images)."""
+    if not (isinstance(relax, numbers.Real) and not isinstance(relax, bool) and math.isfinite(relax)
+            and relax >= 0):
+        raise ValueError(f"relax must be a finite number >= 0, got {relax!r}")
+
+
 @contextmanager
 def distill_session(model: nn.Module, relax: float = 0.0) -> Iterator[tuple[BNStatistics, dict]]:
     """``model`` ready for data synthesis: eval mode, every parameter's ``requires_grad`` off, a
@@ -308,12 +317,12 @@ def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: in
 
     relax: DSG-style per-sample relaxed BN targets (:meth:`BNStatistics.draw_targets`; 0: ZeroQ).
     augment: random shift / flip at every step (:func:`augment`). Both draw from the seeded
-    generator: the same arguments give the same images. ValueError for bad sizes or relax < 0.
+    generator: the same arguments give the same images. ValueError for bad sizes or a relax
+    that is not a finite number >= 0.
     """
     if num_samples < 1 or batch_size < 1 or iters < 0:
         raise ValueError("num_samples and batch_size must be >= 1 and iters >= 0")
-    if not relax >= 0:
-        raise ValueError(f"relax must be >= 0, got {relax!r}")
+    check_relax(relax)
     generator = torch.Generator().manual_seed(seed)
     batches, history, finals = [], [], []
     with distill_session(model, relax) as (stats, captured):

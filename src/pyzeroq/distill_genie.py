@@ -25,6 +25,7 @@ from .conv_grad import FastStemGrad
 from .distill import (
     DistillResult,
     augment,
+    check_relax,
     distill_session,
     find_normalizer,
     input_memory_format,
@@ -106,8 +107,7 @@ def _check_args(input_shape, num_samples, iters, batch_size, lr, generator_lr, l
     if not (isinstance(widths, (tuple, list)) and len(widths) == 2 and all(
             isinstance(c, numbers.Integral) and not isinstance(c, bool) and c > 0 for c in widths)):
         raise ValueError(f"widths must be two positive ints (generator channels), got {widths!r}")
-    if not (isinstance(relax, numbers.Real) and relax >= 0 and math.isfinite(relax)):
-        raise ValueError(f"relax must be a finite number >= 0, got {relax!r}")
+    check_relax(relax)
 
 
 def _new_generator(shape, latent_dim, widths, rng: torch.Generator, device) -> GenieGenerator:
