@@ -65,8 +65,8 @@ def layer_sensitivities(gm: nn.Module, data: torch.Tensor, candidates: tuple[int
     float model; every layer then pays the same activation error, and Omega_i(b) measures what
     b-bit weights add to it (what matters at low-bit activations, where the two interact)."""
     layers = quant_layers(gm)
-    if act_quant and not any(q.mode == "quantize" for q in act_quants(gm).values()):
-        raise ValueError("act_quant=True needs calibrated activation quantizers (mode 'quantize')")
+    if act_quant:
+        _check_calibrated(gm)
     set_act_mode(gm, "off")
     set_weight_bits(gm, None)
     reference = _forward_leaves(gm, data, batch_size)
@@ -83,21 +83,21 @@ def layer_sensitivities(gm: nn.Module, data: torch.Tensor, candidates: tuple[int
     return names, omega
 
 
-def _int32_biases(gm: nn.Module, names: list[str], candidates: tuple[int, ...], dtype: torch.dtype) -> dict:
-    """{layer: [B, C] its bias as the integer model holds it (int32 codes x input scale x weight
-    scale, :meth:`~pyzeroq.quantizers.QuantLayerMixin.quantized_bias`) at each candidate's weight
-    scale} for the layers whose input is quantized and that have a bias; weights left float."""
-    out = {}
-    for name, layer in quant_layers(gm).items():
-        if name not in names or layer.bias is None:
-            continue
-        per_bits = []
-        for bits in candidates:
-            layer.set_weight_bits(bits)
-            per_bits.append(layer.quantized_bias().detach().clone().to(dtype))
-        layer.set_weight_bits(None)
-        out[name] = torch.stack(per_bits)
-    return out
+def _check_calibrated(gm: nn.Module) -> None:
+    if not any(q.mode == "quantize" for q in act_quants(gm).values()):
+        raise ValueError("act_quant=True needs calibrated activation quantizers (mode 'quantize')")
+
+
+def _per_candidate(layer: nn.Module, candidates: tuple[int, ...], attr: str, dtype: torch.dtype) -> torch.Tensor:
+    """[B, ...]: ``layer.<attr>()`` with the weights at each candidate's bits (``quantized_weight``,
+    or ``quantized_bias``: the int32 bias the integer model holds, codes x input scale x weight
+    scale, when the layer's input is quantized), cast to ``dtype``; the layer's weights float after."""
+    per_bits = []
+    for bits in candidates:
+        layer.set_weight_bits(bits)
+        per_bits.append(getattr(layer, attr)().detach().clone().to(dtype))
+    layer.set_weight_bits(None)
+    return torch.stack(per_bits)
 
 
 class _PrefixTree(NamedTuple):
@@ -168,21 +168,15 @@ class JointEvaluator:
             raise TypeError(f"gm must be a torch.fx.GraphModule (pyzeroq.modules.prepare), got {type(gm).__name__}")
         if dtype not in EVAL_DTYPES:
             raise ValueError(f"dtype must be one of {EVAL_DTYPES}, got {dtype!r}")
-        if act_quant and not any(q.mode == "quantize" for q in act_quants(gm).values()):
-            raise ValueError("act_quant=True needs calibrated activation quantizers (mode 'quantize')")
+        if act_quant:
+            _check_calibrated(gm)
         self.names, self.candidates = list(names), candidates
         layers = quant_layers(gm)
         set_act_mode(gm, "off")
         set_weight_bits(gm, None)
-        self.qweights = {}
-        for name in self.names:
-            layer = layers[name]
-            per_bits = []
-            for bits in candidates:
-                layer.set_weight_bits(bits)
-                per_bits.append(layer.quantized_weight().detach().clone().to(dtype))  # exact in float64
-            layer.set_weight_bits(None)
-            self.qweights[name] = torch.stack(per_bits)  # [B, *weight.shape]
+        # [B, *weight.shape] per layer, exact in float64
+        self.qweights = {name: _per_candidate(layers[name], candidates, "quantized_weight", dtype)
+                         for name in self.names}
         if dtype != torch.float32:  # a float64 copy; the caller's graph stays as it is
             gm = copy.deepcopy(gm).to(dtype)
         self.gm, self.data = gm, data.to(dtype)
@@ -192,7 +186,9 @@ class JointEvaluator:
         self.qbiases = {}
         if act_quant:
             set_act_mode(gm, "quantize")
-            self.qbiases = _int32_biases(gm, self.names, candidates, dtype)
+            layers = quant_layers(gm)  # the float64 copy's layers when dtype is float64
+            self.qbiases = {name: _per_candidate(layers[name], candidates, "quantized_bias", dtype)
+                            for name in self.names if layers[name].bias is not None}
         self._tensors = tensor_nodes(gm, self.data)
         self._cuts: dict[int, Cut] = {}
         self._stages: dict[tuple, fx.GraphModule] = {}
