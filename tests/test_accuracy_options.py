@@ -92,6 +92,7 @@ def test_activation_aware_joint_evaluator_matches_hand_kl(one_thread):
     choices = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1]])
     with JointEvaluator(gm, layers, (2, 4), data, act_quant=True) as ev:
         aware = ev(choices, decided=1)
+        assert ev.memory_format == torch.contiguous_format  # NCHW: bit for bit the model's forward
     assert all(q.mode == "off" for q in act_quants(gm).values())  # closed: activations off again
     plain = JointEvaluator(gm, layers, (2, 4), data)(choices)
     assert not np.allclose(aware, plain)  # the activation error is in

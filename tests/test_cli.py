@@ -57,9 +57,11 @@ def test_low_bit_options_reach_the_config(monkeypatch, capsys):
     assert (c.weight_range, c.first_last_bits, c.distill_relax, c.distill_augment) == ("mse", 8, 0.5, True)
     assert c.reconstruction.iters == 200 and c.reconstruction.seed == 3 and not c.sensitivity_act_quant
     assert c.distill_method == "genie"
+    assert c.mp_eval_samples == pyzeroq.QuantConfig.mp_eval_samples
     cli.main(["quantize", "--mixed", "2,4,8", "--avg-weight-bits", "3", "--act-bits", "4",
-              "--sensitivity-act-quant", "--eval", "none"])
+              "--sensitivity-act-quant", "--mp-eval-samples", "8", "--eval", "none"])
     assert seen["config"].sensitivity_act_quant and seen["config"].reconstruction is None
+    assert seen["config"].mp_eval_samples == 8
 
 
 def test_bad_low_bit_option_is_a_clean_error(capsys):
@@ -67,3 +69,5 @@ def test_bad_low_bit_option_is_a_clean_error(capsys):
     assert "reconstruction.iters" in capsys.readouterr().err
     assert cli.main(["quantize", "--distill-relax", "-1", "--eval", "none"]) == 2
     assert "distill_relax" in capsys.readouterr().err
+    assert cli.main(["quantize", "--mp-eval-samples", "0", "--eval", "none"]) == 2
+    assert "mp_eval_samples" in capsys.readouterr().err

@@ -34,3 +34,17 @@ def test_bad_inputs():
         evaluate(_Oracle(), [[0]], [0])
     with pytest.raises(TypeError, match="images"):
         evaluate(_Oracle(), torch.zeros(2, 28, 28, dtype=torch.int32), [0, 1])
+
+
+def test_default_batch_predicts_as_one_batch():
+    """The default batch (evaluation.DEFAULT_BATCH, chosen for speed) does not change a prediction."""
+    from pyzeroq.data import load_fashion_mnist
+    from pyzeroq.evaluation import DEFAULT_BATCH
+    from pyzeroq.models import load_pretrained
+
+    images, labels = load_fashion_mnist("embedded")
+    images, labels = images[:2 * DEFAULT_BATCH + 37], labels[:2 * DEFAULT_BATCH + 37]  # a short last batch
+    model = load_pretrained("resnet20")
+    batched = evaluate(model, images, labels)
+    whole = evaluate(model, images, labels, batch_size=len(images))
+    assert np.array_equal(batched.predictions, whole.predictions) and batched.top1 == whole.top1

@@ -96,10 +96,15 @@ def test_chained_stages_in_any_layer_order():
         stage(gm, cut(gm, info.layers, 4, tensors), cut(gm, info.layers, 1, tensors))
 
 
+LAYOUTS = [torch.channels_last, torch.contiguous_format]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
-def test_prefix_reuse_is_bit_identical_to_the_whole_graph(name, monkeypatch):
+def test_prefix_reuse_is_bit_identical_to_the_whole_graph(name, layout, monkeypatch):
     gm, info = prepare(models.load_pretrained(name))
-    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 28, 28))
+    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 28, 28), memory_format=layout)
+    assert ev.memory_format == layout
     rng = np.random.default_rng(0)
     layers = len(info.layers)
     for decided, end in ((0, 5), (5, 10), (layers - 5, layers)):
@@ -114,9 +119,12 @@ def test_prefix_reuse_is_bit_identical_to_the_whole_graph(name, monkeypatch):
     assert ev.vmapped and ev.configurations == 6 * 24
 
 
-def test_loop_fallback_and_prefix_reuse_on_a_branchy_graph():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_loop_fallback_and_prefix_reuse_on_a_branchy_graph(layout):
+    """Branchy's 1x1 convs and 1-channel convs take NHWC or NCHW kernels after the layout of their
+    input: the prefix reuse must hand activations across a cut in the layout they had."""
     gm, info = prepare(Branchy())
-    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(3, 1, 6, 6))
+    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(3, 1, 6, 6), memory_format=layout)
     rng = np.random.default_rng(1)
     rows = grouped_rows(rng, 5, 4, 2)
     vmapped = ev(rows, decided=2)
@@ -206,3 +214,64 @@ def test_bad_arguments():
     assert ev(np.zeros((0, 2), dtype=np.int64), decided=1).shape == (0,)
     with pytest.raises(TypeError, match="GraphModule"):
         JointEvaluator(Branchy(), info.layers, CANDS, torch.rand(2, 1, 6, 6))
+
+
+class SpatialView(nn.Module):
+    """``x.view(x.size(0), -1)`` on a spatial conv output: fails on channels_last activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_a_model_failing_on_channels_last_runs_nchw(capfd):
+    gm, info = prepare(SpatialView())
+    data = torch.rand(4, 1, 5, 5)
+    ev = JointEvaluator(gm, info.layers, CANDS, data)
+    assert ev.memory_format == torch.contiguous_format  # the probe failed, quietly
+    assert capfd.readouterr().err == ""
+    rows = grouped_rows(np.random.default_rng(5), 3, 3, 1)
+    plain = JointEvaluator(gm, info.layers, CANDS, data, memory_format=torch.contiguous_format)
+    assert np.array_equal(ev(rows, decided=1), plain(rows, decided=1))
+    assert ev.vmapped
+
+
+def test_layout_argument():
+    gm, info = prepare(Branchy())
+    with pytest.raises(ValueError, match="memory_format"):
+        JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 6, 6), memory_format=torch.preserve_format)
+    ev = JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 6, 6), dtype=torch.float64)
+    assert ev.memory_format == torch.contiguous_format  # float64 runs as given
+    assert JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 6, 6)).memory_format == torch.channels_last
+    first = [p for p in gm.parameters() if p.dim() == 4][0]
+    JointEvaluator(gm, info.layers, CANDS, torch.rand(2, 1, 6, 6))
+    assert first.is_contiguous()  # the channels_last weights live in a copy
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_channels_last_selects_as_c868dd5(name):
+    """NHWC kernels change the exact KL in the last float bits only: the grouped search on them
+    keeps and selects the same configurations as on c868dd5's NCHW evaluation."""
+    gm, info = prepare(models.load_pretrained(name))
+    data = torch.rand(2, 1, 28, 28)
+    names = info.layers
+    omega = np.random.default_rng(6).random((len(names), 3)) * np.array([1.0, 0.1, 0.01])
+    cost = np.array([[gm.get_submodule(n).weight.numel() * b for b in CANDS] for n in names]) // 4
+    budget = int(cost[:, 1].sum())
+    kwargs = dict(group_size=6, keep_per_bin_estimate=3, size_bins=8, keep_per_bin_exact=2, pass_decided=True)
+    results = {}
+    for layout in LAYOUTS:
+        ev = JointEvaluator(gm, names, CANDS, data, memory_format=layout)
+        results[layout] = pareto.grouped_search(omega, cost, budget, ev, **kwargs)
+    nhwc, nchw = results[torch.channels_last], results[torch.contiguous_format]
+    for field in ("choice", "kept_choices", "kept_bin"):
+        assert np.array_equal(getattr(nhwc, field), getattr(nchw, field)), field
+    assert nhwc.evaluations == nchw.evaluations
+    np.testing.assert_allclose(nhwc.kept_totals, nchw.kept_totals, rtol=1e-5, atol=1e-12)
+    assert nhwc.total == pytest.approx(nchw.total, rel=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ACT_DTYPES, DISTILL_METHODS, SCHEMES, TARGETS
+from .config import ACT_DTYPES, DISTILL_METHODS, SCHEMES, TARGETS, QuantConfig
 from .data import fashion_mnist_available, load_fashion_mnist
 
 
@@ -57,7 +57,7 @@ def cmd_quantize(args) -> int:
                          num_samples=args.num_samples, distill_iters=args.distill_iters,
                          percentile=args.percentile, act_range=args.act_range, target=args.target,
                          weight_scheme=args.weight_scheme, act_dtype=args.act_dtype,
-                         mp_relaxation=not args.no_relaxation,
+                         mp_relaxation=not args.no_relaxation, mp_eval_samples=args.mp_eval_samples,
                          mp_method=args.mp_method, seed=args.seed, device=args.device,
                          weight_range=args.weight_range, first_last_bits=args.first_last_bits,
                          sensitivity_act_quant=args.sensitivity_act_quant, distill_relax=args.distill_relax,
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_low_bit_options(p)
     p.add_argument("--mp-method", default="zeroq", choices=("zeroq", "random", "inverse"))
     p.add_argument("--no-relaxation", action="store_true", help="skip the Appendix-A grouped refinement")
+    p.add_argument("--mp-eval-samples", type=int, default=QuantConfig.mp_eval_samples,
+                   help="calibration images of the grouped search's exact re-evaluation (the reference code: 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--eval", default="auto", choices=("auto", "test", "embedded", "none"))

@@ -12,7 +12,9 @@ from tqdm import tqdm
 from ._checks import check_unit_images
 from .data import CLASS_NAMES
 
-DEFAULT_BATCH = 500
+# images per forward: 100 keeps a ResNet-20 activation of 28x28 images (~5 MB) in cache; 500 took
+# twice as long on the 2-core test machine (bench/eval_batch.py)
+DEFAULT_BATCH = 100
 PIXEL_MAX = 255.0
 
 

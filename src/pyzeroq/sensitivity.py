@@ -12,9 +12,12 @@ re-evaluation step of the Appendix-A grouped search.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import numbers
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -44,6 +47,15 @@ JOINT_EVAL_PREFIX_IMAGES = 1024
 ONEDNN_MIN_BATCH = 16
 # Float types the exact re-evaluation can run in (QuantConfig.mp_eval_dtype).
 EVAL_DTYPES = (torch.float32, torch.float64)
+# Layouts of the exact re-evaluation's float32 conv weights. Several configurations of a conv under vmap
+# are one grouped conv; oneDNN runs it on channels_last (NHWC) data 2-5x faster per configuration than
+# on NCHW, which it reorders to a blocked layout and back at every call (bench/grouped_search_speed.py).
+EVAL_MEMORY_FORMATS = (torch.channels_last, torch.contiguous_format)
+CHANNELS_LAST_PARAM_DIMS = 4  # conv2d weights [out channels, in channels, kh, kw]
+CHANNELS_LAST_ROW_DIMS = 5  # [rows, out channels, in channels, kh, kw]: conv2d weights per configuration
+# The torch warning that vmap falls back to a per-configuration loop for ``as_strided_`` (adaptive
+# pooling resizes a channels_last output with it): correct, and a negligible share of the time.
+AS_STRIDED_FALLBACK_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 @torch.no_grad()
@@ -100,6 +112,61 @@ def _per_candidate(layer: nn.Module, candidates: tuple[int, ...], attr: str, dty
     return torch.stack(per_bits)
 
 
+def _channels_last_graph(gm: fx.GraphModule, sample: torch.Tensor) -> fx.GraphModule | None:
+    """A copy of ``gm`` with its 4-D parameters (conv2d weights) channels_last, so that every conv
+    runs oneDNN's NHWC kernel whatever the layout of its input (the kernel, and with it the float
+    bits, does not then depend on how an activation was stored); None when a forward on
+    ``sample`` fails with them (e.g. the model calls ``.view`` on a spatial activation)."""
+    nhwc = copy.deepcopy(gm)
+    for p in nhwc.parameters():
+        if p.dim() == CHANNELS_LAST_PARAM_DIMS:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    try:  # quietly: a failing torch.fx.GraphModule prints its generated code to stderr
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            nhwc(sample)
+    except Exception:  # the model's own error, whatever its type
+        return None
+    return nhwc
+
+
+def _channels_last_rows(weights: torch.Tensor) -> torch.Tensor:
+    """Conv2d weights per row [R, O, C, kh, kw] stored with C innermost ([R, O, kh, kw, C] in
+    memory): vmap's grouped reshape to [R*O, C, kh, kw] is then a channels_last view, which
+    sends the conv (and the activations after it) to oneDNN's NHWC kernels. Other ranks as given."""
+    if weights.dim() != CHANNELS_LAST_ROW_DIMS:
+        return weights
+    return weights.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def _empty_like_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty tensor of ``v``'s shape with ``rows`` rows (dim 0) in ``v``'s memory layout: the
+    same dim order and the same strides on size-1 dims. Activations cross a cut in the layout
+    they had inside vmap, so that the ops after it (whose kernel can depend on the layout, e.g.
+    a 1x1 conv: NHWC or NCHW) take the kernels of an evaluation of the whole graph."""
+    shape = (rows, *v.shape[1:])
+    out = torch.empty_permuted(shape, sorted(range(v.dim()), key=lambda d: -v.stride(d)),
+                               dtype=v.dtype, device=v.device)
+    return out.as_strided(shape, [v.stride(d) if n == 1 else out.stride(d) for d, n in enumerate(shape)])
+
+
+def _rows(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``v[index]`` (rows along dim 0) in ``v``'s layout (:func:`_empty_like_rows`)."""
+    if v.stride(0) == 0:  # rows expanded from one forward
+        return v.index_select(0, index)
+    return torch.index_select(v, 0, index, out=_empty_like_rows(v, len(index)))
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` in the layout of ``parts[0]`` (:func:`_empty_like_rows`)."""
+    if parts[0].stride(0) == 0:
+        return torch.cat(parts)
+    out, start = _empty_like_rows(parts[0], sum(len(p) for p in parts)), 0
+    for p in parts:  # slice copies: torch.cat(out=) into a permuted layout runs ~3x slower
+        out[start:start + len(p)].copy_(p)
+        start += len(p)
+    return out
+
+
 class _PrefixTree(NamedTuple):
     """Distinct prefixes of a call's rows at increasing ``decided`` levels."""
 
@@ -148,6 +215,15 @@ class JointEvaluator:
     ``dtype``: torch.float32 (default) or torch.float64, the float type of the evaluation (a
     float64 copy of ``gm`` runs it; the quantized weights are exact in either).
 
+    ``memory_format``: the layout of the float32 conv2d weights (a copy of ``gm`` holds them).
+    ``torch.channels_last`` (default) sends every conv of the evaluation to oneDNN's NHWC
+    kernels, ~1.2x faster on ResNet-20 (its 16-channel convs 4x); ``torch.contiguous_format``
+    runs the NCHW kernels of commit c868dd5, bit for bit. The two differ in the last float bits
+    (KL ~1e-7 relative); the bit-identity above holds within either. A model whose forward fails
+    on channels_last activations (e.g. ``.view`` on a spatial activation), a float64 evaluation
+    and an activation-aware one (where last-bit differences flip activation codes: it stays bit
+    for bit the model's own forward) run NCHW; ``self.memory_format`` says which ran.
+
     ``act_quant``: activation-aware evaluation (as :func:`layer_sensitivities`'s ``act_quant``):
     the configurations run with the (calibrated, mode "quantize") activation quantizers
     quantizing, the reference stays the float model. The activation fake quantization is a
@@ -163,11 +239,13 @@ class JointEvaluator:
 
     def __init__(self, gm: fx.GraphModule, names: list[str], candidates: tuple[int, ...], data: torch.Tensor,
                  progress: bool = False, measure: str = "auto", dtype: torch.dtype = torch.float32,
-                 act_quant: bool = False):
+                 act_quant: bool = False, memory_format: torch.memory_format = torch.channels_last):
         if not isinstance(gm, fx.GraphModule):
             raise TypeError(f"gm must be a torch.fx.GraphModule (pyzeroq.modules.prepare), got {type(gm).__name__}")
         if dtype not in EVAL_DTYPES:
             raise ValueError(f"dtype must be one of {EVAL_DTYPES}, got {dtype!r}")
+        if memory_format not in EVAL_MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {EVAL_MEMORY_FORMATS}, got {memory_format!r}")
         if act_quant:
             _check_calibrated(gm)
         self.names, self.candidates = list(names), candidates
@@ -179,6 +257,12 @@ class JointEvaluator:
                          for name in self.names}
         if dtype != torch.float32:  # a float64 copy; the caller's graph stays as it is
             gm = copy.deepcopy(gm).to(dtype)
+        self.memory_format = torch.contiguous_format  # the layout the evaluation runs in
+        if dtype == torch.float32 and memory_format == torch.channels_last and not act_quant:
+            nhwc = _channels_last_graph(gm, data[:1])
+            if nhwc is not None:  # else the model fails on channels_last activations: NCHW
+                gm, self.memory_format = nhwc, torch.channels_last
+                self.qweights = {name: _channels_last_rows(w) for name, w in self.qweights.items()}
         self.gm, self.data = gm, data.to(dtype)
         self.reference = _forward_leaves(gm, self.data, len(self.data))
         self.measure = resolve_measure(self.reference, measure)
@@ -311,14 +395,16 @@ class JointEvaluator:
             padded = np.resize(block, max(len(block), call.min_rows))
             params = self._params(module, keys[padded])
             index = torch.as_tensor(parents[padded])
-            args = [v.index_select(0, index) if varies else v for v, varies in zip(values, in_varies)]
+            args = [_rows(v, index) if varies else v for v, varies in zip(values, in_varies)]
             if params or any(in_varies):
                 in_dims = ({k: 0 for k in params}, *(0 if varies else None for varies in in_varies))
-                outs = vmap(run, in_dims=in_dims)(params, *args)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=AS_STRIDED_FALLBACK_WARNING)
+                    outs = vmap(run, in_dims=in_dims)(params, *args)
             else:  # nothing varies (no layer chosen yet): one plain forward
                 outs = [o.expand(len(padded), *o.shape) for o in run(params, *args)]
             parts.append([o[:len(block)] for o in outs])
-        return [torch.cat([part[j] for part in parts]) if varies else parts[0][j][0]
+        return [_cat_rows([part[j] for part in parts]) if varies else parts[0][j][0]
                 for j, varies in enumerate(out_varies)]
 
 
