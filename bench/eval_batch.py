@@ -2,8 +2,8 @@
 Fashion-MNIST test set: the float ResNet-20, its W4A8 fake-quantized model and the integer
 model. Each (model, batch size) is timed as the main job meets it: the first evaluation in a
 fresh process (a warmed process hides the allocator's page faults on large activations), in
-``--repeats`` processes, rounds interleaved; median and range. Every batch size must give the
-predictions of batch size 1000 (asserted in each worker before its timing).
+``--repeats`` processes, rounds interleaved; median and range. Every timed evaluation must give
+the predictions of batch size 1000 (asserted in each worker after it: the timed call is the first).
 
     python bench/eval_batch.py --repeats 3
 

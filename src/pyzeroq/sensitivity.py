@@ -48,8 +48,8 @@ ONEDNN_MIN_BATCH = 16
 # Float types the exact re-evaluation can run in (QuantConfig.mp_eval_dtype).
 EVAL_DTYPES = (torch.float32, torch.float64)
 # Layouts of the exact re-evaluation's float32 conv weights. Several configurations of a conv under vmap
-# are one grouped conv; oneDNN runs it on channels_last (NHWC) data 2-5x faster per configuration than
-# on NCHW, which it reorders to a blocked layout and back at every call (bench/grouped_search_speed.py).
+# are one grouped conv; on NCHW oneDNN reorders it to a blocked layout and back at every call: ResNet-20's
+# 16-channel convs run 4x faster on channels_last (NHWC), its wider ones ~10 % (bench/grouped_search_speed.py).
 EVAL_MEMORY_FORMATS = (torch.channels_last, torch.contiguous_format)
 CHANNELS_LAST_PARAM_DIMS = 4  # conv2d weights [out channels, in channels, kh, kw]
 CHANNELS_LAST_ROW_DIMS = 5  # [rows, out channels, in channels, kh, kw]: conv2d weights per configuration
@@ -160,11 +160,7 @@ def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     """``torch.cat(parts)`` in the layout of ``parts[0]`` (:func:`_empty_like_rows`)."""
     if parts[0].stride(0) == 0:
         return torch.cat(parts)
-    out, start = _empty_like_rows(parts[0], sum(len(p) for p in parts)), 0
-    for p in parts:  # slice copies: torch.cat(out=) into a permuted layout runs ~3x slower
-        out[start:start + len(p)].copy_(p)
-        start += len(p)
-    return out
+    return torch.cat(parts, out=_empty_like_rows(parts[0], sum(len(p) for p in parts)))
 
 
 class _PrefixTree(NamedTuple):
