@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from zoo import ZOO, build
 
-from pyzeroq import models, pareto, sensitivity
+import pyzeroq as zq
+from pyzeroq import models, pareto, pipeline, sensitivity
 from pyzeroq.graph_split import cut, model_inputs, stage, tensor_nodes
 from pyzeroq.models.layers import Normalize
 from pyzeroq.modules import prepare, set_act_mode, set_weight_bits
@@ -279,3 +281,22 @@ def test_channels_last_selects_as_c868dd5(name):
     assert nhwc.evaluations == nchw.evaluations
     np.testing.assert_allclose(nhwc.kept_totals, nchw.kept_totals, rtol=1e-5, atol=1e-12)
     assert nhwc.total == pytest.approx(nchw.total, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["shufflenetv2", "inception"])
+def test_zoo_mixed_precision_chooses_the_same_bits_in_both_layouts(name, monkeypatch):
+    """Architectures pyzeroq did not ship (channel shuffle, concatenating branches) through the whole
+    pipeline: the NHWC evaluation (it does run NHWC on them) picks the bit widths NCHW picks."""
+    chosen, layouts = {}, []
+    for layout in LAYOUTS:
+        def evaluator(*args, layout=layout, **kwargs):
+            ev = JointEvaluator(*args, memory_format=layout, **kwargs)
+            layouts.append(ev.memory_format)
+            return ev
+        monkeypatch.setattr(pipeline, "JointEvaluator", evaluator)
+        cfg = zq.QuantConfig(weight_bits=(2, 4, 8), avg_weight_bits=4, act_bits=8, num_samples=8, distill_iters=20,
+                             progress=False)
+        chosen[layout] = zq.quantize(build(name), cfg, input_shape=ZOO[name][1]).bit_widths
+    assert layouts == LAYOUTS
+    assert chosen[torch.channels_last] == chosen[torch.contiguous_format]
+    assert len(set(chosen[torch.channels_last].values())) > 1  # a mixed choice, not a trivial one
