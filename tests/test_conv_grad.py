@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pyzeroq.conv_grad import MAX_POLYPHASE_IN_CHANNELS, FastStemGrad, polyphase_input_grad
+from pyzeroq.conv_grad import MAX_POLYPHASE_IN_CHANNELS, FastStemGrad, StepStemGrad, polyphase_input_grad
 from pyzeroq.distill import BNStatistics, distill_data
 
 
@@ -131,6 +131,20 @@ def test_fast_stem_grad_skips_trainable_weights_and_no_grad():
     assert y.grad_fn is None
 
 
+@pytest.mark.parametrize("stride,kept", [(2, True), (1, False)])
+def test_step_stem_grad_drops_the_mode_after_a_first_step_that_routed_nothing(stride, kept):
+    model = frozen(Stem(stride=stride))
+    stem_grad, modes = StepStemGrad(), []
+    for _ in range(3):
+        mode = stem_grad.step()
+        with mode:
+            model(torch.randn(2, 3, 12, 12, requires_grad=True))
+        modes.append(mode)
+    assert isinstance(modes[0], FastStemGrad)
+    assert all(isinstance(m, FastStemGrad) == kept for m in modes[1:])
+    assert modes[0].routed == (1 if kept else 0)
+
+
 def test_distillation_with_the_polyphase_stem_matches_plain_torch(monkeypatch):
     torch.manual_seed(0)
     model = frozen(Stem())
@@ -144,7 +158,7 @@ def test_distillation_with_the_polyphase_stem_matches_plain_torch(monkeypatch):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr("pyzeroq.distill.FastStemGrad", Off)
+    monkeypatch.setattr("pyzeroq.conv_grad.FastStemGrad", Off)
     plain = distill_data(model, (3, 24, 24), num_samples=4, iters=5, seed=1, progress=False)
     assert fast.initial_loss == plain.initial_loss
     torch.testing.assert_close(fast.data, plain.data, rtol=1e-4, atol=1e-4)

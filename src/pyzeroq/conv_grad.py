@@ -20,13 +20,14 @@ through it; every other call runs unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["polyphase_weight", "polyphase_input_grad", "FastStemGrad", "MAX_POLYPHASE_IN_CHANNELS"]
+__all__ = ["polyphase_weight", "polyphase_input_grad", "FastStemGrad", "StepStemGrad", "MAX_POLYPHASE_IN_CHANNELS"]
 
 MAX_POLYPHASE_IN_CHANNELS = 4  # oneDNN's backward-data is only slow with a handful of input channels
 CONV2D_DIMS = 4
@@ -135,12 +136,34 @@ class FastStemGrad(TorchFunctionMode):
     ``MAX_POLYPHASE_IN_CHANNELS`` input channels, groups 1, dilation 1, an input that needs its
     gradient and a weight / bias that do not (distillation's first layer) computes its input
     gradient by :func:`polyphase_input_grad`; the forward result is ``conv2d``'s own. Every
-    other call (and every call outside the block) runs unchanged."""
+    other call (and every call outside the block) runs unchanged. ``routed``: how many calls it
+    has routed so far."""
+
+    def __init__(self):
+        super().__init__()
+        self.routed = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.conv2d:  # the same object as torch.conv2d
             handled = _conv2d_args(args, kwargs)
             if handled is not None:
+                self.routed += 1
                 return _StemConv.apply(*handled)
         return func(*args, **kwargs)
+
+
+class StepStemGrad:
+    """:class:`FastStemGrad` for the steps of an optimization loop that all make the same calls:
+    ``with stem_grad.step():`` around each step's forward pass. When the first step routed no
+    call (no qualifying stem, e.g. ResNet-20's stride-1 one), the later steps run without the
+    mode, which would only add a Python call to every torch function of the forward pass."""
+
+    def __init__(self):
+        self._first: FastStemGrad | None = None
+
+    def step(self):
+        if self._first is None:
+            self._first = FastStemGrad()
+            return self._first
+        return FastStemGrad() if self._first.routed else contextlib.nullcontext()

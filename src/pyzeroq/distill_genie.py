@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .conv_grad import FastStemGrad
+from .conv_grad import StepStemGrad
 from .distill import (
     DistillResult,
     augment,
@@ -130,11 +130,12 @@ def _synthesize_batch(model, stats, captured, gen: GenieGenerator, z: torch.Tens
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=GENERATOR_DECAY)
     bar = tqdm(range(iters), desc=label, disable=not progress, leave=False)
     history = []
+    stem_grad = StepStemGrad()
     for it in bar:
         opt_z.zero_grad(set_to_none=True)
         opt_g.zero_grad(set_to_none=True)
         x = to_input(gen(z))
-        with FastStemGrad():  # the model's stem input gradient by one forward conv (conv_grad.py)
+        with stem_grad.step():  # the model's stem input gradient by one forward conv (conv_grad.py)
             model(x if jitter is None else augment(x, jitter))
         loss = stats.loss() + input_statistics_loss(captured.get("z", x))
         loss.backward()
