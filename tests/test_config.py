@@ -47,6 +47,8 @@ def test_frozen():
     (dict(budget_metric="flops"), "budget_metric"),
     (dict(seed=-1), "seed"),
     (dict(device=0), "device"),
+    (dict(per_channel=1), "per_channel"),
+    (dict(progress="no"), "progress"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

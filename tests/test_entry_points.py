@@ -86,6 +86,25 @@ def test_quantize_unknown_names(field, value):
         zq.QuantConfig(**{field: value})
 
 
+def test_quantize_input_channels_the_normalization_does_not_hold(no_expensive_stage):
+    """3-channel mean / std broadcast a 1-channel image to 3 channels: the model runs, but the
+    integer model and the ONNX export would refuse such inputs; quantize names input_shape."""
+    from pyzeroq.models.layers import Normalize
+
+    model = nn.Sequential(Normalize((0.5, 0.4, 0.3), (0.2, 0.2, 0.2)), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                          nn.Flatten(), nn.Linear(4 * 14 * 14, 2)).eval()
+    with pytest.raises(ValueError, match=r"input_shape=\(1, 16, 16\): .*input normalization '0'.*3 values"):
+        zq.quantize(model, zq.QuantConfig(**FAST), input_shape=(1, 16, 16))
+    with pytest.raises(AssertionError, match="an expensive stage ran"):  # 3 channels pass every check
+        zq.quantize(model, zq.QuantConfig(**FAST), input_shape=(3, 16, 16))
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_quantize_device_type_pyzeroq_does_not_run_on(no_expensive_stage, tiny, device):
+    with pytest.raises(ValueError, match=f"config.device '{device}': pyzeroq runs on 'cpu' or 'cuda'"):
+        zq.quantize(tiny, zq.QuantConfig(device=device, **FAST), input_shape=SHAPE)
+
+
 @NO_CUDA
 def test_quantize_device_this_machine_lacks(no_expensive_stage, tiny):
     with pytest.raises(ValueError, match="config.device 'cuda': CUDA is not available"):

@@ -207,7 +207,7 @@ def test_float_ops_warn_and_layers_reading_them_are_listed():
 
     with pytest.raises(ValueError, match=r"float_ops.*\n?|sin") as info:  # default float_ops="error"
         zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
-    assert "sin" in str(info.value) and "Supported operations" in str(info.value)
+    assert "sin" in str(info.value) and "Supported operators" in str(info.value)
     assert "float_ops='warn'" in str(info.value)
     with pytest.warns(pipeline.FloatOpsWarning, match="stay in float"):
         qmodel = zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", float_ops="warn", **FAST),

@@ -28,6 +28,7 @@ _LAZY = {
     "QuantConfig": ("pyzeroq.config", "QuantConfig"),
     "ReconstructionConfig": ("pyzeroq.config", "ReconstructionConfig"),
     "quantize": ("pyzeroq.pipeline", "quantize"),
+    "QuantizedModel": ("pyzeroq.pipeline", "QuantizedModel"),  # what quantize returns
     "evaluate": ("pyzeroq.evaluation", "evaluate"),
     "to_integer": ("pyzeroq.integer.convert", "to_integer"),
     "integer_exact": ("pyzeroq.integer.exact", "integer_exact"),

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# the device types pyzeroq runs on (its C++ kernels run on the CPU; "meta" tensors hold no values)
+DEVICE_TYPES = ("cpu", "cuda")
 # what the command lines print as "error: <message>" instead of a traceback
 USER_ERRORS = (ValueError, TypeError, OSError)
 
@@ -31,6 +33,8 @@ def check_device(device, argument: str = "device") -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"{argument} {str(device)!r} is not a torch device: {exc}") from exc
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"{argument} {str(device)!r}: pyzeroq runs on {' or '.join(map(repr, DEVICE_TYPES))} devices")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{argument} {str(device)!r}: CUDA is not available on this machine (use 'cpu')")

@@ -222,7 +222,7 @@ class QuantConfig:
         (8-bit here, as an integer model is fed). ``report.size_bytes`` counts it.
     float_ops: what ``quantize`` does with ops it cannot quantize (they would stay float, and a
         conv / linear after them would read a float input): "error" (default: a ValueError
-        listing every such op, raised before any costly stage; README "Supported operations"),
+        listing every such op, raised before any costly stage; README "Supported operators"),
         "warn" (a :class:`pyzeroq.pipeline.FloatOpsWarning`, the ops listed in
         ``report.float_ops``; ``to_integer`` / ``export_onnx`` refuse the model) or "allow"
         (silently listed in ``report.float_ops``).
@@ -309,8 +309,9 @@ class QuantConfig:
             raise ValueError(f"distill_iters must be a non-negative integer, got {self.distill_iters!r}")
         if not isinstance(self.distill_lr, numbers.Real) or not self.distill_lr > 0:
             raise ValueError(f"distill_lr must be positive, got {self.distill_lr!r}")
-        if not isinstance(self.per_channel, bool):
-            raise ValueError(f"per_channel must be a bool, got {self.per_channel!r}")
+        for flag in ("per_channel", "progress"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.percentile is not None and (not isinstance(self.percentile, numbers.Real)
                                             or not 50.0 < self.percentile <= 100.0):
             raise ValueError(f"percentile must be in (50, 100] or None, got {self.percentile!r}")

@@ -360,8 +360,8 @@ class _Builder(GraphBuilder):
 
     def layout(self, step: LayoutStep):
         """Data movement on the codes (``Pad`` fills with the zero point)."""
-        fill = self.code_const(f"{step.output}_fill", np.int64(step.x_q.zero_point_value), step.x_q)
-        self.layout_node(step, step.inputs[0], step.output, fill)
+        self.layout_node(step, step.inputs[0], step.output,
+                         lambda: self.code_const(f"{step.output}_fill", np.int64(step.x_q.zero_point_value), step.x_q))
 
     def dequant(self, step: DequantStep):
         s, z = self.qparams(step.output, step.x_q)

@@ -59,7 +59,8 @@ runs every op alone on the simulator's input codes and whole graphs on nine zoo 
   option ``session.qdqisint8allowed=1`` (on by default for ARM; bit-exact then, float Conv without
   it), Gemm either way; adds / products become the fixed-point QLinearAdd /
   QLinearMul (one code off at near-ties); QLinearGlobalAveragePool is bit-exact over power-of-two
-  windows (its multiplier ``sx / (sy*HW)`` is the simulator's ``f32(sx/sy) / HW`` then);
+  windows (its multiplier ``sx / (sy*HW)`` is the simulator's ``f32(sx/sy) / HW`` then); a Clip
+  before the QuantizeLinear (codes of fewer bits than their container) keeps the pool float;
   QLinearAveragePool rounds ``y/sy + zp``, so every exact tie of the simulator's ``rne(y/sy) + zp``
   (a quarter of a 2x2 pool's outputs when the pool keeps its input's record) is one code off when
   the zero point is odd.
@@ -301,7 +302,13 @@ class _QdqBuilder(GraphBuilder):
         self.pool(step, "AveragePool", kernel_shape=window, strides=window)
 
     def max_pool(self, step: MaxPoolStep):
-        self.pool(step, "MaxPool", **max_pool_attrs(step, *self.shapes[step.inputs[0]][2:]))
+        attrs = max_pool_attrs(step, *self.shapes[step.inputs[0]][2:])
+        q = step.quant
+        if step.x_q == q and step.clamp_codes() == (q.qmin, q.qmax):  # the max of codes: data movement
+            self.node("MaxPool", [self.dq(step.inputs[0], q)], [f"{step.output}_pool"], f"{step.output}_pool", **attrs)
+            self.moved(f"{step.output}_pool", q, step.output)
+        else:
+            self.pool(step, "MaxPool", **attrs)
 
     def requant(self, step: RequantStep):
         self.requantize(self.dq(step.inputs[0], step.x_q), step.quant, step.output, *step.clamp_codes())
@@ -314,15 +321,23 @@ class _QdqBuilder(GraphBuilder):
     def clamp(self, step: ClampStep):
         self.requantize(self.dq(step.inputs[0], step.x_q), step.x_q, step.output, step.lo, step.hi)
 
+    def moved(self, real: str, q: TensorQuant, out: str):
+        """QuantizeLinear of data moved in float, back to its own record ``q``: no clamp, since
+        the values are ``q``'s codes (or the zero point) already. (A ``Clip`` there, for codes of
+        fewer bits than their container, also made onnxruntime 1.32's QDQ propagation at
+        ORT_ENABLE_ALL build a QuantizeLinear of mismatched types for int8 codes: the session failed.)"""
+        tmin, tmax = container_range(q)
+        self.requantize(real, q, out, tmin, tmax)
+
     def reshape(self, step: ReshapeStep):
         self.reshape_node(step, self.dq(step.inputs[0], step.x_q), f"{step.output}_reshaped")
-        self.requantize(f"{step.output}_reshaped", step.x_q, step.output)
+        self.moved(f"{step.output}_reshaped", step.x_q, step.output)
 
     def layout(self, step: LayoutStep):
         """Data movement in float (``Pad`` fills with 0.0, whose code is the zero point) -> QuantizeLinear."""
         self.layout_node(step, self.dq(step.inputs[0], step.x_q), f"{step.output}_moved",
-                         self.const(f"{step.output}_fill", np.float32(0.0)))
-        self.requantize(f"{step.output}_moved", step.x_q, step.output)
+                         lambda: self.const(f"{step.output}_fill", np.float32(0.0)))
+        self.moved(f"{step.output}_moved", step.x_q, step.output)
 
     def dequant(self, step: DequantStep):
         self.node("Identity", [self.dq(step.inputs[0], step.x_q)], [step.output], f"{step.output}_float")

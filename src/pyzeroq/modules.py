@@ -57,7 +57,7 @@ from .quantizers import (  # noqa: F401 (re-exported: the quantizer family lives
     QuantLinear,
     mse_clip_range,
 )
-from .rewrites import fold_constant_scales, split_shared_layers
+from .rewrites import canonical_activations, fold_constant_scales, split_shared_layers
 
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
 BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -420,6 +420,7 @@ def prepare(model: nn.Module, act_bits: int | None = 8, per_channel: bool = True
     Raises ValueError when the model cannot be traced by torch.fx."""
     gm = _trace(copy.deepcopy(model).eval())
     info = SurgeryInfo()
+    canonical_activations(gm)
     info.shared_layers = split_shared_layers(gm)
     info.folded_scales = fold_constant_scales(gm)
     _fold_bns(gm, info)

@@ -10,7 +10,7 @@ names (:func:`output_names`) and the assembly of the ModelProto (:func:`assemble
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -231,10 +231,11 @@ class GraphBuilder:
         self.node("Reshape", [src, self.const(f"{step.output}_shape", np.array(target, np.int64))], [out],
                   f"{step.output}_reshape")
 
-    def layout_node(self, step: LayoutStep, src: str, out: str, fill: str) -> None:
+    def layout_node(self, step: LayoutStep, src: str, out: str, fill: Callable[[], str]) -> None:
         """The data movement of ``step`` from ``src`` to ``out``: ``Transpose``, ``Resize`` (nearest,
-        asymmetric, floor: plain replication), ``Pad`` (with the initializer ``fill``: the code or the
-        real value of 0.0) or ``Slice`` (an item of chunk / split)."""
+        asymmetric, floor: plain replication), ``Pad`` (with the initializer ``fill()`` makes: the code
+        or the real value of 0.0; made only for a Pad, so no graph holds an unused initializer) or
+        ``Slice`` (an item of chunk / split)."""
         b = step.output
         rank = len(self.shapes[step.inputs[0]])
         if step.op in ("permute", "transpose"):
@@ -251,7 +252,7 @@ class GraphBuilder:
             begins, ends = [0] * rank, [0] * rank
             for i in range(len(step.args) // 2):
                 begins[rank - 1 - i], ends[rank - 1 - i] = step.args[2 * i], step.args[2 * i + 1]
-            self.node("Pad", [src, self.const(f"{b}_pads", np.array(begins + ends, np.int64)), fill], [out],
+            self.node("Pad", [src, self.const(f"{b}_pads", np.array(begins + ends, np.int64)), fill()], [out],
                       f"{b}_pad", mode="constant")
         else:  # an item of chunk / split: a Slice along its dim
             dim = step.args[0] % rank
@@ -328,7 +329,12 @@ def example_shapes(int_model: IntegerModel, example_input, pixels: str) -> tuple
     example = int_model.check_input(example_input, "example_input")
     if pixels == "uint8" and example.dtype != np.uint8:
         example = np.clip(np.rint(example.astype(np.float64) * PIXEL_MAX), 0, PIXEL_MAX).astype(np.uint8)
-    env = int_model.run(example)
+    try:
+        env = int_model.run(example)
+    except (ValueError, IndexError, RuntimeError) as exc:  # e.g. a concat of sizes that no longer match
+        raise ValueError(f"example_input of shape {tuple(example.shape)} does not fit the model (the integer "
+                         f"model fails on it: {type(exc).__name__}: {exc}); pass an input of the size "
+                         "the model was quantized for") from exc
     return example, {k: tuple(v.shape) for k, v in env.items()}
 
 

@@ -10,6 +10,9 @@ result with the float model):
 * :func:`fold_constant_scales`: ``layer(x) * c`` with ``c`` a constant (a parameter or buffer
   of the model, scalar or one value per output channel, e.g. FCOS's per-level ``Scale``) is
   folded into the layer's weights and bias when the layer has no other user.
+* :func:`canonical_activations`: other spellings of the ops pyzeroq quantizes become the ones it
+  knows -- ``x.relu()`` and a clamp to ``[0, inf)`` become ``torch.relu``, a clamp to ``[0, 6]``
+  ``F.relu6``, and ``F.dropout(x, p, training=False)`` (dropout traced in eval mode) ``x``. Exact.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["split_shared_layers", "fold_constant_scales", "SHARED_COPY_SUFFIX"]
+__all__ = ["split_shared_layers", "fold_constant_scales", "canonical_activations", "SHARED_COPY_SUFFIX"]
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 SCALE_FUNCTIONS = (operator.mul, torch.mul)
+CLAMP_FUNCTIONS = (torch.clamp, torch.clip, torch.clamp_min)
+CLAMP_METHODS = ("clamp", "clip", "clamp_min")  # the out-of-place ones: an in-place clamp also changes x
+DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+RELU6_MAX = 6
 SHARED_COPY_SUFFIX = "_call"  # "<module path with _>_call<i>" for the i-th call (i >= 1)
 
 
@@ -110,3 +118,58 @@ def fold_constant_scales(gm: fx.GraphModule) -> list[str]:
         gm.graph.lint()
         gm.recompile()
     return folded
+
+
+def _bounds(node: fx.Node) -> tuple | None:
+    """(min, max) of a clamp node (``clamp_min``: max None), or None when it is not a clamp."""
+    if not (node.op == "call_function" and node.target in CLAMP_FUNCTIONS
+            or node.op == "call_method" and node.target in CLAMP_METHODS):
+        return None
+    names = ("min",) if node.target in (torch.clamp_min, "clamp_min") else ("min", "max")
+    bound = dict(zip(names, node.args[1:])) | dict(node.kwargs)
+    return bound.get("min"), bound.get("max")
+
+
+def _plain_number(v, want) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == want
+
+
+def _canonical(node: fx.Node):
+    """The function that ``node`` computes in the form pyzeroq quantizes, or None."""
+    if node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs:
+        return torch.relu
+    bounds = _bounds(node)
+    if bounds is not None and _plain_number(bounds[0], 0):
+        if bounds[1] is None:
+            return torch.relu
+        if _plain_number(bounds[1], RELU6_MAX):
+            return F.relu6
+    return None
+
+
+def _is_eval_dropout(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in DROPOUT_FUNCTIONS:
+        return False
+    training = dict(zip(("input", "p", "training", "inplace"), node.args)) | dict(node.kwargs)
+    return training.get("training", True) is False
+
+
+def canonical_activations(gm: fx.GraphModule) -> list[str]:
+    """Rewrite the other spellings of ReLU / ReLU6 / eval-mode dropout (module docstring) in place;
+    returns the names of the rewritten nodes."""
+    changed = []
+    for node in list(gm.graph.nodes):
+        if _is_eval_dropout(node):
+            node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
+            gm.graph.erase_node(node)
+            changed.append(node.name)
+            continue
+        target = _canonical(node)
+        if target is not None:
+            x = node.args[0] if node.args else node.kwargs["input"]
+            node.op, node.target, node.args, node.kwargs = "call_function", target, (x,), {}
+            changed.append(node.name)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class FloatOpsWarning(UserWarning):
     """Ops of the model that stay in float (listed in ``report.float_ops``)."""
 
 
-SUPPORTED_OPS_HINT = "the README's 'Supported operations' table lists what pyzeroq quantizes"
+SUPPORTED_OPS_HINT = "the README's 'Supported operators' table lists what pyzeroq quantizes"
 
 
 def _check_float_ops(float_ops: list[str], mode: str) -> None:
@@ -158,6 +159,27 @@ def _dry_forward(model: nn.Module, sample: torch.Tensor, argument: str) -> list:
     return check_output(out, sample.shape[0], argument)
 
 
+@contextmanager
+def _normalizers_keep_shape(model: nn.Module, argument: str):
+    """Around the dry forward pass: ValueError naming ``argument`` when an input normalization
+    module's output has another shape than its input (per-channel statistics for another number of
+    channels broadcast a 1-channel image to 3 channels; the integer model and the ONNX export
+    would refuse the input only later)."""
+    seen = []
+    handles = [m.register_forward_hook(lambda m, i, o, name=name: seen.append((name, m, i[0].shape, o.shape)))
+               for name, m in model.named_modules() if is_normalizer(m)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    for name, m, shape_in, shape_out in seen:
+        if shape_in != shape_out:
+            raise ValueError(f"{argument}: the model's input normalization {name!r} (mean / std of "
+                             f"{m.mean.numel()} values) turns inputs of shape {tuple(shape_in)} into "
+                             f"{tuple(shape_out)}: the input has another number of channels than its statistics")
+
+
 def _check_input_domain(model: nn.Module, config: QuantConfig, data, notes: list[str]) -> None:
     """Models with an input normalization module take float images in [0, 1] (its range fixes the
     first quantizer): real calibration data far above 1 (pixel values 0..255 as floats) is an
@@ -207,11 +229,13 @@ def _validated_copy(model, config: QuantConfig, input_shape, selection, notes: l
     check_finite_model(model)  # NaN / Inf weights would only surface as garbage or a late kernel error
     work = _working_copy(model, config.device, notes)
     _check_input_domain(work, config, data, notes)
-    if real:
-        sample = data[:1].expand(DRY_RUN_BATCH, *data.shape[1:])
-        leaves = _dry_forward(work, sample.to(WORKING_DTYPE).to(config.device), "calibration_data")
-    else:
-        leaves = _dry_forward(work, torch.zeros((DRY_RUN_BATCH, *shape), device=config.device), f"input_shape={shape}")
+    argument = "calibration_data" if real else f"input_shape={shape}"
+    with _normalizers_keep_shape(work, argument):
+        if real:
+            sample = data[:1].expand(DRY_RUN_BATCH, *data.shape[1:])
+            leaves = _dry_forward(work, sample.to(WORKING_DTYPE).to(config.device), argument)
+        else:
+            leaves = _dry_forward(work, torch.zeros((DRY_RUN_BATCH, *shape), device=config.device), argument)
     measure = resolve_measure(leaves, config.sensitivity)  # "kl" on a non-logits output fails here, early
     return work, shape, measure
 
