@@ -26,6 +26,7 @@ def test_quantize_does_not_modify_the_model_and_returns_bits():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert set(q.bit_widths.values()) == {4}
+    assert isinstance(q, zq.QuantizedModel)
     assert set(q.bit_widths) == set(q.report.layers)
     assert len(q.report.folded_bn) == 3 and not q.report.float_ops
     for stage in ("surgery", "activation_calibration"):
