@@ -94,6 +94,17 @@ def test_bn_statistics_losses_match_reference(one_thread):
     torch.testing.assert_close(torch.stack(ours), torch.stack(ref), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 4)])
+def test_a_second_backward_gives_the_same_gradient(shape):
+    """The backward reads the centered values the forward kept without changing them (retain_graph)."""
+    x, m, s = _case(shape, torch.float32)
+    x.requires_grad_(True)
+    loss = sample_stats_loss(x, m, s)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2) and g1.shape == x.shape
+
+
 def test_rejects_tensor_without_channels():
     with pytest.raises(ValueError, match="x must be"):
         sample_stats_loss(torch.zeros(5), 0.0, 1.0)

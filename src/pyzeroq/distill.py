@@ -72,7 +72,8 @@ class _SampleStatsLoss(torch.autograd.Function):
         t, dims = _positions_last(x.detach())
         positions = math.prod(t.shape[d] for d in dims)
         mean = t.mean(dim=dims, keepdim=True)
-        sq_sum = (t - mean).square_().sum(dim=dims, keepdim=True)  # one temporary, squared in place
+        centered = t - mean  # kept for the backward, which would otherwise compute it again
+        sq_sum = centered.square().sum(dim=dims, keepdim=True)
         std = torch.sqrt(sq_sum / positions + STD_EPS)
         target_mean = torch.as_tensor(target_mean, dtype=t.dtype, device=t.device)
         target_std = torch.as_tensor(target_std, dtype=t.dtype, device=t.device)
@@ -80,18 +81,18 @@ class _SampleStatsLoss(torch.autograd.Function):
         target_shape = ((t.shape[0], -1) if target_mean.dim() == 2 else (1, -1)) + (1,) * len(dims)
         d_mean = mean - target_mean.reshape(target_shape)
         d_std = std - target_std.reshape(target_shape)
-        ctx.save_for_backward(x, mean, std, d_mean, d_std)
+        ctx.save_for_backward(centered, std, d_mean, d_std)
+        ctx.x_shape = x.shape
         return (d_mean.square().sum() + d_std.square().sum()) / t.shape[0]
 
     @staticmethod
     @once_differentiable  # a second derivative through it raises instead of being silently wrong
     def backward(ctx, grad):
-        x, mean, std, d_mean, d_std = ctx.saved_tensors
-        t, dims = _positions_last(x)
-        k = grad * (2.0 / (t.shape[0] * math.prod(t.shape[d] for d in dims)))
-        dx = (t - mean).mul_(d_std / std * k).add_(d_mean * k)
-        # no reshape alias when t is x: autograd then adds the BN's gradient into dx in place
-        return (dx if dx.dim() == x.dim() else dx.reshape(x.shape)), None, None
+        centered, std, d_mean, d_std = ctx.saved_tensors
+        k = grad * (2.0 / (centered.shape[0] * math.prod(centered.shape[2:])))
+        dx = centered.mul(d_std / std * k).add_(d_mean * k)  # not in place: a second backward reads centered
+        # a tensor of x's rank is returned as is: autograd then adds the BN's gradient into dx in place
+        return (dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape)), None, None
 
 
 def sample_stats_loss(x: torch.Tensor, target_mean, target_std) -> torch.Tensor:
