@@ -58,10 +58,9 @@ def test_look_alikes_stay_float_ops(act):
         zq.quantize(Net(act).eval(), zq.QuantConfig(**FAST), input_shape=SHAPE)
 
 
-def test_dropout_in_training_mode_is_not_removed():
-    """F.dropout's training defaults to True: it drops even in eval mode, and is left so (the
-    surgery check then sees the output change)."""
-    with pytest.raises(ValueError, match="changed its float output"):
+def test_dropout_that_drops_in_eval_mode_is_named():
+    """F.dropout's training defaults to True: it drops at random even in eval mode."""
+    with pytest.raises(ValueError, match=r"model: dropout \(dropout\) drops at random even in eval mode"):
         zq.quantize(Net(lambda x, t: F.dropout(x, 0.2)).eval(), zq.QuantConfig(**FAST), input_shape=SHAPE)
 
 

@@ -148,10 +148,15 @@ def _canonical(node: fx.Node):
 
 
 def _is_eval_dropout(node: fx.Node) -> bool:
+    """True for a functional dropout traced with ``training=False``; ValueError for one that drops
+    (its ``training`` defaults to True whatever the module's mode: random outputs in eval mode)."""
     if node.op != "call_function" or node.target not in DROPOUT_FUNCTIONS:
         return False
-    training = dict(zip(("input", "p", "training", "inplace"), node.args)) | dict(node.kwargs)
-    return training.get("training", True) is False
+    args = dict(zip(("input", "p", "training", "inplace"), node.args)) | dict(node.kwargs)
+    if args.get("training", True) is not False and args.get("p", 0.5) != 0:
+        raise ValueError(f"model: {node.target.__name__} ({node.name}) drops at random even in eval mode "
+                         "(its training argument defaults to True); pass training=self.training")
+    return True
 
 
 def canonical_activations(gm: fx.GraphModule) -> list[str]:
