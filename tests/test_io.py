@@ -357,3 +357,25 @@ def test_real_calibration_config_round_trips_without_data(tmp_path):
     assert torch.load(path, weights_only=True)["calibration_data"] == {"shape": [8, 1, 16, 16], "dtype": "torch.float32"}
     _assert_same(q, loaded, data)
 
+
+
+def test_reconstruction_config_round_trip(tmp_path):
+    """A model quantized with block reconstruction loads back with its ReconstructionConfig (it was
+    saved as a plain dict, which QuantConfig then refused) and the same outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
+    rc = zq.ReconstructionConfig(iters=3, batch_size=4, guard_samples=4)
+    cfg = zq.QuantConfig(weight_bits=4, act_bits=8, num_samples=4, distill_iters=2, progress=False, reconstruction=rc)
+    q = zq.quantize(model.eval(), cfg, input_shape=(3, 16, 16))
+    q.save(tmp_path / "r.pzq")
+    loaded = zq.load(tmp_path / "r.pzq")
+    assert loaded.config.reconstruction == rc
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_reconstruction_blocks_and_unknown_fields_on_load():
+    config, notes = pio._config({"weight_bits": 4, "reconstruction": {"iters": 7, "blocks": [["a", "b"], ["c"]],
+                                                                      "from_the_future": 1}})
+    assert config.reconstruction == zq.ReconstructionConfig(iters=7, blocks=(("a", "b"), ("c",)))
+    assert any("from_the_future" in n for n in notes)

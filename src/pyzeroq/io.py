@@ -141,12 +141,22 @@ def load(path, device="cpu"):
 def _config(data) -> tuple:
     """(QuantConfig, notes): unknown fields are dropped with a note; a "real" calibration keeps its
     name without the data (``calibration_data`` None)."""
-    from .config import QuantConfig
+    from .config import QuantConfig, ReconstructionConfig
 
     known = {f.name for f in dataclasses.fields(QuantConfig)}
     kwargs = {k: v for k, v in data.items() if k in known and k != "calibration_data"}
     notes = [f"config fields unknown to pyzeroq {__version__} dropped on load: {sorted(set(data) - known)}"] \
         if set(data) - known else []
+    if isinstance(kwargs.get("reconstruction"), dict):  # saved as its fields (a plain dict)
+        saved = kwargs["reconstruction"]
+        known = {f.name for f in dataclasses.fields(ReconstructionConfig)}
+        fields = {k: v for k, v in saved.items() if k in known}
+        if fields.get("blocks") is not None:  # tuples of layer names, saved as lists
+            fields["blocks"] = tuple(tuple(block) for block in fields["blocks"])
+        kwargs["reconstruction"] = ReconstructionConfig(**fields)
+        if set(saved) - known:
+            notes.append(f"reconstruction fields unknown to pyzeroq {__version__} dropped on load: "
+                         f"{sorted(set(saved) - known)}")
     real = kwargs.get("calibration") == "real"
     if real:
         kwargs["calibration"] = "gaussian"
