@@ -125,3 +125,23 @@ def test_torch_fallback_clamp_edges():
     x = np.array([-3e38, -1.11, -1.2, 0, 4.07, 4.1, 3e38, 5.0, -0.0], np.float32)
     np.testing.assert_array_equal(ops._fake_quantize_torch(torch.from_numpy(x), scale, zp, bits).numpy(),
                                   ops.fake_quantize(x, scale, zp, bits))
+
+
+# Non-CPU tensors take the pure-torch formula; "meta" tensors (shapes only) stand in for CUDA here.
+@pytest.mark.parametrize("fn", [ops.fake_quantize, ops.fake_quantize_ste], ids=["fake_quantize", "ste"])
+@pytest.mark.parametrize("scale, zp, bits, axis, match", [
+    (0.0, 0, 8, None, "scale"), (float("nan"), 0, 8, None, "scale"), (1.0, 999, 8, None, "zero_point"),
+    (1.0, 0, 1, None, "bits"), (np.ones(3, np.float32), np.zeros(3, np.int32), 8, 5, "axis"),
+    (np.ones(2, np.float32), np.zeros(2, np.int32), 8, 1, "scale has 2 values")])  # for 3 channels
+def test_non_cpu_tensors_get_the_kernels_parameter_checks(fn, scale, zp, bits, axis, match):
+    x = torch.zeros(2, 3, 4, device="meta")
+    with pytest.raises(ValueError, match=match):
+        fn(x, scale, zp, bits, axis)
+
+
+def test_non_cpu_fake_quantize_returns_float32_like_the_kernel():
+    for device in ("cpu", "meta"):
+        y = ops.fake_quantize(torch.zeros(2, 3, dtype=torch.float16, device=device), np.ones(3, np.float32),
+                              np.zeros(3, np.int32), 8, axis=1)
+        assert (y.dtype, y.shape, y.device.type) == (torch.float32, (2, 3), device)
+    assert ops.fake_quantize_ste(torch.zeros(3, dtype=torch.float16, device="meta"), 1.0, 0, 8).dtype == torch.float16

@@ -116,8 +116,9 @@ def dequantize(q, scale, zero_point, axis: int | None = None):
 
 def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, signed: bool = False,
                   narrow_range: bool = False, out=None):
-    """float32 ``dequantize(quantize(x))`` in one pass (non-CPU tensors: pure-torch formula);
-    ``signed`` / ``narrow_range`` choose the code range as in :func:`quantize`.
+    """float32 ``dequantize(quantize(x))`` in one pass (non-CPU tensors: pure-torch formula, the same
+    checks of the parameters, none of the data); ``signed`` / ``narrow_range`` choose the code
+    range as in :func:`quantize`.
 
     ``out``: optional preallocated C-contiguous float32 array (or CPU tensor) of x's shape,
     not overlapping x, that receives the result (saves the allocation on repeated calls).
@@ -126,8 +127,10 @@ def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, s
     flags = {"signed": signed, "narrow_range": narrow_range}
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
+            s, z = _param(scale), _param(zero_point)
+            _check_params(x, s, z, bits, axis, flags)
             with torch.no_grad():
-                y = _fake_quantize_torch(x, scale, zero_point, bits, axis, **flags)
+                y = _fake_quantize_torch(x, s, z, bits, axis, dtype=torch.float32, **flags)
             return y if out is None else out.copy_(y)
         y = _core.fake_quantize(x.detach().numpy(), _param(scale), _param(zero_point), bits, axis, **flags,
                                 out=None if out is None else out.detach().numpy())
@@ -215,9 +218,20 @@ def _torch_params(x, scale, zero_point, axis: int | None):
     return s.reshape(()), z.reshape(())
 
 
+def _check_params(x, scale, zero_point, bits: int, axis: int | None, flags: dict) -> None:
+    """The C++ kernel's checks of ``scale`` / ``zero_point`` / ``bits`` / ``axis`` (TypeError /
+    ValueError naming them) for a non-CPU ``x``: the kernel runs on a float32 stand-in of one
+    element per channel, so nothing of ``x`` moves to the host. (scale / zero_point as numpy.)"""
+    shape = [1] * x.dim()
+    if axis is not None and -x.dim() <= axis < x.dim():
+        shape[axis] = x.shape[axis]
+    _core.fake_quantize(np.zeros(shape, np.float32), scale, zero_point, bits, axis, **flags)
+
+
 def _fake_quantize_torch(x, scale, zero_point, bits: int, axis: int | None = None, signed: bool = False,
-                         narrow_range: bool = False):
-    """Pure-torch equivalent of :func:`fake_quantize` (for non-CPU tensors; no data validation).
+                         narrow_range: bool = False, dtype=None):
+    """Pure-torch equivalent of :func:`fake_quantize` (for non-CPU tensors; no data validation),
+    returned in ``dtype`` (default: x's).
 
     ``scale * clamp(round(x / scale), qmin - zp, qmax - zp)``: clamping the rounded offset equals
     clamping the code (integer bounds), torch.round is half-to-even; bit-exact to the kernel
@@ -230,7 +244,7 @@ def _fake_quantize_torch(x, scale, zero_point, bits: int, axis: int | None = Non
     xf = x.to(torch.float32)
     offset = torch.round(xf / s)
     offset = torch.minimum(torch.maximum(offset, qmin - z), qmax - z)
-    return (offset * s).to(x.dtype)
+    return (offset * s).to(x.dtype if dtype is None else dtype)
 
 
 def _ste_mask_torch(x, scale, zero_point, bits: int, axis: int | None, signed: bool = False,
@@ -265,6 +279,7 @@ def _ste_function():
                 ctx.save_for_backward(x)
                 ctx.quant = (s, z, bits, axis, flags)
                 if x.device.type != "cpu":
+                    _check_params(x, s, z, bits, axis, flags)
                     return _fake_quantize_torch(x, s, z, bits, axis, **flags)
                 y = torch.from_numpy(_core.fake_quantize(x.detach().numpy(), s, z, bits, axis, **flags))
                 return y if x.dtype == torch.float32 else y.to(x.dtype)
