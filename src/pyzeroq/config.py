@@ -47,9 +47,13 @@ def _check_bits(name: str, v) -> None:
         raise ValueError(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {v!r}")
 
 
+MAX_COUNT = 2**31 - 1  # counts (samples, iterations, bins...): what the loops and progress bars take
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+
+
 def _positive_int(name: str, v) -> None:
-    if not _is_int(v) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not _is_int(v) or not 1 <= v <= MAX_COUNT:
+        raise ValueError(f"{name} must be a positive integer up to {MAX_COUNT}, got {v!r}")
 
 
 def _positive_real(name: str, v) -> None:
@@ -116,8 +120,8 @@ class ReconstructionConfig:
             raise ValueError(f"reconstruction.reg_weight must be a finite number >= 0, got {self.reg_weight!r}")
         if not isinstance(self.warmup, numbers.Real) or isinstance(self.warmup, bool) or not 0 <= self.warmup < 1:
             raise ValueError(f"reconstruction.warmup must be in [0, 1), got {self.warmup!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"reconstruction.seed must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"reconstruction.seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.drop_prob, numbers.Real) or isinstance(self.drop_prob, bool) \
                 or not 0 <= self.drop_prob <= 1:
             raise ValueError(f"reconstruction.drop_prob must be in [0, 1], got {self.drop_prob!r}")
@@ -305,8 +309,8 @@ class QuantConfig:
             _positive_int("mp_eval_samples", self.mp_eval_samples)
         if self.mp_eval_dtype not in MP_EVAL_DTYPES:
             raise ValueError(f"mp_eval_dtype must be one of {MP_EVAL_DTYPES}, got {self.mp_eval_dtype!r}")
-        if not _is_int(self.distill_iters) or self.distill_iters < 0:
-            raise ValueError(f"distill_iters must be a non-negative integer, got {self.distill_iters!r}")
+        if not _is_int(self.distill_iters) or not 0 <= self.distill_iters <= MAX_COUNT:
+            raise ValueError(f"distill_iters must be an integer in [0, {MAX_COUNT}], got {self.distill_iters!r}")
         if not isinstance(self.distill_lr, numbers.Real) or not self.distill_lr > 0:
             raise ValueError(f"distill_lr must be positive, got {self.distill_lr!r}")
         for flag in ("per_channel", "progress"):
@@ -325,8 +329,8 @@ class QuantConfig:
             raise ValueError(f"budget_metric must be one of {BUDGET_METRICS}, got {self.budget_metric!r}")
         if self.pareto_bins is not None:
             _positive_int("pareto_bins", self.pareto_bins)
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.bias_overflow not in BIAS_OVERFLOW_MODES:
             raise ValueError(f"bias_overflow must be one of {BIAS_OVERFLOW_MODES}, got {self.bias_overflow!r}")
         if self.sensitivity not in SENSITIVITY_MEASURES:
