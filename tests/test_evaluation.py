@@ -36,6 +36,24 @@ def test_bad_inputs():
         evaluate(_Oracle(), torch.zeros(2, 28, 28, dtype=torch.int32), [0, 1])
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(device="bogus"), ValueError, "device 'bogus' is not a torch device"),
+    (dict(device="meta"), ValueError, "device 'meta': pyzeroq runs on"),
+    (dict(class_names=None), TypeError, "class_names must be a non-empty sequence"),
+    (dict(class_names="abc"), TypeError, "class_names must be a non-empty sequence"),
+    (dict(class_names=()), TypeError, "class_names must be a non-empty sequence"),
+], ids=repr)
+def test_bad_device_and_class_names_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        evaluate(_Oracle(), np.zeros((2, 28, 28), np.uint8), [0, 1], **kwargs)
+
+
+def test_ragged_labels_named():
+    images = np.zeros((2, 28, 28), np.uint8)
+    with pytest.raises(ValueError, match="labels must be a 1-D array of class indices"):
+        evaluate(_Oracle(), images, (images, [0, 1]))
+
+
 def test_default_batch_predicts_as_one_batch():
     """The default batch (evaluation.DEFAULT_BATCH, chosen for speed) does not change a prediction."""
     from pyzeroq.data import load_fashion_mnist

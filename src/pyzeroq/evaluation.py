@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ._checks import check_unit_images
+from ._checks import check_device, check_unit_images
 from .data import CLASS_NAMES
 
 # images per forward: 100 keeps a ResNet-20 activation of 28x28 images (~5 MB) in cache; 500 took
@@ -44,7 +45,10 @@ def check_labels(labels, num_images: int, num_classes: int) -> np.ndarray:
     """``labels`` as int64 [N] class indices in [0, num_classes), or a TypeError / ValueError naming it."""
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except ValueError as exc:  # ragged nesting, e.g. an (images, labels) pair
+        raise ValueError(f"labels must be a 1-D array of class indices ({exc})") from exc
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if labels.ndim != 1:
@@ -108,6 +112,9 @@ def evaluate(model: nn.Module, images, labels, batch_size: int = DEFAULT_BATCH, 
     evaluation (a forward pass on one image checks that the images fit the model)."""
     if not callable(model):
         raise TypeError(f"model must be an nn.Module or a callable returning logits, got {type(model).__name__}")
+    check_device(device, "device")
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence) or not class_names:
+        raise TypeError(f"class_names must be a non-empty sequence of names, got {type(class_names).__name__}")
     x = images_to_tensor(images)
     if len(x) == 0:
         raise ValueError(f"images is empty (shape {tuple(x.shape)}): nothing to evaluate")
