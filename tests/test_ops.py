@@ -108,6 +108,15 @@ def test_code_dtype_and_qrange():
     assert ops.qrange(4) == (0, 15) and ops.qrange(16) == (0, 65535)
 
 
+@pytest.mark.parametrize("bits", [0, 1, 17, 64, -3, 4.0, True, "8", None])
+def test_qrange_and_code_dtype_reject_widths_the_kernels_do_not_take(bits):
+    for fn in (ops.qrange, ops.code_dtype):
+        with pytest.raises(ValueError, match="bits must be in 2..16"):
+            fn(bits)
+    with pytest.raises(TypeError, match="narrow_range must be a bool"):
+        ops.qrange(8, narrow_range=1)
+
+
 # ------------------------------------------------------------------ per tensor
 
 
@@ -419,3 +428,17 @@ def test_fake_quantize_out():
     xt, outt = torch.from_numpy(x), torch.empty(300, 1000)
     assert ops.fake_quantize(xt, 0.02, 100, 8, out=outt) is outt
     np.testing.assert_array_equal(outt.numpy(), out)
+
+
+def test_bfloat16_tensors_quantize_as_their_float32_values():
+    """numpy has no bfloat16: its values (exact in float32) go to the kernels as float32."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x32 = x.float()
+    assert torch.equal(ops.quantize(x, 0.05, 3, 8), ops.quantize(x32, 0.05, 3, 8))
+    assert torch.equal(ops.fake_quantize(x, 0.05, 3, 8), ops.fake_quantize(x32, 0.05, 3, 8))
+    y = ops.fake_quantize_ste(x, 0.05, 3, 8)
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), ops.fake_quantize(x32, 0.05, 3, 8).bfloat16().float())
+    s, z = ops.asymmetric_params(x, 4, axis=1)
+    s32, z32 = ops.asymmetric_params(x32, 4, axis=1)
+    assert torch.equal(s, s32) and torch.equal(z, z32)

@@ -33,6 +33,7 @@ give empty results.
 
 from __future__ import annotations
 
+import numbers
 import sys
 from typing import Any
 
@@ -52,11 +53,13 @@ __all__ = [
 ]
 
 _UINT8_MAX_BITS = 8
+KERNEL_MIN_BITS, KERNEL_MAX_BITS = 2, 16  # the code widths the C++ kernels take
 
 
 def code_dtype(bits: int, signed: bool = False) -> type:
     """Storage dtype of ``bits``-bit codes: ``np.uint8`` for bits <= 8, else ``np.uint16``
-    (``np.int8`` / ``np.int16`` when ``signed``)."""
+    (``np.int8`` / ``np.int16`` when ``signed``); ``bits`` / ``signed`` checked as in :func:`qrange`."""
+    qrange(bits, signed)
     if signed:
         return np.int8 if bits <= _UINT8_MAX_BITS else np.int16
     return np.uint8 if bits <= _UINT8_MAX_BITS else np.uint16
@@ -64,7 +67,15 @@ def code_dtype(bits: int, signed: bool = False) -> type:
 
 def qrange(bits: int, signed: bool = False, narrow_range: bool = False) -> tuple[int, int]:
     """Code range ``(qmin, qmax)`` of ``bits``-bit codes: unsigned ``(0, 2**bits - 1)``, signed
-    ``(-2**(bits-1), 2**(bits-1) - 1)``; ``narrow_range`` adds 1 to ``qmin``."""
+    ``(-2**(bits-1), 2**(bits-1) - 1)``; ``narrow_range`` adds 1 to ``qmin``. ValueError for
+    ``bits`` outside the kernels' ``KERNEL_MIN_BITS..KERNEL_MAX_BITS`` (or not an int),
+    TypeError for flags that are not bools."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or \
+            not KERNEL_MIN_BITS <= bits <= KERNEL_MAX_BITS:
+        raise ValueError(f"bits must be in {KERNEL_MIN_BITS}..{KERNEL_MAX_BITS}, got {bits!r}")
+    for name, flag in (("signed", signed), ("narrow_range", narrow_range)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if signed:
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     else:
@@ -85,13 +96,19 @@ def _param(p: Any) -> Any:
     return p
 
 
+def _host(t) -> np.ndarray:
+    """numpy view of the CPU tensor ``t``; bfloat16 (which numpy lacks) as its exact float32 values."""
+    t = t.detach()
+    return (t.float() if t.dtype == _torch().bfloat16 else t).numpy()
+
+
 def _data(x: Any) -> tuple[Any, bool]:
     """(numpy view of x, was_torch). Non-CPU tensors are rejected here (CPU kernels)."""
     torch = _torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise ValueError(f"x must be a CPU tensor, got device {x.device}")
-        return x.detach().numpy(), True
+        return _host(x), True
     return x, False
 
 
@@ -132,7 +149,7 @@ def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, s
             with torch.no_grad():
                 y = _fake_quantize_torch(x, s, z, bits, axis, dtype=torch.float32, **flags)
             return y if out is None else out.copy_(y)
-        y = _core.fake_quantize(x.detach().numpy(), _param(scale), _param(zero_point), bits, axis, **flags,
+        y = _core.fake_quantize(_host(x), _param(scale), _param(zero_point), bits, axis, **flags,
                                 out=None if out is None else out.detach().numpy())
         return torch.from_numpy(y) if out is None else out
     return _core.fake_quantize(x, _param(scale), _param(zero_point), bits, axis, **flags, out=out)
@@ -281,7 +298,7 @@ def _ste_function():
                 if x.device.type != "cpu":
                     _check_params(x, s, z, bits, axis, flags)
                     return _fake_quantize_torch(x, s, z, bits, axis, **flags)
-                y = torch.from_numpy(_core.fake_quantize(x.detach().numpy(), s, z, bits, axis, **flags))
+                y = torch.from_numpy(_core.fake_quantize(_host(x), s, z, bits, axis, **flags))
                 return y if x.dtype == torch.float32 else y.to(x.dtype)
 
             @staticmethod
