@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from pyzeroq import cli, models
@@ -71,3 +73,17 @@ def test_bad_low_bit_option_is_a_clean_error(capsys):
     assert "distill_relax" in capsys.readouterr().err
     assert cli.main(["quantize", "--mp-eval-samples", "0", "--eval", "none"]) == 2
     assert "mp_eval_samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sensitivity-act-quant"], "--sensitivity-act-quant set.* needs --mixed"),
+    (["--mp-method", "random", "--no-relaxation"], "--mp-method, --no-relaxation set.* needs --mixed"),
+    (["--mp-eval-samples", "4"], "--mp-eval-samples set.* needs --mixed"),
+    (["--calibration", "gaussian", "--distill-method", "genie"], "--distill-method set.* needs --calibration distilled"),
+    (["--calibration", "gaussian", "--distill-relax", "0.5", "--distill-augment"],
+     "--distill-relax, --distill-augment set.* needs --calibration distilled"),
+])
+def test_flags_without_effect_are_errors(capsys, monkeypatch, argv, match):
+    monkeypatch.setattr("pyzeroq.quantize", lambda *a, **k: pytest.fail("quantize ran"))
+    assert cli.main(["quantize", *argv, "--eval", "none"]) == 2
+    assert re.search(match, capsys.readouterr().err)

@@ -33,6 +33,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_unused_flags(args) -> None:
+    """ValueError naming a flag given where it has no effect (instead of ignoring it)."""
+    if not args.mixed:
+        given = [flag for flag, on in (("--sensitivity-act-quant", args.sensitivity_act_quant),
+                                       ("--mp-method", args.mp_method != "zeroq"),
+                                       ("--no-relaxation", args.no_relaxation),
+                                       ("--mp-eval-samples", args.mp_eval_samples != QuantConfig.mp_eval_samples))
+                 if on]
+        if given:
+            raise ValueError(f"{', '.join(given)} set(s) the mixed-precision search: it needs --mixed")
+    if args.calibration != "distilled":
+        given = [flag for flag, on in (("--distill-method", args.distill_method != "zeroq"),
+                                       ("--distill-relax", args.distill_relax != 0.0),
+                                       ("--distill-augment", args.distill_augment)) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)} set(s) the data distillation: it needs --calibration distilled")
+
+
 def cmd_quantize(args) -> int:
     from . import QuantConfig, evaluate, models, quantize
     from ._checks import output_path
@@ -63,6 +81,7 @@ def cmd_quantize(args) -> int:
                          sensitivity_act_quant=args.sensitivity_act_quant, distill_relax=args.distill_relax,
                          distill_augment=args.distill_augment, distill_method=args.distill_method,
                          reconstruction=reconstruction)
+    _check_unused_flags(args)  # after the config's own checks of the values
     model = models.load_pretrained(args.model)
     qmodel = quantize(model, config, input_shape=(1, 28, 28))
     report = qmodel.report
