@@ -194,13 +194,19 @@ def test_valid_edge_cases_do_not_raise():
 def test_fake_quantize_out_invalid():
     x = np.zeros((4, 5), np.float32)
     for out, exc, msg in [(np.zeros((5, 4), np.float32), ValueError, "out must have the shape of x"),
-                          (np.zeros((4, 5), np.float64), TypeError, "out must be a writeable C-contiguous float32"),
-                          (np.zeros((5, 4), np.float32).T, TypeError, "out must be a writeable C-contiguous"),
+                          (np.zeros((4, 5), np.float64), TypeError, "out must be a float32 array, got dtype float64"),
+                          (np.zeros((5, 4), np.float32).T, ValueError, "out must be C-contiguous"),
                           ([0.0] * 20, TypeError, "out must be a numpy array"),
                           (x, ValueError, "out must not overlap x")]:
         with pytest.raises(exc, match=msg):
             ops.fake_quantize(x, 0.1, 0, 8, out=out)
     ro = np.zeros((4, 5), np.float32)
     ro.flags.writeable = False
-    with pytest.raises(TypeError, match="writeable"):
+    with pytest.raises(ValueError, match="out must be writeable"):
         _core.fake_quantize(x, 0.1, 0, 8, out=ro)
+
+
+def test_fake_quantize_tensor_x_with_numpy_out():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="out must be a torch tensor like x, got ndarray"):
+        ops.fake_quantize(torch.zeros(4, 5), 0.1, 0, 8, out=np.zeros((4, 5), np.float32))

@@ -219,8 +219,10 @@ py::array_t<float> output_like(const FloatArray& x, const py::object& out_obj) {
   if (out_obj.is_none()) return py::array_t<float>(shape_of(x));
   if (!py::isinstance<py::array>(out_obj)) throw py::type_error("out must be a numpy array or None");
   py::array out = py::reinterpret_borrow<py::array>(out_obj);
-  if (!out.dtype().equal(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) || !out.writeable())
-    throw py::type_error("out must be a writeable C-contiguous float32 array, got dtype " + dtype_name(out));
+  if (!out.dtype().equal(py::dtype::of<float>()))
+    throw py::type_error("out must be a float32 array, got dtype " + dtype_name(out));
+  if (!(out.flags() & py::array::c_style)) throw py::value_error("out must be C-contiguous");
+  if (!out.writeable()) throw py::value_error("out must be writeable");
   if (shape_of(out) != shape_of(x)) throw py::value_error("out must have the shape of x");
   const auto* o = static_cast<const char*>(out.data());
   const auto* xb = static_cast<const char*>(static_cast<const void*>(x.data()));

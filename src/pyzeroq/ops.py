@@ -143,6 +143,8 @@ def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, s
     torch = _torch()
     flags = {"signed": signed, "narrow_range": narrow_range}
     if torch is not None and isinstance(x, torch.Tensor):
+        if out is not None and not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch tensor like x, got {type(out).__name__}")
         if x.device.type != "cpu":
             s, z = _param(scale), _param(zero_point)
             _check_params(x, s, z, bits, axis, flags)
