@@ -334,6 +334,8 @@ py::tuple symmetric_params_py(const py::handle& x_obj, const py::handle& bits_ob
 
 void register_quantize(pybind11::module_& m) {
   using py::arg;
+  m.attr("MIN_BITS") = quant::kMinBits;  // the code widths every kernel takes
+  m.attr("MAX_BITS") = quant::kMaxBits;
   const auto code_args = [](auto&& f, const char* name, const char* doc, pybind11::module_& mod) {
     mod.def(name, f, arg("x"), arg("scale"), arg("zero_point"), arg("bits"), arg("axis") = py::none(), py::kw_only(),
             arg("signed") = false, arg("narrow_range") = false, doc);

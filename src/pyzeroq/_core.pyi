@@ -12,6 +12,8 @@ from numpy.typing import ArrayLike
 
 # Codes: unsigned (uint8 for bits <= 8, else uint16) or, with signed=True, int8 / int16;
 # narrow_range raises qmin by one.
+MIN_BITS: int  # code widths every kernel takes (kernels/quantize.hpp)
+MAX_BITS: int
 _Codes = npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.int8] | npt.NDArray[np.int16]
 
 def quantize(

@@ -7,10 +7,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from .qspec import CodeFormat
+from .qspec import MAX_BITS, MIN_BITS, CodeFormat
 
-MIN_BITS = 2
-MAX_BITS = 16
 CALIBRATIONS = ("distilled", "gaussian", "real")
 DISTILL_METHODS = ("zeroq", "genie")
 GUARD_DATA = ("gaussian", "distilled")  # ReconstructionConfig.guard_data

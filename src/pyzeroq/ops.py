@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 _UINT8_MAX_BITS = 8
-KERNEL_MIN_BITS, KERNEL_MAX_BITS = 2, 16  # the code widths the C++ kernels take
+KERNEL_MIN_BITS, KERNEL_MAX_BITS = _core.MIN_BITS, _core.MAX_BITS  # the code widths the C++ kernels take
 
 
 def code_dtype(bits: int, signed: bool = False) -> type:

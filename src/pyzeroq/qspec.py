@@ -32,7 +32,7 @@ __all__ = ["TensorQuant", "LayerQuant", "CodeFormat", "UNSIGNED_ASYMMETRIC",
            "ACTIVATIONS", "RELU6_MAX", "activation_clamp", "bias_scale", "quantize_bias",
            "accumulation_extremes"]
 
-MIN_BITS, MAX_BITS = 2, 16
+MIN_BITS, MAX_BITS = ops.KERNEL_MIN_BITS, ops.KERNEL_MAX_BITS
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 RELU6_MAX = 6.0
 ACTIVATIONS = (None, "relu", "relu6")  # clamps fused into a layer's output requantization
