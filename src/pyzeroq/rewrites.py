@@ -159,20 +159,24 @@ def _is_eval_dropout(node: fx.Node) -> bool:
     return True
 
 
+def _input(node: fx.Node):
+    """The tensor a unary op reads: its first argument, positional or ``input=``."""
+    return node.args[0] if node.args else node.kwargs["input"]
+
+
 def canonical_activations(gm: fx.GraphModule) -> list[str]:
     """Rewrite the other spellings of ReLU / ReLU6 / eval-mode dropout (module docstring) in place;
     returns the names of the rewritten nodes."""
     changed = []
     for node in list(gm.graph.nodes):
         if _is_eval_dropout(node):
-            node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
+            node.replace_all_uses_with(_input(node))
             gm.graph.erase_node(node)
             changed.append(node.name)
             continue
         target = _canonical(node)
         if target is not None:
-            x = node.args[0] if node.args else node.kwargs["input"]
-            node.op, node.target, node.args, node.kwargs = "call_function", target, (x,), {}
+            node.op, node.target, node.args, node.kwargs = "call_function", target, (_input(node),), {}
             changed.append(node.name)
     if changed:
         gm.graph.lint()
