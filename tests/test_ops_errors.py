@@ -69,6 +69,13 @@ def test_nonpositive_scale(scale):
     _raises(ValueError, "scale must be > 0", "dequantize", X.astype(np.uint8), scale, 0, axis)
 
 
+def test_scale_messages_print_the_value():
+    """Tiny and odd values are printed as numbers, not std::to_string's fixed six decimals ("0.000000")."""
+    _raises(ValueError, r"scale must be > 0, got -2.5e-07 \(as float32\)", "quantize", X, -2.5e-7, 0, 8)
+    _raises(ValueError, r"got 0 \(as float32\)", "quantize", X, 1e-300, 0, 8)
+    _raises(ValueError, r"zero_point must be integer-valued, got 0.5\b", "quantize", X, 0.1, 0.5, 8)
+
+
 @pytest.mark.parametrize("bits", [0, 1, 17, 32, -8, 10**30])
 def test_bits_out_of_range(bits):
     for name, args in _kernels(bits=bits):

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/format.hpp"
 #include "bindings/register.hpp"
 #include "kernels/integer_conv.hpp"
 #include "kernels/integer_elementwise.hpp"
@@ -49,7 +50,7 @@ U8 code_array(const py::object& o, const char* name, int ndim_min, int ndim_max)
 
 float scalar_scale(double s, const char* name) {
   const float f = static_cast<float>(s);
-  if (!(std::isfinite(f) && f > 0.0f)) value_error(std::string(name) + " must be a positive finite float32, got " + std::to_string(s));
+  if (!(std::isfinite(f) && f > 0.0f)) value_error(std::string(name) + " must be a positive finite float32, got " + number_repr(s));
   return f;
 }
 

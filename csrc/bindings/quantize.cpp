@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/format.hpp"
 #include "bindings/register.hpp"
 #include "kernels/quantize.hpp"
 
@@ -132,12 +133,12 @@ Params params_arg(const py::handle& scale_obj, const py::handle& zp_obj, const q
   const float* sp = s.data();
   const double* zp = z.data();
   for (std::size_t i = 0; i < ns; ++i) {
-    if (!std::isfinite(sp[i])) throw py::value_error("scale must be finite (float32), got " + std::to_string(sp[i]));
-    if (!(sp[i] > 0.0f)) throw py::value_error("scale must be > 0, got " + std::to_string(sp[i]));
+    if (!std::isfinite(sp[i])) throw py::value_error("scale must be finite (float32), got " + number_repr(sp[i]));
+    if (!(sp[i] > 0.0f)) throw py::value_error("scale must be > 0, got " + number_repr(sp[i]) + " (as float32)");
   }
   for (std::size_t i = 0; i < nz; ++i) {
     if (!std::isfinite(zp[i]) || std::floor(zp[i]) != zp[i])
-      throw py::value_error("zero_point must be integer-valued, got " + std::to_string(zp[i]));
+      throw py::value_error("zero_point must be integer-valued, got " + number_repr(zp[i]));
     if (zp[i] < range.qmin || zp[i] > range.qmax)
       throw py::value_error("zero_point must be in the code range [" + std::to_string(range.qmin) + ", " +
                             std::to_string(range.qmax) + "], got " + std::to_string(static_cast<long long>(zp[i])));
