@@ -384,7 +384,10 @@ class IntegerModel:
 
     def __call__(self, x):
         """The model's output for images ``x``: float32 [N, ...] (logits, or dequantized codes),
-        or the structure (tuple / list / dict) of them the quantized model returns."""
+        or the structure (tuple / list / dict) of them the quantized model returns. ``x``: uint8
+        pixels, or floats that the first activation's quantizer turns into codes: values beyond
+        its calibrated range saturate to the end codes (no error), as in the fake-quant model
+        and onnxruntime's QuantizeLinear."""
         env = self.run(x)
         wrap = torch.from_numpy if isinstance(x, torch.Tensor) else (lambda a: a)
         return map_output(self.output, lambda slot: wrap(env[slot]))
