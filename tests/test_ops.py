@@ -190,11 +190,15 @@ def test_clamp_edges(bits):
 
 
 def test_extreme_scales():
-    # tiny scale: x / scale overflows to +-inf (clamped); subnormal and huge scales
+    # tiny scale: x / scale overflows to +-inf (clamped); subnormal and huge scales, up to the
+    # largest whose grid scale * (code - zp) still fits float32 (a larger one is a ValueError)
     x = np.array([-1e30, -1.0, -1e-40, 0.0, 1e-40, 1.0, 1e30, 3.4e38], dtype=np.float32)
-    for scale in (1e-45, 1e-40, 1.2e-38, 1e-10, 1e10, 3e38):
-        for bits in (2, 8, 16):
+    for bits in (2, 8, 16):
+        largest = np.float32(np.finfo(np.float32).max / 2**bits)
+        for scale in (1e-45, 1e-40, 1.2e-38, 1e-10, 1e10, largest):
             check_all(x, np.float32(scale), 1, bits)
+        with pytest.raises(ValueError, match="beyond float32"):
+            ops.fake_quantize(x, 3e38, 1, bits)
 
 
 # ------------------------------------------------------------------ per channel

@@ -76,6 +76,15 @@ def test_scale_messages_print_the_value():
     _raises(ValueError, r"zero_point must be integer-valued, got 0.5\b", "quantize", X, 0.1, 0.5, 8)
 
 
+def test_scale_beyond_float32_range():
+    """A grid whose end values overflow float32 (255 x 1.4e36 > 3.4e38) is refused, not turned into +-inf
+    (dequantize does not know its codes' bits: it computes what it is given)."""
+    for name, args in _kernels(scale=1.4e36, zp=0):
+        _raises(ValueError, "beyond float32", name, *args)
+    _raises(ValueError, "beyond float32", "quantize", X, [0.1, 1.4e36, 0.1], 0, 8, 1)
+    ops.fake_quantize(X, 1.3e36, 0, 8)  # 255 x 1.3e36 still fits
+
+
 @pytest.mark.parametrize("bits", [0, 1, 17, 32, -8, 10**30])
 def test_bits_out_of_range(bits):
     for name, args in _kernels(bits=bits):

@@ -112,8 +112,10 @@ void check_count(std::size_t got, const quant::Layout& l, bool per_channel, cons
                                      : std::string("1 (per tensor: axis is None)")));
 }
 
+// check_grid: the reals of the whole code range, scale * (q - zp), must be finite float32 (the
+// kernels that take bits; dequantize does not know the bits of its codes, only their type).
 Params params_arg(const py::handle& scale_obj, const py::handle& zp_obj, const quant::Layout& l, bool per_channel,
-                  const quant::CodeRange& range) {
+                  const quant::CodeRange& range, bool check_grid = true) {
   py::array s_arr = as_array(scale_obj, "scale");
   const char sk = s_arr.dtype().kind();
   if (sk != 'f' && sk != 'i' && sk != 'u')
@@ -146,6 +148,13 @@ Params params_arg(const py::handle& scale_obj, const py::handle& zp_obj, const q
   for (std::size_t c = 0; c < l.channels; ++c) {
     p.scale[c] = sp[ns == 1 ? 0 : c];
     p.zero_point[c] = static_cast<std::int32_t>(zp[nz == 1 ? 0 : c]);
+    if (!check_grid) continue;
+    const float lo = p.scale[c] * static_cast<float>(range.qmin - p.zero_point[c]);
+    const float hi = p.scale[c] * static_cast<float>(range.qmax - p.zero_point[c]);
+    if (!std::isfinite(lo) || !std::isfinite(hi))
+      throw py::value_error("scale " + number_repr(p.scale[c]) + " with zero_point " +
+                            std::to_string(p.zero_point[c]) + " puts the code range [" + std::to_string(range.qmin) +
+                            ", " + std::to_string(range.qmax) + "] beyond float32: scale * (code - zero_point) overflows");
   }
   return p;
 }
@@ -190,7 +199,7 @@ py::array dequantize_as(const py::array& q_arr, const py::handle& scale, const p
   // the zero point may be any value of the code type
   const quant::CodeRange r{std::numeric_limits<Code>::min(), std::numeric_limits<Code>::max()};
   const quant::Layout l = layout_for(q, axis);
-  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), r);
+  const Params p = params_arg(scale, zero_point, l, !axis.is_none(), r, /*check_grid=*/false);
   py::array_t<float> y(shape_of(q));
   {
     py::gil_scoped_release nogil;

@@ -26,8 +26,9 @@ Data are float32 internally: C-contiguous native float32 input is used in place 
 other floating dtypes, non-contiguous or big-endian arrays are converted first. Every
 invalid argument (NaN/Inf in data or scale, scale <= 0, bits outside 2..16, zero point
 outside [qmin, qmax] or not an integer, axis out of range, parameter count not matching
-the axis length, non-float data, ``signed`` / ``narrow_range`` not a bool) raises
-ValueError/TypeError from the C++ binding, naming the argument. Empty arrays are valid and
+the axis length, non-float data, ``signed`` / ``narrow_range`` not a bool, and, for the
+kernels taking ``bits``, a grid ``scale * (code - zero_point)`` whose end codes overflow
+float32) raises ValueError/TypeError from the C++ binding, naming the argument. Empty arrays are valid and
 give empty results.
 """
 
