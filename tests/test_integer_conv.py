@@ -385,3 +385,19 @@ def test_bad_arguments_name_the_argument():
         zi.qlinear_conv2d(x[:, :, :2, :2], w=w, **ok)
     with pytest.raises(ValueError, match="b must have shape"):
         zi.qlinear_matmul(np.zeros((3, 4), np.uint8), 0.1, 0, np.zeros((5, 2), np.uint8), 0.1, 0, 0.1, 0)
+
+
+# ---------------------------------------------------------------- empty batches
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kernel,groups,signed", [(3, 1, False), (1, 1, False), (3, 1, True), (3, 2, False), (3, 4, False)])
+def test_empty_batch(impl, kernel, groups, signed):
+    """N = 0 gives an empty [0, O, OH, OW] on every path (the VNNI planner once divided by zero: SIGFPE)."""
+    dt = np.int8 if signed else np.uint8
+    x = np.zeros((0, 4, 6, 6), dt)
+    w = np.zeros((4, 4 // groups, kernel, kernel), dt)
+    cache = zi.WeightCache()
+    for kwargs in ({}, {"weight_cache": cache}):
+        y, _ = zi.qlinear_conv2d(x, 0.1, 0, w, 0.01, 0, 0.5, 0, groups=groups, impl=impl, **kwargs)
+        assert y.shape == (0, 4, 7 - kernel, 7 - kernel)
+        acc, _ = zi.conv_integer(x, 0, w, 0, groups=groups, impl=impl, **kwargs)
+        assert acc.shape == (0, 4, 7 - kernel, 7 - kernel) and acc.dtype == np.int32

@@ -503,7 +503,8 @@ SimdPath best_simd_path() {
 AccStats qconv_fast(const QConvArgs& a, SimdPath path) {
   const ConvGeom& g = a.g;
   const int64_t T = g.KH * g.KW;
-  if (a.acc.mode == Overflow::Saturate) return run_sequential_parallel(a);
+  // an empty batch has nothing to plan (the VNNI layout divides by its images per unit)
+  if (a.acc.mode == Overflow::Saturate || g.N == 0) return run_sequential_parallel(a);
   if (const vnni::IsaKernels* k = vnni_kernels(path)) return vnni::fits(a) ? vnni::run(a, *k) : run_sequential_parallel(a);
   const bool avx2 = path == SimdPath::Avx2;
   if (g.Cg() == 1 && g.Og() == 1 && T <= 2 * kMaxPairs) return run_depthwise(a, avx2);
