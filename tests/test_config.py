@@ -36,6 +36,12 @@ def test_frozen():
     (dict(num_samples=0), "num_samples"),
     (dict(distill_iters=-5), "distill_iters"),
     (dict(distill_lr=0), "distill_lr"),
+    (dict(distill_lr=float("inf")), "distill_lr"),  # distilled NaN images, then an unrelated late error
+    (dict(distill_lr=float("nan")), "distill_lr"),
+    (dict(distill_lr=True), "distill_lr"),
+    (dict(mp_relaxation="no"), "mp_relaxation"),  # a truthy string: the grouped search would run
+    (dict(mp_relaxation=None), "mp_relaxation"),
+    (dict(mp_relaxation=1), "mp_relaxation"),
     (dict(percentile=30), "percentile"),
     (dict(act_range="entropy"), "act_range"),
     (dict(act_range="mse", percentile=99.9), "act_range"),

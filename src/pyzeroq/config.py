@@ -309,9 +309,10 @@ class QuantConfig:
             raise ValueError(f"mp_eval_dtype must be one of {MP_EVAL_DTYPES}, got {self.mp_eval_dtype!r}")
         if not _is_int(self.distill_iters) or not 0 <= self.distill_iters <= MAX_COUNT:
             raise ValueError(f"distill_iters must be an integer in [0, {MAX_COUNT}], got {self.distill_iters!r}")
-        if not isinstance(self.distill_lr, numbers.Real) or not self.distill_lr > 0:
-            raise ValueError(f"distill_lr must be positive, got {self.distill_lr!r}")
-        for flag in ("per_channel", "progress"):
+        if not isinstance(self.distill_lr, numbers.Real) or isinstance(self.distill_lr, bool) \
+                or not math.isfinite(self.distill_lr) or not self.distill_lr > 0:
+            raise ValueError(f"distill_lr must be a finite number > 0, got {self.distill_lr!r}")
+        for flag in ("per_channel", "mp_relaxation", "progress"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.percentile is not None and (not isinstance(self.percentile, numbers.Real)
