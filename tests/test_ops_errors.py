@@ -226,3 +226,28 @@ def test_fake_quantize_tensor_x_with_numpy_out():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="out must be a torch tensor like x, got ndarray"):
         ops.fake_quantize(torch.zeros(4, 5), 0.1, 0, 8, out=np.zeros((4, 5), np.float32))
+
+
+def test_tensor_arguments_are_named():
+    """bfloat16 / meta tensors as parameters or out, numpy for the autograd op: errors naming the argument."""
+    x = torch.ones(2, 3)
+    assert ops.quantize(X, torch.tensor(0.1, dtype=torch.bfloat16), 0, 8).dtype == np.uint8  # exact float32 value
+    with pytest.raises(ValueError, match="scale is a meta tensor"):
+        ops.quantize(X, torch.tensor(0.1, device="meta"), 0, 8)
+    with pytest.raises(TypeError, match="out must be a float32 CPU tensor"):
+        ops.fake_quantize(x, 0.1, 0, 8, out=torch.empty(2, 3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="out must be a float32 CPU tensor"):
+        ops.fake_quantize(x, 0.1, 0, 8, out=torch.empty(2, 3, device="meta"))
+    with pytest.raises(ValueError, match="q must be a CPU tensor"):
+        ops.dequantize(torch.zeros(3, dtype=torch.uint8, device="meta"), 0.1, 0)
+    with pytest.raises(TypeError, match="x must be a torch tensor"):
+        ops.fake_quantize_ste(X, 0.1, 0, 8)
+
+
+def test_out_requiring_grad_is_refused():
+    """The kernel writes out behind autograd's back: a tensor that requires grad is refused (torch refuses
+    in-place writes to such leaves too), and left unchanged."""
+    out = torch.zeros(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="out must not require grad"):
+        ops.fake_quantize(torch.ones(2, 3), 0.1, 0, 8, out=out)
+    assert not out.detach().any()

@@ -89,11 +89,13 @@ def _torch():
     return sys.modules.get("torch")
 
 
-def _param(p: Any) -> Any:
-    """scale / zero_point as something the binding reads (tensors -> numpy)."""
+def _param(p: Any, name: str) -> Any:
+    """scale / zero_point as something the binding reads (tensors -> numpy, bfloat16 as float32)."""
     torch = _torch()
     if torch is not None and isinstance(p, torch.Tensor):
-        return p.detach().cpu().numpy()
+        if p.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor: it holds no values")
+        return _host(p.cpu())
     return p
 
 
@@ -103,14 +105,23 @@ def _host(t) -> np.ndarray:
     return (t.float() if t.dtype == _torch().bfloat16 else t).numpy()
 
 
-def _data(x: Any) -> tuple[Any, bool]:
+def _data(x: Any, name: str = "x") -> tuple[Any, bool]:
     """(numpy view of x, was_torch). Non-CPU tensors are rejected here (CPU kernels)."""
     torch = _torch()
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
-            raise ValueError(f"x must be a CPU tensor, got device {x.device}")
+            raise ValueError(f"{name} must be a CPU tensor, got device {x.device}")
         return _host(x), True
     return x, False
+
+
+def _out_array(out) -> np.ndarray:
+    """The numpy view the kernel writes of the CPU tensor ``out`` (TypeError / ValueError naming it)."""
+    if out.device.type != "cpu" or out.dtype != _torch().float32:
+        raise TypeError(f"out must be a float32 CPU tensor, got {out.dtype} on {out.device}")
+    if out.requires_grad:
+        raise ValueError("out must not require grad: the kernel writes it outside autograd")
+    return out.numpy()
 
 
 def quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, signed: bool = False,
@@ -119,7 +130,7 @@ def quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, signed
     qrange(bits, signed, narrow_range)``, of dtype ``code_dtype(bits, signed)`` (uint8 / uint16,
     or int8 / int16 when ``signed``) and x's shape. The zero point must lie in ``[qmin, qmax]``."""
     data, is_torch = _data(x)
-    q = _core.quantize(data, _param(scale), _param(zero_point), bits, axis, signed=signed,
+    q = _core.quantize(data, _param(scale, "scale"), _param(zero_point, "zero_point"), bits, axis, signed=signed,
                        narrow_range=narrow_range)
     return _torch().from_numpy(q) if is_torch else q
 
@@ -127,8 +138,8 @@ def quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, signed
 def dequantize(q, scale, zero_point, axis: int | None = None):
     """float32 ``scale * (q - zero_point)`` of q's shape; ``q`` holds uint8, uint16, int8 or int16
     codes (other dtypes: TypeError), the zero point any value of that dtype."""
-    data, is_torch = _data(q)
-    y = _core.dequantize(data, _param(scale), _param(zero_point), axis)
+    data, is_torch = _data(q, "q")
+    y = _core.dequantize(data, _param(scale, "scale"), _param(zero_point, "zero_point"), axis)
     return _torch().from_numpy(y) if is_torch else y
 
 
@@ -146,16 +157,16 @@ def fake_quantize(x, scale, zero_point, bits: int, axis: int | None = None, *, s
     if torch is not None and isinstance(x, torch.Tensor):
         if out is not None and not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch tensor like x, got {type(out).__name__}")
+        s, z = _param(scale, "scale"), _param(zero_point, "zero_point")
         if x.device.type != "cpu":
-            s, z = _param(scale), _param(zero_point)
             _check_params(x, s, z, bits, axis, flags)
             with torch.no_grad():
                 y = _fake_quantize_torch(x, s, z, bits, axis, dtype=torch.float32, **flags)
             return y if out is None else out.copy_(y)
-        y = _core.fake_quantize(_host(x), _param(scale), _param(zero_point), bits, axis, **flags,
-                                out=None if out is None else out.detach().numpy())
+        y = _core.fake_quantize(_host(x), s, z, bits, axis, **flags, out=None if out is None else _out_array(out))
         return torch.from_numpy(y) if out is None else out
-    return _core.fake_quantize(x, _param(scale), _param(zero_point), bits, axis, **flags, out=out)
+    return _core.fake_quantize(x, _param(scale, "scale"), _param(zero_point, "zero_point"), bits, axis, **flags,
+                               out=out)
 
 
 def asymmetric_params(x, bits: int, axis: int | None = None, percentile: float | None = None):
@@ -294,7 +305,7 @@ def _ste_function():
 
             @staticmethod
             def forward(ctx, x, scale, zero_point, bits, axis, signed, narrow_range):
-                s, z = _param(scale), _param(zero_point)
+                s, z = _param(scale, "scale"), _param(zero_point, "zero_point")
                 flags = {"signed": signed, "narrow_range": narrow_range}
                 ctx.save_for_backward(x)
                 ctx.quant = (s, z, bits, axis, flags)
@@ -329,4 +340,8 @@ def fake_quantize_ste(x, scale, zero_point, bits: int, axis: int | None = None, 
     ``(qmin, qmax) = qrange(bits, signed, narrow_range)``), 0 outside. ``scale`` /
     ``zero_point`` get no gradient.
     """
+    torch = _torch()
+    if torch is None or not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch tensor (fake_quantize_ste is for autograd; fake_quantize takes "
+                        f"numpy arrays), got {type(x).__name__}")
     return (_STE or _ste_function()).apply(x, scale, zero_point, bits, axis, signed, narrow_range)
