@@ -401,3 +401,18 @@ def test_empty_batch(impl, kernel, groups, signed):
         assert y.shape == (0, 4, 7 - kernel, 7 - kernel)
         acc, _ = zi.conv_integer(x, 0, w, 0, groups=groups, impl=impl, **kwargs)
         assert acc.shape == (0, 4, 7 - kernel, 7 - kernel) and acc.dtype == np.int32
+
+
+def test_geometry_and_scale_arguments_are_checked():
+    """stride / padding of the wrong type and degenerate scales: errors naming them."""
+    x, w = np.zeros((1, 4, 6, 6), np.uint8), np.zeros((2, 4, 3, 3), np.uint8)
+    for kwargs, name in ((dict(stride=1.5), "stride"), (dict(stride=True), "stride"), (dict(padding="same"), "padding"),
+                         (dict(padding=1.0), "padding"), (dict(dilation=[1, 1.0]), "dilation")):
+        with pytest.raises(TypeError, match=name):
+            zi.qlinear_conv2d(x, 0.1, 3, w, 0.01, 128, 0.5, 10, **kwargs)
+    y, _ = zi.qlinear_conv2d(x, 0.1, 3, w, 0.01, 128, 0.5, 10, stride=np.array([1, 1]), padding=(1, 1))
+    assert y.shape == (1, 2, 6, 6)
+    for args, name in (((0.0, [0.2], 0.05), "x_scale"), ((0.1, [0.2, -0.3], 0.05), "w_scale"),
+                       ((0.1, [0.2], float("nan")), "y_scale")):
+        with pytest.raises(ValueError, match=name):
+            zi.requant_multiplier(*args)

@@ -155,10 +155,21 @@ def _np(x, name: str):
     raise TypeError(f"{name} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
 
 
+def _ints(v: IntOrSeq, name: str, what: str) -> list:
+    """``v`` as a list of Python ints: one int, or a sequence of them (TypeError naming ``name``)."""
+    def is_int(e):
+        return isinstance(e, (int, np.integer)) and not isinstance(e, bool)
+    if is_int(v):
+        return [int(v)]
+    if isinstance(v, (str, bytes)) or not isinstance(v, (Sequence, np.ndarray)) or not all(is_int(e) for e in v):
+        raise TypeError(f"{name} must be {what}, got {v!r}")
+    return [int(e) for e in v]
+
+
 def _pair(v: IntOrSeq, name: str) -> list:
-    if isinstance(v, (int, np.integer)):
-        return [int(v), int(v)]
-    v = [int(e) for e in v]
+    v = _ints(v, name, "an int or a pair of ints")
+    if len(v) == 1:
+        return v * 2
     if len(v) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {v}")
     return v
@@ -166,9 +177,9 @@ def _pair(v: IntOrSeq, name: str) -> list:
 
 def _padding(v: IntOrSeq) -> list:
     """int, (pad_h, pad_w) or (top, left, bottom, right) -> [top, left, bottom, right]."""
-    if isinstance(v, (int, np.integer)):
-        return [int(v)] * 4
-    v = [int(e) for e in v]
+    v = _ints(v, "padding", "an int, a pair or a 4-tuple of ints")
+    if len(v) == 1:
+        return v * 4
     if len(v) == 2:
         return [v[0], v[1], v[0], v[1]]
     if len(v) == 4:
@@ -303,9 +314,13 @@ def requantize(acc, multiplier, y_zero_point, axis: Optional[int] = None, roundi
 
 def requant_multiplier(x_scale, w_scale, y_scale, rounding: str = "float32_rne") -> np.ndarray:
     """M per output channel as the conv computes it: float32 ``f32(f32(sx*sw)/sy)``
-    for float32_rne, float64 ``sx*sw/sy`` (of the float32 scales) otherwise."""
+    for float32_rne, float64 ``sx*sw/sy`` (of the float32 scales) otherwise. ValueError naming
+    the scale unless every scale is a positive finite float32 (as :func:`qlinear_conv2d`)."""
     sx, sy = np.float32(x_scale), np.float32(y_scale)
     sw = np.atleast_1d(np.asarray(w_scale, dtype=np.float32))
+    for name, value in (("x_scale", sx), ("w_scale", sw), ("y_scale", sy)):
+        if not (np.all(np.isfinite(value)) and np.all(value > 0)):
+            raise ValueError(f"{name} must be positive finite float32 values, got {value}")
     if rounding == "float32_rne":
         return ((sx * sw).astype(np.float32) / sy).astype(np.float32)
     return np.float64(sx) * sw.astype(np.float64) / np.float64(sy)
