@@ -66,3 +66,14 @@ def test_default_batch_predicts_as_one_batch():
     batched = evaluate(model, images, labels)
     whole = evaluate(model, images, labels, batch_size=len(images))
     assert np.array_equal(batched.predictions, whole.predictions) and batched.top1 == whole.top1
+
+
+def test_predict_checks_its_model():
+    from pyzeroq.evaluation import predict
+
+    images = np.zeros((3, 28, 28), np.uint8)
+    with pytest.raises(TypeError, match="model must be an nn.Module or a callable"):
+        predict("m", images)
+    with pytest.raises(ValueError, match=r"logits \[N, classes\], got shape \(3,\)"):
+        predict(lambda x: x.sum((1, 2, 3)), images)
+    assert predict(lambda x: x.flatten(1)[:, :4], images).tolist() == [0, 0, 0]

@@ -152,3 +152,17 @@ def test_mixed_precision_export_bit_exact():
     x = images(32, seed=2).numpy()
     for level in LEVELS:
         assert_same_as_simulator(im, build_onnx(im, x[:1], intermediate=True), x, level)
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=["optimized", "unoptimized"])
+def test_int8_activations_with_asymmetric_uint8_weights(tmp_path, level):
+    """act_dtype='int8' with the default asymmetric weights: onnxruntime has no S8U8 QLinearConv, so the
+    export writes the weights as int8 codes w - 128 (zero points zw - 128, the same differences): the
+    QOperator file loads and equals the integer model bit for bit, every intermediate too."""
+    torch.manual_seed(0)
+    q = quantize(ToyNet(), act_dtype="int8")
+    x = images(16).numpy()
+    im = zq.to_integer(q)
+    model = zq.export_onnx(q, tmp_path / "s8u8.onnx", x[:1])
+    np.testing.assert_array_equal(run_all(model, x, level)["logits"], im(x))
+    assert_same_as_simulator(im, build_onnx(im, x[:1], intermediate=True), x, level)

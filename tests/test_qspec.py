@@ -25,10 +25,18 @@ def tq(bits=8, scale=0.1, zp=3, axis=None, **kw):
     (dict(zp=256), "zero_point"), (dict(zp=-1), "zero_point"), (dict(zp=2.5), "zero_point"),
     (dict(scale=[0.1, 0.2], zp=[1, 2]), "axis"), (dict(scale=[0.1, 0.2], zp=1, axis=0), "zero_point"),
     (dict(scale=0.1, zp=1, axis=0), "axis"),
+    (dict(scale=[0.1, 0.2], zp=[1, 2], axis=1.0), "axis"), (dict(scale=[0.1, 0.2], zp=[1, 2], axis=True), "axis"),
 ])
 def test_tensor_quant_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         tq(**kwargs)
+
+
+def test_tensor_quant_from_dict_names_missing_keys():
+    with pytest.raises(ValueError, match=r"missing \['scale', 'zero_point', 'axis'\]"):
+        TensorQuant.from_dict({"bits": 8})
+    rec = tq(scale=[0.1, 0.2], zp=[1, 2], axis=np.int64(1))
+    assert rec.axis == 1 and type(rec.axis) is int and TensorQuant.from_dict(rec.to_dict()) == rec
 
 
 def test_code_ranges_signed_and_narrow():

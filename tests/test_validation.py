@@ -209,7 +209,7 @@ def test_float_ops_warn_and_layers_reading_them_are_listed():
         zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
     assert "sin" in str(info.value) and "Supported operators" in str(info.value)
     assert "float_ops='warn'" in str(info.value)
-    with pytest.warns(pipeline.FloatOpsWarning, match="stay in float"):
+    with pytest.warns(pipeline.FloatOpsWarning, match="no integer-only form"):
         qmodel = zq.quantize(SinNet().eval(), zq.QuantConfig(calibration="gaussian", float_ops="warn", **FAST),
                              input_shape=(1, 8, 8))
     assert any("sin" in op for op in qmodel.report.float_ops)
@@ -223,3 +223,27 @@ def test_float_ops_warn_and_layers_reading_them_are_listed():
 def test_float_ops_mode_is_validated():
     with pytest.raises(ValueError, match="float_ops must be one of"):
         zq.QuantConfig(float_ops="ignore")
+
+
+def test_models_pyzeroq_cannot_take_are_named_first(no_expensive_stage):
+    """Clear errors before any stage for models that used to fail deep inside torch or with a misleading message."""
+    cfg = zq.QuantConfig(calibration="gaussian", **FAST)
+    no_stats = _ViewNet()
+    no_stats.bn = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="BatchNorm 'bn' keeps no running statistics"):
+        zq.quantize(no_stats.eval(), cfg, input_shape=(1, 8, 8))
+    negative = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3)).eval()
+    negative[1].running_var[0] = -1.0
+    with pytest.raises(ValueError, match="BatchNorm '1' has a negative running_var"):
+        zq.quantize(negative, cfg, input_shape=(1, 8, 8))
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match="uninitialized lazy parameters"):
+        zq.quantize(lazy, cfg, input_shape=(1, 8, 8))
+    with pytest.raises(TypeError, match="TorchScript module"):
+        zq.quantize(torch.jit.script(nn.Sequential(nn.Conv2d(1, 4, 3))), cfg, input_shape=(1, 8, 8))
+
+
+def test_a_quantized_model_is_not_quantized_again():
+    q = zq.quantize(_ViewNet().eval(), zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="already quantized"):
+        zq.quantize(q, zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))

@@ -44,6 +44,30 @@ def check_device(device, argument: str = "device") -> torch.device:
     return dev
 
 
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def check_model_state(model: nn.Module, argument: str = "model") -> None:
+    """TypeError / ValueError naming ``argument`` for a model pyzeroq cannot take as it is: a
+    TorchScript module, uninitialized lazy parameters, a BatchNorm without running statistics
+    (in eval mode it normalizes with the batch's: nothing to fold) or with a negative variance."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{argument} is a TorchScript module; pass the original nn.Module (pyzeroq traces it "
+                        "with torch.fx and copies it)")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if isinstance(p, nn.parameter.UninitializedTensorMixin):
+            raise ValueError(f"{argument} has uninitialized lazy parameters ({name!r}): run one forward pass "
+                             "on an input of the right shape first")
+    for name, m in model.named_modules():
+        if isinstance(m, BATCHNORM_TYPES) and (m.running_mean is None or m.running_var is None):
+            raise ValueError(f"{argument}: BatchNorm {name!r} keeps no running statistics "
+                             "(track_running_stats=False): in eval mode it normalizes with each batch's own, "
+                             "which cannot be folded into a quantized layer")
+        if isinstance(m, BATCHNORM_TYPES) and bool(((m.running_var < 0) & torch.isfinite(m.running_var)).any()):
+            raise ValueError(f"{argument}: BatchNorm {name!r} has a negative running_var (not a variance): "
+                             "the model is broken")
+
+
 def check_finite_model(model: nn.Module, argument: str = "model") -> None:
     """ValueError naming the first parameter or floating-point buffer of ``model`` holding NaN / Inf."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
@@ -110,3 +134,12 @@ def read_torch_file(path, what: str, argument: str = "path"):
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ValueError(f"{path} is not {what} that loads safely: torch.load(weights_only=True) refused it "
                          f"({type(exc).__name__}: {first})") from exc
+
+
+def float_images(x):
+    """``x`` unchanged when it is a floating-point tensor (or not a tensor); TypeError for integer
+    pixels, which a fake-quant model would read as floats 0..255 (the integer model takes uint8)."""
+    if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"the fake-quant model takes float images in [0, 1], got a {x.dtype} tensor: divide uint8 "
+                        "pixels by 255 (pyzeroq.to_integer's integer model takes them as they are)")
+    return x

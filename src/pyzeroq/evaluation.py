@@ -91,13 +91,21 @@ def _dry_forward(model, sample: torch.Tensor) -> None:
 @torch.no_grad()
 def predict(model: nn.Module, images, batch_size: int = DEFAULT_BATCH, progress: bool = False,
             device: str | torch.device = "cpu") -> np.ndarray:
-    """Arg-max class of every image, batched."""
+    """Arg-max class of every image, batched: int64 [N]. ``model``: as for :func:`evaluate`
+    (TypeError otherwise); ValueError when it returns no [batch, classes] logits."""
+    if not callable(model):
+        raise TypeError(f"model must be an nn.Module or a callable returning logits, got {type(model).__name__}")
     x = images_to_tensor(images)
     if not (isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     preds = []
     for start in tqdm(range(0, len(x), batch_size), desc="evaluate", disable=not progress, leave=False):
-        preds.append(torch.as_tensor(model(x[start:start + batch_size].to(device))).argmax(1).cpu())
+        batch = x[start:start + batch_size]
+        logits = torch.as_tensor(model(batch.to(device)))
+        if logits.dim() != 2 or logits.shape[0] != len(batch):
+            raise ValueError(f"model must return logits [N, classes], got shape {tuple(logits.shape)} for "
+                             f"{len(batch)} images")
+        preds.append(logits.argmax(1).cpu())
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 

@@ -123,6 +123,7 @@ MS_OPSET = 1
 IR_VERSION = 8
 ADD_OPS = ("exact", "qlinearadd")
 FORMATS = ("qoperator", "qdq")
+INT8_OFFSET = 128  # uint8 code - 128 = the int8 code of the same difference from the zero point
 
 
 class _Builder(GraphBuilder):
@@ -186,8 +187,14 @@ class _Builder(GraphBuilder):
         w_scale, w_zp = layer.weight.channels(layer.out_channels)
         sx, zx = self.qparams(f"{b}_x", layer.input)
         sy, zy = self.qparams(f"{b}_y", layer.output)
+        if layer.input.signed and not layer.weight.signed:
+            # onnxruntime has no S8U8 QLinearConv: the same differences w - zw as int8 codes (w - 128, zw - 128)
+            w = (w.astype(np.int16) - INT8_OFFSET).astype(np.int8)
+            w_zp_name = self.const(f"{b}_w_zero_point", (np.asarray(w_zp, np.int16) - INT8_OFFSET).astype(np.int8))
+        else:
+            w_zp_name = self.code_const(f"{b}_w_zero_point", w_zp, layer.weight)
         ins = [src, sx, zx, self.const(f"{b}_w", w), self.const(f"{b}_w_scale", w_scale.astype(np.float32)),
-               self.code_const(f"{b}_w_zero_point", w_zp, layer.weight), sy, zy]
+               w_zp_name, sy, zy]
         if layer.bias is not None:
             ins.append(self.const(f"{b}_bias", layer.bias.astype(np.int32)))
         self.node("QLinearConv", ins, [out], f"{b}_qlinearconv", kernel_shape=list(w.shape[2:]), **attrs)

@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from . import pareto
+from ._checks import float_images
 from ._optional import require
 from .config import QuantConfig
 from .distill import distill_data, gaussian_inputs
 from .distill_genie import distill_genie
+from .integer.support import integer_blockers
 from .modules import act_quants, fit_bias_scales, prepare, quant_layers, set_act_mode, set_weight_bits
 from .quantizers import QUANT_CONV_TYPES, QuantConvTranspose2d
 from .reconstruct import check_blocks, reconstruct
@@ -157,7 +159,7 @@ class QuantizedModel(nn.Module):
         self.train(graph_module.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph_module(x)
+        return self.graph_module(float_images(x))
 
     def save(self, path):
         """Write this model to ``path`` (format: :mod:`pyzeroq.io`, read with ``torch.load(weights_only=True)``);
@@ -395,7 +397,7 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
     gm, info = prepare(work, config.act_bits, config.per_channel, config.percentile, config.act_range,
                        weight_format=config.weight_format, act_format=config.act_format)
     gm.to(config.device)
-    _check_surgery(work, gm, config, shape)
+    sample = _check_surgery(work, gm, config, shape)
     for layer in quant_layers(gm).values():
         layer.weight_quant.weight_range = config.weight_range
     report.layers = list(info.layers)
@@ -407,7 +409,8 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
         check_blocks(config.reconstruction.blocks, report.layers)  # before any costly stage
     layers = quant_layers(gm)
     report.params = {n: int(layers[n].weight.numel()) for n in report.layers}
-    report.folded_bn, report.float_ops = dict(info.folded_bn), list(info.float_ops)
+    report.folded_bn = dict(info.folded_bn)
+    report.float_ops = list(info.float_ops) + integer_blockers(gm, sample)
     if info.shared_layers:
         report.notes.append(f"layer module(s) called more than once run as one copy per call (own quantizers; the "
                             f"weights are stored per call): {info.shared_layers}")
@@ -492,6 +495,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, input_shape=No
     results in any process.
     """
     config = QuantConfig() if config is None else config
+    if isinstance(model, QuantizedModel):
+        raise ValueError("model is already quantized (a pyzeroq QuantizedModel): pass the float model")
     t0 = time.perf_counter()
     notes: list[str] = []
     work, shape, measure = _validated_copy(model, config, input_shape, selection, notes)

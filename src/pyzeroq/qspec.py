@@ -85,6 +85,10 @@ class TensorQuant:
         if scale.ndim > 1 or zp.shape != scale.shape:
             raise ValueError(f"scale and zero_point must both be scalars or both [C]; got shapes "
                              f"{scale.shape} and {zp.shape}")
+        if self.axis is not None and (not isinstance(self.axis, numbers.Integral) or isinstance(self.axis, bool)):
+            raise ValueError(f"axis must be None or an int, got {self.axis!r}")
+        if self.axis is not None:
+            object.__setattr__(self, "axis", int(self.axis))
         if (self.axis is None) != (scale.ndim == 0):
             raise ValueError(f"axis must be None for a per-tensor record and an int for a per-channel one; "
                              f"got axis={self.axis!r} with scale shape {scale.shape}")
@@ -171,6 +175,10 @@ class TensorQuant:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorQuant":
+        """The record of :meth:`to_dict`'s dict; ValueError naming the missing keys."""
+        missing = [k for k in ("bits", "scale", "zero_point", "axis") if k not in d]
+        if missing:
+            raise ValueError(f"a TensorQuant dict needs the keys bits, scale, zero_point and axis; missing {missing}")
         return cls(d["bits"], np.asarray(d["scale"], np.float32), np.asarray(d["zero_point"], np.int32),
                    d["axis"], d.get("signed", False), d.get("narrow_range", False))
 

@@ -18,6 +18,7 @@ result with the float model):
 from __future__ import annotations
 
 import copy
+import numbers
 import operator
 from typing import Optional
 
@@ -62,7 +63,9 @@ def split_shared_layers(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 
 def _constant(gm: fx.GraphModule, node) -> Optional[torch.Tensor]:
-    """The tensor of a ``get_attr`` node (a parameter or buffer), else None."""
+    """The tensor of a ``get_attr`` node (a parameter or buffer) or of a Python number, else None."""
+    if isinstance(node, numbers.Real) and not isinstance(node, bool):
+        return torch.tensor(float(node))
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
     try:
@@ -88,8 +91,8 @@ def _channel_factor(layer: nn.Module, c: torch.Tensor) -> Optional[torch.Tensor]
 
 
 def fold_constant_scales(gm: fx.GraphModule) -> list[str]:
-    """Fold ``layer(x) * c`` (``c`` a model constant: scalar or per output channel) into the
-    layer; returns the names of the folded mul nodes."""
+    """Fold ``layer(x) * c`` (``c`` a model constant -- scalar or per output channel -- or a
+    Python number) into the layer; returns the names of the folded mul nodes."""
     folded = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SCALE_FUNCTIONS or len(node.args) != 2 or node.kwargs:
@@ -111,7 +114,7 @@ def fold_constant_scales(gm: fx.GraphModule) -> list[str]:
                 layer.bias.mul_(factor.to(layer.bias))
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
-        if not const.users:
+        if isinstance(const, fx.Node) and not const.users:
             gm.graph.erase_node(const)
         folded.append(node.name)
     if folded:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_device, check_finite_model
+from ._checks import check_device, check_finite_model, check_model_state
 from .config import QuantConfig
 from .distill_genie import check_genie_shape
 from .modules import is_normalizer, set_act_mode, set_weight_bits
@@ -51,7 +51,7 @@ def _check_float_ops(float_ops: list[str], mode: str) -> None:
     ops in float."""
     if not float_ops or mode == "allow":
         return
-    listing = f"{len(float_ops)} op(s) have no quantized form and would stay in float: {float_ops}"
+    listing = f"{len(float_ops)} op(s) have no quantized or no integer-only form: {float_ops}"
     if mode == "error":
         raise ValueError(f"{listing}. Replace them with supported ops ({SUPPORTED_OPS_HINT}), or pass "
                          "QuantConfig(float_ops='warn') or 'allow' to keep them in float (to_integer and "
@@ -226,6 +226,7 @@ def _validated_copy(model, config: QuantConfig, input_shape, selection, notes: l
         check_genie_shape(shape)  # the generator makes (C, H, W) images only
     data = check_calibration_data(config.calibration_data, shape) if real else None
     _check_selection(selection, config)
+    check_model_state(model)
     check_finite_model(model)  # NaN / Inf weights would only surface as garbage or a late kernel error
     work = _working_copy(model, config.device, notes)
     _check_input_domain(work, config, data, notes)
@@ -240,9 +241,9 @@ def _validated_copy(model, config: QuantConfig, input_shape, selection, notes: l
     return work, shape, measure
 
 
-def _check_surgery(work: nn.Module, gm: nn.Module, config: QuantConfig, shape) -> None:
+def _check_surgery(work: nn.Module, gm: nn.Module, config: QuantConfig, shape) -> torch.Tensor:
     """The prepared graph with quantization off must compute what the model computes (BN
-    folding, op rewiring) on a few seeded random images; ValueError naming the largest
+    folding, op rewiring) on a few seeded random images (returned); ValueError naming the largest
     difference otherwise (e.g. a BatchNorm1d after a Linear on [N, L, F] inputs, whose channels
     are not the Linear's features)."""
     if config.calibration == "real":
@@ -261,3 +262,4 @@ def _check_surgery(work: nn.Module, gm: nn.Module, config: QuantConfig, shape) -
             raise ValueError(f"model: folding its BatchNorms / preparing its graph changed its float output (max "
                              f"difference {diff:.3g}); a BatchNorm that reads a Linear's output must normalize the "
                              "Linear's features (inputs [N, F])")
+    return sample

@@ -589,7 +589,7 @@ def to_integer(qmodel, rounding: str = "float32_rne", acc_bits: int = 32, overfl
     if float_ops:
         node, _, op = str(float_ops[0]).partition(" (")
         raise UnsupportedOperationError(f"the quantized model keeps float ops that have no integer form: {float_ops}",
-                                        node, op.rstrip(")") or None)
+                                        node, op.partition(")")[0] or None)
     plan = compile_plan(gm)
     int_model = IntegerModel(list(plan.steps), plan.output, rounding, int(acc_bits), overflow,
                              getattr(report, "folded_bn", {}) or {}, getattr(qmodel, "bit_widths", {}) or {})

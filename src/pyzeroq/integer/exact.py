@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import float_images
 from ..modules import quant_layers
 from ..qspec import LayerQuant, TensorQuant
 from ..quantizers import QuantChannelAffine, QuantConv1d, QuantConvTranspose2d, QuantLinear
@@ -188,6 +189,10 @@ def integer_exact(qmodel) -> fx.GraphModule:
         parent, _, attr = name.rpartition(".")
         setattr(exact.get_submodule(parent) if parent else exact, attr, ExactLayer(layer, records[name]))
     _exact_ops(exact, steps)
+    for node in [n for n in exact.graph.nodes if n.op == "placeholder"]:  # integer pixels: as the fake-quant model
+        with exact.graph.inserting_after(node):
+            checked = exact.graph.call_function(float_images, (node,))
+        node.replace_all_uses_with(checked, delete_user_cb=lambda user, checked=checked: user is not checked)
     exact.graph.lint()
     exact.recompile()
     return exact.eval()

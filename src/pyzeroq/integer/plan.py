@@ -113,6 +113,7 @@ from .steps import (
     Step,
     check_output_spec,
 )
+from .support import module_blocker
 
 __all__ = ["IntegerPlan", "PlanError", "UnsupportedOperationError", "compile_plan",
            "MIN_BITS", "MAX_ACT_BITS", "MAX_WEIGHT_BITS"]
@@ -354,8 +355,8 @@ class _Compiler:
     def layer(self, node: fx.Node, layer) -> None:
         name = str(node.target)
         x = self.slot(node.args[0], node)
-        if isinstance(layer, QUANT_CONV_TYPES) and layer.padding_mode != "zeros":
-            raise self.unsupported(node, f"padding_mode={layer.padding_mode!r} is not supported (zero padding only)")
+        if (reason := module_blocker(layer)) is not None:
+            raise self.unsupported(node, reason)
         try:
             rec = layer.layer_record(name)
         except ValueError as exc:
@@ -427,20 +428,16 @@ class _Compiler:
         name = str(node.target) if node.op == "call_module" else node.name
         pooled = node.name if keepdim else f"{node.name}_pool"
         common = dict(name=name, inputs=(x,), output=pooled, x_q=self.q[x])
+        if (reason := module_blocker(m)) is not None:
+            raise self.unsupported(node, reason)
         if isinstance(m, nn.MaxPool2d):
-            if m.dilation not in (1, (1, 1)) or m.return_indices:
-                raise self.unsupported(node, "MaxPool2d with dilation or return_indices is not supported")
             out_q, act = self.require_target(node)
             self.add(MaxPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
                                  stride=_pair(m.stride or m.kernel_size), padding=_pair(m.padding),
                                  ceil_mode=bool(m.ceil_mode)))
         elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)):
             raw = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
-            size = None if None in raw else (1, int(raw[0])) if isinstance(m, nn.AdaptiveAvgPool1d) else \
-                _pair(raw if len(raw) == 2 else raw[0])
-            if size is None or (isinstance(m, nn.AdaptiveAvgPool1d) and size != (1, 1)):
-                raise self.unsupported(node, f"{type(m).__name__}({m.output_size}) is not supported (AdaptiveAvgPool1d: "
-                                             "output size 1; AdaptiveAvgPool2d: sizes that divide the input)")
+            size = (1, int(raw[0])) if isinstance(m, nn.AdaptiveAvgPool1d) else _pair(raw if len(raw) == 2 else raw[0])
             out_q, act = self.require_target(node)
             if size == (1, 1):
                 self.add(GlobalAvgPoolStep(**common, quant=out_q, activation=act))
@@ -448,9 +445,6 @@ class _Compiler:
                 self.add(AdaptiveAvgPoolStep(**common, quant=out_q, activation=act, output_size=size))
         else:
             pad = _pair(m.padding)
-            if m.ceil_mode or m.divisor_override is not None or (any(pad) and not m.count_include_pad):
-                raise self.unsupported(node, "AvgPool2d with ceil_mode, divisor_override or padding without "
-                                             "count_include_pad is not supported")
             out_q, act = self.require_target(node)
             self.add(AvgPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
                                  stride=_pair(m.stride or m.kernel_size), padding=pad))
