@@ -127,3 +127,23 @@ def test_integer_pixels_are_refused_by_the_fake_quant_models():
         with pytest.raises(TypeError, match="float images in \\[0, 1\\], got a torch.uint8 tensor"):
             model(px)
     torch.testing.assert_close(exact(px.float() / 255), zq.to_integer(q)(px), rtol=0, atol=0)
+
+
+def test_normalizer_with_parameter_mean_and_std():
+    """An input normalizer whose mean / std are nn.Parameters (not buffers) is one (fx's tracing proxies
+    parameters: it was inlined into float sub / div ops and refused): quantize, integer model, save / load."""
+    class ParamNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mean = nn.Parameter(torch.tensor([0.4]).view(1, 1, 1, 1), requires_grad=False)
+            self.std = nn.Parameter(torch.tensor([0.2]).view(1, 1, 1, 1), requires_grad=False)
+
+        def forward(self, x):
+            return (x - self.mean) / self.std
+
+    model = nn.Sequential(ParamNorm(), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(256, 3)).eval()
+    q = zq.quantize(model, zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 10, 10))
+    assert q.report.float_ops == []
+    x = torch.rand(3, 1, 10, 10)
+    torch.testing.assert_close(zq.to_integer(q)(x), q(x), atol=1e-3, rtol=0)

@@ -379,3 +379,28 @@ def test_reconstruction_blocks_and_unknown_fields_on_load():
                                                                       "from_the_future": 1}})
     assert config.reconstruction == zq.ReconstructionConfig(iters=7, blocks=(("a", "b"), ("c",)))
     assert any("from_the_future" in n for n in notes)
+
+
+@pytest.mark.filterwarnings("ignore::pyzeroq.pipeline.FloatOpsWarning")
+@pytest.mark.parametrize("rnn", ["LSTM", "GRU"])
+def test_round_trip_with_a_float_rnn(rnn, tmp_path):
+    """An RNN kept in float (float_ops="warn") is saved and rebuilt: its weight list is rebuilt on load
+    from the loaded weights (torch's own _init_flat_weights); the same outputs bit for bit."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 8, 3, padding=1)
+            self.rnn = getattr(nn, rnn)(8, 8, batch_first=True)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            y, _ = self.rnn(torch.relu(self.c(x)).flatten(2).transpose(1, 2))
+            return self.fc(y[:, -1])
+
+    torch.manual_seed(0)
+    q = zq.quantize(Net().eval(), zq.QuantConfig(calibration="gaussian", num_samples=4, float_ops="warn",
+                                                 progress=False), input_shape=(1, 6, 6))
+    back = zq.load(q.save(tmp_path / "rnn.pzq"))
+    x = torch.rand(3, 1, 6, 6)
+    assert torch.equal(back(x), q(x))
+    assert all(a is b for a, b in zip(back.graph_module.rnn._flat_weights, back.graph_module.rnn.parameters()))

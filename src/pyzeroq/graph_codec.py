@@ -96,8 +96,20 @@ _DENIED_METHODS = {"numpy", "tolist", "storage", "untyped_storage", "apply_", "m
 _TYPES = {"torch.Tensor": torch.Tensor, "str:torch.Tensor": "torch.Tensor"}
 _TYPE_KEYS = {v: k for k, v in _TYPES.items()}
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
-_TRANSIENT = {QuantAct: {"_min": lambda: None, "_max": lambda: None, "_samples": list, "_sampled": lambda: 0},
-              WeightQuant: {"_cache": lambda: None}}  # calibration / cache state, reset on load
+def _rnn_flat_weights(m: nn.Module) -> list:
+    """An RNN's list of its own weights (and of weak references to them), rebuilt by torch's
+    ``nn.RNNBase._init_flat_weights``."""
+    m._init_flat_weights()
+    return m._flat_weights
+
+
+# State not saved, rebuilt on load from the module (attributes and tensors already in place): calibration /
+# cache state, reset; an RNN's list of references to its own weights (a float op kept by float_ops="warn").
+_TRANSIENT = {QuantAct: {"_min": lambda m: None, "_max": lambda m: None, "_samples": lambda m: [],
+                         "_sampled": lambda m: 0},
+              WeightQuant: {"_cache": lambda m: None},
+              **{cls: {"_flat_weights": _rnn_flat_weights, "_flat_weight_refs": lambda m: m._flat_weight_refs}
+                 for cls in (nn.RNN, nn.LSTM, nn.GRU)}}
 
 
 def _pyzeroq_classes() -> dict:
@@ -395,7 +407,13 @@ def _module_record(name: str, m: nn.Module, key: str, names: dict, tensor_names:
         transient = _TRANSIENT.get(type(m), {})
         for k, v in m.__dict__.items():
             if k not in _MODULE_INTERNALS and k not in transient:
-                attrs[k] = _encode(v, f"{where} attribute {k!r}", names)
+                try:
+                    attrs[k] = _encode(v, f"{where} attribute {k!r}", names)
+                except ValueError as exc:  # e.g. an LSTM kept in float (its weight list): name the module
+                    raise ValueError(f"{exc}. pyzeroq.save rebuilds a torch.nn module from plain attributes; "
+                                     f"{type(m).__name__} keeps other objects, so a model holding one (a float op "
+                                     "kept by QuantConfig(float_ops='warn' / 'allow')) cannot be saved in this "
+                                     "format: save the state_dict with torch.save and rebuild the model") from None
     persistent = {k: k not in m._non_persistent_buffers_set for k in m._buffers}
     return {"name": name, "class": key, "attrs": attrs,
             "params": [[k, _tensor_spec(p, tensor_names, prefix + k)] for k, p in m._parameters.items()],
@@ -480,7 +498,7 @@ def _set_attrs(m: nn.Module, attrs, where: str, modules: dict) -> None:
     if type(m.__dict__.get("training")) is not bool:
         raise ValueError(f"{where}: 'training' must be a bool")
     for k, make in _TRANSIENT.get(type(m), {}).items():
-        m.__dict__[k] = make()
+        m.__dict__[k] = make(m)
 
 
 def _build_modules(records) -> nn.Module:

@@ -193,9 +193,18 @@ def is_cat(node: fx.Node) -> bool:
         all(isinstance(t, fx.Node) for t in tensors) and not any(isinstance(a, fx.Node) for a in rest)
 
 
+def _own_tensor(module: nn.Module, name: str):
+    """``module.<name>`` read from its stores, not by ``getattr``: while fx traces, ``getattr`` of a
+    parameter returns a proxy (a normalizer with ``nn.Parameter`` mean / std was then inlined)."""
+    for store in (module._parameters, module._buffers, module.__dict__):
+        if name in store:
+            return store[name]
+    return None
+
+
 def _is_normalizer(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "mean", None), torch.Tensor) and \
-        isinstance(getattr(module, "std", None), torch.Tensor)
+    return isinstance(_own_tensor(module, "mean"), torch.Tensor) and \
+        isinstance(_own_tensor(module, "std"), torch.Tensor)
 
 
 is_normalizer = _is_normalizer  # public: an input normalization module ((x - mean) / std, tensor mean and std)
