@@ -49,7 +49,9 @@ graph outputs          one ``Identity`` per returned tensor: "logits" for a sing
 =====================  ==========================================================================
 
 Codes take their record's type: uint8, or int8 for signed records (``QuantConfig(target=...)``:
-S8S8 / U8S8 ``QLinearConv`` and ``MatMulInteger``, int8 ``QuantizeLinear`` / ``MaxPool`` / ``Clip``).
+S8S8 / U8S8 ``QLinearConv`` and ``MatMulInteger``, int8 ``QuantizeLinear`` / ``MaxPool`` / ``Clip``;
+int8 activations with asymmetric uint8 weights get S8S8 weights ``w - 128``, zero points ``zw - 128``:
+the same differences, as onnxruntime has no S8U8 ``QLinearConv``).
 Weights of every bit width are stored as 8-bit codes (QLinearConv and MatMulInteger take 8-bit
 weights): a 2- or 4-bit model's file is as large as at 8 bits. ``format="qdq"``
 (:mod:`pyzeroq.export_qdq`) packs them into INT4 / UINT4 (or INT2 / UINT2) initializers instead.
