@@ -57,7 +57,7 @@ from pyzeroq.config import ReconstructionConfig
 from pyzeroq.data import fashion_mnist_available, load_fashion_mnist
 from pyzeroq.distill import distill_data, gaussian_inputs
 from pyzeroq.distill_genie import distill_genie
-from pyzeroq.reconstruct import guard_kl
+from pyzeroq.reconstruct import float_reference, guard_kl
 
 INPUT_SHAPE = (1, 28, 28)
 TODAY_SAMPLES = 32
@@ -118,14 +118,18 @@ class Runner:
         twin, twin_s = self.quantize(data, **kw)
         rec = ReconstructionConfig(iters=a.iters, lr=a.lr, drop_prob=a.drop, seed=seed, guard_samples=0)
         q, seconds = self.quantize(data, reconstruction=rec, **kw)
-        kl_twin, kl_rec = guard_kl(twin.graph_module, held_out), guard_kl(q.graph_module, held_out)
+        # the float outputs from the twin (its weights are the float ones; q's hold its learned codes)
+        def kls(x):
+            ref = float_reference(twin.graph_module, x)
+            return guard_kl(q.graph_module, x, reference=ref), guard_kl(twin.graph_module, x, reference=ref)
+        kl_rec, kl_twin = kls(held_out)
         top_twin, top_rec = self.top1(twin), self.top1(q)
         # other data-free guards, for comparison: KL on Gaussian images, on DSG-relaxed + jittered
         # held-out images (another distribution than the reconstruction set)
         others = {"gauss": gaussian_inputs(self.model, (GUARD_SAMPLES, *INPUT_SHAPE),
                                            torch.Generator().manual_seed(seed + GUARD_SEED_OFFSET)),
                   "dsg": self.data(GUARD_SAMPLES, seed + GUARD_SEED_OFFSET, a.relax, True)}
-        alt = {k: (guard_kl(q.graph_module, x), guard_kl(twin.graph_module, x)) for k, x in others.items()}
+        alt = {k: kls(x) for k, x in others.items()}
         # the pipeline's default guard (ReconstructionConfig.guard_data="gaussian") decides; the KL on
         # held-out distilled images ("guard_kl_*", the guard before) and on DSG images are kept beside
         keep = alt["gauss"][0] < alt["gauss"][1]

@@ -199,6 +199,21 @@ def test_guard_rejects_a_destroyed_rounding():
     assert all(torch.equal(m.weight, weights[n]) for n, m in quant_layers(gm).items())
 
 
+def test_guard_measures_against_the_float_weights():
+    """The guard's "after" KL compares with the float model's outputs taken before the reconstruction:
+    with no code flipped it equals the "before" KL exactly, and scrambled codes are rejected (the
+    reference was once taken after the codes were written into the weights, so it measured the
+    quantized weights against themselves and kept ruinous roundings)."""
+    data, holdout = _calib(16), _calib(16, seed=5)
+    gm, layers = calibrated_graph(models.load_pretrained("resnet20"), data, 4, weight_bits=3, act_range="minmax")
+    still = reconstruct(gm, layers, data, ReconstructionConfig(iters=3, lr=1e-12, batch_size=8), holdout=holdout)
+    assert max(still.flipped) == 0 and still.guard_kl_after == still.guard_kl_before and not still.kept
+    gm, layers = calibrated_graph(models.load_pretrained("resnet20"), data, 4, weight_bits=3, act_range="minmax")
+    scrambled = reconstruct(gm, layers, data, ReconstructionConfig(iters=20, lr=1e3, batch_size=8), holdout=holdout)
+    assert max(scrambled.flipped) > 0.2 and not scrambled.kept
+    assert scrambled.guard_kl_after > scrambled.guard_kl_before
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(iters=0), "reconstruction.iters"), (dict(lr=-1.0), "reconstruction.lr"),
     (dict(reg_weight=float("nan")), "reconstruction.reg_weight"), (dict(warmup=1.0), "reconstruction.warmup"),

@@ -228,13 +228,28 @@ def _block_loss(pred: tuple, target: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def guard_kl(gm: nn.Module, data: torch.Tensor, measure: str = "auto") -> float:
+def _outputs(gm: nn.Module, data: torch.Tensor) -> list:
+    return concat_outputs([output_leaves(gm(data[i:i + EVAL_BATCH])) for i in range(0, len(data), EVAL_BATCH)])
+
+
+@torch.no_grad()
+def float_reference(gm: nn.Module, data: torch.Tensor) -> list:
+    """The float model's outputs on ``data``: ``gm`` with every quantizer off. Only while ``gm``'s
+    weights are still the float ones: after :func:`reconstruct` kept its rounding they are the
+    dequantized learned codes, and this would measure the quantized weights as the reference."""
+    with _float_mode(gm):
+        return _outputs(gm, data)
+
+
+@torch.no_grad()
+def guard_kl(gm: nn.Module, data: torch.Tensor, measure: str = "auto", reference: list | None = None) -> float:
     """The guard's distance of ``gm`` on ``data`` [M, ...]: KL(FP output || quantized output), mean
     over images, for a logits model (``measure`` "kl"); the variance-normalised MSE of every
-    returned tensor otherwise ("mse"; "auto" picks, :mod:`pyzeroq.outputs`)."""
-    with _float_mode(gm):
-        reference = concat_outputs([output_leaves(gm(data[i:i + EVAL_BATCH])) for i in range(0, len(data), EVAL_BATCH)])
-    quantized = concat_outputs([output_leaves(gm(data[i:i + EVAL_BATCH])) for i in range(0, len(data), EVAL_BATCH)])
+    returned tensor otherwise ("mse"; "auto" picks, :mod:`pyzeroq.outputs`). ``reference``: the
+    float outputs (:func:`float_reference`, taken before any reconstruction); None takes them from
+    ``gm`` now, which is right only for a model whose weights were not reconstructed."""
+    reference = float_reference(gm, data) if reference is None else reference
+    quantized = _outputs(gm, data)
     return float(output_distance(reference, quantized, resolve_measure(reference, measure)))
 
 
@@ -331,8 +346,9 @@ def reconstruct(gm: fx.GraphModule, layers: list[str], data: torch.Tensor, cfg: 
     grads = {n: p.requires_grad for n, p in gm.named_parameters()}
     for p in gm.parameters():
         p.requires_grad_(False)
-    if holdout is not None:
-        result.guard_kl_before = guard_kl(gm, holdout)
+    if holdout is not None:  # the float outputs now: reconstruction writes its codes into the weights
+        reference = float_reference(gm, holdout)
+        result.guard_kl_before = guard_kl(gm, holdout, reference=reference)
     try:
         tensors = tensor_nodes(gm, data[:2])
         start: Cut = model_inputs(gm)
@@ -348,7 +364,7 @@ def reconstruct(gm: fx.GraphModule, layers: list[str], data: torch.Tensor, cfg: 
             result.flipped.append(flipped)
             q_in, fp_in, start = _run(block, q_in), fp_out, end
         if holdout is not None:
-            result.guard_kl_after = guard_kl(gm, holdout)
+            result.guard_kl_after = guard_kl(gm, holdout, reference=reference)
             result.kept = result.guard_kl_after < result.guard_kl_before
             if not result.kept:
                 with torch.no_grad():
