@@ -180,3 +180,25 @@ def test_mixed_precision_on_structured_outputs():
     with pytest.raises(ValueError, match="sensitivity='kl' needs a model returning one logits"):
         quantize(SegHead().eval(), sensitivity="kl", **mp)
     assert quantize(TupleOut().eval(), **{**mp, "mp_relaxation": False}).report.sensitivity_measure == "mse"
+
+
+def test_single_logit_models_use_mse():
+    """A binary classifier returning [N, 1] logits: a softmax over one logit is always 1, so the KL
+    would be 0 for every layer and bit width (all-lowest bits, a guard that never accepts). "auto"
+    picks the MSE; "kl" is refused by name."""
+    class OneLogit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    mp = dict(weight_bits=(2, 4, 8), avg_weight_bits=4, mp_relaxation=False)
+    q = quantize(OneLogit().eval(), **mp)
+    assert q.report.sensitivity_measure == "mse"
+    omega = np.array([list(v.values()) for v in q.report.sensitivity.values()])
+    assert (omega[:, 0] > 0).all()
+    with pytest.raises(ValueError, match=r"classes >= 2"):
+        quantize(OneLogit().eval(), sensitivity="kl", **mp)

@@ -99,12 +99,12 @@ def check_output(out, batch: int, argument: str) -> list:
 
 def resolve_measure(leaves: list, measure: str) -> str:
     """"kl" or "mse" for a model returning ``leaves`` (ValueError for "kl" on anything but one
-    logits tensor [N, K])."""
+    logits tensor [N, K] with K >= 2: a softmax over one logit is always 1, every KL 0)."""
     if measure not in SENSITIVITY_MEASURES:
         raise ValueError(f"sensitivity must be one of {SENSITIVITY_MEASURES}, got {measure!r}")
-    logits = len(leaves) == 1 and leaves[0].dim() == LOGITS_RANK
+    logits = len(leaves) == 1 and leaves[0].dim() == LOGITS_RANK and leaves[0].shape[-1] > 1
     if measure == "kl" and not logits:
-        raise ValueError("sensitivity='kl' needs a model returning one logits tensor [N, classes]; this one returns "
+        raise ValueError("sensitivity='kl' needs a model returning one logits tensor [N, classes >= 2]; this one returns "
                          f"{len(leaves)} tensor(s) of shapes {[tuple(t.shape) for t in leaves]}: use 'mse' or 'auto'")
     if measure == "auto":
         return "kl" if logits else "mse"
