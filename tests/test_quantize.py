@@ -310,7 +310,7 @@ def test_a_selection_that_does_not_fit_is_rejected():
     with pytest.raises(ValueError, match="selection was made over weight bits"):
         zq.quantize(model, zq.QuantConfig(weight_bits=(2, 8), avg_weight_bits=4, **FAST), input_shape=SHAPE,
                     selection=sel)
-    with pytest.raises(ValueError, match="selection was made for another model or budget"):
+    with pytest.raises(ValueError, match="selection was made under another cost budget"):
         zq.quantize(model, zq.QuantConfig(avg_weight_bits=3, **base), input_shape=SHAPE, selection=sel)
     other = nn.Sequential(Normalize(), conv_bn(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 10)).eval()
     with pytest.raises(ValueError, match="selection was made for another model"):

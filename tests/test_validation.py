@@ -1,6 +1,7 @@
 """quantize checks its arguments before any expensive stage (no distillation, calibration or
 sensitivity pass runs), names the offending argument, and never modifies the given model."""
 
+import dataclasses
 import threading
 import warnings
 
@@ -247,3 +248,25 @@ def test_a_quantized_model_is_not_quantized_again():
     q = zq.quantize(_ViewNet().eval(), zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="already quantized"):
         zq.quantize(q, zq.QuantConfig(calibration="gaussian", **FAST), input_shape=(1, 8, 8))
+
+
+def test_search_inputs_checked_before_calibration(monkeypatch):
+    """A selection made under another budget and a DP too large for pareto_bins are refused right after
+    the graph surgery (they were found after distillation and the sensitivities)."""
+    mp = dict(weight_bits=(2, 4, 8), calibration="gaussian", mp_relaxation=False, **FAST)
+    model = _ViewNet().eval()
+    sel = zq.quantize(model, zq.QuantConfig(avg_weight_bits=4, **mp), input_shape=(1, 8, 8)).selection
+    for name in ("distill_data", "gaussian_inputs", "calibration_data", "layer_sensitivities", "select_bits"):
+        monkeypatch.setattr(pipeline, name, lambda *a, **k: pytest.fail("an expensive stage ran"))
+    with pytest.raises(ValueError, match="selection was made under another cost budget"):
+        zq.quantize(model, zq.QuantConfig(avg_weight_bits=3, **mp), input_shape=(1, 8, 8), selection=sel)
+    with pytest.raises(ValueError, match="selection was made under another cost budget"):
+        zq.quantize(model, zq.QuantConfig(avg_weight_bits=4, budget_metric="bops", **mp), input_shape=(1, 8, 8),
+                    selection=sel)
+    with pytest.raises(ValueError, match="pareto_bins=100000000: bins: the DP would need"):
+        zq.quantize(model, zq.QuantConfig(avg_weight_bits=4, pareto_bins=10**8, **mp), input_shape=(1, 8, 8))
+    n = len(sel.layers)
+    for choice, match in (((2,) * n, "over the budget"), ((3,) * n, "one index into"), ((1,), "one index into")):
+        with pytest.raises(ValueError, match=match):
+            zq.quantize(model, zq.QuantConfig(avg_weight_bits=4, **mp), input_shape=(1, 8, 8),
+                        selection=dataclasses.replace(sel, choice=choice))

@@ -205,6 +205,13 @@ def _grid(c, bins, budget=None, k=1, max_cells=MAX_DP_CELLS) -> _Grid:
     return _binned_grid(c, bins, budget, k, max_cells)
 
 
+def check_dp_size(cost, bins: int | None, budget: float | None = None) -> None:
+    """ValueError when the DP over ``cost`` [L, B] with ``bins`` (None: exact integer costs) under
+    ``budget`` would exceed ``MAX_DP_CELLS`` (what :func:`solve` / :func:`frontier` would raise,
+    checked before any costly stage)."""
+    _grid(np.asarray(cost, dtype=np.float64), bins, budget)
+
+
 def _config_cost(c: np.ndarray, choices: np.ndarray) -> np.ndarray:
     """Total cost of each configuration (rows of ``choices``; rows with -1 -> NaN).
 

@@ -339,6 +339,29 @@ def _record_selection(report: QuantReport, selection: Selection, cost: np.ndarra
                              budget_bytes=float(selection.budget * unit_bytes))
 
 
+def _check_search_inputs(report: QuantReport, config: QuantConfig, selection: Selection | None) -> None:
+    """Before any costly stage: a given selection's cost budget, and a DP that fits ``pareto_bins``."""
+    cost, budget = cost_matrix(report, config)
+    if selection is not None and selection.budget != budget:
+        raise ValueError(f"selection was made under another cost budget ({selection.budget} vs {budget} units of "
+                         f"{config.budget_metric}: another avg_weight_bits, budget_metric or act_bits); pass the "
+                         "selection of a quantize call with the same model and config")
+    if selection is not None:  # a Selection built or edited by hand: its choice must be one quantize could make
+        choice = tuple(selection.choice)
+        if len(choice) != len(report.layers) or not all(
+                isinstance(c, (int, np.integer)) and 0 <= c < len(report.candidates) for c in choice):
+            raise ValueError(f"selection.choice must hold one index into {report.candidates} per layer "
+                             f"({len(report.layers)}), got {choice!r}")
+        chosen = int(sum(cost[i, c] for i, c in enumerate(choice)))
+        if chosen > budget:
+            raise ValueError(f"selection.choice costs {chosen} units of {config.budget_metric}, over the budget "
+                             f"{budget} (avg_weight_bits={config.avg_weight_bits})")
+    try:
+        pareto.check_dp_size(cost, config.pareto_bins, budget)
+    except ValueError as exc:
+        raise ValueError(f"pareto_bins={config.pareto_bins!r}: {exc}") from None
+
+
 def _mixed_precision(gm, data, config: QuantConfig, report: QuantReport, selection: Selection | None):
     """Sensitivities, then the given or a new :class:`Selection`; fills the report."""
     t0 = time.perf_counter()
@@ -418,12 +441,14 @@ def _run(model, work, config: QuantConfig, shape, selection, report: QuantReport
         report.notes.append(f"BatchNorm(s) {info.bn_as_conv} follow no conv / linear: each runs as the depthwise 1x1 "
                             "conv of its affine map (a quantized layer)")
     _check_float_ops(report.float_ops, config.float_ops)
+    report.macs = _layer_macs(gm, sample)
+    if config.mixed_precision:
+        _check_search_inputs(report, config, selection)
     report.timings["surgery"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     data, report.distill_loss = calibration_data(work, config, shape)
     report.timings[f"calibration_data ({config.calibration})"] = time.perf_counter() - t0
-    report.macs = _layer_macs(gm, data)
 
     if config.mixed_precision:  # uniform precision needs no sensitivities (the costly part of W8A8)
         selection = _mixed_precision(gm, data, config, report, selection)
