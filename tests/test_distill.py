@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from toy_models import trained_tiny
 
+from pyzeroq import models
 from pyzeroq.distill import STD_EPS, BNStatistics, distill_data, input_memory_format, input_statistics_loss, sample_stats_loss
 
 SHAPES = [(4, 3, 5, 7), (2, 6, 9), (5, 4), (3, 2, 2, 3, 4)]
@@ -153,3 +154,14 @@ def test_same_seed_same_data_and_contiguous(one_thread):
     assert torch.equal(a.data, b.data) and a.history == b.history and a.final_loss == b.final_loss
     assert a.data.is_contiguous() and a.initial_loss == a.history[0] and len(a.history) == 16
     assert a.final_loss < a.initial_loss
+
+
+def test_augment_must_be_a_bool_and_zero_iterations_report_their_loss():
+    from pyzeroq.distill_genie import distill_genie
+
+    m = models.load_pretrained("resnet20")
+    for fn in (distill_data, distill_genie):
+        with pytest.raises(TypeError, match="augment must be a bool"):
+            fn(m, (1, 28, 28), 4, 1, progress=False, augment="no")  # a truthy string jittered the images
+    r = distill_data(m, (1, 28, 28), 4, 0, progress=False)
+    assert r.history == () and r.initial_loss == r.final_loss > 0  # initial was 0.0

@@ -230,6 +230,14 @@ def test_pareto_plot(tmp_path):
     out = tmp_path / "pareto.png"
     q.report.plot_pareto(str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bops = zq.quantize(trained_tiny(), zq.QuantConfig(weight_bits=(2, 4, 8), avg_weight_bits=4, budget_metric="bops",
+                                                      mp_relaxation=False, **FAST), input_shape=SHAPE)
+    bops.report.plot_pareto(str(tmp_path / "bops.png"))  # in cost units (a KeyError on size_bytes before)
+    assert (tmp_path / "bops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rand = zq.quantize(trained_tiny(), zq.QuantConfig(weight_bits=(2, 4, 8), avg_weight_bits=4, mp_method="random",
+                                                      **FAST), input_shape=SHAPE)
+    with pytest.raises(ValueError, match="mp_method='zeroq'"):
+        rand.report.plot_pareto(str(tmp_path / "none.png"))
 
 
 def test_w8a8_resnet20_agrees_with_fp_on_embedded_subset():

@@ -124,8 +124,9 @@ class ReconstructionConfig:
             raise ValueError(f"reconstruction.drop_prob must be in [0, 1], got {self.drop_prob!r}")
         if self.guard_data not in GUARD_DATA:
             raise ValueError(f"reconstruction.guard_data must be one of {GUARD_DATA}, got {self.guard_data!r}")
-        if not _is_int(self.guard_samples) or self.guard_samples < 0:
-            raise ValueError(f"reconstruction.guard_samples must be a non-negative integer, got {self.guard_samples!r}")
+        if not _is_int(self.guard_samples) or not 0 <= self.guard_samples <= MAX_COUNT:
+            raise ValueError(f"reconstruction.guard_samples must be an integer in [0, {MAX_COUNT}], "
+                             f"got {self.guard_samples!r}")
         if self.blocks is not None:
             if not isinstance(self.blocks, (list, tuple)) or not self.blocks or any(
                     not isinstance(b, (list, tuple)) or not b or not all(isinstance(n, str) for n in b)

@@ -327,6 +327,8 @@ def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: in
     if num_samples < 1 or batch_size < 1 or iters < 0:
         raise ValueError("num_samples and batch_size must be >= 1 and iters >= 0")
     check_relax(relax)
+    if not isinstance(augment, bool):
+        raise TypeError(f"augment must be a bool, got {augment!r}")
     generator = torch.Generator().manual_seed(seed)
     batches, history, finals = [], [], []
     with distill_session(model, relax) as (stats, captured):
@@ -344,5 +346,5 @@ def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: in
             history.extend(hist)
             finals.append(final)
             batches.append(x.detach())
-    initial = history[0] if history else 0.0
+    initial = history[0] if history else finals[0]  # iters=0: the loss of the starting images
     return DistillResult(torch.cat(batches).contiguous(), initial, finals[-1], tuple(history))

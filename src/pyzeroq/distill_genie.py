@@ -178,6 +178,8 @@ def distill_genie(model: nn.Module, input_shape: tuple[int, int, int], num_sampl
     ``distill_data`` for other inputs), bad sizes, rates, ``widths`` or ``relax``.
     """
     _check_args(input_shape, num_samples, iters, batch_size, lr, generator_lr, latent_dim, widths, relax)
+    if not isinstance(augment, bool):
+        raise TypeError(f"augment must be a bool, got {augment!r}")
     shape = check_genie_shape(input_shape)
     rng = torch.Generator().manual_seed(seed)
     norm = find_normalizer(model)

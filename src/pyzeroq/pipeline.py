@@ -81,14 +81,20 @@ class QuantReport:
         import matplotlib.pyplot as plt
 
         if not self.frontier:
-            raise ValueError("no frontier in this report (uniform precision was requested)")
+            raise ValueError("no frontier in this report: it comes from a mixed-precision search with "
+                             "mp_method='zeroq' (uniform precision, or mp_method 'random' / 'inverse', has none)")
         fig, ax = plt.subplots(figsize=(6, 4))
-        mb = np.asarray(self.frontier["size_bytes"]) / BYTES_PER_MB
-        ax.step(mb, self.frontier["total_sensitivity"], where="post", label="Pareto frontier (additive)")
-        ax.plot([self.chosen["size_bytes"] / BYTES_PER_MB], [self.chosen["estimate"]], "r*", ms=12,
-                label="chosen")
-        ax.axvline(self.chosen["budget_bytes"] / BYTES_PER_MB, color="gray", ls="--", label="budget")
-        ax.set_xlabel("weight size (MB)")
+        if "size_bytes" in self.frontier:  # budget_metric "size": MB; "bops": the search's cost units
+            scale, key, label = 1 / BYTES_PER_MB, "size_bytes", "weight size (MB)"
+            chosen, budget = self.chosen["size_bytes"], self.chosen["budget_bytes"]
+        else:
+            scale, key, label = 1.0, "cost", "cost (bit operations / their gcd)"
+            chosen, budget = self.chosen["cost"], self.chosen["budget"]
+        ax.step(np.asarray(self.frontier[key]) * scale, self.frontier["total_sensitivity"], where="post",
+                label="Pareto frontier (additive)")
+        ax.plot([chosen * scale], [self.chosen["estimate"]], "r*", ms=12, label="chosen")
+        ax.axvline(budget * scale, color="gray", ls="--", label="budget")
+        ax.set_xlabel(label)
         ax.set_ylabel("sum of sensitivities")
         ax.set_yscale("log")
         ax.legend()
