@@ -199,3 +199,38 @@ def test_task_loss_parts_select_terms_of_the_detector_loss():
     cfg = DetectionQuantConfig(qat=QATConfig(steps=1, batch_size=2, task_loss_parts=("cls",)),
                                synthesis=SYN, calibration="task_specific", progress=False)
     assert any(isinstance(m, QuantConv2d) for m in quantize_detector(det, cfg).modules())
+
+
+def test_mistakes_are_named_before_the_calibration_set(monkeypatch):
+    """Found by a fresh user: an already quantized detector, kd_keys / task_loss_parts the detector does not
+    have, malformed calibration targets were refused only after the synthesis (or crashed inside QAT)."""
+    import pyzeroq.detection.api as api
+
+    monkeypatch.setattr(api, "synthesize", lambda *a, **k: pytest.fail("the calibration set was made first"))
+    det = tiny_detector()
+    cfg = DetectionQuantConfig(qat=QATConfig(steps=1, batch_size=2), synthesis=SYN, progress=False)
+    with pytest.raises(ValueError, match="detector is already quantized"):
+        quantize_detector(tiny_qat_detector(), cfg)
+    for qat, match in ((QATConfig(steps=1, kd_keys=("bogus",)), r"qat.kd_keys: .*no key\(s\) \['bogus'\]"),
+                       (QATConfig(steps=1, task_loss_parts=("bogus",)), r"qat.task_loss_parts: unknown parts")):
+        with pytest.raises(ValueError, match=match):
+            quantize_detector(det, DetectionQuantConfig(qat=qat, synthesis=SYN, progress=False))
+    images = torch.rand(2, 1, CANVAS, CANVAS)
+    for targets in ([{}, {}], [1, 1]):
+        with pytest.raises(ValueError, match=r"calibration targets\[0\] must be a dict with 'boxes'"):
+            quantize_detector(det, cfg, calibration=(images, targets, {"kind": "real"}))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(kd_keys=()), "kd_keys"),  # crashed in torch.stack inside QAT
+    (dict(w_task=0.0, w_kd=0.0, w_mse=0.0, w_head=0.0, w_modules=0.0), "w_task"),  # no loss: a raw RuntimeError
+])
+def test_qat_config_needs_a_loss(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QATConfig(**kwargs)
+    QATConfig(**kwargs, **({"w_kd": 0.0} if field == "kd_keys" else {"steps": 0}))  # fine without the KL / PTQ
+
+
+def test_seeds_are_bounded():
+    with pytest.raises(ValueError, match="qat_seed"):
+        DetectionQuantConfig(qat_seed=2**64)  # "Overflow when unpacking long long" after the synthesis

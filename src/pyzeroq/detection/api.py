@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._checks import check_device, check_finite_model, output_path
+from ..modules import QUANT_LAYER_TYPES
 from .config import DetectionQuantConfig, QATConfig, describe
 from .interface import check_detector
 from .model import FCOSDetector
@@ -209,6 +210,42 @@ def _check_arguments(detector, config) -> None:
         raise TypeError(f"config must be a DetectionQuantConfig, got {type(config).__name__}")
     check_device(config.device, "config.device")
     check_finite_model(detector, "detector")
+    if any(isinstance(m, QUANT_LAYER_TYPES) for m in detector.modules()):
+        raise ValueError("detector is already quantized; pass its floating-point original")
+
+
+@torch.no_grad()
+def _check_outputs(detector: nn.Module, qat: QATConfig, device) -> None:
+    """``qat.kd_keys`` and ``qat.task_loss_parts`` against what ``detector`` returns for one blank
+    image and an empty target (ValueError naming them: QAT found them after the calibration set).
+    A detector whose loss takes no ``reduce`` keyword leaves the parts to QAT's own check."""
+    if qat.steps == 0:
+        return
+    side = int(getattr(detector, "input_size", 0)) or None
+    if side is None:
+        return
+    was = detector.training
+    detector.eval()
+    try:
+        outputs = detector(torch.zeros(1, 1, side, side, device=device))
+        if qat.w_kd > 0:
+            missing = [k for k in qat.kd_keys if not isinstance(outputs, dict) or k not in outputs]
+            if missing:
+                raise ValueError(f"qat.kd_keys: the detector's output has no key(s) {missing} (keys: "
+                                 f"{sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__})")
+        if qat.task_loss_parts is not None and qat.w_task > 0:
+            empty = [{"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.int64,
+                                                                                      device=device)}]
+            try:
+                _, parts = detector.loss(outputs, empty, reduce=False)
+            except TypeError:
+                return
+            unknown = [n for n in qat.task_loss_parts if n not in parts]
+            if unknown:
+                raise ValueError(f"qat.task_loss_parts: unknown parts {unknown}; the detector's loss has "
+                                 f"{sorted(parts)}")
+    finally:
+        detector.train(was)
 
 
 def calibration_set(detector: nn.Module, config: DetectionQuantConfig):
@@ -257,6 +294,11 @@ def _check_calibration(calibration) -> None:
     if targets is not None and (not isinstance(targets, list) or len(targets) != len(images)):
         raise ValueError(f"calibration targets must be None or a list of {len(images)} dicts (one per image), got "
                          f"{type(targets).__name__}{f' of {len(targets)}' if isinstance(targets, list) else ''}")
+    for i, t in enumerate(targets or []):
+        if not (isinstance(t, dict) and isinstance(t.get("boxes"), torch.Tensor) and isinstance(t.get("labels"), torch.Tensor)
+                and t["boxes"].dim() == 2 and t["boxes"].shape[-1] == 4 and t["labels"].shape == t["boxes"].shape[:1]):
+            raise ValueError(f"calibration targets[{i}] must be a dict with 'boxes' float [M, 4] and 'labels' int [M] "
+                             f"tensors, got {t!r:.120}")
 
 
 def quantize_detector(detector: nn.Module, config: DetectionQuantConfig = DetectionQuantConfig(),
@@ -274,6 +316,7 @@ def quantize_detector(detector: nn.Module, config: DetectionQuantConfig = Detect
     _check_arguments(detector, config)
     if calibration is not None:
         _check_calibration(calibration)
+    _check_outputs(detector, config.qat, config.device)
     t0 = time.time()
     images, targets, info = calibration if calibration is not None else calibration_set(detector, config)
     t1 = time.time()

@@ -47,7 +47,10 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from ..config import MAX_SEED
+
 CALIBRATIONS = ("task_specific", "distilled", "gaussian", "real")
+LOSS_WEIGHTS = ("w_task", "w_kd", "w_mse", "w_head", "w_modules")  # QATConfig's loss terms
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -206,12 +209,16 @@ class QATConfig:
         _positive_int(self, "batch_size")
         _check(isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 0, "steps",
                f"must be an integer >= 0, got {self.steps!r}")
-        for n in ("lr", "step_lr", "w_task", "w_kd", "w_mse", "tau", "w_head", "w_modules"):
+        for n in ("lr", "step_lr", "tau") + LOSS_WEIGHTS:
             _nonneg(self, n)
         _fraction(self, "warmup")
         _check(self.warmup < 1, "warmup", f"must be < 1, got {self.warmup!r}")
         _check(isinstance(self.kd_keys, tuple) and all(isinstance(n, str) and n for n in self.kd_keys), "kd_keys",
                f"must be a tuple of output-key names, got {self.kd_keys!r}")
+        _check(self.kd_keys or self.w_kd == 0, "kd_keys", "must name at least one output key when w_kd > 0 "
+               "(or set w_kd=0 to train without the KL)")
+        _check(self.steps == 0 or any(getattr(self, n) > 0 for n in LOSS_WEIGHTS), "w_task",
+               f"QAT needs a loss: one of {', '.join(LOSS_WEIGHTS)} must be > 0 (or steps=0 for PTQ)")
         if self.grad_clip is not None:
             _nonneg(self, "grad_clip")
             _check(self.grad_clip > 0, "grad_clip", f"must be None or > 0, got {self.grad_clip!r}")
@@ -268,8 +275,8 @@ class DetectionQuantConfig:
         _positive_int(self, "distill_iters")
         for n in ("seed", "synthesis_seed", "qat_seed"):
             v = getattr(self, n)
-            _check(v is None and n != "seed" or isinstance(v, int) and not isinstance(v, bool) and v >= 0, n,
-                   f"must be a non-negative integer{'' if n == 'seed' else ' or None'}, got {v!r}")
+            _check(v is None and n != "seed" or isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED,
+                   n, f"must be an integer in [0, {MAX_SEED}]{'' if n == 'seed' else ' or None'}, got {v!r}")
         _check(isinstance(self.progress, bool), "progress", f"must be a bool, got {self.progress!r}")
         _check_device(self.device)
 
