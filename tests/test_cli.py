@@ -87,3 +87,22 @@ def test_flags_without_effect_are_errors(capsys, monkeypatch, argv, match):
     monkeypatch.setattr("pyzeroq.quantize", lambda *a, **k: pytest.fail("quantize ran"))
     assert cli.main(["quantize", *argv, "--eval", "none"]) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_missing_dataset_is_named_before_any_work(capsys, monkeypatch):
+    """Without the Fashion-MNIST package, --eval test and the detection flags that need it fail at once
+    (they failed after the whole quantization / synthesis and QAT)."""
+    from pyzeroq import pipeline
+    from pyzeroq.detection import api as det_api
+
+    monkeypatch.setattr(cli, "fashion_mnist_available", lambda: False)
+    monkeypatch.setattr("pyzeroq.data.fashion_mnist_available", lambda root=None: False)
+    monkeypatch.setattr(pipeline, "calibration_data", lambda *a, **k: pytest.fail("quantization ran"))
+    monkeypatch.setattr(det_api, "calibration_set", lambda *a, **k: pytest.fail("the calibration set was made"))
+    assert cli.main(["quantize", "--model", "resnet20", "--eval", "test"]) == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+    for extra in (["--eval-images", "4"], ["--calibration", "real"]):
+        assert cli.main(["detect-quantize", "--out", "unused.pt", *extra]) == 2
+        assert "dataset-fashion-mnist" in capsys.readouterr().err
+    assert cli.main(["detect-quantize", "--out", "unused.pt", "--eval-images", str(10**6 + 1)]) == 2
+    assert "--eval-images must be in [0, 1000000]" in capsys.readouterr().err

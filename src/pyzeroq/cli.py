@@ -82,6 +82,10 @@ def cmd_quantize(args) -> int:
                          distill_augment=args.distill_augment, distill_method=args.distill_method,
                          reconstruction=reconstruction)
     _check_unused_flags(args)  # after the config's own checks of the values
+    split = _eval_split(args.eval)
+    if split == "test" and not fashion_mnist_available():  # checked now, not after the quantization
+        raise ValueError("--eval test needs the Fashion-MNIST test set, which is not installed (apt-get install -y "
+                         "dataset-fashion-mnist); --eval embedded uses the images bundled with pyzeroq")
     model = models.load_pretrained(args.model)
     qmodel = quantize(model, config, input_shape=(1, 28, 28))
     report = qmodel.report
@@ -104,7 +108,6 @@ def cmd_quantize(args) -> int:
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items()))
     if report.float_ops:
         print("left in float: " + ", ".join(report.float_ops))
-    split = _eval_split(args.eval)
     if split:
         images, labels = load_fashion_mnist(split)
         fp = evaluate(model, images, labels, progress=True)

@@ -8,8 +8,6 @@ same global batch, see :mod:`pyzeroq.detection.distributed`; rank 0 writes the f
 
     torchrun --nproc_per_node=2 -m pyzeroq.detection.cli detect-quantize --out q.pt               # gloo
     torchrun --nproc_per_node=8 -m pyzeroq.detection.cli detect-quantize --device cuda --out q.pt  # NCCL
-
-The lead wires :func:`add_parsers` into pyzeroq/cli.py; :func:`run` is the handler.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,11 +39,13 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=CALIBRATIONS, default="task_specific")
     p.add_argument("--real-images", type=int, default=256,
                    help="with --calibration real: number of real train scenes")
-    p.add_argument("--num-images", type=int, default=SynthesisConfig.num_images)
-    p.add_argument("--synth-iters", type=int, default=SynthesisConfig.iters)
+    p.add_argument("--num-images", type=int, default=SynthesisConfig.num_images,
+                   help="size of the calibration set (synthetic, distilled or Gaussian images)")
+    p.add_argument("--synth-iters", type=int, default=SynthesisConfig.iters,
+                   help="optimization steps of the task-specific synthesis")
     p.add_argument("--no-refine", action="store_true", help="synthesis without box refinement")
-    p.add_argument("--qat-steps", type=int, default=QATConfig.steps)
-    p.add_argument("--w-task", type=float, default=QATConfig.w_task)
+    p.add_argument("--qat-steps", type=int, default=QATConfig.steps, help="QAT steps (0: PTQ, min/max ranges)")
+    p.add_argument("--w-task", type=float, default=QATConfig.w_task, help="weight of the detection loss in QAT")
     p.add_argument("--samples-png", type=Path, default=None, help="also write a grid of synthetic samples")
     p.add_argument("--eval-images", type=int, default=0, help="evaluate mAP on this many test scenes")
     p.add_argument("--seed", type=int, default=0)
@@ -75,10 +76,16 @@ def check_args(args) -> None:
     output_path(args.out, "--out", create_parents=True)
     if args.samples_png is not None:
         output_path(args.samples_png, "--samples-png", create_parents=True)
-    if args.eval_images < 0:
-        raise ValueError(f"--eval-images must be >= 0, got {args.eval_images}")
-    if args.calibration == "real" and args.real_images < 1:
-        raise ValueError(f"--real-images must be >= 1, got {args.real_images}")
+    from ..data import fashion_mnist_available
+    from .scenes import MAX_SCENES
+
+    if not 0 <= args.eval_images <= MAX_SCENES:
+        raise ValueError(f"--eval-images must be in [0, {MAX_SCENES}], got {args.eval_images}")
+    if args.calibration == "real" and not 1 <= args.real_images <= MAX_SCENES:
+        raise ValueError(f"--real-images must be in [1, {MAX_SCENES}], got {args.real_images}")
+    if (args.eval_images or args.calibration == "real") and not fashion_mnist_available():
+        raise ValueError("--eval-images / --calibration real build scenes from Fashion-MNIST, which is not "
+                         "installed (apt-get install -y dataset-fashion-mnist)")
     check_device(args.device, "--device")
 
 
@@ -94,14 +101,16 @@ def run(args) -> int:
     cfg = build_config(args)
     fp = load_detector(args.detector, device=args.device) if args.detector else load_pretrained_detector(
         device=args.device)
+    t0 = time.time()
     calib = calibration_set(fp, cfg)
+    calib_seconds = round(time.time() - t0, 1)  # made here, so quantize_detector's own timing has 0 for it
     if args.samples_png and ddp.is_main():
         plot_samples(calib[0], calib[1], args.samples_png, title=f"calibration: {cfg.calibration}")
     q = quantize_detector(fp, cfg, calibration=calib)
     if not ddp.is_main():
         return 0
     q.save(args.out)
-    report = {"out": str(args.out), "seconds": q.quant_info["seconds"]}
+    report = {"out": str(args.out), "seconds": {**q.quant_info["seconds"], "calibration_set": calib_seconds}}
     if args.eval_images:
         images, coco = make_scenes("test", args.eval_images, seed=0)
         report["fp"] = evaluate_detector(fp, images, coco)
