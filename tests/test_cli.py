@@ -71,7 +71,8 @@ def test_bad_low_bit_option_is_a_clean_error(capsys):
     assert "reconstruction.iters" in capsys.readouterr().err
     assert cli.main(["quantize", "--distill-relax", "-1", "--eval", "none"]) == 2
     assert "distill_relax" in capsys.readouterr().err
-    assert cli.main(["quantize", "--mp-eval-samples", "0", "--eval", "none"]) == 2
+    assert cli.main(["quantize", "--mixed", "2,4,8", "--avg-weight-bits", "4", "--mp-eval-samples", "0",
+                     "--eval", "none"]) == 2
     assert "mp_eval_samples" in capsys.readouterr().err
 
 

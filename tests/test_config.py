@@ -59,3 +59,21 @@ def test_frozen():
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(calibration="gaussian", distill_method="genie"), "distill_method shape distilled images"),
+    (dict(calibration="gaussian", distill_relax=0.5, distill_augment=True), "distill_relax, distill_augment"),
+    (dict(weight_bits=4, act_bits=8, sensitivity_act_quant=True), "sensitivity_act_quant=True shapes the mixed"),
+])
+def test_options_without_effect_are_refused(kwargs, match):
+    """The Python API refuses what the CLI refuses: options this combination would ignore."""
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_distill_options_with_a_distilled_guard_are_used():
+    from pyzeroq.config import ReconstructionConfig
+
+    QuantConfig(calibration="gaussian", distill_method="genie",
+                reconstruction=ReconstructionConfig(guard_data="distilled"))  # the guard's images are distilled

@@ -70,6 +70,7 @@ def cmd_quantize(args) -> int:
     if args.reconstruction_iters:
         from .config import ReconstructionConfig
         reconstruction = ReconstructionConfig(iters=args.reconstruction_iters, seed=args.seed)
+    _check_unused_flags(args)  # named by flag (QuantConfig would name its fields)
     config = QuantConfig(weight_bits=weight_bits, avg_weight_bits=args.avg_weight_bits,
                          act_bits=None if args.act_bits == 0 else args.act_bits, calibration=args.calibration,
                          num_samples=args.num_samples, distill_iters=args.distill_iters,
@@ -81,7 +82,6 @@ def cmd_quantize(args) -> int:
                          sensitivity_act_quant=args.sensitivity_act_quant, distill_relax=args.distill_relax,
                          distill_augment=args.distill_augment, distill_method=args.distill_method,
                          reconstruction=reconstruction)
-    _check_unused_flags(args)  # after the config's own checks of the values
     split = _eval_split(args.eval)
     if split == "test" and not fashion_mnist_available():  # checked now, not after the quantization
         raise ValueError("--eval test needs the Fashion-MNIST test set, which is not installed (apt-get install -y "

@@ -367,6 +367,23 @@ class QuantConfig:
                 raise ValueError("first_last_bits applies to uniform weight_bits (mixed precision chooses every layer)")
         if not isinstance(self.distill_augment, bool):
             raise ValueError(f"distill_augment must be a bool, got {self.distill_augment!r}")
+        self._check_options_take_effect()
+
+    def _check_options_take_effect(self) -> None:
+        """Options that would do nothing in this combination: ValueError naming them (the CLI's rule)."""
+        if self.sensitivity_act_quant and not self.mixed_precision:
+            raise ValueError("sensitivity_act_quant=True shapes the mixed-precision search; uniform weight_bits "
+                             "has none")
+        rec = self.reconstruction
+        distilled_guard = rec is not None and rec.guard_samples > 0 and rec.guard_data == "distilled" \
+            and self.calibration != "real"
+        if self.calibration != "distilled" and not distilled_guard:
+            set_options = [n for n, default in (("distill_method", "zeroq"), ("distill_relax", 0.0),
+                                                ("distill_augment", False)) if getattr(self, n) != default]
+            if set_options:
+                raise ValueError(f"{', '.join(set_options)} shape distilled images, which calibration="
+                                 f"{self.calibration!r} does not make (nor a reconstruction guard on distilled "
+                                 "images): drop them or use calibration='distilled'")
 
     def _resolve_formats(self) -> None:
         """Fill weight_scheme / act_dtype / act_scheme from ``target`` (or the defaults)."""

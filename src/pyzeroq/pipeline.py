@@ -228,8 +228,9 @@ def guard_data(model: nn.Module, config: QuantConfig, input_shape=None) -> torch
         rest = check_calibration_data(config.calibration_data, input_shape)[config.num_samples:]
         return rest[:n].to(WORKING_DTYPE).to(config.device) if len(rest) else None
     held_out = replace(config, num_samples=n, seed=config.seed + 1, progress=False, reconstruction=None)
-    if config.reconstruction.guard_data == "gaussian":
-        held_out = replace(held_out, calibration="gaussian")
+    if config.reconstruction.guard_data == "gaussian":  # (without the distillation options it ignores)
+        held_out = replace(held_out, calibration="gaussian", distill_method="zeroq", distill_relax=0.0,
+                           distill_augment=False)
     return calibration_data(model, held_out, input_shape)[0]
 
 
