@@ -404,3 +404,14 @@ def test_round_trip_with_a_float_rnn(rnn, tmp_path):
     x = torch.rand(3, 1, 6, 6)
     assert torch.equal(back(x), q(x))
     assert all(a is b for a, b in zip(back.graph_module.rnn._flat_weights, back.graph_module.rnn.parameters()))
+
+
+def test_old_configs_with_options_that_did_nothing_still_load():
+    """Files written before QuantConfig refused ineffective combinations (e.g. distill_method='genie' with
+    Gaussian calibration) load, the options reset with a note; other bad fields still raise."""
+    config, notes = pio._config({"weight_bits": 4, "calibration": "gaussian", "distill_method": "genie",
+                                 "distill_relax": 0.5})
+    assert (config.distill_method, config.distill_relax) == ("zeroq", 0.0)
+    assert any("reset on load" in n and "genie" in n for n in notes)
+    with pytest.raises(ValueError, match="weight_bits"):
+        pio._config({"weight_bits": 1, "calibration": "gaussian", "distill_method": "genie"})

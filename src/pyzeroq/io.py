@@ -138,6 +138,11 @@ def load(path, device="cpu"):
     raise ValueError(f"{path}: unknown file format {fmt!r:.80}; pyzeroq.load reads {', '.join(_known_formats())}")
 
 
+# QuantConfig options some combinations ignore (and now refuse), with their defaults
+INEFFECTIVE_DEFAULTS = {"distill_method": "zeroq", "distill_relax": 0.0, "distill_augment": False,
+                        "sensitivity_act_quant": False}
+
+
 def _config(data) -> tuple:
     """(QuantConfig, notes): unknown fields are dropped with a note; a "real" calibration keeps its
     name without the data (``calibration_data`` None)."""
@@ -160,7 +165,14 @@ def _config(data) -> tuple:
     real = kwargs.get("calibration") == "real"
     if real:
         kwargs["calibration"] = "gaussian"
-    config = QuantConfig(**kwargs)
+    try:
+        config = QuantConfig(**kwargs)
+    except ValueError:  # a file from before QuantConfig refused options that do nothing in their combination
+        dropped = {k: kwargs[k] for k, default in INEFFECTIVE_DEFAULTS.items() if kwargs.get(k, default) != default}
+        if not dropped:
+            raise
+        config = QuantConfig(**{**kwargs, **{k: INEFFECTIVE_DEFAULTS[k] for k in dropped}})
+        notes.append(f"config options that had no effect in their combination reset on load: {dropped}")
     if real:
         object.__setattr__(config, "calibration", "real")  # the data itself is not saved
     return config, notes
