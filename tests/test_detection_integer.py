@@ -58,6 +58,8 @@ def test_converted_qat_detector_is_integer_exact_and_matches_onnxruntime(qat_set
     qmodel = to_quantized_model(qat, images)
     assert all(torch.equal(v, qat.state_dict()[k]) for k, v in before.items())  # the QAT detector is untouched
     assert isinstance(qmodel, QuantizedModel) and qmodel.report.folded_bn
+    rep = qmodel.report  # sizes were left 0
+    assert set(rep.params) == set(rep.layers) and 0 < rep.size_bytes < rep.fp_size_bytes
     im = zq.to_integer(qmodel)
     exact = zq.integer_exact(qmodel)
     x = torch.rand((4, 1, CANVAS, CANVAS), generator=torch.Generator().manual_seed(5))

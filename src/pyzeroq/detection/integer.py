@@ -49,7 +49,7 @@ from torch import nn
 from ..config import ACT_RANGES, QuantConfig
 from ..integer.steps import map_output
 from ..modules import act_quants, fit_bias_scales, prepare, quant_layers
-from ..pipeline import QuantizedModel, QuantReport
+from ..pipeline import BITS_PER_BYTE, FLOAT_BITS, QuantizedModel, QuantReport, _size_bytes
 from ..quantizers import QUANT_LAYER_TYPES, QuantLinear
 from .interface import Detector, check_detector
 
@@ -205,7 +205,12 @@ def to_quantized_model(qat_detector: nn.Module, images: torch.Tensor, extra_bits
                          act_range=act_range)
     report = QuantReport(layers=list(info.layers), folded_bn=dict(info.folded_bn), bias_adjustments=adjustments,
                          notes=[f"converted from a QAT detector by pyzeroq.detection.to_quantized_model; tensors the "
-                                f"QAT model keeps in float quantized at {extra_bits} bits on {len(images)} images"])
+                                f"QAT model keeps in float quantized at {extra_bits} bits on {len(images)} images",
+                                "config holds the bits and act_range only: its calibration fields do not describe "
+                                "this model (see the detector's quant_info)"])
+    report.params = {n: int(glayers[n].weight.numel()) for n in report.layers}
+    report.size_bytes = _size_bytes(gm, report, bit_widths)
+    report.fp_size_bytes = int(sum(p.numel() for p in qat_detector.parameters()) * FLOAT_BITS / BITS_PER_BYTE)
     gm.eval()
     return QuantizedModel(gm, bit_widths, config.act_bits, report, config).to(device)
 
