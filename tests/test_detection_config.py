@@ -65,3 +65,16 @@ def test_cli_parser_builds_config():
     assert not cfg.synthesis.refine and cfg.calibration == "task_specific" and callable(args.func)
     with pytest.raises(ValueError, match="weight_bits"):
         build_config(parser.parse_args(["detect-quantize", "--out", "x.pt", "--weight-bits", "1"]))
+
+
+def test_numpy_scalars_and_torch_devices_are_taken():
+    import numpy as np
+    import torch
+
+    from pyzeroq.detection import DetectionQuantConfig, FCOSDetector
+    from pyzeroq.detection.interface import predict
+
+    assert DetectionQuantConfig(device=torch.device("cpu")).device == "cpu"
+    det = FCOSDetector(widths=(4, 4, 4, 4, 4), fpn_width=8, head_convs=1, input_size=32).eval()
+    out = predict(det, np.zeros((1, 32, 32), np.float32), score_threshold=np.float32(0.3), iou_threshold=np.float64(0.5))
+    assert len(out) == 1

@@ -85,7 +85,8 @@ def _bits(v, name: str, allow_none: bool = False) -> None:
 
 def _check_device(device) -> None:
     """A device name torch parses (whether this machine has it is checked when it is used)."""
-    _check(isinstance(device, str), "device", f"must be a string such as 'cpu' or 'cuda', got {device!r}")
+    _check(isinstance(device, (str, torch.device)), "device",
+           f"must be a string such as 'cpu' or 'cuda' (or a torch.device), got {device!r}")
     try:
         torch.device(device)
     except RuntimeError as exc:
@@ -279,6 +280,7 @@ class DetectionQuantConfig:
                    n, f"must be an integer in [0, {MAX_SEED}]{'' if n == 'seed' else ' or None'}, got {v!r}")
         _check(isinstance(self.progress, bool), "progress", f"must be a bool, got {self.progress!r}")
         _check_device(self.device)
+        object.__setattr__(self, "device", str(self.device))  # a torch.device is kept as its name (saved as data)
 
 
 def describe(cfg) -> dict:

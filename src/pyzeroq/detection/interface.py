@@ -22,6 +22,7 @@ every detector following the protocol; :class:`Detector` gives it as a method.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -88,7 +89,7 @@ def predict(detector: nn.Module, images, score_threshold: float = DEFAULT_SCORE_
     [0, 1]; thresholds outside [0, 1]; ``batch_size`` < 1. An empty batch gives an empty list."""
     check_detector(detector)
     for name, value in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:  # numpy too
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
