@@ -83,6 +83,9 @@ def test_bad_low_bit_option_is_a_clean_error(capsys):
     (["--calibration", "gaussian", "--distill-method", "genie"], "--distill-method set.* needs --calibration distilled"),
     (["--calibration", "gaussian", "--distill-relax", "0.5", "--distill-augment"],
      "--distill-relax, --distill-augment set.* needs --calibration distilled"),
+    (["--calibration", "gaussian", "--distill-iters", "5"], "--distill-iters set.* needs --calibration distilled"),
+    (["--act-bits", "0", "--act-range", "mse", "--percentile", "99"], "--act-range, --percentile set.* --act-bits 0"),
+    (["--mixed", "4", "--avg-weight-bits", "4"], "--mixed needs at least two different bit widths"),
 ])
 def test_flags_without_effect_are_errors(capsys, monkeypatch, argv, match):
     monkeypatch.setattr("pyzeroq.quantize", lambda *a, **k: pytest.fail("quantize ran"))

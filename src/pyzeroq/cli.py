@@ -43,8 +43,17 @@ def _check_unused_flags(args) -> None:
                  if on]
         if given:
             raise ValueError(f"{', '.join(given)} set(s) the mixed-precision search: it needs --mixed")
+    if args.mixed and len(set(args.mixed)) < 2:
+        raise ValueError(f"--mixed needs at least two different bit widths to choose from, got "
+                         f"{','.join(map(str, args.mixed))}")
+    if args.act_bits == 0:
+        given = [flag for flag, on in (("--act-range", args.act_range != "minmax"), ("--percentile", args.percentile
+                 is not None), ("--act-dtype", args.act_dtype is not None)) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)} set(s) the activation quantization: --act-bits 0 keeps them float")
     if args.calibration != "distilled":
-        given = [flag for flag, on in (("--distill-method", args.distill_method != "zeroq"),
+        given = [flag for flag, on in (("--distill-iters", args.distill_iters != QuantConfig.distill_iters),
+                                       ("--distill-method", args.distill_method != "zeroq"),
                                        ("--distill-relax", args.distill_relax != 0.0),
                                        ("--distill-augment", args.distill_augment)) if on]
         if given:
@@ -157,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--avg-weight-bits", type=float, default=None)
     p.add_argument("--calibration", default="distilled", choices=("distilled", "gaussian"))
     p.add_argument("--num-samples", type=int, default=32)
-    p.add_argument("--distill-iters", type=int, default=500)
+    p.add_argument("--distill-iters", type=int, default=QuantConfig.distill_iters)
     p.add_argument("--percentile", type=float, default=None)
     p.add_argument("--target", default=None, choices=sorted(TARGETS),
                    help="deployment preset for the code formats (symmetric int8 weights, int8 activations)")
