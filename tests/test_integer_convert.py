@@ -358,3 +358,10 @@ def test_unsupported_models():
 
     with pytest.raises(ValueError, match="tuple / list / dict of tensors, got int"):
         quantize(ConstOut())
+
+
+def test_meta_tensor_input_is_named():
+    torch.manual_seed(0)
+    im = zq.to_integer(quantize(ToyNet()))
+    with pytest.raises(ValueError, match="x is a meta tensor"):
+        im(torch.zeros(2, 1, 28, 28, device="meta"))

@@ -317,6 +317,8 @@ class IntegerModel:
         (ints other than uint8, bool, complex), another rank, channels the model does not
         have, NaN / Inf. An empty batch (N = 0) is valid."""
         if isinstance(x, torch.Tensor):
+            if x.device.type == "meta":
+                raise ValueError(f"{argument} is a meta tensor: it holds no values")
             if x.dtype == torch.bfloat16:  # numpy has no bfloat16
                 x = x.float()
             arr = x.detach().cpu().numpy()
