@@ -415,3 +415,16 @@ def test_old_configs_with_options_that_did_nothing_still_load():
     assert any("reset on load" in n and "genie" in n for n in notes)
     with pytest.raises(ValueError, match="weight_bits"):
         pio._config({"weight_bits": 1, "calibration": "gaussian", "distill_method": "genie"})
+
+
+def test_malformed_bit_widths_and_mismatched_codes_name_the_file(tmp_path):
+    q = zq.quantize(TinyNet().eval(), zq.QuantConfig(calibration="gaussian", num_samples=4, progress=False),
+                    input_shape=(1, 16, 16))
+    blob = torch.load(q.save(tmp_path / "q.pzq"), weights_only=True)
+    torch.save({**blob, "bit_widths": None}, tmp_path / "none.pzq")
+    with pytest.raises(ValueError, match=r"none.pzq: malformed bit_widths"):
+        zq.load(tmp_path / "none.pzq")
+    layer = next(iter(blob["bit_widths"]))
+    torch.save({**blob, "bit_widths": {**blob["bit_widths"], layer: 4}}, tmp_path / "bits.pzq")
+    with pytest.raises(ValueError, match=r"bits.pzq: .*"):
+        zq.load(tmp_path / "bits.pzq")

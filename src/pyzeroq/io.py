@@ -199,13 +199,19 @@ def _load_quantized(blob: dict, path):
             selection = Selection(**selection)
     except (AttributeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: malformed config, report or selection ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta["bit_widths"], dict):
+        raise ValueError(f"{path}: malformed bit_widths (a dict of layer -> bits, got "
+                         f"{type(meta['bit_widths']).__name__})")
     gm = decode_graph(blob.get("graph"))
     qmodel = QuantizedModel(gm, dict(meta["bit_widths"]), meta["act_bits"], report, config, selection)
     qmodel.train(bool(blob.get("training", False)))
     state = blob.get("state_dict")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: no state_dict")
-    check_bit_widths(qmodel, state, prefix="graph_module.")
+    try:
+        check_bit_widths(qmodel, state, prefix="graph_module.")
+    except ValueError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
     try:
         qmodel.load_state_dict(state)
     except RuntimeError as exc:  # missing / unexpected keys, shapes
