@@ -53,11 +53,13 @@ def test_low_bit_options_reach_the_config(monkeypatch, capsys):
     monkeypatch.setattr(models, "load_pretrained", lambda name: None)
     code = cli.main(["quantize", "--weight-bits", "3", "--act-bits", "4", "--act-range", "mse", "--weight-range", "mse",
                      "--first-last-bits", "8", "--distill-relax", "0.5", "--distill-augment",
-                     "--reconstruction-iters", "200", "--distill-method", "genie", "--seed", "3", "--eval", "none"])
+                     "--reconstruction-iters", "200", "--guard-samples", "0", "--distill-method", "genie", "--seed", "3",
+                     "--eval", "none"])
     assert code == 2 and "stop before the work" in capsys.readouterr().err
     c = seen["config"]
     assert (c.weight_range, c.first_last_bits, c.distill_relax, c.distill_augment) == ("mse", 8, 0.5, True)
     assert c.reconstruction.iters == 200 and c.reconstruction.seed == 3 and not c.sensitivity_act_quant
+    assert c.reconstruction.guard_samples == 0
     assert c.distill_method == "genie"
     assert c.mp_eval_samples == pyzeroq.QuantConfig.mp_eval_samples
     cli.main(["quantize", "--mixed", "2,4,8", "--avg-weight-bits", "3", "--act-bits", "4",
@@ -86,6 +88,7 @@ def test_bad_low_bit_option_is_a_clean_error(capsys):
     (["--calibration", "gaussian", "--distill-iters", "5"], "--distill-iters set.* needs --calibration distilled"),
     (["--act-bits", "0", "--act-range", "mse", "--percentile", "99"], "--act-range, --percentile set.* --act-bits 0"),
     (["--mixed", "4", "--avg-weight-bits", "4"], "--mixed needs at least two different bit widths"),
+    (["--guard-samples", "0"], "--guard-samples sets the reconstruction guard"),
 ])
 def test_flags_without_effect_are_errors(capsys, monkeypatch, argv, match):
     monkeypatch.setattr("pyzeroq.quantize", lambda *a, **k: pytest.fail("quantize ran"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ACT_DTYPES, DISTILL_METHODS, SCHEMES, TARGETS, QuantConfig
+from .config import ACT_DTYPES, DISTILL_METHODS, SCHEMES, TARGETS, QuantConfig, ReconstructionConfig
 from .data import fashion_mnist_available, load_fashion_mnist
 
 
@@ -43,6 +43,8 @@ def _check_unused_flags(args) -> None:
                  if on]
         if given:
             raise ValueError(f"{', '.join(given)} set(s) the mixed-precision search: it needs --mixed")
+    if not args.reconstruction_iters and args.guard_samples != ReconstructionConfig.guard_samples:
+        raise ValueError("--guard-samples sets the reconstruction guard: it needs --reconstruction-iters")
     if args.mixed and len(set(args.mixed)) < 2:
         raise ValueError(f"--mixed needs at least two different bit widths to choose from, got "
                          f"{','.join(map(str, args.mixed))}")
@@ -77,8 +79,8 @@ def cmd_quantize(args) -> int:
         output_path(args.plot, "--plot")
     reconstruction = None
     if args.reconstruction_iters:
-        from .config import ReconstructionConfig
-        reconstruction = ReconstructionConfig(iters=args.reconstruction_iters, seed=args.seed)
+        reconstruction = ReconstructionConfig(iters=args.reconstruction_iters, seed=args.seed,
+                                              guard_samples=args.guard_samples)
     _check_unused_flags(args)  # named by flag (QuantConfig would name its fields)
     config = QuantConfig(weight_bits=weight_bits, avg_weight_bits=args.avg_weight_bits,
                          act_bits=None if args.act_bits == 0 else args.act_bits, calibration=args.calibration,
@@ -147,6 +149,8 @@ def _add_low_bit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconstruction-iters", type=int, default=0,
                    help="block reconstruction (AdaRound rounding on BRECQ blocks) with this many steps per "
                         "block (0: off; 1000 is ReconstructionConfig's default)")
+    p.add_argument("--guard-samples", type=int, default=ReconstructionConfig.guard_samples,
+                   help="held-out images of the reconstruction guard (0: keep the reconstruction unguarded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
