@@ -84,10 +84,13 @@ class ReconstructionConfig:
         reconstructed weights are kept only when it is lower. 0: no guard (always keep).
     guard_data: the guard's images without real data: "gaussian" (default: N(0, 1) in the
         model's normalized domain) or "distilled" (held-out distilled images, like the calibration
-        set). Both compare with the float model's outputs taken before the reconstruction. How
-        often each goes with the higher test top-1 is not measured with that (fixed) reference
-        yet (README, "Guard"). With ``calibration="real"`` the real images after the first
-        ``num_samples`` are used whatever this says.
+        set). Both compare with the float model's outputs taken before the reconstruction. On
+        17 reconstructions on GENIE images (ResNet-20 / MobileNetV2, W4-W2 A4, 3 seeds;
+        bench/results/recon_<model>_genie_guardfix.md) the Gaussian KL went with the higher test
+        top-1 in 11 and dropped a +9.8-point reconstruction; the reconstruction itself was better
+        in 15 (README, "Recommended below 4-bit weights": ``guard_samples=0`` there). With
+        ``calibration="real"`` the real images after the first ``num_samples`` are used whatever
+        this says.
     drop_prob: QDrop (Wei et al. 2022): during the optimization each activation element of the
         block keeps its float value with this probability (0: always quantized, BRECQ; 1: the
         rounding is fitted with float activations inside the block, AdaRound's weight-only setting).
