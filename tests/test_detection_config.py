@@ -78,3 +78,15 @@ def test_numpy_scalars_and_torch_devices_are_taken():
     det = FCOSDetector(widths=(4, 4, 4, 4, 4), fpn_width=8, head_convs=1, input_size=32).eval()
     out = predict(det, np.zeros((1, 32, 32), np.float32), score_threshold=np.float32(0.3), iou_threshold=np.float64(0.5))
     assert len(out) == 1
+
+
+def test_predict_names_images_the_detector_cannot_take():
+    import numpy as np
+    import pytest as _pytest
+
+    from pyzeroq.detection import FCOSDetector
+    from pyzeroq.detection.interface import predict
+
+    det = FCOSDetector(widths=(4, 4, 4, 4, 4), fpn_width=8, head_convs=1, input_size=32).eval()
+    with _pytest.raises(ValueError, match=r"images of shape \(1, 50, 50\) do not fit the detector"):
+        predict(det, np.zeros((1, 50, 50), np.float32))  # a raw torch size-mismatch RuntimeError before

@@ -101,7 +101,11 @@ def predict(detector: nn.Module, images, score_threshold: float = DEFAULT_SCORE_
     results = []
     try:
         for start in range(0, len(x), batch_size):
-            out = detector(x[start:start + batch_size])
+            try:
+                out = detector(x[start:start + batch_size])
+            except RuntimeError as exc:  # e.g. an FPN whose levels do not line up at this size
+                raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the detector (input_size "
+                                 f"{getattr(detector, 'input_size', '?')}): {str(exc).splitlines()[0]}") from exc
             for det in detector.decode(out, score_threshold=score_threshold, iou_threshold=iou_threshold):
                 results.append({k: v.detach().cpu() for k, v in det.items()})
     finally:
