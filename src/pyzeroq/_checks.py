@@ -44,7 +44,7 @@ def check_device(device, argument: str = "device") -> torch.device:
     return dev
 
 
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # those pyzeroq folds and distills from
 
 
 def check_model_state(model: nn.Module, argument: str = "model") -> None:
@@ -59,11 +59,13 @@ def check_model_state(model: nn.Module, argument: str = "model") -> None:
             raise ValueError(f"{argument} has uninitialized lazy parameters ({name!r}): run one forward pass "
                              "on an input of the right shape first")
     for name, m in model.named_modules():
-        if isinstance(m, BATCHNORM_TYPES) and (m.running_mean is None or m.running_var is None):
+        if not isinstance(m, BATCHNORM_TYPES):
+            continue
+        if m.running_mean is None or m.running_var is None:
             raise ValueError(f"{argument}: BatchNorm {name!r} keeps no running statistics "
                              "(track_running_stats=False): in eval mode it normalizes with each batch's own, "
                              "which cannot be folded into a quantized layer")
-        if isinstance(m, BATCHNORM_TYPES) and bool(((m.running_var < 0) & torch.isfinite(m.running_var)).any()):
+        if bool(((m.running_var < 0) & torch.isfinite(m.running_var)).any()):
             raise ValueError(f"{argument}: BatchNorm {name!r} has a negative running_var (not a variance): "
                              "the model is broken")
 

@@ -12,6 +12,7 @@ from .qspec import MAX_BITS, MIN_BITS, CodeFormat
 CALIBRATIONS = ("distilled", "gaussian", "real")
 DISTILL_METHODS = ("zeroq", "genie")
 GUARD_DATA = ("gaussian", "distilled")  # ReconstructionConfig.guard_data
+DISTILL_OPTIONS = ("distill_method", "distill_relax", "distill_augment")  # they shape distilled images only
 MP_METHODS = ("zeroq", "random", "inverse")
 MP_EVAL_DTYPES = ("float32", "float64")  # the grouped search's exact re-evaluation
 BUDGET_METRICS = ("size", "bops")
@@ -381,8 +382,7 @@ class QuantConfig:
         distilled_guard = rec is not None and rec.guard_samples > 0 and rec.guard_data == "distilled" \
             and self.calibration != "real"
         if self.calibration != "distilled" and not distilled_guard:
-            set_options = [n for n, default in (("distill_method", "zeroq"), ("distill_relax", 0.0),
-                                                ("distill_augment", False)) if getattr(self, n) != default]
+            set_options = [n for n in DISTILL_OPTIONS if getattr(self, n) != getattr(QuantConfig, n)]
             if set_options:
                 raise ValueError(f"{', '.join(set_options)} shape distilled images, which calibration="
                                  f"{self.calibration!r} does not make (nor a reconstruction guard on distilled "

@@ -24,10 +24,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from tqdm import tqdm
 
+from ._checks import BATCHNORM_TYPES
 from .conv_grad import StepStemGrad
 from .eval_bn import eval_batchnorm_grad
 
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BN_TYPES = BATCHNORM_TYPES
 STD_EPS = 1e-6  # added under the sqrt of the variance, as the paper's code does
 PLATEAU_PATIENCE = 100
 PLATEAU_MIN_LR = 1e-4

@@ -138,15 +138,10 @@ def load(path, device="cpu"):
     raise ValueError(f"{path}: unknown file format {fmt!r:.80}; pyzeroq.load reads {', '.join(_known_formats())}")
 
 
-# QuantConfig options some combinations ignore (and now refuse), with their defaults
-INEFFECTIVE_DEFAULTS = {"distill_method": "zeroq", "distill_relax": 0.0, "distill_augment": False,
-                        "sensitivity_act_quant": False}
-
-
 def _config(data) -> tuple:
     """(QuantConfig, notes): unknown fields are dropped with a note; a "real" calibration keeps its
     name without the data (``calibration_data`` None)."""
-    from .config import QuantConfig, ReconstructionConfig
+    from .config import DISTILL_OPTIONS, QuantConfig, ReconstructionConfig
 
     known = {f.name for f in dataclasses.fields(QuantConfig)}
     kwargs = {k: v for k, v in data.items() if k in known and k != "calibration_data"}
@@ -168,10 +163,11 @@ def _config(data) -> tuple:
     try:
         config = QuantConfig(**kwargs)
     except ValueError:  # a file from before QuantConfig refused options that do nothing in their combination
-        dropped = {k: kwargs[k] for k, default in INEFFECTIVE_DEFAULTS.items() if kwargs.get(k, default) != default}
+        defaults = {k: getattr(QuantConfig, k) for k in (*DISTILL_OPTIONS, "sensitivity_act_quant")}
+        dropped = {k: kwargs[k] for k, default in defaults.items() if kwargs.get(k, default) != default}
         if not dropped:
             raise
-        config = QuantConfig(**{**kwargs, **{k: INEFFECTIVE_DEFAULTS[k] for k in dropped}})
+        config = QuantConfig(**{**kwargs, **{k: defaults[k] for k in dropped}})
         notes.append(f"config options that had no effect in their combination reset on load: {dropped}")
     if real:
         object.__setattr__(config, "calibration", "real")  # the data itself is not saved

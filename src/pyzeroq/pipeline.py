@@ -382,11 +382,8 @@ def _mixed_precision(gm, data, config: QuantConfig, report: QuantReport, selecti
     t0 = time.perf_counter()
     omega = np.array([[report.sensitivity[n][b] for b in report.candidates] for n in report.layers])
     cost, budget = cost_matrix(report, config)
-    if selection is None:
+    if selection is None:  # a given one was checked after the surgery (layers, budget, choice)
         selection = select_bits(gm, report.layers, data, omega, cost, budget, config)
-    elif selection.layers != tuple(report.layers) or selection.budget != budget:
-        raise ValueError("selection was made for another model or budget (its layers or cost budget differ); "
-                         "pass the selection of a quantize call with the same model and config")
     _record_selection(report, selection, cost, config)
     report.timings["pareto"] = time.perf_counter() - t0
     return selection

@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from .._checks import check_device, check_finite_model, output_path
-from ..modules import QUANT_LAYER_TYPES
 from .config import DetectionQuantConfig, QATConfig, describe
 from .interface import check_detector
 from .model import FCOSDetector
-from .qat import prepare_qat, run_qat
+from .qat import check_float_detector, prepare_qat, run_qat
 from .scenes import coco_to_targets
 from .synthesis import distilled_set, gaussian_set, synthesize
 
@@ -210,8 +209,7 @@ def _check_arguments(detector, config) -> None:
         raise TypeError(f"config must be a DetectionQuantConfig, got {type(config).__name__}")
     check_device(config.device, "config.device")
     check_finite_model(detector, "detector")
-    if any(isinstance(m, QUANT_LAYER_TYPES) for m in detector.modules()):
-        raise ValueError("detector is already quantized; pass its floating-point original")
+    check_float_detector(detector)
 
 
 @torch.no_grad()

@@ -99,10 +99,15 @@ def quant_layer(layer: nn.Module, weight_bits: int, act_bits: int, act_percentil
     return q
 
 
+def check_float_detector(detector: nn.Module, who: str = "detector") -> None:
+    """ValueError when ``detector`` already holds quantized layers (QAT starts from the float model)."""
+    if any(isinstance(m, QUANT_LAYER_TYPES) for m in detector.modules()):
+        raise ValueError(f"{who}: the detector is already quantized; pass its floating-point original")
+
+
 def prepare_qat(detector: nn.Module, cfg: QATConfig) -> nn.Module:
     """Quantized deep copy of ``detector`` (the original is untouched)."""
-    if any(isinstance(m, QUANT_LAYER_TYPES) for m in detector.modules()):
-        raise ValueError("prepare_qat: the detector is already quantized; pass its floating-point original")
+    check_float_detector(detector, "prepare_qat")
     model = copy.deepcopy(detector)
     for name, bits in layer_bits(detector, cfg).items():
         if bits is not None:

@@ -113,7 +113,7 @@ from .steps import (
     Step,
     check_output_spec,
 )
-from .support import module_blocker
+from .support import int_pair, module_blocker
 
 __all__ = ["IntegerPlan", "PlanError", "UnsupportedOperationError", "compile_plan",
            "MIN_BITS", "MAX_ACT_BITS", "MAX_WEIGHT_BITS"]
@@ -432,22 +432,22 @@ class _Compiler:
             raise self.unsupported(node, reason)
         if isinstance(m, nn.MaxPool2d):
             out_q, act = self.require_target(node)
-            self.add(MaxPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
-                                 stride=_pair(m.stride or m.kernel_size), padding=_pair(m.padding),
+            self.add(MaxPoolStep(**common, quant=out_q, activation=act, kernel=int_pair(m.kernel_size),
+                                 stride=int_pair(m.stride or m.kernel_size), padding=int_pair(m.padding),
                                  ceil_mode=bool(m.ceil_mode)))
         elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)):
             raw = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
-            size = (1, int(raw[0])) if isinstance(m, nn.AdaptiveAvgPool1d) else _pair(raw if len(raw) == 2 else raw[0])
+            size = (1, int(raw[0])) if isinstance(m, nn.AdaptiveAvgPool1d) else int_pair(raw if len(raw) == 2 else raw[0])
             out_q, act = self.require_target(node)
             if size == (1, 1):
                 self.add(GlobalAvgPoolStep(**common, quant=out_q, activation=act))
             else:
                 self.add(AdaptiveAvgPoolStep(**common, quant=out_q, activation=act, output_size=size))
         else:
-            pad = _pair(m.padding)
+            pad = int_pair(m.padding)
             out_q, act = self.require_target(node)
-            self.add(AvgPoolStep(**common, quant=out_q, activation=act, kernel=_pair(m.kernel_size),
-                                 stride=_pair(m.stride or m.kernel_size), padding=pad))
+            self.add(AvgPoolStep(**common, quant=out_q, activation=act, kernel=int_pair(m.kernel_size),
+                                 stride=int_pair(m.stride or m.kernel_size), padding=pad))
         if not keepdim:
             self.add(ReshapeStep(name=name, inputs=(pooled,), output=node.name, x_q=out_q, flatten=(1, -1)))
 
@@ -540,10 +540,6 @@ class _Compiler:
         self.add(ClampStep(name=name, inputs=(x,), output=node.name, x_q=q, lo=q.zero_point_value, hi=hi))
 
 
-def _pair(v) -> tuple:
-    return tuple(int(e) for e in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
 def _conv_padding(conv: nn.Module) -> tuple:
     """(top, left, bottom, right) of a Conv2d, or of a Conv1d seen as a Conv2d over [N, C, 1, L]."""
     one_d = len(conv.kernel_size) == 1
@@ -554,5 +550,5 @@ def _conv_padding(conv: nn.Module) -> tuple:
     if conv.padding == "same":
         tot = [d * (k - 1) for d, k in zip(dilation, kernel)]
         return (tot[0] // 2, tot[1] // 2, tot[0] - tot[0] // 2, tot[1] - tot[1] // 2)
-    ph, pw = (0, int(conv.padding[0])) if one_d else _pair(conv.padding)
+    ph, pw = (0, int(conv.padding[0])) if one_d else int_pair(conv.padding)
     return (ph, pw, ph, pw)

@@ -18,13 +18,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..layout_ops import layout_op
 from ..modules import ADD_FUNCTIONS, QUANT_CONV_TYPES, functional_pool
 
-__all__ = ["module_blocker", "integer_blockers"]
+__all__ = ["module_blocker", "integer_blockers", "int_pair"]
 
 IMAGE_RANK = 4  # [N, C, H, W]: the rank of the simulator's pooling and nearest-upsampling kernels
 
 
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def int_pair(v) -> tuple:
+    """(h, w) ints of a module's int-or-pair argument (kernel_size, stride, padding, ...)."""
+    return tuple(int(e) for e in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 def module_blocker(m: nn.Module) -> Optional[str]:
@@ -32,10 +33,10 @@ def module_blocker(m: nn.Module) -> Optional[str]:
     None: it can, or it is not one of those)."""
     if isinstance(m, QUANT_CONV_TYPES) and m.padding_mode != "zeros":
         return f"padding_mode={m.padding_mode!r} is not supported (zero padding only)"
-    if isinstance(m, nn.MaxPool2d) and (_pair(m.dilation) != (1, 1) or m.return_indices):
+    if isinstance(m, nn.MaxPool2d) and (int_pair(m.dilation) != (1, 1) or m.return_indices):
         return "MaxPool2d with dilation or return_indices is not supported"
     if isinstance(m, nn.AvgPool2d) and (m.ceil_mode or m.divisor_override is not None
-                                        or (any(_pair(m.padding)) and not m.count_include_pad)):
+                                        or (any(int_pair(m.padding)) and not m.count_include_pad)):
         return "AvgPool2d with ceil_mode, divisor_override or padding without count_include_pad is not supported"
     if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
         raw = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
@@ -59,7 +60,7 @@ def _shape_blocker(gm: fx.GraphModule, node: fx.Node, m: Optional[nn.Module]) ->
         if a is not None and b is not None and a != b:
             return f"an add of tensors of different shapes {a} and {b} (broadcasting) is not supported"
     if isinstance(m, nn.AdaptiveAvgPool2d):  # the module's output size: a spatial mean's node drops the dims
-        size, out = _shape(node.args[0]), _pair(m.output_size)
+        size, out = _shape(node.args[0]), int_pair(m.output_size)
         if size is not None and len(size) >= 2 and any(o and s % o for s, o in zip(size[-2:], out)):
             return (f"AdaptiveAvgPool2d to {out} of a {size[-2]} x {size[-1]} input is not supported "
                     "(the output size must divide the input)")
