@@ -95,6 +95,23 @@ def test_bn_statistics_losses_match_reference(one_thread):
     torch.testing.assert_close(torch.stack(ours), torch.stack(ref), rtol=1e-5, atol=0)
 
 
+def test_bn_statistics_follow_changed_running_statistics(one_thread):
+    """The targets sqrt(running_var + eps) are kept across steps; a running variance written in
+    place or replaced between two forwards is read again (same losses as a fresh BNStatistics)."""
+    model = trained_tiny()
+    x = torch.rand(4, 1, 16, 16)
+    with BNStatistics(model) as stats, torch.no_grad():
+        model(x)
+        stats.losses()
+        stats.layers[0][1].running_var.mul_(3.0)
+        stats.layers[1][1].running_var = stats.layers[1][1].running_var + 0.5
+        model(x)
+        cached = stats.losses()
+    with BNStatistics(model) as fresh, torch.no_grad():
+        model(x)
+        assert all(torch.equal(a, b) for a, b in zip(cached, fresh.losses()))
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 4)])
 def test_a_second_backward_gives_the_same_gradient(shape):
     """The backward reads the centered values the forward kept without changing them (retain_graph)."""

@@ -97,3 +97,27 @@ def test_distilled_images_do_not_change(one_thread, monkeypatch):
     plain = distill_data(model, (1, 16, 16), num_samples=4, iters=8, seed=3, progress=False)
     assert torch.equal(fast.data, plain.data)
     assert fast.history == plain.history
+
+
+@pytest.mark.parametrize("change", ["in place", "replaced", "weight", "eps"])
+def test_statistics_changed_inside_the_block_are_read_again(change):
+    """invstd and weight are cached across steps (distillation reads the same statistics hundreds of
+    times); a change of the statistics, the weight or eps inside the block is not missed."""
+    bn = _frozen_bn(nn.BatchNorm2d, 5)
+    g = torch.Generator().manual_seed(2)
+    x, grad = torch.randn(3, 5, 4, 4, generator=g), torch.randn(3, 5, 4, 4, generator=g)
+    with eval_batchnorm_grad(bn):
+        x1 = x.clone().requires_grad_(True)
+        torch.autograd.grad(bn(x1), x1, grad)  # fills the cache
+        if change == "in place":
+            bn.running_var.mul_(4.0)
+        elif change == "replaced":
+            bn.running_var = bn.running_var * 4.0
+        elif change == "weight":
+            bn.weight.data.mul_(-2.0)
+        else:
+            bn.eps = 0.5
+        x2 = x.clone().requires_grad_(True)
+        (dx,) = torch.autograd.grad(bn(x2), x2, grad)
+    _, dx_ref = _grad(bn, x, grad, switched=False)
+    assert torch.equal(dx, dx_ref)

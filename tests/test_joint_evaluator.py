@@ -300,3 +300,18 @@ def test_zoo_mixed_precision_chooses_the_same_bits_in_both_layouts(name, monkeyp
     assert layouts == LAYOUTS
     assert chosen[torch.channels_last] == chosen[torch.contiguous_format]
     assert len(set(chosen[torch.channels_last].values())) > 1  # a mixed choice, not a trivial one
+
+
+def test_parameter_swap_is_undone_also_on_an_exception():
+    """The evaluator's stand-in for torch.func.functional_call puts the given tensors in place of
+    the parameters for one call and restores the very same Parameter objects afterwards."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 1))
+    before = dict(model.named_parameters())
+    x = torch.randn(2, 1, 5, 5)
+    new = {"0.weight": torch.randn(2, 1, 3, 3), "2.bias": torch.randn(2)}
+    out = sensitivity._call_with(model, new, (x,))
+    assert torch.equal(out, functional_call(model, new, (x,)))
+    assert all(p is before[n] for n, p in model.named_parameters())
+    with pytest.raises(RuntimeError):
+        sensitivity._call_with(model, {"0.weight": torch.randn(2, 3, 3, 3)}, (x,))  # wrong in-channels
+    assert all(p is before[n] for n, p in model.named_parameters())

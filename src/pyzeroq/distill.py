@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from ._checks import BATCHNORM_TYPES
 from .conv_grad import StepStemGrad
-from .eval_bn import eval_batchnorm_grad
+from .eval_bn import Derived, eval_batchnorm_grad
+from .input_adam import InputAdam
 
 BN_TYPES = BATCHNORM_TYPES
 STD_EPS = 1e-6  # added under the sqrt of the variance, as the paper's code does
@@ -126,6 +127,7 @@ class BNStatistics:
                 "the model has no BatchNorm layer, so there are no statistics to distill data from; "
                 "use calibration='gaussian' or calibration='real' with calibration_data=...")
         self._inputs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._stds = [Derived() for _ in self.layers]  # sqrt(running_var + STD_EPS), once per statistics
         self._handles = [m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.layers)]
 
     def _make_hook(self, index: int):
@@ -159,7 +161,8 @@ class BNStatistics:
             if self._targets is not None:
                 out.append(sample_stats_loss(x, *self._targets[i]))
             else:
-                out.append(sample_stats_loss(x, bn.running_mean, torch.sqrt(bn.running_var + STD_EPS)))
+                std = self._stds[i].get((bn.running_var,), None, lambda var=bn.running_var: torch.sqrt(var + STD_EPS))
+                out.append(sample_stats_loss(x, bn.running_mean, std))
         return out
 
     def loss(self) -> torch.Tensor:
@@ -245,21 +248,18 @@ def _distill_batch(model: nn.Module, stats: BNStatistics, captured: dict, x: tor
                    jitter: torch.Generator | None = None) -> tuple[list[float], float]:
     """Optimize the leaf ``x`` in place; returns (loss per iteration, loss after the last step).
     ``jitter``: a generator for :func:`augment` at every step (None: no augmentation)."""
-    opt = torch.optim.Adam([x], lr=lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, min_lr=PLATEAU_MIN_LR)
+    opt = InputAdam(x, lr, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, min_lr=PLATEAU_MIN_LR)
     bar = tqdm(range(iters), desc=bar_label, disable=not progress, leave=False)
     history = []
     stem_grad = StepStemGrad()
     for _ in bar:
-        opt.zero_grad(set_to_none=True)
+        x.grad = None
         with stem_grad.step():  # the first layer's input gradient by one forward conv (conv_grad.py)
             model(x if jitter is None else augment(x, jitter))
         loss = stats.loss() + input_statistics_loss(captured.get("z", x))
         loss.backward()
-        opt.step()
         value = loss.item()
-        sched.step(value)
+        opt.step(value)
         history.append(value)
         if progress:
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)

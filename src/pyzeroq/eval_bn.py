@@ -22,28 +22,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["eval_batchnorm_grad"]
+__all__ = ["eval_batchnorm_grad", "Derived"]
 
 # The plain BatchNorm classes whose eval forward is F.batch_norm with the running statistics
 # (subclasses may override forward: they are left alone).
 PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+class Derived:
+    """A value computed from some tensors, computed again only when one of them changed: another
+    tensor object, or the same one written in place (its ``_version``; a write through ``.data``
+    bypasses that counter and is not seen). It keeps references to them, so that an ``id`` cannot
+    be reused while cached. Distillation reads the same BatchNorm statistics at each of its
+    hundreds of steps (a few small ops per layer and step saved)."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._sources: tuple = ()
+        self._value = None
+
+    def get(self, sources: tuple, extra, make):
+        """``make()``, or its cached result when ``sources`` (tensors or None) and the hashable
+        ``extra`` are unchanged."""
+        key = (extra, *(None if t is None else (id(t), t._version) for t in sources))
+        if key != self._key:
+            self._value, self._key, self._sources = make(), key, sources
+        return self._value
+
+
+def _grad_factors(bn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``invstd`` and ``weight`` of ``bn`` shaped [1, C, 1, ...] for ``x``'s rank."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).to(x.dtype)
+    return invstd.reshape(shape), None if bn.weight is None else bn.weight.detach().reshape(shape)
+
+
 class _EvalBatchNorm(torch.autograd.Function):
     """``F.batch_norm`` with the running statistics; input gradient ``g * invstd * weight``."""
 
     @staticmethod
-    def forward(ctx, x, bn):
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).to(x.dtype)
-        ctx.invstd = invstd.reshape(shape)
-        ctx.weight = None if bn.weight is None else bn.weight.detach().reshape(shape)
+    def forward(ctx, x, bn, factors: Derived):
+        ctx.invstd, ctx.weight = factors.get((bn.running_var, bn.weight), (x.dtype, x.dim(), bn.eps),
+                                             lambda: _grad_factors(bn, x))
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
     @staticmethod
     def backward(ctx, grad):
         dx = grad * ctx.invstd
-        return (dx if ctx.weight is None else dx.mul_(ctx.weight)), None
+        return (dx if ctx.weight is None else dx.mul_(ctx.weight)), None, None
 
 
 def _eligible(m: nn.Module) -> bool:
@@ -60,7 +86,7 @@ def eval_batchnorm_grad(model: nn.Module) -> Iterator[int]:
     layers it switched; on exit (also on an exception) they are as before."""
     layers = [m for m in model.modules() if _eligible(m)]
     for bn in layers:
-        bn.forward = lambda x, bn=bn: _EvalBatchNorm.apply(x, bn)
+        bn.forward = lambda x, bn=bn, factors=Derived(): _EvalBatchNorm.apply(x, bn, factors)
     try:
         yield len(layers)
     finally:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from tqdm import tqdm
 
 from .graph_split import Cut, cut, model_inputs, stage, tensor_nodes
@@ -272,6 +272,7 @@ class JointEvaluator:
         self._tensors = tensor_nodes(gm, self.data)
         self._cuts: dict[int, Cut] = {}
         self._stages: dict[tuple, fx.GraphModule] = {}
+        self._held: dict[fx.GraphModule, set[str]] = {}  # per stage: the names of its parameters
         self._levels: set[int] = set()  # decided values of earlier calls
         self._bar = tqdm(total=0, desc="grouped search", unit="config", disable=not progress, leave=False)
         self.calls = 0
@@ -366,7 +367,9 @@ class JointEvaluator:
     def _params(self, module: nn.Module, choices: np.ndarray) -> dict:
         """{layer.weight: the quantized weights of the rows [R, *weight.shape]} for the layers
         of ``choices``' columns that ``module`` holds."""
-        held = {name for name, _ in module.named_parameters()}
+        if module not in self._held:
+            self._held[module] = {name for name, _ in module.named_parameters()}
+        held = self._held[module]
         index = torch.as_tensor(choices)
         params = {f"{name}.weight": self.qweights[name][index[:, j]]
                   for j, name in enumerate(self.names[:choices.shape[1]]) if f"{name}.weight" in held}
@@ -381,7 +384,7 @@ class JointEvaluator:
         (``parents`` [C] into ``values``). vmapped: per output [C, ...] (or unbatched when it does
         not vary), in forwards of ``rows_per_chunk`` padded to ``min_rows`` rows; else per
         configuration the tuple of outputs (one plain forward each)."""
-        run = lambda p, *x: functional_call(module, p, x)
+        run = lambda p, *x: _call_with(module, p, x)
         if not call.vmapped:
             return [run({k: v[0] for k, v in self._params(module, keys[i:i + 1]).items()}, *values[int(parents[i])])
                     for i in range(len(keys))]
@@ -402,6 +405,26 @@ class JointEvaluator:
             parts.append([o[:len(block)] for o in outs])
         return [_cat_rows([part[j] for part in parts]) if varies else parts[0][j][0]
                 for j, varies in enumerate(out_varies)]
+
+
+def _call_with(module: nn.Module, params: dict, args: tuple):
+    """``module(*args)`` with the tensors ``params`` ({"path.to.layer.weight": tensor}) in place
+    of those parameters for the call, restored after it (also on an exception): the effect of
+    ``torch.func.functional_call`` for plain parameters (no tying, no parametrization: the
+    evaluator's own stage graphs), without its walk over the whole module tree at every call
+    (~0.35 ms; ~2,000 calls in the README's grouped search). Works under ``vmap`` (the swapped
+    values are then batched tensors)."""
+    saved = []
+    try:
+        for key, value in params.items():
+            path, _, attr = key.rpartition(".")
+            owner = module.get_submodule(path)
+            saved.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = value
+        return module(*args)
+    finally:
+        for owner, attr, old in reversed(saved):
+            owner._parameters[attr] = old
 
 
 class _Call(NamedTuple):
