@@ -182,3 +182,9 @@ def test_augment_must_be_a_bool_and_zero_iterations_report_their_loss():
             fn(m, (1, 28, 28), 4, 1, progress=False, augment="no")  # a truthy string jittered the images
     r = distill_data(m, (1, 28, 28), 4, 0, progress=False)
     assert r.history == () and r.initial_loss == r.final_loss > 0  # initial was 0.0
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.5, float("nan"), float("inf"), True, "0.5"])
+def test_learning_rate_is_checked_before_any_work(lr):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        distill_data(trained_tiny(), (1, 16, 16), num_samples=2, iters=0, lr=lr, progress=False)

@@ -322,12 +322,14 @@ def distill_data(model: nn.Module, input_shape: tuple[int, ...], num_samples: in
 
     relax: DSG-style per-sample relaxed BN targets (:meth:`BNStatistics.draw_targets`; 0: ZeroQ).
     augment: random shift / flip at every step (:func:`augment`). Both draw from the seeded
-    generator: the same arguments give the same images. ValueError for bad sizes or a relax
-    that is not a finite number >= 0.
+    generator: the same arguments give the same images. ValueError for bad sizes, an lr that
+    is not a finite number > 0 or a relax that is not a finite number >= 0.
     """
     if num_samples < 1 or batch_size < 1 or iters < 0:
         raise ValueError("num_samples and batch_size must be >= 1 and iters >= 0")
     check_relax(relax)
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not isinstance(augment, bool):
         raise TypeError(f"augment must be a bool, got {augment!r}")
     generator = torch.Generator().manual_seed(seed)
