@@ -112,6 +112,20 @@ def test_bn_statistics_follow_changed_running_statistics(one_thread):
         assert all(torch.equal(a, b) for a, b in zip(cached, fresh.losses()))
 
 
+def test_bn_statistics_in_training_mode_read_the_updated_statistics(one_thread):
+    """A BatchNorm in training mode updates its running variance in place without bumping the
+    tensor's version: the targets are then not kept across forwards."""
+    model = trained_tiny().train()
+    x = torch.rand(4, 1, 16, 16)
+    with BNStatistics(model) as stats, torch.no_grad():
+        for _ in range(3):
+            model(x)
+            ours = stats.losses()
+            ref = [sample_stats_loss(inp, bn.running_mean, torch.sqrt(bn.running_var + STD_EPS))
+                   for (_, bn), inp in zip(stats.layers, stats._inputs)]
+            assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 4)])
 def test_a_second_backward_gives_the_same_gradient(shape):
     """The backward reads the centered values the forward kept without changing them (retain_graph)."""

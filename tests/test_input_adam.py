@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ def _loss(x: torch.Tensor, target: torch.Tensor, step: int) -> torch.Tensor:
     return ((x - target) ** 4).mean() + 1e-3 * torch.sin(x * (step % 3 + 1)).sum()
 
 
-def _trajectory(use_torch: bool, steps: int, lr: float, patience: int, layout):
+def _trajectory(use_torch: bool, steps: int, lr, patience, layout):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 5, 6, generator=g).contiguous(memory_format=layout).requires_grad_(True)
     target = torch.randn(4, 3, 5, 6, generator=g)
@@ -54,8 +55,26 @@ def test_same_trajectory_as_torch_adam_with_reduce_on_plateau(layout, lr, patien
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("lr, patience", [(np.float32(0.05), 3), (np.float64(0.5), 3), (0.5, float("inf")),
+                                          (0.5, 2.5)])
+def test_numpy_learning_rates_and_float_patience_as_torch(lr, patience):
+    """A numpy float32 lr makes torch's step size a float32 product until the first cut (NumPy 2
+    promotion), an infinite patience never cuts: the same here."""
+    ref_lrs, ref_xs = _trajectory(True, 60, lr, patience, torch.contiguous_format)
+    lrs, xs = _trajectory(False, 60, lr, patience, torch.contiguous_format)
+    assert lrs == ref_lrs and all(torch.equal(a, b) for a, b in zip(xs, ref_xs))
+    if patience == float("inf"):
+        assert set(lrs) == {lr}
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_complex_or_integer_tensors_are_refused(dtype):
+    with pytest.raises(TypeError, match="real floating-point"):
+        InputAdam(torch.zeros(3, dtype=dtype), 0.5, 0.1, 100, 1e-4)
+
+
 @pytest.mark.parametrize("kwargs", [dict(lr=0.0), dict(lr=float("nan")), dict(factor=1.0), dict(factor=0.0),
-                                    dict(patience=-1), dict(min_lr=-1e-3)])
+                                    dict(patience=-1), dict(patience=float("nan")), dict(min_lr=-1e-3)])
 def test_bad_settings_are_value_errors(kwargs):
     args = dict(lr=0.5, factor=0.1, patience=100, min_lr=1e-4) | kwargs
     with pytest.raises(ValueError, match="lr > 0"):

@@ -26,7 +26,7 @@ __all__ = ["keep_freed_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h> mallopt parameters
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 * 1024 * 1024  # blocks below it come from the heap (glibc's own dynamic ceiling on 64-bit)
+MMAP_THRESHOLD = 32 * 1024 * 1024  # blocks up to it come from the heap (the ceiling of glibc's own dynamic threshold on 64-bit)
 TRIM_THRESHOLD = 256 * 1024 * 1024  # free memory kept at the top of the heap before it is returned
 
 
@@ -34,9 +34,9 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
     """Set glibc's mmap threshold and trim threshold (bytes) for this process with ``mallopt``:
     blocks up to ``mmap_threshold`` are reused from the heap instead of mapped afresh, and up
     to ``trim_threshold`` bytes of freed heap stay in the process. Returns True when both were
-    set; False, changing nothing it could avoid, elsewhere than Linux with glibc (musl, macOS,
-    Windows) or when glibc refuses a value (e.g. an mmap threshold above its limit, 32 MiB on
-    64-bit). TypeError / ValueError for thresholds that are not positive ints."""
+    set; False elsewhere than Linux with glibc (musl, macOS, Windows; nothing changed) or when
+    glibc refuses a value (older versions refuse an mmap threshold above 32 MiB on 64-bit).
+    TypeError / ValueError for thresholds that are not ints in [1, 2**31 - 1]."""
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int (bytes), got {type(value).__name__}")

@@ -161,9 +161,15 @@ class BNStatistics:
             if self._targets is not None:
                 out.append(sample_stats_loss(x, *self._targets[i]))
             else:
-                std = self._stds[i].get((bn.running_var,), None, lambda var=bn.running_var: torch.sqrt(var + STD_EPS))
-                out.append(sample_stats_loss(x, bn.running_mean, std))
+                out.append(sample_stats_loss(x, bn.running_mean, self._target_std(i, bn)))
         return out
+
+    def _target_std(self, i: int, bn: nn.Module) -> torch.Tensor:
+        """sqrt(running_var + STD_EPS), kept across forwards in eval mode (a BatchNorm in training
+        mode updates its running variance in place without bumping its version: computed anew)."""
+        if bn.training:
+            return torch.sqrt(bn.running_var + STD_EPS)
+        return self._stds[i].get((bn.running_var,), None, lambda: torch.sqrt(bn.running_var + STD_EPS))
 
     def loss(self) -> torch.Tensor:
         return torch.stack(self.losses()).sum()

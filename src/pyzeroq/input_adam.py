@@ -34,17 +34,22 @@ PLATEAU_EPS = 1e-8
 
 
 class InputAdam:
-    """Adam for the single leaf tensor ``x`` (updated in place from ``x.grad``) with a
-    reduce-on-plateau schedule: ``lr`` (> 0), ``factor`` in (0, 1), ``patience`` (steps),
-    ``min_lr`` (>= 0). :meth:`step` takes the loss of the step as a float. ValueError for a
-    non-positive lr, a factor outside (0, 1) or a negative patience / min_lr."""
+    """Adam for the single leaf tensor ``x`` (real floating point; updated in place from
+    ``x.grad``) with a reduce-on-plateau schedule: ``lr`` (> 0), ``factor`` in (0, 1),
+    ``patience`` (steps, inf: never cut), ``min_lr`` (>= 0). :meth:`step` takes the loss of the
+    step as a float. ValueError for a non-positive or NaN lr, a factor outside (0, 1) or a
+    negative / NaN patience or min_lr; TypeError for a complex or integer ``x``."""
 
-    def __init__(self, x: torch.Tensor, lr: float, factor: float, patience: int, min_lr: float):
+    def __init__(self, x: torch.Tensor, lr: float, factor: float, patience: float, min_lr: float):
         if not (lr > 0 and 0 < factor < 1 and patience >= 0 and min_lr >= 0):
             raise ValueError(f"need lr > 0, 0 < factor < 1, patience >= 0, min_lr >= 0; got lr={lr!r}, "
                              f"factor={factor!r}, patience={patience!r}, min_lr={min_lr!r}")
-        self.x, self.lr = x, float(lr)
-        self.factor, self.patience, self.min_lr = float(factor), int(patience), float(min_lr)
+        if x.is_complex() or not x.is_floating_point():
+            raise TypeError(f"x must be a real floating-point tensor, got {x.dtype}")
+        # lr is kept as given until the first cut, as torch does: a numpy float32 lr makes the step
+        # size a float32 product (NumPy 2 promotion); the cuts turn it into a Python float
+        self.x, self.lr = x, lr
+        self.factor, self.patience, self.min_lr = float(factor), patience, float(min_lr)
         self.steps = 0
         self.best = math.inf
         self.bad_steps = 0
@@ -75,7 +80,8 @@ class InputAdam:
         else:
             self.bad_steps += 1
         if self.bad_steps > self.patience:
-            new_lr = max(self.lr * self.factor, self.min_lr)
-            if self.lr - new_lr > PLATEAU_EPS:
+            old_lr = float(self.lr)
+            new_lr = max(old_lr * self.factor, self.min_lr)
+            if old_lr - new_lr > PLATEAU_EPS:
                 self.lr = new_lr
             self.bad_steps = 0
