@@ -146,8 +146,8 @@ class BNStatistics:
             self._targets = None
             return
         targets = []
-        for _, bn in self.layers:
-            mean, std = bn.running_mean, torch.sqrt(bn.running_var + STD_EPS)
+        for i, (_, bn) in enumerate(self.layers):
+            mean, std = bn.running_mean, self._target_std(i, bn)
             e1 = torch.randn((n, mean.numel()), generator=generator).to(mean.device, mean.dtype)
             e2 = torch.randn((n, mean.numel()), generator=generator).to(mean.device, mean.dtype)
             targets.append((mean + self.relax * std * e1, std * torch.clamp(1 + self.relax * e2, min=0.1)))
@@ -167,9 +167,8 @@ class BNStatistics:
     def _target_std(self, i: int, bn: nn.Module) -> torch.Tensor:
         """sqrt(running_var + STD_EPS), kept across forwards in eval mode (a BatchNorm in training
         mode updates its running variance in place without bumping its version: computed anew)."""
-        if bn.training:
-            return torch.sqrt(bn.running_var + STD_EPS)
-        return self._stds[i].get((bn.running_var,), None, lambda: torch.sqrt(bn.running_var + STD_EPS))
+        make = lambda: torch.sqrt(bn.running_var + STD_EPS)
+        return make() if bn.training else self._stds[i].get((bn.running_var,), None, make)
 
     def loss(self) -> torch.Tensor:
         return torch.stack(self.losses()).sum()
