@@ -113,33 +113,3 @@ def test_missing_dataset_is_named_before_any_work(capsys, monkeypatch):
         assert "dataset-fashion-mnist" in capsys.readouterr().err
     assert cli.main(["detect-quantize", "--out", "unused.pt", "--eval-images", str(10**6 + 1)]) == 2
     assert "--eval-images must be in [0, 1000000]" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_two_evaluations_side_by_side_equal_one_after_the_other(threads):
-    """The float and the quantized model are evaluated at once (each on half of torch's threads):
-    the same results as one after the other; torch's thread count is restored, also on an error."""
-    import numpy as np
-    import torch
-
-    import pyzeroq as zq
-    from pyzeroq.data import load_embedded
-
-    images, labels = load_embedded()
-    images, labels = images[:300], labels[:300]
-    model = models.load_pretrained("resnet20").eval()
-    q = zq.quantize(model, zq.QuantConfig(weight_bits=4, act_bits=8, calibration="gaussian", num_samples=8,
-                                          progress=False), input_shape=(1, 28, 28))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fp, qr = cli._evaluate_pair(model, q, images, labels)
-        assert torch.get_num_threads() == threads
-        with pytest.raises(ValueError, match="labels"):
-            cli._evaluate_pair(model, q, images, labels[:10])
-        assert torch.get_num_threads() == threads
-    finally:
-        torch.set_num_threads(before)
-    ref_fp, ref_q = zq.evaluate(model, images, labels), zq.evaluate(q, images, labels)
-    assert np.array_equal(fp.predictions, ref_fp.predictions) and fp.top1 == ref_fp.top1
-    assert np.array_equal(qr.predictions, ref_q.predictions) and qr.top1 == ref_q.top1

@@ -22,33 +22,6 @@ def _bits_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--mixed expects comma-separated integers such as 2,4,8, got {text!r}") from None
 
 
-def _evaluate_pair(model, qmodel, images, labels):
-    """``(evaluate(model), evaluate(qmodel))`` on the same images, side by side: with two or more
-    torch threads the float model runs in a second Python thread and each evaluation on half of
-    torch's threads (restored after, also on an exception; torch's thread count is process-wide).
-    At 100 images per forward an evaluation scales poorly over threads (ResNet-20, 2-core machine:
-    46 vs 25 ms a batch at 1 vs 2 threads), so the two finish ~15-20 % sooner than one after the
-    other, with the same results (no kernel's values depend on its thread count). The progress bar
-    follows the quantized model."""
-    import torch
-
-    from . import evaluate
-
-    threads = torch.get_num_threads()
-    if threads < 2:
-        return evaluate(model, images, labels, progress=True), evaluate(qmodel, images, labels, progress=True)
-    from concurrent.futures import ThreadPoolExecutor
-
-    torch.set_num_threads(threads // 2)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            fp = pool.submit(evaluate, model, images, labels)
-            q = evaluate(qmodel, images, labels, progress=True)
-            return fp.result(), q
-    finally:
-        torch.set_num_threads(threads)
-
-
 def cmd_eval(args) -> int:
     from . import evaluate, models
     split = _eval_split(args.split)
@@ -90,7 +63,7 @@ def _check_unused_flags(args) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from . import QuantConfig, models, quantize
+    from . import QuantConfig, evaluate, models, quantize
     from ._checks import output_path
 
     if args.mixed:
@@ -148,7 +121,8 @@ def cmd_quantize(args) -> int:
         print("left in float: " + ", ".join(report.float_ops))
     if split:
         images, labels = load_fashion_mnist(split)
-        fp, q = _evaluate_pair(model, qmodel, images, labels)
+        fp = evaluate(model, images, labels, progress=True)
+        q = evaluate(qmodel, images, labels, progress=True)
         agree = (fp.predictions == q.predictions).mean()
         print(f"\n| model | top-1 on {split} ({q.num_images}) |\n|---|---|")
         print(f"| FP32 | {fp.top1 * 100:.2f} % |\n| quantized | {q.top1 * 100:.2f} % |")
