@@ -5,10 +5,11 @@ goes. With glibc's default settings, blocks above the mmap threshold (128 KiB at
 the size of the largest freed mmapped block) are fresh ``mmap`` pages, and freed memory at
 the top of the heap beyond twice that is handed back to the kernel -- so an optimization loop
 that allocates and frees the same activations at every step touches new pages at every step.
-Data distillation of the README's ResNet-20 took ~1.2 M page faults and ~2-3 s of system
-time in ~13 s (``bench/main_job_speed.py``). PyTorch's CPU performance guide recommends
-jemalloc or tcmalloc for the same reason; :func:`keep_freed_memory` gets most of it from
-glibc itself with ``mallopt`` (the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+Data distillation of the README's ResNet-20 took 0.3-1.1 M minor page faults and up to
+~2.4 s of system time in ~12 s (``bench/cli_overheads.py``; 25-28 k faults with this
+setting). PyTorch's CPU performance guide recommends jemalloc or tcmalloc for the same
+reason; :func:`keep_freed_memory` gets most of it from glibc itself with ``mallopt`` (the
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
 environment variables set the same from outside a process).
 
 It changes the allocator of the whole process and cannot be undone; values are not affected
